@@ -1,0 +1,30 @@
+//! weft's gossip core: a sans-IO, deterministic networkDB on SWIM membership.
+//!
+//! One [`GossipNode`] per agent holds all protocol state: membership (foca), network
+//! attachments, replicated tables, dissemination queues and anti-entropy. It never touches a
+//! socket, a clock or OS entropy; see [`GossipNode`] for the calling contract.
+
+mod config;
+mod error;
+mod event;
+mod identity;
+mod node;
+mod queue;
+mod store;
+mod timers;
+mod watcher;
+pub mod wire;
+
+pub use config::Config;
+pub use error::Error;
+pub use event::{
+    DownReason, Event, MemberInfo, MemberState, Stats, TableEvent, TableEventKind, Transmit, TransmitKind,
+};
+pub use identity::NodeId;
+pub use node::{ATTACH_TABLE, CLUSTER_NETWORK, EntryState, EntryView, GossipNode, RESERVED_TABLE_PREFIX};
+pub use store::{DIGEST_BUCKETS, MergeRule, TableKind, TableSpec, VersionRef, compare_versions};
+pub use watcher::{ObjectType, TableWatcher, Watchers};
+pub use wire::WireError;
+
+/// Re-exported so callers can tune membership without naming foca's version themselves.
+pub use foca;

@@ -1,0 +1,1549 @@
+//! `GossipNode`: the whole protocol state of one agent, as a sans-IO state machine.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use foca::{Foca, NoCustomBroadcast, OwnedNotification};
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::event::{
+    DownReason, Event, MemberInfo, MemberState, Stats, TableEvent, TableEventKind, Transmit, TransmitKind,
+};
+use crate::identity::NodeId;
+use crate::queue::{Pushed, Take};
+use crate::store::{
+    DIGEST_BUCKETS, Entry, MergeRule, NetState, TableKind, TableSpec, VersionRef, compare_versions,
+    diff_buckets, fingerprint, keyhash, reap_deadline,
+};
+use crate::timers::{TimerKind, Timers};
+use crate::watcher::ObjectType;
+use crate::wire::{
+    self, Body, EventsPacketBuilder, FLAG_CLUSTER, FLAG_DELETED, FrameType, Head, Packet, WireEntry, WireError,
+};
+
+/// The reserved network every node is attached to; it carries cluster-wide tables.
+pub const CLUSTER_NETWORK: &str = "cluster";
+/// Prefix of the tables the core keeps for itself; commands refuse to write them.
+pub const RESERVED_TABLE_PREFIX: &str = "weft:";
+/// The core's own table of network attachments, in [`CLUSTER_NETWORK`]: key `"<network> <node>"`,
+/// value `(generation, attached)`.
+pub const ATTACH_TABLE: &str = "weft:attachments";
+
+const MAX_NAME_LEN: usize = 255;
+const MAX_KEY_LEN: usize = 1024;
+
+type Membership = Foca<NodeId, wire::FocaCodec, Xoshiro256PlusPlus, NoCustomBroadcast>;
+
+/// A network attachment record, as indexed from [`ATTACH_TABLE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Attachment {
+    generation: u64,
+    ltime: u64,
+    attached: bool,
+}
+
+/// Attachment records order by the writer's generation first, so a restarted node that lost its
+/// Lamport clock still re-attaches.
+#[derive(Debug)]
+struct AttachRule;
+
+impl MergeRule for AttachRule {
+    fn compare(&self, a: &VersionRef<'_>, b: &VersionRef<'_>) -> Ordering {
+        let generation = |v: &VersionRef<'_>| wire::decode::<(u64, bool)>(v.value).map(|(g, _)| g).unwrap_or(0);
+        generation(a).cmp(&generation(b))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    id: NodeId,
+    state: MemberState,
+}
+
+#[derive(Debug)]
+struct SyncState {
+    network: String,
+    deadline: Instant,
+}
+
+/// Where a version came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Local,
+    Gossip,
+    /// Learned through anti-entropy; relayed on like gossip news.
+    Sync,
+    /// Learned through anti-entropy beyond the relay budget: applied, not relayed.
+    Repair,
+}
+
+/// A point-in-time view of one stored entry, for reads and dumps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryView {
+    pub key: String,
+    pub value: Bytes,
+    pub owner: String,
+    pub ltime: u64,
+    pub state: EntryState,
+    /// Time since this node last changed the entry.
+    pub age: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryState {
+    Live,
+    /// Deleted; reaped after the residual time.
+    Tombstone { reap_in: Duration },
+    /// Owner failed; kept for its return until the residual time is up.
+    Hidden { reap_in: Duration },
+}
+
+/// The sans-IO gossip core of one agent.
+///
+/// # Calling contract
+///
+/// The node never touches a socket, a clock or OS entropy. Its caller (the agent's tokio shell,
+/// or the simulator) drives it:
+///
+/// * **Inputs.** [`handle_datagram`](Self::handle_datagram) for every UDP datagram received on
+///   the gossip port; [`handle_stream`](Self::handle_stream) for every frame read from a TCP
+///   stream (one length-prefixed frame, prefix removed; see [`wire`]);
+///   [`handle_timeout`](Self::handle_timeout) when the deadline from
+///   [`poll_timeout`](Self::poll_timeout) has passed. `now` is monotonic and comes only from the
+///   caller.
+/// * **Commands.** [`join`](Self::join), [`leave`](Self::leave),
+///   [`join_network`](Self::join_network), [`leave_network`](Self::leave_network),
+///   [`create_entry`](Self::create_entry), [`update_entry`](Self::update_entry),
+///   [`delete_entry`](Self::delete_entry), [`send_message`](Self::send_message),
+///   [`register_table`](Self::register_table). A command that fails returns an [`Error`] and
+///   changes nothing.
+/// * **Outputs.** After every input or command, drain [`poll_transmit`](Self::poll_transmit)
+///   (send each [`Transmit`]: a datagram, or a stream frame written to a TCP connection to
+///   `dst`), [`poll_event`](Self::poll_event), then re-arm the timer with
+///   [`poll_timeout`](Self::poll_timeout).
+/// * **Reads.** [`get_entry`](Self::get_entry), [`table`](Self::table), [`walk`](Self::walk),
+///   [`members`](Self::members), [`network_peers`](Self::network_peers), [`stats`](Self::stats).
+///
+/// # Streams and replies
+///
+/// Every stream frame is self-contained: it carries the sender's identity (name, gossip address,
+/// generation) in its head, and a stream carries frames in one direction only. A reply is a new
+/// stream from the responder to the requester's *gossip address* from that head, never the
+/// ephemeral port the request came from; it finds its request by the `sync_id` (anti-entropy)
+/// the request carried. The shell may close a stream after its frames are written, or keep one
+/// connection per peer open and write many frames on it.
+///
+/// # Determinism
+///
+/// Given the same seed, the same inputs at the same `now`s produce the same outputs: all
+/// iteration that reaches the wire is over ordered maps, and all randomness comes from the RNG
+/// seeded in [`new`](Self::new).
+pub struct GossipNode {
+    cfg: Config,
+    id: NodeId,
+    foca: Membership,
+    rng: Xoshiro256PlusPlus,
+    clock: u64,
+    now: Instant,
+    timers: Timers,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    notes: Vec<OwnedNotification<NodeId>>,
+    members: BTreeMap<Arc<str>, Member>,
+    seeds: Vec<SocketAddr>,
+    networks: BTreeMap<String, NetState>,
+    specs: BTreeMap<String, TableSpec>,
+    attachments: BTreeMap<String, BTreeMap<Arc<str>, Attachment>>,
+    syncs: BTreeMap<u64, SyncState>,
+    connected: bool,
+    left: bool,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for GossipNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GossipNode")
+            .field("id", &self.id)
+            .field("clock", &self.clock)
+            .field("members", &self.members.len())
+            .field("networks", &self.networks.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// foca's `Runtime`: an outbox that turns sends into transmits and `submit_after` into absolute
+/// deadlines in the node's timer table.
+struct Outbox<'a> {
+    now: Instant,
+    timers: &'a mut Timers,
+    transmits: &'a mut VecDeque<Transmit>,
+    notes: &'a mut Vec<OwnedNotification<NodeId>>,
+    stats: &'a mut Stats,
+}
+
+impl foca::Runtime<NodeId> for Outbox<'_> {
+    fn notify(&mut self, notification: foca::Notification<'_, NodeId>) {
+        self.notes.push(notification.to_owned());
+    }
+
+    fn send_to(&mut self, to: NodeId, data: &[u8]) {
+        let mut bytes = wire::envelope(FrameType::Swim, data.len());
+        bytes.extend_from_slice(data);
+        self.stats.datagrams_out += 1;
+        self.stats.bytes_out += bytes.len() as u64;
+        self.transmits.push_back(Transmit { dst: to.addr, kind: TransmitKind::Datagram, bytes: Bytes::from(bytes) });
+    }
+
+    fn submit_after(&mut self, event: foca::Timer<NodeId>, after: Duration) {
+        self.timers.add(self.now + after, TimerKind::Foca(event));
+    }
+}
+
+fn check_name(what: &'static str, s: &str, max: usize) -> Result<(), Error> {
+    if s.is_empty() || s.len() > max || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::BadName { what, max });
+    }
+    Ok(())
+}
+
+fn attach_key(network: &str, node: &str) -> String {
+    format!("{network} {node}")
+}
+
+impl GossipNode {
+    /// Builds a node. `seed` seeds every random choice it will make; `ltime` is the Lamport
+    /// high-water mark the agent persisted (0 for a fresh node), so a restarted node never
+    /// writes with an older clock.
+    pub fn new(cfg: Config, id: NodeId, seed: u64, ltime: u64, now: Instant) -> Result<Self, Error> {
+        cfg.validate()?;
+        check_name("node name", &id.name, MAX_NAME_LEN)?;
+        let mut membership = cfg.membership.clone();
+        membership.max_packet_size = std::num::NonZeroUsize::new(cfg.max_packet_size - wire::ENVELOPE_LEN)
+            .ok_or_else(|| Error::InvalidConfig("max_packet_size".into()))?;
+        let foca_rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x5eed_f0ca_5eed_f0ca);
+        let foca = Foca::new(id.clone(), membership, foca_rng, wire::FocaCodec);
+        let mut node = GossipNode {
+            id,
+            foca,
+            rng: Xoshiro256PlusPlus::seed_from_u64(seed),
+            clock: ltime,
+            now,
+            timers: Timers::default(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            notes: Vec::new(),
+            members: BTreeMap::new(),
+            seeds: Vec::new(),
+            networks: BTreeMap::new(),
+            specs: BTreeMap::new(),
+            attachments: BTreeMap::new(),
+            syncs: BTreeMap::new(),
+            connected: false,
+            left: false,
+            stats: Stats::default(),
+            cfg,
+        };
+        node.specs.insert(
+            ATTACH_TABLE.to_string(),
+            TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(AttachRule)),
+        );
+        node.networks.insert(CLUSTER_NETWORK.to_string(), NetState::new(node.cfg.join_sync_peers));
+        node.write_attachment(now, CLUSTER_NETWORK, true);
+        // Spread the periodic work over the first interval so nodes built together do not
+        // tick in lockstep.
+        let jitter = |rng: &mut Xoshiro256PlusPlus, d: Duration| d.mul_f64(rng.random_range(0.0..1.0));
+        let g = jitter(&mut node.rng, node.cfg.gossip_interval);
+        let s = jitter(&mut node.rng, node.cfg.sync_interval);
+        node.timers.add(now + g, TimerKind::Gossip);
+        node.timers.add(now + s, TimerKind::Sync);
+        node.timers.add(now + node.cfg.reap_period, TimerKind::Reap);
+        Ok(node)
+    }
+
+    // ----- reads -------------------------------------------------------------------------
+
+    pub fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The Lamport clock: persist it as the high-water mark for the next start.
+    pub fn ltime(&self) -> u64 {
+        self.clock
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    pub fn has_left(&self) -> bool {
+        self.left
+    }
+
+    /// Networks this node is attached to (always including [`CLUSTER_NETWORK`]).
+    pub fn networks(&self) -> impl Iterator<Item = &str> {
+        self.networks.keys().map(String::as_str)
+    }
+
+    pub fn is_attached(&self, network: &str) -> bool {
+        self.networks.contains_key(network)
+    }
+
+    /// The live value of an entry, if this node holds one (tombstones and hidden entries are
+    /// not live).
+    pub fn get_entry(&self, network: &str, table: &str, key: &str) -> Option<Bytes> {
+        self.networks.get(network)?.get(table, key)?.visible().cloned()
+    }
+
+    /// Events queued for dissemination in `network`.
+    pub fn queue_len(&self, network: &str) -> usize {
+        self.networks.get(network).map_or(0, |n| n.queue.len())
+    }
+
+    /// Stored versions (live, tombstoned, hidden) in `network`.
+    pub fn entry_count(&self, network: &str) -> usize {
+        self.networks.get(network).map_or(0, NetState::len)
+    }
+
+    /// The anti-entropy digest of `network`, as kept incrementally, and as rebuilt from the
+    /// entries (they must agree; for tests and benchmarks).
+    #[doc(hidden)]
+    pub fn digests(&self, network: &str) -> Option<(Vec<u64>, Vec<u64>)> {
+        self.networks.get(network).map(|n| (n.digest.clone(), n.rebuild_digest()))
+    }
+
+    /// Every stored version of a table, live, tombstoned or hidden, sorted by key.
+    pub fn table(&self, network: &str, table: &str) -> Vec<EntryView> {
+        let Some(t) = self.networks.get(network).and_then(|n| n.tables.get(table)) else {
+            return Vec::new();
+        };
+        t.iter().map(|(k, e)| self.view(k, e)).collect()
+    }
+
+    /// Tables of a network that hold at least one entry.
+    pub fn tables(&self, network: &str) -> Vec<String> {
+        self.networks.get(network).map(|n| n.tables.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Calls `f(key, value, owner)` for every live entry of a table, in key order; stops when
+    /// `f` returns false.
+    pub fn walk(&self, network: &str, table: &str, mut f: impl FnMut(&str, &Bytes, &str) -> bool) {
+        let Some(t) = self.networks.get(network).and_then(|n| n.tables.get(table)) else { return };
+        for (k, e) in t {
+            if let Some(v) = e.visible()
+                && !f(k, v, &e.owner)
+            {
+                return;
+            }
+        }
+    }
+
+    fn view(&self, key: &str, e: &Entry) -> EntryView {
+        let reap_in = e.reap_at.map(|at| at.saturating_duration_since(self.now)).unwrap_or_default();
+        let state = if e.deleted {
+            EntryState::Tombstone { reap_in }
+        } else if e.hidden {
+            EntryState::Hidden { reap_in }
+        } else {
+            EntryState::Live
+        };
+        EntryView {
+            key: key.to_string(),
+            value: e.value.clone(),
+            owner: e.owner.to_string(),
+            ltime: e.ltime,
+            state,
+            age: self.now.saturating_duration_since(e.updated),
+        }
+    }
+
+    /// Every member this node knows, itself included, sorted by name.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let foca_state: HashMap<&NodeId, (foca::State, u16)> =
+            self.foca.iter_membership_state().map(|m| (m.id(), (m.state(), m.incarnation()))).collect();
+        let mut out = Vec::with_capacity(self.members.len() + 1);
+        let me = MemberInfo {
+            id: self.id.clone(),
+            state: if self.left { MemberState::Left } else { MemberState::Alive },
+            incarnation: 0,
+            networks: self.networks.keys().cloned().collect(),
+        };
+        let mut mine = Some(me);
+        for (name, m) in &self.members {
+            if let Some(me) = mine.take_if(|me| me.id.name < *name) {
+                out.push(me);
+            }
+            let (fs, inc) = foca_state.get(&m.id).copied().unwrap_or((foca::State::Alive, 0));
+            let state = match (m.state, fs) {
+                (MemberState::Alive, foca::State::Suspect) => MemberState::Suspect,
+                (s, _) => s,
+            };
+            out.push(MemberInfo { id: m.id.clone(), state, incarnation: inc, networks: self.networks_of(name) });
+        }
+        out.extend(mine);
+        out
+    }
+
+    fn networks_of(&self, node: &str) -> Vec<String> {
+        self.attachments
+            .iter()
+            .filter(|(_, by)| by.get(node).is_some_and(|a| a.attached))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Alive members attached to `network`, other than this node, sorted by name.
+    pub fn network_peers(&self, network: &str) -> Vec<NodeId> {
+        self.peer_candidates(network).into_iter().cloned().collect()
+    }
+
+    fn peer_candidates(&self, network: &str) -> Vec<&NodeId> {
+        peer_candidates(&self.members, &self.attachments, network)
+    }
+
+    fn pick_peers(&mut self, network: &str, k: usize) -> Vec<NodeId> {
+        let mut c = peer_candidates(&self.members, &self.attachments, network);
+        let k = k.min(c.len());
+        for i in 0..k {
+            let j = self.rng.random_range(i..c.len());
+            c.swap(i, j);
+        }
+        c.truncate(k);
+        c.into_iter().cloned().collect()
+    }
+
+    fn member_state(&self, name: &str) -> Option<MemberState> {
+        if *name == *self.id.name {
+            return Some(MemberState::Alive);
+        }
+        self.members.get(name).map(|m| m.state)
+    }
+
+    // ----- outputs -----------------------------------------------------------------------
+
+    /// The next bytes to send. Own table events written since the last call are pushed to
+    /// peers first (coalesced into as few datagrams as fit).
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.transmits.is_empty() {
+            let pending: Vec<String> =
+                self.networks.iter().filter(|(_, n)| n.push_now).map(|(k, _)| k.clone()).collect();
+            for nid in pending {
+                if let Some(n) = self.networks.get_mut(&nid) {
+                    n.push_now = false;
+                }
+                self.send_queue(&nid, true);
+            }
+        }
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    // ----- inputs ------------------------------------------------------------------------
+
+    /// A datagram arrived on the gossip port.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.tick(now);
+        self.stats.datagrams_in += 1;
+        self.stats.bytes_in += bytes.len() as u64;
+        if bytes.len() > self.cfg.max_packet_size {
+            self.reject(from, WireError::TooLarge { len: bytes.len(), max: self.cfg.max_packet_size });
+            return;
+        }
+        match wire::open_envelope(bytes) {
+            Ok((FrameType::Swim, payload)) => {
+                if self.left {
+                    return;
+                }
+                let result = {
+                    let mut rt = Outbox {
+                        now,
+                        timers: &mut self.timers,
+                        transmits: &mut self.transmits,
+                        notes: &mut self.notes,
+                        stats: &mut self.stats,
+                    };
+                    self.foca.handle_data(payload, &mut rt)
+                };
+                if let Err(e) = result {
+                    self.stats.membership_errors += 1;
+                    tracing::debug!(%from, error = %e, "membership packet refused");
+                }
+                self.process_notes(now);
+            }
+            Ok((FrameType::Gossip, payload)) => match wire::decode::<Packet>(payload) {
+                Ok(p) => self.handle_packet(now, p),
+                Err(e) => self.reject(from, e),
+            },
+            Err(e) => self.reject(from, e),
+        }
+    }
+
+    /// One frame arrived on a TCP stream (its length prefix already removed).
+    pub fn handle_stream(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.tick(now);
+        self.stats.streams_in += 1;
+        self.stats.stream_bytes_in += bytes.len() as u64;
+        if bytes.len() > self.cfg.max_stream_frame {
+            self.reject(from, WireError::TooLarge { len: bytes.len(), max: self.cfg.max_stream_frame });
+            return;
+        }
+        match wire::decode_packet(bytes) {
+            Ok(p) => self.handle_packet(now, p),
+            Err(e) => self.reject(from, e),
+        }
+    }
+
+    fn reject(&mut self, from: SocketAddr, e: WireError) {
+        self.stats.decode_errors += 1;
+        if let WireError::NewerVersion(v) = e {
+            self.stats.newer_version_frames += 1;
+            if self.stats.newer_version_frames == 1 {
+                tracing::warn!(%from, version = v, "peer speaks a newer wire version; upgrade this node");
+            }
+        } else {
+            tracing::debug!(%from, error = %e, "dropped undecodable frame");
+        }
+    }
+
+    /// Timers due at `now` fire, in deadline order.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
+        while let Some(t) = self.timers.pop_due(now) {
+            match t {
+                TimerKind::Foca(t) => {
+                    let result = {
+                        let mut rt = Outbox {
+                            now,
+                            timers: &mut self.timers,
+                            transmits: &mut self.transmits,
+                            notes: &mut self.notes,
+                            stats: &mut self.stats,
+                        };
+                        self.foca.handle_timer(t, &mut rt)
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "membership timer");
+                    }
+                    self.process_notes(now);
+                }
+                TimerKind::Gossip => {
+                    self.gossip_round(now);
+                    self.timers.add(now + self.cfg.gossip_interval, TimerKind::Gossip);
+                }
+                TimerKind::Sync => {
+                    self.sync_round(now);
+                    let d = self.cfg.sync_interval.mul_f64(self.rng.random_range(0.9..1.1));
+                    self.timers.add(now + d, TimerKind::Sync);
+                }
+                TimerKind::Reap => {
+                    self.reap(now);
+                    self.timers.add(now + self.cfg.reap_period, TimerKind::Reap);
+                }
+                TimerKind::Rejoin => {
+                    if !self.left && !self.seeds.is_empty() {
+                        self.announce_to_missing_seeds(now);
+                        self.timers.add(now + self.cfg.rejoin_interval, TimerKind::Rejoin);
+                    }
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if now > self.now {
+            self.now = now;
+        }
+    }
+
+    // ----- membership --------------------------------------------------------------------
+
+    /// Joins the cluster through `seeds` (gossip addresses). Announces to every seed now and
+    /// keeps announcing, every `rejoin_interval`, to each seed that is not an active member:
+    /// until one answers, and later whenever this node has lost them (a partition, a restart).
+    pub fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), Error> {
+        self.tick(now);
+        if self.left {
+            return Err(Error::Left);
+        }
+        let first = self.seeds.is_empty();
+        self.seeds = seeds.iter().copied().filter(|a| *a != self.id.addr).collect::<BTreeSet<_>>().into_iter().collect();
+        self.announce_to_missing_seeds(now);
+        if first && !self.seeds.is_empty() {
+            self.timers.add(now + self.cfg.rejoin_interval, TimerKind::Rejoin);
+        }
+        Ok(())
+    }
+
+    fn announce_to_missing_seeds(&mut self, now: Instant) {
+        let active: HashSet<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr).collect();
+        let missing: Vec<SocketAddr> = self.seeds.iter().copied().filter(|a| !active.contains(a)).collect();
+        for addr in missing {
+            let mut rt = Outbox {
+                now,
+                timers: &mut self.timers,
+                transmits: &mut self.transmits,
+                notes: &mut self.notes,
+                stats: &mut self.stats,
+            };
+            if let Err(e) = self.foca.announce(NodeId::seed(addr), &mut rt) {
+                tracing::debug!(%addr, error = %e, "announce");
+            }
+        }
+        self.process_notes(now);
+    }
+
+    /// Seeds this node announces to but does not have as active members (unreachable so far).
+    pub fn unreachable_seeds(&self) -> Vec<SocketAddr> {
+        let active: HashSet<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr).collect();
+        self.seeds.iter().copied().filter(|a| !active.contains(a)).collect()
+    }
+
+    /// Leaves the cluster cleanly: detaches from every network (peers delete this node's
+    /// entries at once instead of hiding them) and tells the membership layer. Keep polling
+    /// transmits and timers for a moment afterwards so the news goes out.
+    pub fn leave(&mut self, now: Instant) -> Result<(), Error> {
+        self.tick(now);
+        if self.left {
+            return Ok(());
+        }
+        let nets: Vec<String> = self.networks.keys().filter(|n| *n != CLUSTER_NETWORK).cloned().collect();
+        for n in nets {
+            self.write_attachment(now, &n, false);
+        }
+        self.write_attachment(now, CLUSTER_NETWORK, false);
+        // Send the leave records to more peers than usual: this node will not relay them.
+        let mut peers = self.pick_peers(CLUSTER_NETWORK, 2 * self.cfg.gossip_fanout);
+        peers.sort();
+        self.send_queue_to(CLUSTER_NETWORK, true, &peers);
+        let result = {
+            let mut rt = Outbox {
+                now,
+                timers: &mut self.timers,
+                transmits: &mut self.transmits,
+                notes: &mut self.notes,
+                stats: &mut self.stats,
+            };
+            self.foca.leave_cluster(&mut rt)
+        };
+        self.left = true;
+        self.process_notes(now);
+        result.map_err(|e| Error::Membership(e.to_string()))
+    }
+
+    fn process_notes(&mut self, now: Instant) {
+        let notes = std::mem::take(&mut self.notes);
+        for n in notes {
+            match n {
+                OwnedNotification::MemberUp(id) => self.member_up(now, id),
+                OwnedNotification::Rename(_, id) => self.member_up(now, id),
+                OwnedNotification::MemberDown(id) => self.member_down(now, id),
+                OwnedNotification::Active => {
+                    self.connected = true;
+                    self.events.push_back(Event::Connected(true));
+                    // (Re)joined a cluster: catch up on every network right away.
+                    let k = self.cfg.join_sync_peers;
+                    for net in self.networks.values_mut() {
+                        net.initial_syncs = net.initial_syncs.max(k);
+                    }
+                }
+                OwnedNotification::Idle => {
+                    self.connected = false;
+                    self.events.push_back(Event::Connected(false));
+                }
+                OwnedNotification::Rejoin(id) => {
+                    tracing::info!(id = ?id, "declared down by the cluster; rejoined under a renewed identity");
+                    self.id = id;
+                }
+                OwnedNotification::Defunct => {
+                    tracing::warn!("declared down by the cluster");
+                }
+            }
+        }
+    }
+
+    fn member_up(&mut self, now: Instant, id: NodeId) {
+        if id.name == self.id.name {
+            if id.addr != self.id.addr {
+                self.events.push_back(Event::NameConflict { other: id });
+            }
+            return;
+        }
+        if let Some(m) = self.members.get(&id.name) {
+            if m.id.life() > id.life() || (m.id == id && m.state == MemberState::Alive) {
+                return;
+            }
+            // A life that already left stays gone; a newer life is a restart.
+            if m.state == MemberState::Left && m.id.life() >= id.life() {
+                return;
+            }
+        }
+        let was = self.members.insert(id.name.clone(), Member { id: id.clone(), state: MemberState::Alive });
+        tracing::info!(member = %id, "member up");
+        if matches!(was, Some(Member { state: MemberState::Failed, .. })) {
+            self.set_hidden(now, &id.name, false);
+        }
+        self.events.push_back(Event::MemberUp(id));
+    }
+
+    fn member_down(&mut self, now: Instant, id: NodeId) {
+        let Some(m) = self.members.get_mut(&id.name) else { return };
+        if m.id != id || m.state != MemberState::Alive {
+            return;
+        }
+        let left = self
+            .attachments
+            .get(CLUSTER_NETWORK)
+            .and_then(|by| by.get(&id.name))
+            .is_some_and(|a| !a.attached && a.generation >= id.generation);
+        let reason = if left { DownReason::Left } else { DownReason::Failed };
+        m.state = if left { MemberState::Left } else { MemberState::Failed };
+        tracing::info!(member = %id, ?reason, "member down");
+        if !left {
+            self.set_hidden(now, &id.name, true);
+        }
+        self.events.push_back(Event::MemberDown { id, reason });
+    }
+
+    /// Hides (owner failed) or restores (owner back) every node-owned entry of `owner`.
+    fn set_hidden(&mut self, now: Instant, owner: &str, hidden: bool) {
+        let specs = &self.specs;
+        for (nid, net) in &mut self.networks {
+            for (table, entries) in &mut net.tables {
+                let cluster_kind = specs.get(table).map(|s| s.kind == TableKind::Cluster);
+                for (key, e) in entries.iter_mut() {
+                    if *e.owner != *owner || e.deleted || e.hidden == hidden {
+                        continue;
+                    }
+                    if cluster_kind.unwrap_or(e.cluster) {
+                        continue;
+                    }
+                    e.hidden = hidden;
+                    e.reap_at = hidden.then(|| now + self.cfg.reap_after);
+                    e.updated = now;
+                    if specs.contains_key(table) && !table.starts_with(RESERVED_TABLE_PREFIX) {
+                        let (kind, prev, value) = if hidden {
+                            (TableEventKind::Delete, Some(e.value.clone()), None)
+                        } else {
+                            (TableEventKind::Create, None, Some(e.value.clone()))
+                        };
+                        self.events.push_back(Event::Table(TableEvent {
+                            kind,
+                            network: nid.clone(),
+                            table: table.clone(),
+                            key: key.clone(),
+                            owner: owner.to_string(),
+                            prev,
+                            value,
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- networks ----------------------------------------------------------------------
+
+    /// Attaches this node to `network`: peers learn it cluster-wide, and the node syncs the
+    /// network's tables with a few attached peers at once. Attaching twice is a no-op.
+    pub fn join_network(&mut self, now: Instant, network: &str) -> Result<(), Error> {
+        self.tick(now);
+        self.check_live()?;
+        check_name("network id", network, MAX_NAME_LEN)?;
+        if self.networks.contains_key(network) {
+            return Ok(());
+        }
+        self.networks.insert(network.to_string(), NetState::new(self.cfg.join_sync_peers));
+        self.write_attachment(now, network, true);
+        Ok(())
+    }
+
+    /// Detaches from `network`: peers remove this node's entries there, and this node forgets
+    /// the network's tables (watchers see a delete for every live entry).
+    pub fn leave_network(&mut self, now: Instant, network: &str) -> Result<(), Error> {
+        self.tick(now);
+        self.check_live()?;
+        if network == CLUSTER_NETWORK {
+            return Err(Error::ReservedNetwork(network.to_string()));
+        }
+        let Some(net) = self.networks.remove(network) else {
+            return Err(Error::NotAttached(network.to_string()));
+        };
+        for (table, entries) in net.tables {
+            for (key, e) in entries {
+                if let Some(v) = e.visible() {
+                    let ev = TableEvent {
+                        kind: TableEventKind::Delete,
+                        network: network.to_string(),
+                        table: table.clone(),
+                        key,
+                        owner: e.owner.to_string(),
+                        prev: Some(v.clone()),
+                        value: None,
+                    };
+                    self.emit(ev);
+                }
+            }
+        }
+        self.syncs.retain(|_, s| s.network != network);
+        self.write_attachment(now, network, false);
+        Ok(())
+    }
+
+    fn write_attachment(&mut self, now: Instant, network: &str, attached: bool) {
+        let value = Bytes::from(wire::encode(&(self.id.generation, attached)).expect("tuple encodes"));
+        let key = attach_key(network, &self.id.name);
+        self.write_local(now, CLUSTER_NETWORK, ATTACH_TABLE, &key, Some(value));
+    }
+
+    /// Applies an attachment record (own or remote) to the index and its consequences.
+    fn on_attachment(&mut self, now: Instant, key: &str, e: &Entry) {
+        let Some((network, node)) = key.split_once(' ') else { return };
+        let Ok((generation, attached)) = wire::decode::<(u64, bool)>(&e.value) else { return };
+        let rec = Attachment { generation, ltime: e.ltime, attached: attached && !e.deleted };
+        let node: Arc<str> = Arc::from(node);
+        let prev = self.attachments.entry(network.to_string()).or_default().insert(node.clone(), rec);
+        if *node == *self.id.name {
+            return;
+        }
+        if prev.map(|p| p.attached) != Some(rec.attached) {
+            self.events.push_back(Event::NetworkPeer {
+                network: network.to_string(),
+                node: node.to_string(),
+                attached: rec.attached,
+            });
+        }
+        if rec.attached {
+            return;
+        }
+        // Detached (or left the cluster): its node-owned entries written before go.
+        let nets: Vec<String> = if network == CLUSTER_NETWORK {
+            self.networks.keys().cloned().collect()
+        } else if self.networks.contains_key(network) {
+            vec![network.to_string()]
+        } else {
+            Vec::new()
+        };
+        for nid in nets {
+            self.remove_owned_before(now, &nid, &node, rec.ltime);
+        }
+        if network == CLUSTER_NETWORK
+            && let Some(m) = self.members.get_mut(&node)
+            && m.id.generation <= generation
+            && m.state != MemberState::Left
+        {
+            m.state = MemberState::Left;
+            let id = m.id.clone();
+            tracing::info!(member = %id, "member left");
+            self.events.push_back(Event::MemberDown { id, reason: DownReason::Left });
+        }
+    }
+
+    /// Turns every node-owned entry of `owner` in `network` written before `ltime` into a
+    /// tombstone (the owner detached or left after writing it).
+    fn remove_owned_before(&mut self, now: Instant, network: &str, owner: &str, ltime: u64) {
+        let Some(net) = self.networks.get(network) else { return };
+        let mut doomed = Vec::new();
+        for (table, entries) in &net.tables {
+            if self.table_kind(table, None) == TableKind::Cluster {
+                continue;
+            }
+            for (key, e) in entries {
+                if *e.owner == *owner && !e.deleted && !e.cluster && e.ltime < ltime {
+                    doomed.push((table.clone(), key.clone()));
+                }
+            }
+        }
+        for (table, key) in doomed {
+            let net = self.networks.get_mut(network).expect("checked");
+            let Some(old) = net.get(&table, &key).cloned() else { continue };
+            let mut e = old.clone();
+            e.deleted = true;
+            e.hidden = false;
+            e.reap_at = Some(now + self.cfg.reap_after);
+            e.updated = now;
+            e.fp = fingerprint(e.keyhash, e.ltime, &e.owner, true);
+            net.put(&table, &key, e);
+            if let Some(v) = old.visible() {
+                let ev = TableEvent {
+                    kind: TableEventKind::Delete,
+                    network: network.to_string(),
+                    table,
+                    key,
+                    owner: owner.to_string(),
+                    prev: Some(v.clone()),
+                    value: None,
+                };
+                self.emit(ev);
+            }
+        }
+    }
+
+    /// The Lamport time after which `owner` is gone from `network` (detached, or left the
+    /// cluster), if it is.
+    fn detached_since(&self, network: &str, owner: &str) -> Option<u64> {
+        let gone = |n: &str| self.attachments.get(n)?.get(owner).filter(|a| !a.attached).map(|a| a.ltime);
+        gone(network).max(gone(CLUSTER_NETWORK))
+    }
+
+    // ----- tables ------------------------------------------------------------------------
+
+    /// Registers how a table behaves and that watchers want its events. Events flow only for
+    /// registered tables; registering replays every live entry as a create.
+    pub fn register_table(&mut self, table: &str, spec: TableSpec) -> Result<(), Error> {
+        check_name("table name", table, MAX_NAME_LEN)?;
+        if table.starts_with(RESERVED_TABLE_PREFIX) {
+            return Err(Error::ReservedTable(table.to_string()));
+        }
+        let replay = !self.specs.contains_key(table);
+        self.specs.insert(table.to_string(), spec);
+        if replay {
+            let mut evs = Vec::new();
+            for (nid, net) in &self.networks {
+                for (key, e) in net.tables.get(table).into_iter().flatten() {
+                    if let Some(v) = e.visible() {
+                        evs.push(TableEvent {
+                            kind: TableEventKind::Create,
+                            network: nid.clone(),
+                            table: table.to_string(),
+                            key: key.clone(),
+                            owner: e.owner.to_string(),
+                            prev: None,
+                            value: Some(v.clone()),
+                        });
+                    }
+                }
+            }
+            self.events.extend(evs.into_iter().map(Event::Table));
+        }
+        Ok(())
+    }
+
+    /// The registered spec of a table, if any.
+    pub fn table_spec(&self, table: &str) -> Option<&TableSpec> {
+        self.specs.get(table)
+    }
+
+    fn table_kind(&self, table: &str, wire_cluster: Option<bool>) -> TableKind {
+        match self.specs.get(table) {
+            Some(s) => s.kind,
+            None if wire_cluster == Some(true) => TableKind::Cluster,
+            None => TableKind::NodeOwned,
+        }
+    }
+
+    fn check_live(&self) -> Result<(), Error> {
+        if self.left { Err(Error::Left) } else { Ok(()) }
+    }
+
+    fn check_write(&self, network: &str, table: &str, key: &str) -> Result<(), Error> {
+        self.check_live()?;
+        check_name("table name", table, MAX_NAME_LEN)?;
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(Error::BadName { what: "key", max: MAX_KEY_LEN });
+        }
+        if table.starts_with(RESERVED_TABLE_PREFIX) {
+            return Err(Error::ReservedTable(table.to_string()));
+        }
+        if !self.networks.contains_key(network) {
+            return Err(Error::NotAttached(network.to_string()));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), Error> {
+        let max = self.cfg.max_stream_frame / 2;
+        if value.len() > max {
+            return Err(Error::TooLarge { len: value.len(), max });
+        }
+        Ok(())
+    }
+
+    fn live(&self, network: &str, table: &str, key: &str) -> bool {
+        self.networks.get(network).and_then(|n| n.get(table, key)).is_some_and(|e| !e.deleted)
+    }
+
+    fn err_key(&self, network: &str, table: &str, key: &str, exists: bool) -> Error {
+        let (network, table, key) = (network.to_string(), table.to_string(), key.to_string());
+        if exists { Error::EntryExists { network, table, key } } else { Error::EntryNotFound { network, table, key } }
+    }
+
+    /// Creates an entry owned by this node. Refused if a live entry has that key.
+    pub fn create_entry(&mut self, now: Instant, network: &str, table: &str, key: &str, value: Bytes) -> Result<(), Error> {
+        self.tick(now);
+        self.check_write(network, table, key)?;
+        self.check_value(&value)?;
+        if self.live(network, table, key) {
+            return Err(self.err_key(network, table, key, true));
+        }
+        self.write_local(now, network, table, key, Some(value));
+        Ok(())
+    }
+
+    /// Replaces the value of a live entry; this node becomes its owner.
+    pub fn update_entry(&mut self, now: Instant, network: &str, table: &str, key: &str, value: Bytes) -> Result<(), Error> {
+        self.tick(now);
+        self.check_write(network, table, key)?;
+        self.check_value(&value)?;
+        if !self.live(network, table, key) {
+            return Err(self.err_key(network, table, key, false));
+        }
+        self.write_local(now, network, table, key, Some(value));
+        Ok(())
+    }
+
+    /// Deletes a live entry: it becomes a tombstone, reaped after `reap_after`.
+    pub fn delete_entry(&mut self, now: Instant, network: &str, table: &str, key: &str) -> Result<(), Error> {
+        self.tick(now);
+        self.check_write(network, table, key)?;
+        if !self.live(network, table, key) {
+            return Err(self.err_key(network, table, key, false));
+        }
+        self.write_local(now, network, table, key, None);
+        Ok(())
+    }
+
+    /// Writes a new version owned by this node; `None` writes a tombstone. Always wins: its
+    /// Lamport time is above both the clock and the version it replaces.
+    fn write_local(&mut self, now: Instant, network: &str, table: &str, key: &str, value: Option<Bytes>) {
+        let existing = self.networks.get(network).and_then(|n| n.get(table, key)).map(|e| e.ltime).unwrap_or(0);
+        self.clock = self.clock.max(existing) + 1;
+        let cluster = self.table_kind(table, None) == TableKind::Cluster;
+        let mut flags = if cluster { FLAG_CLUSTER } else { 0 };
+        if value.is_none() {
+            flags |= FLAG_DELETED;
+        }
+        let reap_in_ms = if value.is_none() { self.cfg.reap_after.as_millis().min(u32::MAX as u128) as u32 } else { 0 };
+        let w = WireEntry {
+            table: table.to_string(),
+            key: key.to_string(),
+            owner: self.id.name.to_string(),
+            ltime: self.clock,
+            flags,
+            reap_in_ms,
+            value: value.unwrap_or_default(),
+        };
+        self.apply(now, network, w, Origin::Local);
+    }
+
+    /// Applies one version (local or remote). Returns whether it was newer than what the node
+    /// held.
+    fn apply(&mut self, now: Instant, network: &str, w: WireEntry, origin: Origin) -> bool {
+        self.clock = self.clock.max(w.ltime);
+        if !self.networks.contains_key(network) {
+            self.stats.foreign_network_events += 1;
+            return false;
+        }
+        let kind = self.table_kind(&w.table, Some(w.flags & FLAG_CLUSTER != 0));
+        let mut deleted = w.flags & FLAG_DELETED != 0;
+        let mut residual = Duration::from_millis(w.reap_in_ms as u64);
+        if kind == TableKind::NodeOwned
+            && !deleted
+            && self.detached_since(network, &w.owner).is_some_and(|gone| w.ltime < gone)
+        {
+            // Written before its owner detached or left: it arrives as what it now is.
+            deleted = true;
+            residual = self.cfg.reap_after;
+        }
+        let hidden = kind == TableKind::NodeOwned
+            && !deleted
+            && self.member_state(&w.owner) == Some(MemberState::Failed);
+        let rule = self.specs.get(&w.table).and_then(|s| s.merge.clone());
+        let reap_after = self.cfg.reap_after;
+        let net = self.networks.get_mut(network).expect("checked");
+        let old = net.get(&w.table, &w.key);
+        if let Some(old) = old {
+            let incoming = VersionRef { ltime: w.ltime, owner: &w.owner, deleted, value: &w.value };
+            if compare_versions(rule.as_deref(), &incoming, &old.version()) != Ordering::Greater {
+                if origin != Origin::Local {
+                    self.stats.entries_stale += 1;
+                }
+                return false;
+            }
+        }
+        let keyhash = old.map(|o| o.keyhash).unwrap_or_else(|| keyhash(&w.table, &w.key));
+        let owner: Arc<str> = match old {
+            Some(o) if *o.owner == *w.owner => o.owner.clone(),
+            _ if *w.owner == *self.id.name => self.id.name.clone(),
+            _ => Arc::from(w.owner.as_str()),
+        };
+        let entry = Entry {
+            fp: fingerprint(keyhash, w.ltime, &owner, deleted),
+            value: w.value.clone(),
+            owner,
+            ltime: w.ltime,
+            deleted,
+            cluster: kind == TableKind::Cluster,
+            hidden,
+            reap_at: if deleted {
+                Some(reap_deadline(now, residual, reap_after))
+            } else if hidden {
+                Some(now + reap_after)
+            } else {
+                None
+            },
+            updated: now,
+            keyhash,
+        };
+        let new_visible = entry.visible().cloned();
+        let old = net.put(&w.table, &w.key, entry);
+        if origin != Origin::Local {
+            self.stats.entries_applied += 1;
+        }
+        let old_visible = old.as_ref().and_then(|o| o.visible().cloned());
+        let ev_kind = match (&old_visible, &new_visible) {
+            (None, Some(_)) => Some(TableEventKind::Create),
+            (Some(_), Some(_)) => Some(TableEventKind::Update),
+            (Some(_), None) => Some(TableEventKind::Delete),
+            (None, None) => None,
+        };
+        // Relay: own writes and gossip news go on; sync news too, within a budget.
+        if origin == Origin::Repair {
+            self.after_apply(now, network, w, old_visible, new_visible, ev_kind);
+            return true;
+        }
+        let transmits = self.cfg.retransmits(self.peer_count(network) + 1);
+        let mut w = w;
+        w.flags = (w.flags & !FLAG_DELETED) | if deleted { FLAG_DELETED } else { 0 };
+        w.reap_in_ms = if deleted { residual.min(reap_after).as_millis().min(u32::MAX as u128) as u32 } else { 0 };
+        let encoded = Bytes::from(wire::encode(&w).expect("entries encode"));
+        let net = self.networks.get_mut(network).expect("checked");
+        let own = origin == Origin::Local;
+        match net.queue.push(keyhash, encoded, transmits, own, self.cfg.max_queue_len) {
+            Pushed::Dropped | Pushed::Evicted => self.stats.queue_drops += 1,
+            Pushed::New | Pushed::Replaced => {}
+        }
+        if own {
+            net.push_now = true;
+        }
+        self.after_apply(now, network, w, old_visible, new_visible, ev_kind);
+        true
+    }
+
+    fn after_apply(
+        &mut self,
+        now: Instant,
+        network: &str,
+        w: WireEntry,
+        old_visible: Option<Bytes>,
+        new_visible: Option<Bytes>,
+        ev_kind: Option<TableEventKind>,
+    ) {
+        if w.table == ATTACH_TABLE && network == CLUSTER_NETWORK {
+            let stored = self.networks[network].get(&w.table, &w.key).cloned().expect("just stored");
+            self.on_attachment(now, &w.key, &stored);
+        }
+        if let Some(kind) = ev_kind {
+            let ev = TableEvent {
+                kind,
+                network: network.to_string(),
+                table: w.table,
+                key: w.key,
+                owner: w.owner,
+                prev: old_visible,
+                value: new_visible,
+            };
+            self.emit(ev);
+        }
+    }
+
+    fn emit(&mut self, ev: TableEvent) {
+        if self.specs.contains_key(&ev.table) && !ev.table.starts_with(RESERVED_TABLE_PREFIX) {
+            self.events.push_back(Event::Table(ev));
+        }
+    }
+
+    fn peer_count(&self, network: &str) -> usize {
+        if network == CLUSTER_NETWORK {
+            return self.members.values().filter(|m| m.state == MemberState::Alive).count();
+        }
+        self.attachments.get(network).map_or(0, |by| by.values().filter(|a| a.attached).count().saturating_sub(1))
+    }
+
+    fn reap(&mut self, now: Instant) {
+        let mut reaped = 0;
+        for net in self.networks.values_mut() {
+            let doomed: Vec<(String, String)> = net
+                .tables
+                .iter()
+                .flat_map(|(t, es)| {
+                    es.iter().filter(|(_, e)| e.reap_at.is_some_and(|at| at <= now)).map(|(k, _)| (t.clone(), k.clone()))
+                })
+                .collect();
+            for (t, k) in doomed {
+                net.remove(&t, &k);
+                reaped += 1;
+            }
+        }
+        self.stats.tombstones_reaped += reaped;
+        let expired: Vec<u64> = self.syncs.iter().filter(|(_, s)| s.deadline <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            self.syncs.remove(&id);
+        }
+    }
+
+    // ----- dissemination -----------------------------------------------------------------
+
+    fn head(&self) -> Head {
+        Head { from: self.id.clone(), ltime: self.clock }
+    }
+
+    fn gossip_round(&mut self, now: Instant) {
+        let nets: Vec<String> = self.networks.keys().cloned().collect();
+        for nid in &nets {
+            if !self.networks[nid].queue.is_empty() {
+                self.send_queue(nid, false);
+            }
+        }
+        if self.left {
+            return;
+        }
+        // Syncs owed to a network just attached (or a cluster just joined).
+        for nid in &nets {
+            let want = self.networks[nid].initial_syncs as usize;
+            if want == 0 {
+                continue;
+            }
+            let peers = self.pick_peers(nid, want);
+            if peers.is_empty() {
+                continue;
+            }
+            self.networks.get_mut(nid).expect("listed").initial_syncs = 0;
+            for p in peers {
+                self.start_sync(now, nid, &p);
+            }
+        }
+    }
+
+    fn send_queue(&mut self, network: &str, own_only: bool) {
+        let peers = self.pick_peers(network, self.cfg.gossip_fanout);
+        self.send_queue_to(network, own_only, &peers);
+    }
+
+    /// One round of a network's queue to `peers`: as many datagrams as the budget allows, the
+    /// same datagrams to each peer; events too large for a datagram go by stream.
+    fn send_queue_to(&mut self, network: &str, own_only: bool, peers: &[NodeId]) {
+        if peers.is_empty() {
+            return;
+        }
+        let head = self.head();
+        let max_packet = self.cfg.max_packet_size;
+        let max_packets = self.cfg.max_packets_per_round;
+        let Ok(mut builder) = EventsPacketBuilder::new(&head, network, max_packet) else { return };
+        let prefix = builder.prefix_len();
+        let empty_room = builder.room();
+        let mut packets: Vec<Bytes> = Vec::new();
+        let mut big: Vec<Bytes> = Vec::new();
+        let Some(net) = self.networks.get_mut(network) else { return };
+        net.queue.drain(own_only, |enc| {
+            if enc.len() > empty_room {
+                big.push(enc.clone());
+                return Take::Sent;
+            }
+            if builder.push(enc) {
+                return Take::Sent;
+            }
+            if packets.len() + 1 >= max_packets {
+                return Take::Full;
+            }
+            let full = std::mem::replace(
+                &mut builder,
+                EventsPacketBuilder::new(&head, network, max_packet).expect("encoded once already"),
+            );
+            packets.push(full.finish(prefix));
+            builder.push(enc);
+            Take::Sent
+        });
+        if !builder.is_empty() {
+            packets.push(builder.finish(prefix));
+        }
+        let stream = if big.is_empty() {
+            None
+        } else {
+            let mut b = EventsPacketBuilder::new(&head, network, usize::MAX).expect("encodes");
+            let p = b.prefix_len();
+            for e in &big {
+                b.push(e);
+            }
+            Some(b.finish(p))
+        };
+        for peer in peers {
+            for p in &packets {
+                self.stats.datagrams_out += 1;
+                self.stats.bytes_out += p.len() as u64;
+                self.transmits.push_back(Transmit { dst: peer.addr, kind: TransmitKind::Datagram, bytes: p.clone() });
+            }
+            if let Some(s) = &stream {
+                self.push_stream(peer.addr, s.clone());
+            }
+        }
+    }
+
+    fn push_stream(&mut self, dst: SocketAddr, bytes: Bytes) {
+        self.stats.streams_out += 1;
+        self.stats.stream_bytes_out += bytes.len() as u64;
+        self.transmits.push_back(Transmit { dst, kind: TransmitKind::Stream, bytes });
+    }
+
+    fn send_packet(&mut self, dst: SocketAddr, body: Body, stream: bool) {
+        let packet = Packet { head: self.head(), body };
+        let Ok(bytes) = wire::encode_packet(&packet) else { return };
+        if stream || bytes.len() > self.cfg.max_packet_size {
+            self.push_stream(dst, Bytes::from(bytes));
+        } else {
+            self.stats.datagrams_out += 1;
+            self.stats.bytes_out += bytes.len() as u64;
+            self.transmits.push_back(Transmit { dst, kind: TransmitKind::Datagram, bytes: Bytes::from(bytes) });
+        }
+    }
+
+    fn handle_packet(&mut self, now: Instant, p: Packet) {
+        let Packet { head, body } = p;
+        if head.from.name == self.id.name || head.from.name.is_empty() {
+            self.stats.decode_errors += 1;
+            return;
+        }
+        self.clock = self.clock.max(head.ltime);
+        match body {
+            Body::Events { network, events } => {
+                for e in events {
+                    if !valid_entry(&e) {
+                        self.stats.decode_errors += 1;
+                        continue;
+                    }
+                    self.apply(now, &network, e, Origin::Gossip);
+                }
+            }
+            Body::SyncDigest { network, sync_id, buckets } => self.on_sync_digest(&head.from, network, sync_id, buckets),
+            Body::SyncSummary { network, sync_id, buckets, items } => {
+                self.on_sync_summary(now, &head.from, network, sync_id, buckets, items)
+            }
+            Body::SyncEntries { network, sync_id, entries, want } => {
+                self.on_sync_entries(now, &head.from, network, sync_id, entries, want)
+            }
+            Body::Message { data } => self.events.push_back(Event::Message { from: head.from, data }),
+        }
+    }
+
+    /// Sends `data` to the node named `to`: a datagram when it fits, a stream otherwise. It
+    /// arrives as [`Event::Message`]; there is no delivery guarantee beyond UDP's or TCP's.
+    pub fn send_message(&mut self, now: Instant, to: &str, data: Bytes) -> Result<(), Error> {
+        self.tick(now);
+        self.check_live()?;
+        let max = self.cfg.max_stream_frame - 512;
+        if data.len() > max {
+            return Err(Error::TooLarge { len: data.len(), max });
+        }
+        let Some(m) = self.members.get(to) else { return Err(Error::UnknownNode(to.to_string())) };
+        let dst = m.id.addr;
+        self.send_packet(dst, Body::Message { data }, false);
+        Ok(())
+    }
+
+    // ----- anti-entropy ------------------------------------------------------------------
+
+    fn sync_round(&mut self, now: Instant) {
+        if self.left {
+            return;
+        }
+        let nets: Vec<String> = self.networks.keys().cloned().collect();
+        for nid in nets {
+            if let Some(peer) = self.pick_peers(&nid, 1).pop() {
+                self.start_sync(now, &nid, &peer);
+            }
+        }
+    }
+
+    /// Starts anti-entropy of `network` with `peer`: step 1, send the digest.
+    fn start_sync(&mut self, now: Instant, network: &str, peer: &NodeId) {
+        if self.syncs.len() >= self.cfg.max_concurrent_syncs {
+            return;
+        }
+        let Some(net) = self.networks.get(network) else { return };
+        let buckets = net.digest.clone();
+        let sync_id = self.rng.random::<u64>();
+        self.syncs.insert(sync_id, SyncState { network: network.to_string(), deadline: now + self.cfg.sync_timeout });
+        self.stats.syncs_started += 1;
+        self.send_packet(peer.addr, Body::SyncDigest { network: network.to_string(), sync_id, buckets }, true);
+    }
+
+    /// Step 2 (responder): compare digests; for the buckets that differ, send what is held.
+    fn on_sync_digest(&mut self, from: &NodeId, network: String, sync_id: u64, buckets: Vec<u64>) {
+        let Some(net) = self.networks.get(&network) else {
+            self.stats.foreign_network_events += 1;
+            return;
+        };
+        if buckets.len() != DIGEST_BUCKETS {
+            self.stats.decode_errors += 1;
+            return;
+        }
+        self.stats.syncs_answered += 1;
+        let diff = diff_buckets(&net.digest, &buckets);
+        if diff.is_empty() {
+            self.stats.syncs_identical += 1;
+            return;
+        }
+        let mut flagged = vec![false; DIGEST_BUCKETS];
+        for b in &diff {
+            flagged[*b as usize] = true;
+        }
+        let items: Vec<(u64, u64)> = net.in_buckets(&flagged).map(|(_, _, e)| (e.keyhash, e.fp)).collect();
+        self.send_packet(from.addr, Body::SyncSummary { network, sync_id, buckets: diff, items }, true);
+    }
+
+    /// Step 3 (requester): send what the responder lacks, ask for what this node lacks.
+    fn on_sync_summary(
+        &mut self,
+        now: Instant,
+        from: &NodeId,
+        network: String,
+        sync_id: u64,
+        buckets: Vec<u32>,
+        items: Vec<(u64, u64)>,
+    ) {
+        if !self.syncs.get(&sync_id).is_some_and(|s| s.network == network) {
+            return;
+        }
+        let Some(net) = self.networks.get(&network) else { return };
+        let mut flagged = vec![false; DIGEST_BUCKETS];
+        for b in &buckets {
+            if let Some(f) = flagged.get_mut(*b as usize) {
+                *f = true;
+            }
+        }
+        let theirs: HashMap<u64, u64> = items.iter().copied().collect();
+        let mut mine: HashSet<u64> = HashSet::new();
+        let mut entries = Vec::new();
+        for (table, key, e) in net.in_buckets(&flagged) {
+            mine.insert(e.fp);
+            if theirs.get(&e.keyhash) != Some(&e.fp) {
+                entries.push(e.to_wire(table, key, now));
+            }
+        }
+        let want: Vec<u64> = items.iter().filter(|(_, fp)| !mine.contains(fp)).map(|(kh, _)| *kh).collect();
+        if want.is_empty() {
+            self.syncs.remove(&sync_id);
+        }
+        self.send_entries(from.addr, &network, sync_id, entries, want);
+    }
+
+    /// Steps 3 and 4 (both sides): apply the entries; answer what was wanted.
+    fn on_sync_entries(
+        &mut self,
+        now: Instant,
+        from: &NodeId,
+        network: String,
+        sync_id: u64,
+        entries: Vec<WireEntry>,
+        want: Vec<u64>,
+    ) {
+        if !self.networks.contains_key(&network) {
+            self.stats.foreign_network_events += 1;
+            return;
+        }
+        let mut relayed = 0;
+        for e in entries {
+            if !valid_entry(&e) {
+                self.stats.decode_errors += 1;
+                continue;
+            }
+            let origin = if relayed < self.cfg.max_sync_relays { Origin::Sync } else { Origin::Repair };
+            if self.apply(now, &network, e, origin) {
+                relayed += 1;
+            }
+        }
+        if want.is_empty() {
+            self.syncs.remove(&sync_id);
+            return;
+        }
+        let wanted: HashSet<u64> = want.into_iter().collect();
+        let net = &self.networks[&network];
+        let out: Vec<WireEntry> = net
+            .tables
+            .iter()
+            .flat_map(|(t, es)| es.iter().map(move |(k, e)| (t, k, e)))
+            .filter(|(_, _, e)| wanted.contains(&e.keyhash))
+            .map(|(t, k, e)| e.to_wire(t, k, now))
+            .collect();
+        self.send_entries(from.addr, &network, sync_id, out, Vec::new());
+    }
+
+    fn send_entries(&mut self, dst: SocketAddr, network: &str, sync_id: u64, entries: Vec<WireEntry>, want: Vec<u64>) {
+        if entries.is_empty() && want.is_empty() {
+            return;
+        }
+        let per_frame = self.cfg.max_entries_per_frame;
+        let budget = self.cfg.max_stream_frame / 2;
+        let mut want = Some(want);
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        let mut it = entries.into_iter().peekable();
+        loop {
+            let next = it.next();
+            let flush = match &next {
+                None => true,
+                Some(e) => chunk.len() >= per_frame || bytes + e.value.len() + e.key.len() + 64 > budget,
+            };
+            if flush && (!chunk.is_empty() || next.is_none()) {
+                let body = Body::SyncEntries {
+                    network: network.to_string(),
+                    sync_id,
+                    entries: std::mem::take(&mut chunk),
+                    want: want.take().unwrap_or_default(),
+                };
+                self.send_packet(dst, body, true);
+                bytes = 0;
+            }
+            match next {
+                None => break,
+                Some(e) => {
+                    bytes += e.value.len() + e.key.len() + 64;
+                    chunk.push(e);
+                }
+            }
+        }
+    }
+}
+
+fn peer_candidates<'a>(
+    members: &'a BTreeMap<Arc<str>, Member>,
+    attachments: &BTreeMap<String, BTreeMap<Arc<str>, Attachment>>,
+    network: &str,
+) -> Vec<&'a NodeId> {
+    let alive = members.values().filter(|m| m.state == MemberState::Alive);
+    if network == CLUSTER_NETWORK {
+        return alive.map(|m| &m.id).collect();
+    }
+    let Some(by) = attachments.get(network) else { return Vec::new() };
+    alive.filter(|m| by.get(&m.id.name).is_some_and(|a| a.attached)).map(|m| &m.id).collect()
+}
+
+fn valid_entry(e: &WireEntry) -> bool {
+    !e.table.is_empty()
+        && e.table.len() <= MAX_NAME_LEN
+        && !e.key.is_empty()
+        && e.key.len() <= MAX_KEY_LEN
+        && !e.owner.is_empty()
+        && e.owner.len() <= MAX_NAME_LEN
+}
