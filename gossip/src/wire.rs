@@ -86,7 +86,7 @@ pub fn open_envelope(frame: &[u8]) -> Result<(FrameType, &[u8]), WireError> {
 }
 
 pub(crate) fn envelope(ty: FrameType, capacity: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(ENVELOPE_LEN + capacity);
+    let mut v = Vec::with_capacity(ENVELOPE_LEN + capacity.min(64 << 10));
     v.extend_from_slice(&MAGIC);
     v.push(WIRE_VERSION);
     v.push(ty as u8);

@@ -91,6 +91,12 @@ pub struct Cluster {
     /// Table events seen, per node, with their virtual arrival time (when recording).
     pub record: bool,
     pub arrivals: Vec<(usize, Duration, TableEvent)>,
+    /// Messages delivered per node: (sender name, data).
+    pub messages: Vec<Vec<(String, Bytes)>>,
+    /// `NameConflict` events per node.
+    pub name_conflicts: Vec<u64>,
+    /// The largest datagram any node sent.
+    pub max_datagram: usize,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -135,6 +141,9 @@ impl Cluster {
             watcher_violation: None,
             record: false,
             arrivals: Vec::new(),
+            messages: vec![Vec::new(); n],
+            name_conflicts: vec![0; n],
+            max_datagram: 0,
         };
         for i in 0..n {
             let addr = sim_addr(i);
@@ -242,7 +251,18 @@ impl Cluster {
     }
 
     fn observe(&mut self, i: usize, ev: Event) {
-        let Event::Table(t) = ev else { return };
+        let t = match ev {
+            Event::Table(t) => t,
+            Event::Message { from, data } => {
+                self.messages[i].push((from.name.to_string(), data));
+                return;
+            }
+            Event::NameConflict { .. } => {
+                self.name_conflicts[i] += 1;
+                return;
+            }
+            _ => return,
+        };
         let k = (t.network.clone(), t.table.clone(), t.key.clone());
         let seen = self.nodes[i].watched.get(&k).cloned();
         let ok = match t.kind {
@@ -271,6 +291,7 @@ impl Cluster {
             TransmitKind::Datagram => {
                 tr.datagrams += 1;
                 tr.datagram_bytes += t.bytes.len() as u64;
+                self.max_datagram = self.max_datagram.max(t.bytes.len());
             }
             TransmitKind::Stream => {
                 tr.streams += 1;

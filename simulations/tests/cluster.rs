@@ -1,10 +1,18 @@
 //! Cross-node behaviour of the gossip core, on the in-memory cluster.
 
+use std::cmp::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use weft_gossip::{Config, DownReason, Event, MemberState};
+use weft_gossip::{
+    Config, DownReason, EntryState, Event, MemberState, MergeRule, ObjectType, TableSpec, VersionRef,
+};
 use weft_sim::{Cluster, NetModel};
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
 
 fn settled(n: usize, seed: u64) -> Cluster {
     let mut c = Cluster::settled(n, seed, Config::lan(n as u32), NetModel::default());
@@ -16,13 +24,384 @@ fn settled(n: usize, seed: u64) -> Cluster {
     c
 }
 
+fn state_of(c: &Cluster, at: usize, of: usize) -> MemberState {
+    let name = c.nodes[of].name.as_str();
+    c.node(at).members().into_iter().find(|m| &*m.id.name == name).map(|m| m.state).expect("known member")
+}
+
+fn no_violation(c: &Cluster) {
+    assert!(c.watcher_violation.is_none(), "seed {}: {:?}", c.seed, c.watcher_violation);
+}
+
 #[test]
-fn an_entry_reaches_every_attached_node() {
+fn create_update_delete_reach_every_attached_node() {
     let mut c = settled(5, 1);
-    c.with(2, |n, now| n.create_entry(now, "net1", "endpoints", "ep1", Bytes::from_static(b"v1")).unwrap());
+    c.with(2, |n, now| n.create_entry(now, "net1", "endpoints", "ep1", b("v1")).unwrap());
     c.run_for(Duration::from_secs(1));
     for i in 0..5 {
-        assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep1"), Some(Bytes::from_static(b"v1")), "node {i}");
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep1"), Some(b("v1")), "node {i}");
+        assert_eq!(c.nodes[i].watched.get(&("net1".into(), "endpoints".into(), "ep1".into())), Some(&b("v1")));
     }
-    assert!(c.watcher_violation.is_none(), "{:?}", c.watcher_violation);
+    c.with(2, |n, now| n.update_entry(now, "net1", "endpoints", "ep1", b("v2")).unwrap());
+    c.run_for(Duration::from_secs(1));
+    assert!((0..5).all(|i| c.node(i).get_entry("net1", "endpoints", "ep1") == Some(b("v2"))));
+    c.with(2, |n, now| n.delete_entry(now, "net1", "endpoints", "ep1").unwrap());
+    c.run_for(Duration::from_secs(1));
+    for i in 0..5 {
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep1"), None);
+        let t = c.node(i).table("net1", "endpoints");
+        assert!(matches!(t[0].state, EntryState::Tombstone { .. }), "node {i} keeps a tombstone");
+    }
+    no_violation(&c);
+}
+
+#[test]
+fn commands_refuse_what_they_cannot_do_and_change_nothing() {
+    let mut c = settled(2, 2);
+    c.with(0, |n, now| {
+        n.create_entry(now, "net1", "endpoints", "k", b("v")).unwrap();
+        assert!(n.create_entry(now, "net1", "endpoints", "k", b("w")).is_err(), "create on a live key");
+        assert!(n.update_entry(now, "net1", "endpoints", "missing", b("w")).is_err());
+        assert!(n.delete_entry(now, "net1", "endpoints", "missing").is_err());
+        assert!(n.create_entry(now, "nope", "endpoints", "k", b("v")).is_err(), "unattached network");
+        assert!(n.create_entry(now, "net1", "weft:attachments", "k", b("v")).is_err(), "reserved table");
+        assert!(n.leave_network(now, "cluster").is_err(), "cluster cannot be left");
+        assert_eq!(n.get_entry("net1", "endpoints", "k"), Some(b("v")));
+        // Re-creating a deleted key is fine.
+        n.delete_entry(now, "net1", "endpoints", "k").unwrap();
+        n.create_entry(now, "net1", "endpoints", "k", b("again")).unwrap();
+    });
+    c.run_for(Duration::from_secs(1));
+    assert_eq!(c.node(1).get_entry("net1", "endpoints", "k"), Some(b("again")));
+}
+
+#[test]
+fn entries_go_only_to_nodes_attached_to_their_network() {
+    let mut c = Cluster::settled(6, 3, Config::lan(6), NetModel::default());
+    for i in 0..3 {
+        c.attach(i, "red");
+    }
+    c.run_for(Duration::from_secs(1));
+    c.with(0, |n, now| n.create_entry(now, "red", "endpoints", "e", b("x")).unwrap());
+    c.run_for(Duration::from_secs(6));
+    for i in 0..3 {
+        assert_eq!(c.node(i).get_entry("red", "endpoints", "e"), Some(b("x")));
+    }
+    for i in 3..6 {
+        assert!(!c.node(i).is_attached("red"));
+        assert_eq!(c.node(i).entry_count("red"), 0, "node {i} holds nothing of red");
+        let peers: Vec<_> = c.node(i).network_peers("red").iter().map(|p| p.name.to_string()).collect();
+        assert_eq!(peers.len(), 3, "but knows who is attached: {peers:?}");
+    }
+}
+
+#[test]
+fn a_failed_owner_hides_its_entries_and_its_return_restores_them() {
+    let mut c = settled(5, 4);
+    c.with(3, |n, now| n.create_entry(now, "net1", "endpoints", "ep3", b("three")).unwrap());
+    c.with(1, |n, now| n.create_entry(now, "net1", "defs", "net-def", b("def")).unwrap());
+    c.run_for(Duration::from_secs(1));
+    let key = ("net1".to_string(), "endpoints".to_string(), "ep3".to_string());
+    assert!(c.nodes[0].watched.contains_key(&key));
+
+    c.crash(3);
+    c.crash(1);
+    c.run_for(Duration::from_secs(20));
+    assert_eq!(state_of(&c, 0, 3), MemberState::Failed);
+    // Hidden, not deleted: watchers saw a delete; the entry is still held.
+    assert_eq!(c.node(0).get_entry("net1", "endpoints", "ep3"), None);
+    assert!(!c.nodes[0].watched.contains_key(&key));
+    let t = c.node(0).table("net1", "endpoints");
+    assert!(matches!(t[0].state, EntryState::Hidden { .. }), "{t:?}");
+    // Cluster entries outlive their writer.
+    assert_eq!(c.node(0).get_entry("net1", "defs", "net-def"), Some(b("def")));
+
+    c.restart(3, &[0]);
+    c.run_for(Duration::from_secs(10));
+    assert_eq!(state_of(&c, 0, 3), MemberState::Alive);
+    for i in [0, 2, 3, 4] {
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep3"), Some(b("three")), "node {i}");
+        assert!(c.nodes[i].watched.contains_key(&key), "node {i} saw the create");
+    }
+    // The restarted node owns its entry again.
+    c.with(3, |n, now| n.update_entry(now, "net1", "endpoints", "ep3", b("three-b")).unwrap());
+    c.run_for(Duration::from_secs(1));
+    assert!([0, 2, 4].iter().all(|&i| c.node(i).get_entry("net1", "endpoints", "ep3") == Some(b("three-b"))));
+    no_violation(&c);
+}
+
+#[test]
+fn a_clean_leave_deletes_the_leavers_entries_at_once() {
+    let mut c = settled(5, 5);
+    c.with(4, |n, now| {
+        n.create_entry(now, "net1", "endpoints", "ep4", b("four")).unwrap();
+        n.create_entry(now, "net1", "defs", "def4", b("stays")).unwrap();
+    });
+    c.run_for(Duration::from_secs(1));
+    c.leave(4);
+    c.run_for(Duration::from_millis(500));
+    for i in 0..4 {
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep4"), None, "node {i}");
+        assert_eq!(c.node(i).get_entry("net1", "defs", "def4"), Some(b("stays")), "node {i}");
+    }
+    c.run_for(Duration::from_secs(5));
+    for i in 0..4 {
+        assert_eq!(state_of(&c, i, 4), MemberState::Left, "node {i}");
+        let t = c.node(i).table("net1", "endpoints");
+        assert!(matches!(t[0].state, EntryState::Tombstone { .. }), "node {i}: {t:?}");
+    }
+    no_violation(&c);
+}
+
+#[test]
+fn leave_is_reported_as_left_and_failure_as_failed() {
+    let mut c = settled(4, 6);
+    c.record = true;
+    c.leave(3);
+    c.crash(2);
+    c.run_for(Duration::from_secs(20));
+    let ms = c.node(0).members();
+    let find = |name: &str| ms.iter().find(|m| &*m.id.name == name).unwrap().state;
+    assert_eq!(find("node-0003"), MemberState::Left);
+    assert_eq!(find("node-0002"), MemberState::Failed);
+    let _ = (DownReason::Left, Event::Connected(true));
+}
+
+#[test]
+fn detaching_removes_the_nodes_entries_from_that_network() {
+    let mut c = settled(4, 7);
+    c.with(2, |n, now| n.create_entry(now, "net1", "endpoints", "ep2", b("x")).unwrap());
+    c.run_for(Duration::from_secs(1));
+    c.detach(2, "net1");
+    c.run_for(Duration::from_secs(1));
+    for i in [0, 1, 3] {
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep2"), None, "node {i}");
+        assert!(!c.node(i).network_peers("net1").iter().any(|p| &*p.name == "node-0002"));
+    }
+    assert_eq!(c.node(2).entry_count("net1"), 0);
+    // Re-attaching and writing again works.
+    c.attach(2, "net1");
+    c.run_for(Duration::from_secs(1));
+    c.with(2, |n, now| n.create_entry(now, "net1", "endpoints", "ep2", b("y")).unwrap());
+    c.run_for(Duration::from_secs(1));
+    assert!((0..4).all(|i| c.node(i).get_entry("net1", "endpoints", "ep2") == Some(b("y"))));
+    no_violation(&c);
+}
+
+#[test]
+fn a_missed_attach_never_makes_peers_reject_entries() {
+    let mut c = settled(3, 8);
+    c.with(0, |n, now| n.join_network(now, "blue").unwrap());
+    c.with(1, |n, now| n.join_network(now, "blue").unwrap());
+    c.run_for(Duration::from_secs(1));
+    // Node 2 attaches while nobody hears it; its attach record and first write are lost.
+    c.partition(&[vec![0, 1], vec![2]]);
+    c.attach(2, "blue");
+    c.with(2, |n, now| n.create_entry(now, "blue", "endpoints", "from-2", b("x")).unwrap());
+    c.run_for(Duration::from_millis(500));
+    c.heal();
+    c.run_for(Duration::from_secs(30));
+    for i in 0..3 {
+        assert_eq!(c.node(i).get_entry("blue", "endpoints", "from-2"), Some(b("x")), "node {i}");
+        assert_eq!(c.node(i).network_peers("blue").len(), 2, "node {i}");
+    }
+}
+
+#[derive(Debug)]
+struct HighestVersionWins;
+
+impl MergeRule for HighestVersionWins {
+    fn compare(&self, a: &VersionRef<'_>, b: &VersionRef<'_>) -> Ordering {
+        let v = |x: &VersionRef<'_>| x.value.first().copied().unwrap_or(0);
+        v(a).cmp(&v(b))
+    }
+}
+
+#[test]
+fn a_cluster_table_merge_rule_decides_on_every_node() {
+    let mut c = settled(4, 9);
+    for i in 0..4 {
+        c.with(i, |n, _| {
+            n.register_table("ring", TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(HighestVersionWins)))
+                .unwrap()
+        });
+    }
+    c.with(0, |n, now| n.create_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[9, b'a'])).unwrap());
+    c.run_for(Duration::from_secs(1));
+    // A later write with a lower version loses everywhere, its writer included.
+    c.with(1, |n, now| n.update_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[3, b'b'])).unwrap());
+    c.run_for(Duration::from_secs(1));
+    c.with(2, |n, now| n.update_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[12, b'c'])).unwrap());
+    c.run_for(Duration::from_secs(7));
+    for i in 0..4 {
+        assert_eq!(c.node(i).get_entry("net1", "ring", "range-1"), Some(Bytes::from_static(&[12, b'c'])), "node {i}");
+    }
+}
+
+#[test]
+fn a_restarted_node_gets_its_entries_back_and_never_writes_with_an_older_clock() {
+    let mut c = settled(4, 10);
+    c.with(1, |n, now| {
+        for k in 0..20 {
+            n.create_entry(now, "net1", "endpoints", &format!("ep{k}"), b("old")).unwrap();
+        }
+    });
+    c.run_for(Duration::from_secs(2));
+    let before = c.node(1).ltime();
+    c.crash(1);
+    c.run_for(Duration::from_secs(2));
+    c.restart(1, &[0]);
+    assert!(c.node(1).ltime() >= before, "the persisted high-water mark is the floor");
+    c.run_for(Duration::from_secs(6));
+    assert_eq!(c.live(1, "net1", "endpoints").len(), 20, "entries came back from peers");
+    c.with(1, |n, now| {
+        n.update_entry(now, "net1", "endpoints", "ep0", b("new")).unwrap();
+        n.delete_entry(now, "net1", "endpoints", "ep1").unwrap();
+    });
+    c.run_for(Duration::from_secs(1));
+    for i in 0..4 {
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep0"), Some(b("new")), "node {i}");
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep1"), None, "node {i}");
+    }
+    no_violation(&c);
+}
+
+#[test]
+fn a_restart_without_a_persisted_clock_still_wins_by_witnessing_peers() {
+    let mut c = settled(3, 11);
+    c.with(2, |n, now| {
+        for k in 0..50 {
+            n.create_entry(now, "net1", "endpoints", &format!("k{k}"), b("a")).unwrap();
+        }
+        n.delete_entry(now, "net1", "endpoints", "k0").unwrap();
+    });
+    c.run_for(Duration::from_secs(2));
+    c.crash(2);
+    c.nodes[2].persisted_ltime = 0;
+    c.restart(2, &[0]);
+    c.run_for(Duration::from_secs(6));
+    c.with(2, |n, now| n.create_entry(now, "net1", "endpoints", "k0", b("reborn")).unwrap());
+    c.run_for(Duration::from_secs(2));
+    for i in 0..3 {
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "k0"), Some(b("reborn")), "node {i}");
+    }
+}
+
+#[test]
+fn both_sides_of_a_partition_converge_after_it_heals() {
+    let mut c = settled(10, 12);
+    c.partition(&[(0..5).collect(), (5..10).collect()]);
+    c.run_for(Duration::from_secs(30));
+    c.with(1, |n, now| n.create_entry(now, "net1", "endpoints", "left-side", b("L")).unwrap());
+    c.with(7, |n, now| n.create_entry(now, "net1", "endpoints", "right-side", b("R")).unwrap());
+    c.with(8, |n, now| n.create_entry(now, "net1", "defs", "shared", b("R")).unwrap());
+    c.with(2, |n, now| n.create_entry(now, "net1", "defs", "shared", b("L")).unwrap());
+    c.run_for(Duration::from_secs(5));
+    c.heal();
+    let end = c.now() + Duration::from_secs(60);
+    let ok = c.run_until(end, |c| c.membership_converged() && c.divergence(&["net1".into()]).is_none());
+    assert!(ok, "seed 12: {:?}", c.divergence(&["net1".into()]));
+    for i in 0..10 {
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "left-side"), Some(b("L")));
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "right-side"), Some(b("R")));
+        assert!(c.node(i).get_entry("net1", "defs", "shared").is_some());
+    }
+    no_violation(&c);
+}
+
+#[test]
+fn a_node_keeps_announcing_to_seeds_that_are_not_up_yet() {
+    let mut c = Cluster::new(3, 13, Config::lan(3), NetModel::default());
+    c.crash(0);
+    let seed = [c.nodes[0].addr];
+    c.with(1, |n, now| n.join(now, &seed).unwrap());
+    c.with(2, |n, now| n.join(now, &seed).unwrap());
+    c.run_for(Duration::from_secs(10));
+    assert_eq!(c.node(1).unreachable_seeds(), seed.to_vec());
+    c.restart(0, &[]);
+    c.run_for(Duration::from_secs(5));
+    assert!(c.membership_converged());
+    assert!(c.node(1).unreachable_seeds().is_empty());
+}
+
+#[test]
+fn identical_10k_entry_tables_cost_a_digest_per_sync() {
+    let mut c = settled(2, 14);
+    c.with(0, |n, now| {
+        for k in 0..10_000 {
+            n.create_entry(now, "net1", "endpoints", &format!("endpoint-{k:05}"), Bytes::from(vec![1u8; 40])).unwrap();
+        }
+    });
+    c.run_for(Duration::from_secs(30));
+    assert_eq!(c.live(1, "net1", "endpoints").len(), 10_000);
+    assert_eq!(c.node(0).queue_len("net1"), 0);
+    let before: Vec<_> = (0..2).map(|i| (c.nodes[i].traffic, c.node(i).stats().clone())).collect();
+    c.run_for(Duration::from_secs(20));
+    let mut bytes = 0;
+    let mut syncs = 0;
+    for i in 0..2 {
+        bytes += c.nodes[i].traffic.stream_bytes - before[i].0.stream_bytes;
+        syncs += c.node(i).stats().syncs_started - before[i].1.syncs_started;
+        assert_eq!(c.node(i).stats().syncs_identical - before[i].1.syncs_identical,
+                   c.node(1 - i).stats().syncs_started - before[1 - i].1.syncs_started);
+    }
+    // Each round syncs `net1` and `cluster`; the net1 digest is what matters.
+    assert!(syncs >= 4, "syncs ran: {syncs}");
+    let per_sync = bytes / syncs;
+    assert!(per_sync < 2048, "{per_sync} bytes per sync round");
+}
+
+#[test]
+fn no_datagram_exceeds_the_packet_size_and_a_backlog_drains_fast() {
+    let mut c = settled(20, 15);
+    c.with(0, |n, now| {
+        for k in 0..1000 {
+            n.create_entry(now, "net1", "endpoints", &format!("key-{k:04}"), Bytes::from(vec![b'v'; 30])).unwrap();
+        }
+    });
+    let start = c.now();
+    // networkdb takes about 22 s here; the bound is ten times tighter.
+    let ok = c.run_until(start + Duration::from_millis(2200), |c| {
+        (0..20).all(|i| c.node(i).table("net1", "endpoints").len() == 1000)
+    });
+    assert!(ok, "seed 15: the burst did not reach all 20 nodes in 2.2 s of virtual time");
+    assert!(c.max_datagram <= 1400, "a datagram of {} bytes", c.max_datagram);
+}
+
+#[test]
+fn large_values_travel_by_stream_and_messages_reach_their_node() {
+    let mut c = settled(3, 16);
+    let big = Bytes::from(vec![42u8; 20_000]);
+    c.with(0, |n, now| n.create_entry(now, "net1", "endpoints", "big", big.clone()).unwrap());
+    c.run_for(Duration::from_secs(2));
+    assert!((0..3).all(|i| c.node(i).get_entry("net1", "endpoints", "big") == Some(big.clone())));
+    assert!(c.max_datagram <= 1400);
+    c.record = true;
+    c.with(1, |n, now| {
+        n.send_message(now, "node-0002", b("small")).unwrap();
+        n.send_message(now, "node-0002", big.clone()).unwrap();
+        assert!(n.send_message(now, "nobody", b("x")).is_err());
+    });
+    c.run_for(Duration::from_millis(100));
+    // Datagram and stream take different paths, so either may arrive first.
+    let mut got: Vec<usize> = c.messages[2].iter().map(|(from, d)| {
+        assert_eq!(from, "node-0001");
+        d.len()
+    }).collect();
+    got.sort();
+    assert_eq!(got, vec![5, big.len()]);
+    assert!(c.messages[2].iter().any(|(_, d)| *d == big));
+}
+
+#[test]
+fn a_name_claimed_from_another_address_is_reported() {
+    let mut c = Cluster::new(3, 17, Config::lan(3), NetModel::default());
+    // Node 2 is misconfigured with node 1's name.
+    c.nodes[2].name = c.nodes[1].name.clone();
+    c.restart(2, &[0]);
+    let seed = [c.nodes[0].addr];
+    c.with(1, |n, now| n.join(now, &seed).unwrap());
+    c.with(0, |n, now| n.join(now, &[]).unwrap());
+    c.run_for(Duration::from_secs(10));
+    assert!(c.name_conflicts[1] + c.name_conflicts[2] > 0, "someone noticed the clash");
 }
