@@ -405,3 +405,30 @@ fn a_name_claimed_from_another_address_is_reported() {
     c.run_for(Duration::from_secs(10));
     assert!(c.name_conflicts[1] + c.name_conflicts[2] > 0, "someone noticed the clash");
 }
+
+#[test]
+fn tombstones_carry_their_residual_reap_time_when_synced() {
+    let mut cfg = Config::lan(3);
+    cfg.reap_after = Duration::from_secs(60);
+    let mut c = Cluster::settled(3, 18, cfg, NetModel::default());
+    c.attach(0, "net1");
+    c.attach(1, "net1");
+    c.run_for(Duration::from_secs(1));
+    c.with(0, |n, now| {
+        n.create_entry(now, "net1", "endpoints", "gone", b("x")).unwrap();
+        n.delete_entry(now, "net1", "endpoints", "gone").unwrap();
+    });
+    c.run_for(Duration::from_secs(30));
+    // Node 2 attaches half way through the reap interval and syncs the tombstone.
+    c.attach(2, "net1");
+    c.run_for(Duration::from_secs(2));
+    let t = c.node(2).table("net1", "endpoints");
+    let EntryState::Tombstone { reap_in } = t[0].state else { panic!("{t:?}") };
+    assert!(reap_in <= Duration::from_secs(29) && reap_in >= Duration::from_secs(25), "{reap_in:?}");
+    // And everyone reaps it at about the same time.
+    c.run_for(Duration::from_secs(35));
+    for i in 0..3 {
+        assert!(c.node(i).table("net1", "endpoints").is_empty(), "node {i} reaped");
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "gone"), None);
+    }
+}

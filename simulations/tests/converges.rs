@@ -1,0 +1,177 @@
+//! The "always converges" property, in the spirit of networkdb's: random clusters, networks,
+//! attachments and writes under random loss and short partitions; once the faults stop, every
+//! pair of nodes attached to a network holds the same live entries within a bound derived from
+//! the configuration, and no acknowledged write of a live owner is missing.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use proptest::test_runner::{Config as PtConfig, RngSeed};
+use weft_gossip::Config;
+use weft_sim::{Cluster, NetModel};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Attach { node: u8, net: u8 },
+    Detach { node: u8, net: u8 },
+    Write { node: u8, net: u8, key: u8 },
+    WriteShared { node: u8, net: u8, key: u8 },
+    Loss { percent: u8 },
+    Partition { split: u8, millis: u16 },
+    OneWay { from: u8, to: u8, millis: u16 },
+    Wait { millis: u16 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (any::<u8>(), any::<u8>()).prop_map(|(node, net)| Op::Attach { node, net }),
+        1 => (any::<u8>(), any::<u8>()).prop_map(|(node, net)| Op::Detach { node, net }),
+        8 => (any::<u8>(), any::<u8>(), 0u8..6).prop_map(|(node, net, key)| Op::Write { node, net, key }),
+        2 => (any::<u8>(), any::<u8>(), 0u8..3).prop_map(|(node, net, key)| Op::WriteShared { node, net, key }),
+        1 => (0u8..30).prop_map(|percent| Op::Loss { percent }),
+        1 => (any::<u8>(), 500u16..5000).prop_map(|(split, millis)| Op::Partition { split, millis }),
+        1 => (any::<u8>(), any::<u8>(), 500u16..8000).prop_map(|(from, to, millis)| Op::OneWay { from, to, millis }),
+        3 => (0u16..1500).prop_map(|millis| Op::Wait { millis }),
+    ]
+}
+
+/// What an owner's acknowledged writes say a key must hold: Some(value), or None (deleted).
+type Expected = BTreeMap<(String, String), Option<Bytes>>;
+
+fn bound(cfg: &Config) -> Duration {
+    let m = &cfg.membership;
+    let down_announce = m.periodic_announce_to_down_members.as_ref().map_or(Duration::ZERO, |p| p.frequency);
+    m.suspect_to_down_after + m.probe_period * 2 + cfg.rejoin_interval + down_announce + cfg.sync_interval * 4
+}
+
+fn run(seed: u64, n: usize, nets: usize, ops: &[Op]) -> Result<(), String> {
+    let cfg = Config::lan(n as u32);
+    let limit = bound(&cfg);
+    let mut c = Cluster::new(n, seed, cfg, NetModel::default());
+    let seeds: Vec<_> = (0..n.min(3)).map(|i| c.nodes[i].addr).collect();
+    for i in 0..n {
+        c.with(i, |node, now| node.join(now, &seeds).expect("join"));
+    }
+    c.run_for(Duration::from_secs(3));
+    let net_name = |x: u8| format!("net{}", x as usize % nets);
+    let mut expected: Expected = BTreeMap::new();
+    let mut seq = 0u32;
+    for op in ops {
+        match *op {
+            Op::Attach { node, net } => c.attach(node as usize % n, &net_name(net)),
+            Op::Detach { node, net } => {
+                let (i, net) = (node as usize % n, net_name(net));
+                if c.node(i).is_attached(&net) {
+                    c.detach(i, &net);
+                    let owner = c.nodes[i].name.clone();
+                    expected.retain(|(nt, k), _| !(nt == &net && k.starts_with(&format!("{owner}/"))));
+                }
+            }
+            Op::Write { node, net, key } => {
+                let (i, net) = (node as usize % n, net_name(net));
+                if !c.node(i).is_attached(&net) {
+                    continue;
+                }
+                seq += 1;
+                let key = format!("{}/k{key}", c.nodes[i].name);
+                let value = Bytes::from(format!("v{seq}"));
+                let live = c.node(i).get_entry(&net, "endpoints", &key).is_some();
+                let (result, now_expected) = c.with(i, |node, now| {
+                    if !live {
+                        (node.create_entry(now, &net, "endpoints", &key, value.clone()), Some(value))
+                    } else if seq % 3 == 0 {
+                        (node.delete_entry(now, &net, "endpoints", &key), None)
+                    } else {
+                        (node.update_entry(now, &net, "endpoints", &key, value.clone()), Some(value))
+                    }
+                });
+                result.map_err(|e| format!("seed {seed}: command refused: {e}"))?;
+                expected.insert((net, key), now_expected);
+            }
+            Op::WriteShared { node, net, key } => {
+                let (i, net) = (node as usize % n, net_name(net));
+                if !c.node(i).is_attached(&net) {
+                    continue;
+                }
+                seq += 1;
+                let key = format!("shared{key}");
+                let value = Bytes::from(format!("s{seq}"));
+                let live = c.node(i).get_entry(&net, "defs", &key).is_some();
+                c.with(i, |node, now| {
+                    if live {
+                        node.update_entry(now, &net, "defs", &key, value)
+                    } else {
+                        node.create_entry(now, &net, "defs", &key, value)
+                    }
+                })
+                .map_err(|e| format!("seed {seed}: shared write refused: {e}"))?;
+            }
+            Op::Loss { percent } => c.net.loss = percent as f64 / 100.0,
+            Op::Partition { split, millis } => {
+                let cut = 1 + split as usize % (n - 1).max(1);
+                c.partition(&[(0..cut).collect(), (cut..n).collect()]);
+                c.run_for(Duration::from_millis(millis as u64));
+                c.heal();
+            }
+            Op::OneWay { from, to, millis } => {
+                c.block_one_way(from as usize % n, to as usize % n);
+                c.run_for(Duration::from_millis(millis as u64));
+                c.heal();
+            }
+            Op::Wait { millis } => c.run_for(Duration::from_millis(millis as u64)),
+        }
+    }
+    // The faults stop.
+    c.heal();
+    c.net.loss = 0.0;
+    let networks: Vec<String> = (0..nets).map(|x| format!("net{x}")).collect();
+    let end = c.now() + limit;
+    let converged = c.run_until(end, |c| {
+        c.membership_converged() && c.divergence(&networks).is_none() && missing(c, &expected).is_none()
+    });
+    if !converged {
+        return Err(format!(
+            "seed {seed} n {n} nets {nets}: not converged within {limit:?}: membership {} / {:?} / {:?}",
+            c.membership_converged(),
+            c.divergence(&networks),
+            missing(&c, &expected)
+        ));
+    }
+    if let Some(v) = &c.watcher_violation {
+        return Err(format!("seed {seed}: watcher contract broken: {v}"));
+    }
+    Ok(())
+}
+
+/// The first acknowledged write some attached node does not hold.
+fn missing(c: &Cluster, expected: &Expected) -> Option<String> {
+    for ((net, key), want) in expected {
+        for i in c.attached(net) {
+            let got = c.node(i).get_entry(net, "endpoints", key);
+            if got != *want {
+                return Some(format!("node {i} has {net}/{key} = {got:?}, owner acknowledged {want:?}"));
+            }
+        }
+    }
+    None
+}
+
+proptest! {
+    #![proptest_config(PtConfig {
+        cases: 256,
+        rng_seed: RngSeed::Fixed(0x77ef7),
+        failure_persistence: None,
+        max_shrink_iters: 64,
+        ..PtConfig::default()
+    })]
+
+    #[test]
+    fn always_converges(seed in any::<u64>(), n in 2usize..=25, nets in 1usize..=5,
+                        ops in proptest::collection::vec(op(), 5..40)) {
+        if let Err(e) = run(seed, n, nets, &ops) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+}
