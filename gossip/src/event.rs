@@ -41,14 +41,26 @@ pub enum DownReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     MemberUp(NodeId),
-    MemberDown { id: NodeId, reason: DownReason },
+    MemberDown {
+        id: NodeId,
+        reason: DownReason,
+    },
     /// A node's attachment to a network changed (`attached` false: it detached or left).
-    NetworkPeer { network: String, node: String, attached: bool },
+    NetworkPeer {
+        network: String,
+        node: String,
+        attached: bool,
+    },
     Table(TableEvent),
     /// A point-to-point message from another node (see `send_message`).
-    Message { from: NodeId, data: Bytes },
+    Message {
+        from: NodeId,
+        data: Bytes,
+    },
     /// Another node claims this node's name from another address.
-    NameConflict { other: NodeId },
+    NameConflict {
+        other: NodeId,
+    },
     /// This node became connected to a cluster (at least one other member is active), or lost
     /// every other member.
     Connected(bool),

@@ -22,7 +22,9 @@ pub use event::{
 };
 pub use identity::NodeId;
 pub use node::{ATTACH_TABLE, CLUSTER_NETWORK, EntryState, EntryView, GossipNode, RESERVED_TABLE_PREFIX};
-pub use store::{DIGEST_BUCKETS, MergeRule, TableKind, TableSpec, VersionRef, compare_versions};
+pub use store::{
+    DIGEST_BUCKETS, MergeRule, TableKind, TableSpec, VersionRef, compare_versions, diff_buckets,
+};
 pub use watcher::{ObjectType, TableWatcher, Watchers};
 pub use wire::WireError;
 

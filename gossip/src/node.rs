@@ -25,7 +25,8 @@ use crate::store::{
 use crate::timers::{TimerKind, Timers};
 use crate::watcher::ObjectType;
 use crate::wire::{
-    self, Body, EventsPacketBuilder, FLAG_CLUSTER, FLAG_DELETED, FrameType, Head, Packet, WireEntry, WireError,
+    self, Body, EventsPacketBuilder, FLAG_CLUSTER, FLAG_DELETED, FrameType, Head, Packet, WireEntry,
+    WireError,
 };
 
 /// The reserved network every node is attached to; it carries cluster-wide tables.
@@ -56,7 +57,8 @@ struct AttachRule;
 
 impl MergeRule for AttachRule {
     fn compare(&self, a: &VersionRef<'_>, b: &VersionRef<'_>) -> Ordering {
-        let generation = |v: &VersionRef<'_>| wire::decode::<(u64, bool)>(v.value).map(|(g, _)| g).unwrap_or(0);
+        let generation =
+            |v: &VersionRef<'_>| wire::decode::<(u64, bool)>(v.value).map(|(g, _)| g).unwrap_or(0);
         generation(a).cmp(&generation(b))
     }
 }
@@ -100,9 +102,13 @@ pub struct EntryView {
 pub enum EntryState {
     Live,
     /// Deleted; reaped after the residual time.
-    Tombstone { reap_in: Duration },
+    Tombstone {
+        reap_in: Duration,
+    },
     /// Owner failed; kept for its return until the residual time is up.
-    Hidden { reap_in: Duration },
+    Hidden {
+        reap_in: Duration,
+    },
 }
 
 /// The sans-IO gossip core of one agent.
@@ -198,7 +204,11 @@ impl foca::Runtime<NodeId> for Outbox<'_> {
         bytes.extend_from_slice(data);
         self.stats.datagrams_out += 1;
         self.stats.bytes_out += bytes.len() as u64;
-        self.transmits.push_back(Transmit { dst: to.addr, kind: TransmitKind::Datagram, bytes: Bytes::from(bytes) });
+        self.transmits.push_back(Transmit {
+            dst: to.addr,
+            kind: TransmitKind::Datagram,
+            bytes: Bytes::from(bytes),
+        });
     }
 
     fn submit_after(&mut self, event: foca::Timer<NodeId>, after: Duration) {
@@ -392,7 +402,12 @@ impl GossipNode {
                 (MemberState::Alive, foca::State::Suspect) => MemberState::Suspect,
                 (s, _) => s,
             };
-            out.push(MemberInfo { id: m.id.clone(), state, incarnation: inc, networks: self.networks_of(name) });
+            out.push(MemberInfo {
+                id: m.id.clone(),
+                state,
+                incarnation: inc,
+                networks: self.networks_of(name),
+            });
         }
         out.extend(mine);
         out
@@ -588,7 +603,13 @@ impl GossipNode {
             return Err(Error::Left);
         }
         let first = self.seeds.is_empty();
-        self.seeds = seeds.iter().copied().filter(|a| *a != self.id.addr).collect::<BTreeSet<_>>().into_iter().collect();
+        self.seeds = seeds
+            .iter()
+            .copied()
+            .filter(|a| *a != self.id.addr)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         self.announce_to_missing_seeds(now);
         if first && !self.seeds.is_empty() {
             self.timers.add(now + self.cfg.rejoin_interval, TimerKind::Rejoin);
@@ -986,11 +1007,22 @@ impl GossipNode {
 
     fn err_key(&self, network: &str, table: &str, key: &str, exists: bool) -> Error {
         let (network, table, key) = (network.to_string(), table.to_string(), key.to_string());
-        if exists { Error::EntryExists { network, table, key } } else { Error::EntryNotFound { network, table, key } }
+        if exists {
+            Error::EntryExists { network, table, key }
+        } else {
+            Error::EntryNotFound { network, table, key }
+        }
     }
 
     /// Creates an entry owned by this node. Refused if a live entry has that key.
-    pub fn create_entry(&mut self, now: Instant, network: &str, table: &str, key: &str, value: Bytes) -> Result<(), Error> {
+    pub fn create_entry(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: Bytes,
+    ) -> Result<(), Error> {
         self.tick(now);
         self.check_write(network, table, key)?;
         self.check_value(&value)?;
@@ -1002,7 +1034,14 @@ impl GossipNode {
     }
 
     /// Replaces the value of a live entry; this node becomes its owner.
-    pub fn update_entry(&mut self, now: Instant, network: &str, table: &str, key: &str, value: Bytes) -> Result<(), Error> {
+    pub fn update_entry(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: Bytes,
+    ) -> Result<(), Error> {
         self.tick(now);
         self.check_write(network, table, key)?;
         self.check_value(&value)?;
@@ -1027,14 +1066,16 @@ impl GossipNode {
     /// Writes a new version owned by this node; `None` writes a tombstone. Always wins: its
     /// Lamport time is above both the clock and the version it replaces.
     fn write_local(&mut self, now: Instant, network: &str, table: &str, key: &str, value: Option<Bytes>) {
-        let existing = self.networks.get(network).and_then(|n| n.get(table, key)).map(|e| e.ltime).unwrap_or(0);
+        let existing =
+            self.networks.get(network).and_then(|n| n.get(table, key)).map(|e| e.ltime).unwrap_or(0);
         self.clock = self.clock.max(existing) + 1;
         let cluster = self.table_kind(table, None) == TableKind::Cluster;
         let mut flags = if cluster { FLAG_CLUSTER } else { 0 };
         if value.is_none() {
             flags |= FLAG_DELETED;
         }
-        let reap_in_ms = if value.is_none() { self.cfg.reap_after.as_millis().min(u32::MAX as u128) as u32 } else { 0 };
+        let reap_in_ms =
+            if value.is_none() { self.cfg.reap_after.as_millis().min(u32::MAX as u128) as u32 } else { 0 };
         let w = WireEntry {
             table: table.to_string(),
             key: key.to_string(),
@@ -1126,7 +1167,8 @@ impl GossipNode {
         let transmits = self.cfg.retransmits(self.peer_count(network) + 1);
         let mut w = w;
         w.flags = (w.flags & !FLAG_DELETED) | if deleted { FLAG_DELETED } else { 0 };
-        w.reap_in_ms = if deleted { residual.min(reap_after).as_millis().min(u32::MAX as u128) as u32 } else { 0 };
+        w.reap_in_ms =
+            if deleted { residual.min(reap_after).as_millis().min(u32::MAX as u128) as u32 } else { 0 };
         let encoded = Bytes::from(wire::encode(&w).expect("entries encode"));
         let net = self.networks.get_mut(network).expect("checked");
         let own = origin == Origin::Local;
@@ -1178,7 +1220,9 @@ impl GossipNode {
         if network == CLUSTER_NETWORK {
             return self.members.values().filter(|m| m.state == MemberState::Alive).count();
         }
-        self.attachments.get(network).map_or(0, |by| by.values().filter(|a| a.attached).count().saturating_sub(1))
+        self.attachments
+            .get(network)
+            .map_or(0, |by| by.values().filter(|a| a.attached).count().saturating_sub(1))
     }
 
     fn reap(&mut self, now: Instant) {
@@ -1188,7 +1232,9 @@ impl GossipNode {
                 .tables
                 .iter()
                 .flat_map(|(t, es)| {
-                    es.iter().filter(|(_, e)| e.reap_at.is_some_and(|at| at <= now)).map(|(k, _)| (t.clone(), k.clone()))
+                    es.iter()
+                        .filter(|(_, e)| e.reap_at.is_some_and(|at| at <= now))
+                        .map(|(k, _)| (t.clone(), k.clone()))
                 })
                 .collect();
             for (t, k) in doomed {
@@ -1197,7 +1243,8 @@ impl GossipNode {
             }
         }
         self.stats.tombstones_reaped += reaped;
-        let expired: Vec<u64> = self.syncs.iter().filter(|(_, s)| s.deadline <= now).map(|(id, _)| *id).collect();
+        let expired: Vec<u64> =
+            self.syncs.iter().filter(|(_, s)| s.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
             self.syncs.remove(&id);
         }
@@ -1292,7 +1339,11 @@ impl GossipNode {
             for p in &packets {
                 self.stats.datagrams_out += 1;
                 self.stats.bytes_out += p.len() as u64;
-                self.transmits.push_back(Transmit { dst: peer.addr, kind: TransmitKind::Datagram, bytes: p.clone() });
+                self.transmits.push_back(Transmit {
+                    dst: peer.addr,
+                    kind: TransmitKind::Datagram,
+                    bytes: p.clone(),
+                });
             }
             if let Some(s) = &stream {
                 self.push_stream(peer.addr, s.clone());
@@ -1314,7 +1365,11 @@ impl GossipNode {
         } else {
             self.stats.datagrams_out += 1;
             self.stats.bytes_out += bytes.len() as u64;
-            self.transmits.push_back(Transmit { dst, kind: TransmitKind::Datagram, bytes: Bytes::from(bytes) });
+            self.transmits.push_back(Transmit {
+                dst,
+                kind: TransmitKind::Datagram,
+                bytes: Bytes::from(bytes),
+            });
         }
     }
 
@@ -1335,7 +1390,9 @@ impl GossipNode {
                     self.apply(now, &network, e, Origin::Gossip);
                 }
             }
-            Body::SyncDigest { network, sync_id, buckets } => self.on_sync_digest(&head.from, network, sync_id, buckets),
+            Body::SyncDigest { network, sync_id, buckets } => {
+                self.on_sync_digest(&head.from, network, sync_id, buckets)
+            }
             Body::SyncSummary { network, sync_id, buckets, items } => {
                 self.on_sync_summary(now, &head.from, network, sync_id, buckets, items)
             }
@@ -1383,9 +1440,16 @@ impl GossipNode {
         let Some(net) = self.networks.get(network) else { return };
         let buckets = net.digest.clone();
         let sync_id = self.rng.random::<u64>();
-        self.syncs.insert(sync_id, SyncState { network: network.to_string(), deadline: now + self.cfg.sync_timeout });
+        self.syncs.insert(
+            sync_id,
+            SyncState { network: network.to_string(), deadline: now + self.cfg.sync_timeout },
+        );
         self.stats.syncs_started += 1;
-        self.send_packet(peer.addr, Body::SyncDigest { network: network.to_string(), sync_id, buckets }, true);
+        self.send_packet(
+            peer.addr,
+            Body::SyncDigest { network: network.to_string(), sync_id, buckets },
+            true,
+        );
     }
 
     /// Step 2 (responder): compare digests; for the buckets that differ, send what is held.
@@ -1422,7 +1486,7 @@ impl GossipNode {
         buckets: Vec<u32>,
         items: Vec<(u64, u64)>,
     ) {
-        if !self.syncs.get(&sync_id).is_some_and(|s| s.network == network) {
+        if self.syncs.get(&sync_id).is_none_or(|s| s.network != network) {
             return;
         }
         let Some(net) = self.networks.get(&network) else { return };
@@ -1489,7 +1553,14 @@ impl GossipNode {
         self.send_entries(from.addr, &network, sync_id, out, Vec::new());
     }
 
-    fn send_entries(&mut self, dst: SocketAddr, network: &str, sync_id: u64, entries: Vec<WireEntry>, want: Vec<u64>) {
+    fn send_entries(
+        &mut self,
+        dst: SocketAddr,
+        network: &str,
+        sync_id: u64,
+        entries: Vec<WireEntry>,
+        want: Vec<u64>,
+    ) {
         if entries.is_empty() && want.is_empty() {
             return;
         }

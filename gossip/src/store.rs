@@ -224,9 +224,14 @@ impl NetState {
     }
 
     /// Entries whose bucket is flagged in `buckets`.
-    pub fn in_buckets<'a>(&'a self, buckets: &'a [bool]) -> impl Iterator<Item = (&'a str, &'a str, &'a Entry)> + 'a {
+    pub fn in_buckets<'a>(
+        &'a self,
+        buckets: &'a [bool],
+    ) -> impl Iterator<Item = (&'a str, &'a str, &'a Entry)> + 'a {
         self.tables.iter().flat_map(move |(t, es)| {
-            es.iter().filter(move |(_, e)| buckets[bucket_of(e.keyhash)]).map(move |(k, e)| (t.as_str(), k.as_str(), e))
+            es.iter()
+                .filter(move |(_, e)| buckets[bucket_of(e.keyhash)])
+                .map(move |(k, e)| (t.as_str(), k.as_str(), e))
         })
     }
 }
@@ -241,6 +246,7 @@ pub(crate) fn reap_deadline(now: Instant, residual: Duration, reap_after: Durati
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for virtual time
 mod tests {
     use super::*;
 

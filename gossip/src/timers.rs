@@ -42,6 +42,7 @@ impl Timers {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for virtual time
 mod tests {
     use super::*;
     use std::time::Duration;

@@ -377,6 +377,7 @@ impl foca::Codec<NodeId> for FocaCodec {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for virtual time
 mod tests {
     use super::*;
 
@@ -441,7 +442,9 @@ mod tests {
 
     #[test]
     fn trailing_bytes_are_an_error() {
-        let mut bytes = encode_packet(&Packet { head: head(), body: Body::Message { data: Bytes::from_static(b"hi") } }).unwrap();
+        let mut bytes =
+            encode_packet(&Packet { head: head(), body: Body::Message { data: Bytes::from_static(b"hi") } })
+                .unwrap();
         bytes.push(0);
         assert_eq!(decode_packet(&bytes), Err(WireError::Trailing(1)));
     }
@@ -449,7 +452,10 @@ mod tests {
     #[test]
     fn stream_lengths_are_bounded() {
         assert_eq!(stream_frame_len(stream_prefix(100), 1000), Ok(100));
-        assert_eq!(stream_frame_len(stream_prefix(2000), 1000), Err(WireError::TooLarge { len: 2000, max: 1000 }));
+        assert_eq!(
+            stream_frame_len(stream_prefix(2000), 1000),
+            Err(WireError::TooLarge { len: 2000, max: 1000 })
+        );
         assert_eq!(stream_frame_len(stream_prefix(1), 1000), Err(WireError::Truncated(1)));
     }
 
@@ -457,7 +463,12 @@ mod tests {
     fn foca_codec_round_trips_headers() {
         use foca::Codec;
         let id = head().from;
-        let h = foca::Header { src: id.clone(), src_incarnation: 3, dst: id.clone(), message: foca::Message::Ping(9) };
+        let h = foca::Header {
+            src: id.clone(),
+            src_incarnation: 3,
+            dst: id.clone(),
+            message: foca::Message::Ping(9),
+        };
         let mut buf = Vec::new();
         FocaCodec.encode_header(&h, &mut buf).unwrap();
         let m = foca::Member::alive(id);

@@ -189,7 +189,8 @@ impl Cluster {
         s.generation += 1;
         let id = NodeId::new(s.name.as_str(), s.addr, s.generation);
         let seed = mix(self.seed, i as u64 ^ (s.generation << 32));
-        let mut node = GossipNode::new(self.cfg.clone(), id, seed, s.persisted_ltime, self.now).expect("config");
+        let mut node =
+            GossipNode::new(self.cfg.clone(), id, seed, s.persisted_ltime, self.now).expect("config");
         for t in TABLES {
             let spec = if t == "defs" {
                 TableSpec::cluster(ObjectType::Network)

@@ -9,7 +9,13 @@ use crate::cluster::{Cluster, NetModel};
 
 /// Virtual time from one write on node 0 until every node of a settled `n`-node cluster,
 /// all attached to one network, holds all `keys` entries; `None` if not within `limit`.
-pub fn burst_convergence(n: usize, keys: usize, seed: u64, net: NetModel, limit: Duration) -> Option<Duration> {
+pub fn burst_convergence(
+    n: usize,
+    keys: usize,
+    seed: u64,
+    net: NetModel,
+    limit: Duration,
+) -> Option<Duration> {
     let mut c = Cluster::settled(n, seed, Config::lan(n as u32), net);
     for i in 0..n {
         c.attach(i, "net1");
@@ -19,8 +25,14 @@ pub fn burst_convergence(n: usize, keys: usize, seed: u64, net: NetModel, limit:
     let start = c.now();
     c.with(writer, |node, now| {
         for k in 0..keys {
-            node.create_entry(now, "net1", "endpoints", &format!("key-{k:05}"), Bytes::from(format!("value-{k}")))
-                .expect("create");
+            node.create_entry(
+                now,
+                "net1",
+                "endpoints",
+                &format!("key-{k:05}"),
+                Bytes::from(format!("value-{k}")),
+            )
+            .expect("create");
         }
     });
     let done = c.run_until(start + limit, |c| {

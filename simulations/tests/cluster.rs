@@ -40,7 +40,10 @@ fn create_update_delete_reach_every_attached_node() {
     c.run_for(Duration::from_secs(1));
     for i in 0..5 {
         assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep1"), Some(b("v1")), "node {i}");
-        assert_eq!(c.nodes[i].watched.get(&("net1".into(), "endpoints".into(), "ep1".into())), Some(&b("v1")));
+        assert_eq!(
+            c.nodes[i].watched.get(&("net1".into(), "endpoints".into(), "ep1".into())),
+            Some(&b("v1"))
+        );
     }
     c.with(2, |n, now| n.update_entry(now, "net1", "endpoints", "ep1", b("v2")).unwrap());
     c.run_for(Duration::from_secs(1));
@@ -222,19 +225,32 @@ fn a_cluster_table_merge_rule_decides_on_every_node() {
     let mut c = settled(4, 9);
     for i in 0..4 {
         c.with(i, |n, _| {
-            n.register_table("ring", TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(HighestVersionWins)))
-                .unwrap()
+            n.register_table(
+                "ring",
+                TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(HighestVersionWins)),
+            )
+            .unwrap()
         });
     }
-    c.with(0, |n, now| n.create_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[9, b'a'])).unwrap());
+    c.with(0, |n, now| {
+        n.create_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[9, b'a'])).unwrap()
+    });
     c.run_for(Duration::from_secs(1));
     // A later write with a lower version loses everywhere, its writer included.
-    c.with(1, |n, now| n.update_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[3, b'b'])).unwrap());
+    c.with(1, |n, now| {
+        n.update_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[3, b'b'])).unwrap()
+    });
     c.run_for(Duration::from_secs(1));
-    c.with(2, |n, now| n.update_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[12, b'c'])).unwrap());
+    c.with(2, |n, now| {
+        n.update_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[12, b'c'])).unwrap()
+    });
     c.run_for(Duration::from_secs(7));
     for i in 0..4 {
-        assert_eq!(c.node(i).get_entry("net1", "ring", "range-1"), Some(Bytes::from_static(&[12, b'c'])), "node {i}");
+        assert_eq!(
+            c.node(i).get_entry("net1", "ring", "range-1"),
+            Some(Bytes::from_static(&[12, b'c'])),
+            "node {i}"
+        );
     }
 }
 
@@ -329,7 +345,8 @@ fn identical_10k_entry_tables_cost_a_digest_per_sync() {
     let mut c = settled(2, 14);
     c.with(0, |n, now| {
         for k in 0..10_000 {
-            n.create_entry(now, "net1", "endpoints", &format!("endpoint-{k:05}"), Bytes::from(vec![1u8; 40])).unwrap();
+            n.create_entry(now, "net1", "endpoints", &format!("endpoint-{k:05}"), Bytes::from(vec![1u8; 40]))
+                .unwrap();
         }
     });
     c.run_for(Duration::from_secs(30));
@@ -342,8 +359,10 @@ fn identical_10k_entry_tables_cost_a_digest_per_sync() {
     for i in 0..2 {
         bytes += c.nodes[i].traffic.stream_bytes - before[i].0.stream_bytes;
         syncs += c.node(i).stats().syncs_started - before[i].1.syncs_started;
-        assert_eq!(c.node(i).stats().syncs_identical - before[i].1.syncs_identical,
-                   c.node(1 - i).stats().syncs_started - before[1 - i].1.syncs_started);
+        assert_eq!(
+            c.node(i).stats().syncs_identical - before[i].1.syncs_identical,
+            c.node(1 - i).stats().syncs_started - before[1 - i].1.syncs_started
+        );
     }
     // Each round syncs `net1` and `cluster`; the net1 digest is what matters.
     assert!(syncs >= 4, "syncs ran: {syncs}");
@@ -356,7 +375,8 @@ fn no_datagram_exceeds_the_packet_size_and_a_backlog_drains_fast() {
     let mut c = settled(20, 15);
     c.with(0, |n, now| {
         for k in 0..1000 {
-            n.create_entry(now, "net1", "endpoints", &format!("key-{k:04}"), Bytes::from(vec![b'v'; 30])).unwrap();
+            n.create_entry(now, "net1", "endpoints", &format!("key-{k:04}"), Bytes::from(vec![b'v'; 30]))
+                .unwrap();
         }
     });
     let start = c.now();
@@ -384,10 +404,13 @@ fn large_values_travel_by_stream_and_messages_reach_their_node() {
     });
     c.run_for(Duration::from_millis(100));
     // Datagram and stream take different paths, so either may arrive first.
-    let mut got: Vec<usize> = c.messages[2].iter().map(|(from, d)| {
-        assert_eq!(from, "node-0001");
-        d.len()
-    }).collect();
+    let mut got: Vec<usize> = c.messages[2]
+        .iter()
+        .map(|(from, d)| {
+            assert_eq!(from, "node-0001");
+            d.len()
+        })
+        .collect();
     got.sort();
     assert_eq!(got, vec![5, big.len()]);
     assert!(c.messages[2].iter().any(|(_, d)| *d == big));

@@ -81,7 +81,7 @@ fn run(seed: u64, n: usize, nets: usize, ops: &[Op]) -> Result<(), String> {
                 let (result, now_expected) = c.with(i, |node, now| {
                     if !live {
                         (node.create_entry(now, &net, "endpoints", &key, value.clone()), Some(value))
-                    } else if seq % 3 == 0 {
+                    } else if seq.is_multiple_of(3) {
                         (node.delete_entry(now, &net, "endpoints", &key), None)
                     } else {
                         (node.update_entry(now, &net, "endpoints", &key, value.clone()), Some(value))

@@ -1,0 +1,49 @@
+//! Convergence figures of the gossip core on the in-memory cluster (virtual time):
+//! one entry written on a random node of a settled cluster, and a burst of entries from one
+//! node, each over many seeds. `cargo run --release -p weft-sim --example convergence -- [SEEDS]`
+
+use std::time::Duration;
+
+use weft_sim::NetModel;
+use weft_sim::scenarios::{burst_convergence, percentile};
+
+fn report(label: &str, mut samples: Vec<Duration>, failed: usize) {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "{label:<34} runs {:>4}  p50 {:>7.1} ms  p90 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  not converged {failed}",
+        samples.len(),
+        ms(percentile(&samples, 50.0)),
+        ms(percentile(&samples, 90.0)),
+        ms(percentile(&samples, 99.0)),
+        ms(*samples.last().unwrap_or(&Duration::ZERO)),
+    );
+}
+
+fn run(label: &str, nodes: usize, keys: usize, seeds: u64, net: &NetModel) {
+    let mut samples = Vec::new();
+    let mut failed = 0;
+    for seed in 0..seeds {
+        match burst_convergence(nodes, keys, seed, net.clone(), Duration::from_secs(60)) {
+            Some(d) => samples.push(d),
+            None => {
+                eprintln!("{label}: seed {seed} did not converge within 60 s");
+                failed += 1;
+            }
+        }
+    }
+    report(label, samples, failed);
+}
+
+fn main() {
+    let seeds: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(200);
+    let lan = NetModel::default();
+    for n in [5, 10, 25] {
+        run(&format!("1 entry, {n} nodes"), n, 1, seeds, &lan);
+    }
+    let lossy = NetModel { loss: 0.05, ..NetModel::default() };
+    run("1 entry, 25 nodes, 5% loss", 25, 1, seeds, &lossy);
+    for n in [5, 10, 20] {
+        run(&format!("1000-entry burst, {n} nodes"), n, 1000, (seeds / 10).max(5), &lan);
+    }
+}
