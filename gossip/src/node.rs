@@ -19,8 +19,8 @@ use crate::event::{
 use crate::identity::NodeId;
 use crate::queue::{Pushed, Take};
 use crate::store::{
-    DIGEST_BUCKETS, Entry, MergeRule, NetState, TableKind, TableSpec, VersionRef, compare_versions,
-    diff_buckets, fingerprint, keyhash, reap_deadline,
+    DIGEST_BUCKETS, Entry, MergeRule, NetState, TableKind, TableSpec, VersionRef, bucket_of,
+    compare_versions, diff_buckets, fingerprint, keyhash, reap_deadline,
 };
 use crate::timers::{TimerKind, Timers};
 use crate::watcher::ObjectType;
@@ -39,6 +39,9 @@ pub const ATTACH_TABLE: &str = "weft:attachments";
 
 const MAX_NAME_LEN: usize = 255;
 const MAX_KEY_LEN: usize = 1024;
+
+/// Buckets and their items, for one `SyncSummary` frame.
+type SummaryFrame = (Vec<u32>, Vec<wire::SummaryItem>);
 
 type Membership = Foca<NodeId, wire::FocaCodec, Xoshiro256PlusPlus, NoCustomBroadcast>;
 
@@ -168,6 +171,10 @@ pub struct GossipNode {
     specs: BTreeMap<String, TableSpec>,
     attachments: BTreeMap<String, BTreeMap<Arc<str>, Attachment>>,
     syncs: BTreeMap<u64, SyncState>,
+    /// Alive members other than this node (kept current; read on every relayed event).
+    alive_count: usize,
+    /// Nodes attached per network, this one included when attached.
+    attached_count: BTreeMap<String, usize>,
     connected: bool,
     left: bool,
     stats: Stats,
@@ -255,6 +262,8 @@ impl GossipNode {
             specs: BTreeMap::new(),
             attachments: BTreeMap::new(),
             syncs: BTreeMap::new(),
+            alive_count: 0,
+            attached_count: BTreeMap::new(),
             connected: false,
             left: false,
             stats: Stats::default(),
@@ -721,6 +730,7 @@ impl GossipNode {
             }
         }
         let was = self.members.insert(id.name.clone(), Member { id: id.clone(), state: MemberState::Alive });
+        self.recount_alive();
         tracing::info!(member = %id, "member up");
         if matches!(was, Some(Member { state: MemberState::Failed, .. })) {
             self.set_hidden(now, &id.name, false);
@@ -740,6 +750,7 @@ impl GossipNode {
             .is_some_and(|a| !a.attached && a.generation >= id.generation);
         let reason = if left { DownReason::Left } else { DownReason::Failed };
         m.state = if left { MemberState::Left } else { MemberState::Failed };
+        self.recount_alive();
         tracing::info!(member = %id, ?reason, "member down");
         if !left {
             self.set_hidden(now, &id.name, true);
@@ -844,7 +855,10 @@ impl GossipNode {
         let Ok((generation, attached)) = wire::decode::<(u64, bool)>(&e.value) else { return };
         let rec = Attachment { generation, ltime: e.ltime, attached: attached && !e.deleted };
         let node: Arc<str> = Arc::from(node);
-        let prev = self.attachments.entry(network.to_string()).or_default().insert(node.clone(), rec);
+        let by = self.attachments.entry(network.to_string()).or_default();
+        let prev = by.insert(node.clone(), rec);
+        let count = by.values().filter(|a| a.attached).count();
+        self.attached_count.insert(network.to_string(), count);
         if *node == *self.id.name {
             return;
         }
@@ -876,6 +890,7 @@ impl GossipNode {
         {
             m.state = MemberState::Left;
             let id = m.id.clone();
+            self.recount_alive();
             tracing::info!(member = %id, "member left");
             self.events.push_back(Event::MemberDown { id, reason: DownReason::Left });
         }
@@ -1216,13 +1231,16 @@ impl GossipNode {
         }
     }
 
+    /// Other nodes of `network`, for the retransmit count.
     fn peer_count(&self, network: &str) -> usize {
         if network == CLUSTER_NETWORK {
-            return self.members.values().filter(|m| m.state == MemberState::Alive).count();
+            return self.alive_count;
         }
-        self.attachments
-            .get(network)
-            .map_or(0, |by| by.values().filter(|a| a.attached).count().saturating_sub(1))
+        self.attached_count.get(network).map_or(0, |n| n.saturating_sub(1))
+    }
+
+    fn recount_alive(&mut self) {
+        self.alive_count = self.members.values().filter(|m| m.state == MemberState::Alive).count();
     }
 
     fn reap(&mut self, now: Instant) {
@@ -1393,9 +1411,7 @@ impl GossipNode {
             Body::SyncDigest { network, sync_id, buckets } => {
                 self.on_sync_digest(&head.from, network, sync_id, buckets)
             }
-            Body::SyncSummary { network, sync_id, buckets, items } => {
-                self.on_sync_summary(now, &head.from, network, sync_id, buckets, items)
-            }
+            summary @ Body::SyncSummary { .. } => self.on_sync_summary(now, &head.from, summary),
             Body::SyncEntries { network, sync_id, entries, want } => {
                 self.on_sync_entries(now, &head.from, network, sync_id, entries, want)
             }
@@ -1472,20 +1488,34 @@ impl GossipNode {
         for b in &diff {
             flagged[*b as usize] = true;
         }
-        let items: Vec<(u64, u64)> = net.in_buckets(&flagged).map(|(_, _, e)| (e.keyhash, e.fp)).collect();
-        self.send_packet(from.addr, Body::SyncSummary { network, sync_id, buckets: diff, items }, true);
+        let mut per_bucket: Vec<Vec<(u64, u64)>> = vec![Vec::new(); DIGEST_BUCKETS];
+        for (_, _, e) in net.in_buckets(&flagged) {
+            per_bucket[bucket_of(e.keyhash)].push((e.keyhash, e.fp));
+        }
+        // Whole buckets per frame, each frame within the stream frame limit.
+        let max_items = (self.cfg.max_stream_frame / 2 / 20).max(1);
+        let mut frames: Vec<SummaryFrame> = vec![(Vec::new(), Vec::new())];
+        for b in diff {
+            let items = std::mem::take(&mut per_bucket[b as usize]);
+            let cur = frames.last_mut().expect("one frame");
+            if !cur.0.is_empty() && cur.1.len() + items.len() > max_items {
+                frames.push((Vec::new(), Vec::new()));
+            }
+            let cur = frames.last_mut().expect("one frame");
+            cur.0.push(b);
+            cur.1.extend(items);
+        }
+        let n = frames.len();
+        for (i, (buckets, items)) in frames.into_iter().enumerate() {
+            let body =
+                Body::SyncSummary { network: network.clone(), sync_id, buckets, items, last: i + 1 == n };
+            self.send_packet(from.addr, body, true);
+        }
     }
 
     /// Step 3 (requester): send what the responder lacks, ask for what this node lacks.
-    fn on_sync_summary(
-        &mut self,
-        now: Instant,
-        from: &NodeId,
-        network: String,
-        sync_id: u64,
-        buckets: Vec<u32>,
-        items: Vec<(u64, u64)>,
-    ) {
+    fn on_sync_summary(&mut self, now: Instant, from: &NodeId, summary: Body) {
+        let Body::SyncSummary { network, sync_id, buckets, items, last } = summary else { return };
         if self.syncs.get(&sync_id).is_none_or(|s| s.network != network) {
             return;
         }
@@ -1506,7 +1536,7 @@ impl GossipNode {
             }
         }
         let want: Vec<u64> = items.iter().filter(|(_, fp)| !mine.contains(fp)).map(|(kh, _)| *kh).collect();
-        if want.is_empty() {
+        if want.is_empty() && last {
             self.syncs.remove(&sync_id);
         }
         self.send_entries(from.addr, &network, sync_id, entries, want);
@@ -1617,4 +1647,200 @@ fn valid_entry(e: &WireEntry) -> bool {
         && e.key.len() <= MAX_KEY_LEN
         && !e.owner.is_empty()
         && e.owner.len() <= MAX_NAME_LEN
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for virtual time
+mod tests {
+    use super::*;
+    use crate::watcher::{TableWatcher, Watchers};
+    use std::sync::Mutex;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, i], 7946))
+    }
+
+    fn node(i: u8, cfg: Config, now: Instant) -> GossipNode {
+        GossipNode::new(cfg, NodeId::new(format!("n{i}"), addr(i), 1), i as u64, 0, now).unwrap()
+    }
+
+    /// Two nodes wired back to back; every transmit is delivered at once.
+    struct Pair {
+        a: GossipNode,
+        b: GossipNode,
+        now: Instant,
+        /// Stream frames sent, per sender (0 = a), with their body's kind.
+        frames: Vec<(usize, Transmit)>,
+    }
+
+    impl Pair {
+        fn new(cfg: Config) -> Self {
+            let now = Instant::now();
+            let mut p = Pair { a: node(1, cfg.clone(), now), b: node(2, cfg, now), now, frames: Vec::new() };
+            p.a.join(now, &[addr(2)]).unwrap();
+            p.run(Duration::from_secs(2));
+            assert!(p.a.is_connected() && p.b.is_connected());
+            p
+        }
+
+        fn pump(&mut self) {
+            loop {
+                let mut moved = false;
+                while let Some(t) = self.a.poll_transmit() {
+                    moved = true;
+                    if t.kind == TransmitKind::Stream {
+                        self.frames.push((0, t.clone()));
+                        self.b.handle_stream(self.now, addr(1), &t.bytes);
+                    } else {
+                        self.b.handle_datagram(self.now, addr(1), &t.bytes);
+                    }
+                }
+                while let Some(t) = self.b.poll_transmit() {
+                    moved = true;
+                    if t.kind == TransmitKind::Stream {
+                        self.frames.push((1, t.clone()));
+                        self.a.handle_stream(self.now, addr(2), &t.bytes);
+                    } else {
+                        self.a.handle_datagram(self.now, addr(2), &t.bytes);
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+
+        fn run(&mut self, d: Duration) {
+            let end = self.now + d;
+            while self.now < end {
+                self.now += Duration::from_millis(10);
+                self.a.handle_timeout(self.now);
+                self.b.handle_timeout(self.now);
+                self.pump();
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_summary_is_split_by_bucket_within_the_frame_limit() {
+        let mut p = Pair::new(Config { max_stream_frame: 64 << 10, ..Config::default() });
+        let now = p.now;
+        p.a.join_network(now, "net1").unwrap();
+        // b attaches but hears nothing of a's writes: drop a's transmits.
+        for k in 0..6000 {
+            p.a.create_entry(now, "net1", "t", &format!("k{k:05}"), Bytes::from_static(b"v")).unwrap();
+        }
+        while p.a.poll_transmit().is_some() {}
+        p.a.networks.get_mut("net1").unwrap().queue = Default::default();
+        // Only b may start syncs, so a is the one answering with a summary.
+        p.a.cfg.max_concurrent_syncs = 0;
+        p.b.join_network(now, "net1").unwrap();
+        p.frames.clear();
+        // b asks (it syncs on attach); a answers with its summary.
+        p.run(Duration::from_millis(500));
+        let summaries: Vec<Packet> = p
+            .frames
+            .iter()
+            .filter(|(from, _)| *from == 0)
+            .map(|(_, t)| wire::decode_packet(&t.bytes).unwrap())
+            .filter(|pk| matches!(&pk.body, Body::SyncSummary { network, .. } if network == "net1"))
+            .collect();
+        assert!(summaries.len() >= 2, "{} summary frames", summaries.len());
+        let lasts: Vec<bool> =
+            summaries.iter().map(|pk| matches!(pk.body, Body::SyncSummary { last, .. } if last)).collect();
+        assert_eq!(lasts.iter().filter(|l| **l).count(), 1);
+        assert!(*lasts.last().unwrap());
+        assert!(p.frames.iter().all(|(_, t)| t.bytes.len() <= 64 << 10));
+        assert_eq!(p.b.entry_count("net1"), 6000);
+        assert_eq!(p.b.stats().decode_errors, 0);
+    }
+
+    #[derive(Default)]
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl TableWatcher for Recorder {
+        fn event_notify(
+            &mut self,
+            nid: &str,
+            table: &str,
+            key: &str,
+            prev: Option<&[u8]>,
+            value: Option<&[u8]>,
+        ) {
+            let s = |v: Option<&[u8]>| v.map(|b| String::from_utf8_lossy(b).into_owned());
+            self.0.lock().unwrap().push(format!("{nid}/{table}/{key} {:?}->{:?}", s(prev), s(value)));
+        }
+
+        fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
+            let mut m = BTreeMap::new();
+            m.insert("Host IP".to_string(), String::from_utf8_lossy(value).into_owned());
+            (key.to_string(), m)
+        }
+    }
+
+    #[test]
+    fn watchers_see_registered_tables_only_with_prev_values() {
+        let now = Instant::now();
+        let mut n = node(1, Config::default(), now);
+        n.create_entry(now, "cluster", "peers", "ep0", Bytes::from_static(b"10.0.0.0")).unwrap();
+        n.create_entry(now, "cluster", "other", "x", Bytes::from_static(b"y")).unwrap();
+        assert!(std::iter::from_fn(|| n.poll_event()).all(|e| !matches!(e, Event::Table(_))), "unregistered");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut w = Watchers::new();
+        w.register("peers", ObjectType::Endpoint, Box::new(Recorder(log.clone())));
+        n.register_table("peers", TableSpec::node_owned(ObjectType::Endpoint)).unwrap();
+        n.update_entry(now, "cluster", "peers", "ep0", Bytes::from_static(b"10.0.0.1")).unwrap();
+        n.delete_entry(now, "cluster", "peers", "ep0").unwrap();
+        n.update_entry(now, "cluster", "other", "x", Bytes::from_static(b"z")).unwrap();
+        while let Some(e) = n.poll_event() {
+            if let Event::Table(t) = e {
+                assert!(w.dispatch(&t), "only registered tables produce events");
+            }
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![
+                "cluster/peers/ep0 None->Some(\"10.0.0.0\")".to_string(),
+                "cluster/peers/ep0 Some(\"10.0.0.0\")->Some(\"10.0.0.1\")".to_string(),
+                "cluster/peers/ep0 Some(\"10.0.0.1\")->None".to_string(),
+            ]
+        );
+        let (id, fields) = w.decode("peers", "ep7", b"192.0.2.1").unwrap();
+        assert_eq!(id, "ep7");
+        assert_eq!(fields["Host IP"], "192.0.2.1");
+        assert!(w.decode("other", "x", b"z").is_none());
+        assert!(n.register_table("weft:mine", TableSpec::cluster(ObjectType::Opaque)).is_err());
+    }
+
+    #[test]
+    fn a_write_always_wins_over_the_version_it_replaces() {
+        let now = Instant::now();
+        let mut n = node(1, Config::default(), now);
+        // A peer's version with a far higher clock arrives first.
+        let head = Head { from: NodeId::new("n9", addr(9), 1), ltime: 1 };
+        let e = WireEntry {
+            table: "t".into(),
+            key: "k".into(),
+            owner: "n9".into(),
+            ltime: 1_000,
+            flags: 0,
+            reap_in_ms: 0,
+            value: Bytes::from_static(b"theirs"),
+        };
+        let frame = wire::encode_packet(&Packet {
+            head,
+            body: Body::Events { network: "cluster".into(), events: vec![e] },
+        })
+        .unwrap();
+        n.handle_datagram(now, addr(9), &frame);
+        assert_eq!(n.get_entry("cluster", "t", "k"), Some(Bytes::from_static(b"theirs")));
+        assert!(n.ltime() >= 1_000, "the clock witnessed the peer's");
+        n.update_entry(now, "cluster", "t", "k", Bytes::from_static(b"mine")).unwrap();
+        let v = n.table("cluster", "t");
+        assert_eq!((v[0].owner.as_str(), v[0].ltime), ("n1", 1_001));
+        // A stale copy of the old version changes nothing and is counted.
+        n.handle_datagram(now, addr(9), &frame);
+        assert_eq!(n.get_entry("cluster", "t", "k"), Some(Bytes::from_static(b"mine")));
+        assert_eq!(n.stats().entries_stale, 1);
+    }
 }

@@ -164,6 +164,8 @@ pub enum Body {
         buckets: Vec<u32>,
         #[serde(deserialize_with = "cautious_vec")]
         items: Vec<SummaryItem>,
+        /// Large summaries are split by bucket over several frames; the last says so.
+        last: bool,
     },
     /// Steps 3 and 4: entries the other side lacks or holds in another version, and the key
     /// hashes this side wants in return (empty in the last step).

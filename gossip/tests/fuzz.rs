@@ -45,6 +45,7 @@ fn corpus() -> Vec<Vec<u8>> {
             sync_id: 9,
             buckets: vec![1, 2],
             items: vec![(1, 2), (3, 4)],
+            last: true,
         },
         Body::SyncEntries {
             network: "cluster".into(),

@@ -97,6 +97,8 @@ pub struct Cluster {
     pub name_conflicts: Vec<u64>,
     /// The largest datagram any node sent.
     pub max_datagram: usize,
+    /// The largest stream frame any node sent.
+    pub max_stream_frame: usize,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -144,6 +146,7 @@ impl Cluster {
             messages: vec![Vec::new(); n],
             name_conflicts: vec![0; n],
             max_datagram: 0,
+            max_stream_frame: 0,
         };
         for i in 0..n {
             let addr = sim_addr(i);
@@ -297,6 +300,7 @@ impl Cluster {
             TransmitKind::Stream => {
                 tr.streams += 1;
                 tr.stream_bytes += t.bytes.len() as u64;
+                self.max_stream_frame = self.max_stream_frame.max(t.bytes.len());
             }
         }
         let Some(&to) = self.by_addr.get(&t.dst) else { return };

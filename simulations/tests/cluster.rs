@@ -455,3 +455,27 @@ fn tombstones_carry_their_residual_reap_time_when_synced() {
         assert_eq!(c.node(i).get_entry("net1", "endpoints", "gone"), None);
     }
 }
+
+#[test]
+fn a_large_repair_is_split_into_frames_within_the_limit() {
+    let mut cfg = Config::lan(2);
+    cfg.max_stream_frame = 64 << 10;
+    cfg.max_entries_per_frame = 500;
+    // A tiny queue: almost everything must travel by anti-entropy.
+    cfg.max_queue_len = 8;
+    let mut c = Cluster::settled(2, 19, cfg, NetModel::default());
+    c.attach(0, "net1");
+    c.attach(1, "net1");
+    c.run_for(Duration::from_secs(2));
+    c.with(0, |n, now| {
+        for k in 0..5000 {
+            n.create_entry(now, "net1", "endpoints", &format!("e{k:05}"), Bytes::from(vec![3u8; 32]))
+                .unwrap();
+        }
+    });
+    assert!(c.node(0).stats().queue_drops > 4000, "the queue bound held");
+    let end = c.now() + Duration::from_secs(30);
+    assert!(c.run_until(end, |c| c.live(1, "net1", "endpoints").len() == 5000), "seed 19: repaired");
+    assert!(c.max_stream_frame <= 64 << 10, "a {}-byte frame", c.max_stream_frame);
+    assert_eq!(c.node(1).stats().decode_errors, 0);
+}
