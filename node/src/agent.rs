@@ -1,0 +1,651 @@
+//! `Agent`: what every weft host runs, without I/O. It composes the gossip core with the cluster's
+//! network definitions (and, as they land, IPAM and the drivers), applies table events to them,
+//! and tells its caller what to persist. The tokio shell and the simulator both drive it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use weft_gossip::{
+    ATTACH_TABLE, CLUSTER_NETWORK, Config as GossipConfig, EntryState, Event, GossipNode, MemberInfo, NodeId,
+    ObjectType, TableEventKind, TableSpec, TableWatcher, Transmit, Watchers, wire,
+};
+
+use crate::error::AgentError;
+
+/// The cluster table of network definitions, in [`CLUSTER_NETWORK`], keyed by network id.
+pub const NETWORKS_TABLE: &str = "networks";
+/// How long after first connecting a clash of this node's name still makes it refuse to run:
+/// the newcomer refuses, the established holder only warns.
+pub const NAME_CHECK_WINDOW: Duration = Duration::from_secs(10);
+
+/// A network as the cluster knows it: a cluster entry that outlives the node that created it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkDef {
+    pub id: String,
+    pub name: String,
+    pub driver: String,
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    pub created_by: String,
+}
+
+impl NetworkDef {
+    /// The 12-hex short id, as Docker prints it.
+    pub fn short_id(&self) -> &str {
+        &self.id[..self.id.len().min(12)]
+    }
+}
+
+/// A network in `network ls`: its definition, whether this node is attached, who is, and
+/// whether its name clashes with another network's (two sides of a partition created it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    #[serde(flatten)]
+    pub def: NetworkDef,
+    pub attached: bool,
+    pub peers: Vec<String>,
+    pub name_clash: bool,
+}
+
+/// One entry in a dump.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpEntry {
+    pub key: String,
+    pub owner: String,
+    pub ltime: u64,
+    /// "live", "tombstone" or "hidden".
+    pub state: String,
+    /// Base64 of the raw value.
+    pub value: String,
+    /// Time left before a tombstone or hidden entry is reaped, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reap_in_ms: Option<u64>,
+    pub age_ms: u64,
+    /// What the table's driver makes of the value: object id and fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoded: Option<Decoded>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decoded {
+    pub object_id: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpTable {
+    pub name: String,
+    pub entries: Vec<DumpEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpNetwork {
+    pub id: String,
+    pub name: String,
+    pub tables: Vec<DumpTable>,
+}
+
+/// Everything a node holds, grouped by network and table (the stable `dump --json` shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dump {
+    pub node: String,
+    pub networks: Vec<DumpNetwork>,
+}
+
+/// Decodes network definitions for dumps.
+struct NetworkDefs;
+
+impl TableWatcher for NetworkDefs {
+    fn event_notify(&mut self, _: &str, _: &str, _: &str, _: Option<&[u8]>, _: Option<&[u8]>) {}
+
+    fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
+        let mut m = BTreeMap::new();
+        if let Ok(d) = serde_json::from_slice::<NetworkDef>(value) {
+            m.insert("name".into(), d.name);
+            m.insert("driver".into(), d.driver);
+            if !d.subnets.is_empty() {
+                m.insert("subnets".into(), d.subnets.join(","));
+            }
+            m.insert("created by".into(), d.created_by);
+        }
+        (key.to_string(), m)
+    }
+}
+
+/// Decodes the gossip core's own attachment records for dumps.
+fn decode_attachment(key: &str, value: &[u8]) -> Option<Decoded> {
+    let (network, node) = key.split_once(' ')?;
+    let (generation, attached) = wire::decode::<(u64, bool)>(value).ok()?;
+    let mut fields = BTreeMap::new();
+    fields.insert("node".into(), node.to_string());
+    fields.insert("generation".into(), generation.to_string());
+    fields.insert("state".into(), if attached { "attached" } else { "detached" }.into());
+    Some(Decoded { object_id: network.to_string(), fields })
+}
+
+/// The sans-IO agent.
+pub struct Agent {
+    gossip: GossipNode,
+    watchers: Watchers,
+    rng: Xoshiro256PlusPlus,
+    connected_at: Option<Instant>,
+    /// Set when another node holds this node's name and this node is the newcomer.
+    refused: Option<NodeId>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("gossip", &self.gossip).finish_non_exhaustive()
+    }
+}
+
+/// What a client names a network by: its id, a unique id prefix, or its name.
+fn matches_ref(def: &NetworkDef, r: &str) -> bool {
+    def.id == r || def.name == r || def.id.starts_with(r)
+}
+
+impl Agent {
+    /// Builds the agent for `id` (name, advertised gossip address, restart generation), starting
+    /// its Lamport clock at the persisted high-water mark `ltime`.
+    pub fn new(
+        cfg: GossipConfig,
+        id: NodeId,
+        seed: u64,
+        ltime: u64,
+        now: Instant,
+    ) -> Result<Self, AgentError> {
+        let mut gossip = GossipNode::new(cfg, id, seed, ltime, now)?;
+        gossip.register_table(NETWORKS_TABLE, TableSpec::cluster(ObjectType::Network))?;
+        let mut watchers = Watchers::new();
+        watchers.register(NETWORKS_TABLE, ObjectType::Network, Box::new(NetworkDefs));
+        let agent = Agent {
+            gossip,
+            watchers,
+            rng: Xoshiro256PlusPlus::seed_from_u64(seed.rotate_left(17) ^ 0xa6e7),
+            connected_at: None,
+            refused: None,
+        };
+        let _ = now;
+        Ok(agent)
+    }
+
+    pub fn gossip(&self) -> &GossipNode {
+        &self.gossip
+    }
+
+    pub fn id(&self) -> &NodeId {
+        self.gossip.id()
+    }
+
+    /// The Lamport clock; the caller persists a high-water mark above it before acknowledging a
+    /// write (see [`crate::state`]).
+    pub fn ltime(&self) -> u64 {
+        self.gossip.ltime()
+    }
+
+    /// Another node is alive under this node's name and this node is the newcomer: it must not
+    /// run.
+    pub fn refused(&self) -> Option<&NodeId> {
+        self.refused.as_ref()
+    }
+
+    // ----- I/O passthrough -----------------------------------------------------------------
+
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.gossip.handle_datagram(now, from, bytes);
+    }
+
+    pub fn handle_stream(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.gossip.handle_stream(now, from, bytes);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.gossip.handle_timeout(now);
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.gossip.poll_transmit()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.gossip.poll_timeout()
+    }
+
+    /// The next event, after the agent applied it (watchers notified, networks whose definition
+    /// was deleted detached, name clashes judged).
+    pub fn poll_event(&mut self, now: Instant) -> Option<Event> {
+        let ev = self.gossip.poll_event()?;
+        self.apply_event(now, &ev);
+        Some(ev)
+    }
+
+    fn apply_event(&mut self, now: Instant, ev: &Event) {
+        match ev {
+            Event::Table(t) => {
+                self.watchers.dispatch(t);
+                if t.network == CLUSTER_NETWORK
+                    && t.table == NETWORKS_TABLE
+                    && t.kind == TableEventKind::Delete
+                    && self.gossip.is_attached(&t.key)
+                {
+                    tracing::info!(network = %t.key, "network removed by {}; detaching", t.owner);
+                    let _ = self.gossip.leave_network(now, &t.key);
+                }
+            }
+            Event::Connected(true) if self.connected_at.is_none() => self.connected_at = Some(now),
+            Event::NameConflict { other } => {
+                let newcomer =
+                    self.connected_at.is_none_or(|at| now.saturating_duration_since(at) < NAME_CHECK_WINDOW);
+                if newcomer {
+                    self.refused = Some(other.clone());
+                } else {
+                    tracing::warn!(other = %other, "another node claims this node's name");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ----- membership ------------------------------------------------------------------------
+
+    pub fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), AgentError> {
+        Ok(self.gossip.join(now, seeds)?)
+    }
+
+    pub fn leave(&mut self, now: Instant) -> Result<(), AgentError> {
+        Ok(self.gossip.leave(now)?)
+    }
+
+    pub fn members(&self) -> Vec<MemberInfo> {
+        self.gossip.members()
+    }
+
+    pub fn unreachable_seeds(&self) -> Vec<SocketAddr> {
+        self.gossip.unreachable_seeds()
+    }
+
+    // ----- networks ----------------------------------------------------------------------------
+
+    /// Every network definition the cluster holds, sorted by name then id.
+    pub fn networks(&self) -> Vec<NetworkInfo> {
+        let mut defs = Vec::new();
+        self.gossip.walk(CLUSTER_NETWORK, NETWORKS_TABLE, |_, v, _| {
+            if let Ok(d) = serde_json::from_slice::<NetworkDef>(v) {
+                defs.push(d);
+            }
+            true
+        });
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        for d in &defs {
+            *names.entry(d.name.as_str()).or_default() += 1;
+        }
+        let mut out: Vec<NetworkInfo> = defs
+            .iter()
+            .map(|d| NetworkInfo {
+                attached: self.gossip.is_attached(&d.id),
+                peers: self.gossip.network_peers(&d.id).iter().map(|p| p.name.to_string()).collect(),
+                name_clash: names[d.name.as_str()] > 1,
+                def: d.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.def.name, &a.def.id).cmp(&(&b.def.name, &b.def.id)));
+        out
+    }
+
+    /// Finds a network by id, unique id prefix or unique name.
+    pub fn resolve(&self, r: &str) -> Result<NetworkInfo, AgentError> {
+        if r.is_empty() {
+            return Err(AgentError::NoSuchNetwork(r.to_string()));
+        }
+        let all = self.networks();
+        if let Some(n) = all.iter().find(|n| n.def.id == r) {
+            return Ok(n.clone());
+        }
+        let by_name: Vec<&NetworkInfo> = all.iter().filter(|n| n.def.name == r).collect();
+        match by_name.len() {
+            1 => return Ok(by_name[0].clone()),
+            0 => {}
+            _ => {
+                let ids = by_name.iter().map(|n| n.def.short_id().to_string()).collect();
+                return Err(AgentError::AmbiguousNetwork { name: r.to_string(), ids });
+            }
+        }
+        let by_prefix: Vec<&NetworkInfo> = all.iter().filter(|n| matches_ref(&n.def, r)).collect();
+        match by_prefix.len() {
+            1 => Ok(by_prefix[0].clone()),
+            0 => Err(AgentError::NoSuchNetwork(r.to_string())),
+            _ => Err(AgentError::AmbiguousNetwork {
+                name: r.to_string(),
+                ids: by_prefix.iter().map(|n| n.def.short_id().to_string()).collect(),
+            }),
+        }
+    }
+
+    /// Defines a network cluster-wide and attaches this node to it.
+    pub fn create_network(
+        &mut self,
+        now: Instant,
+        name: &str,
+        driver: &str,
+        subnets: &[String],
+        gateway: Option<&str>,
+    ) -> Result<NetworkDef, AgentError> {
+        validate_network_name(name)?;
+        if name == CLUSTER_NETWORK {
+            return Err(AgentError::Reserved(name.to_string()));
+        }
+        if self.networks().iter().any(|n| n.def.name == name) {
+            return Err(AgentError::NetworkExists(name.to_string()));
+        }
+        let mut parsed = Vec::new();
+        for s in subnets {
+            let net: ipnet::IpNet = s.parse().map_err(|_| AgentError::BadSubnet(s.clone()))?;
+            if net.trunc() != net {
+                return Err(AgentError::BadSubnet(format!(
+                    "{s} (host bits set; did you mean {}?)",
+                    net.trunc()
+                )));
+            }
+            parsed.push(net);
+        }
+        for (i, a) in parsed.iter().enumerate() {
+            if parsed[i + 1..].iter().any(|b| a.contains(b) || b.contains(a)) {
+                return Err(AgentError::BadSubnet(format!("{a} overlaps another subnet of the request")));
+            }
+        }
+        if let Some(gw) = gateway {
+            let ip: std::net::IpAddr = gw.parse().map_err(|_| AgentError::BadGateway(gw.to_string()))?;
+            if !parsed.iter().any(|n| n.contains(&ip)) {
+                return Err(AgentError::BadGateway(format!("{gw} is not inside any --subnet")));
+            }
+        }
+        if driver.is_empty() {
+            return Err(AgentError::BadName("driver".into()));
+        }
+        let id = format!("{:016x}{:016x}", self.rng.random::<u64>(), self.rng.random::<u64>());
+        let def = NetworkDef {
+            id: id.clone(),
+            name: name.to_string(),
+            driver: driver.to_string(),
+            subnets: parsed.iter().map(ToString::to_string).collect(),
+            gateway: gateway.map(str::to_string),
+            created_by: self.id().name.to_string(),
+        };
+        let value = Bytes::from(serde_json::to_vec(&def).expect("serializable"));
+        self.gossip.create_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &id, value)?;
+        self.gossip.join_network(now, &id)?;
+        Ok(def)
+    }
+
+    /// Removes a network definition cluster-wide. Refused while other nodes are attached,
+    /// unless `force`.
+    pub fn remove_network(&mut self, now: Instant, r: &str, force: bool) -> Result<NetworkDef, AgentError> {
+        let n = self.resolve(r)?;
+        if !n.peers.is_empty() && !force {
+            return Err(AgentError::NetworkInUse { name: n.def.name.clone(), peers: n.peers.clone() });
+        }
+        if n.attached {
+            self.gossip.leave_network(now, &n.def.id)?;
+        }
+        self.gossip.delete_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &n.def.id)?;
+        Ok(n.def)
+    }
+
+    pub fn attach(&mut self, now: Instant, r: &str) -> Result<NetworkDef, AgentError> {
+        let n = self.resolve(r)?;
+        self.gossip.join_network(now, &n.def.id)?;
+        Ok(n.def)
+    }
+
+    pub fn detach(&mut self, now: Instant, r: &str) -> Result<NetworkDef, AgentError> {
+        let n = self.resolve(r)?;
+        if !n.attached {
+            return Err(AgentError::NotAttached(n.def.name));
+        }
+        self.gossip.leave_network(now, &n.def.id)?;
+        Ok(n.def)
+    }
+
+    // ----- diagnostic table writes -------------------------------------------------------------
+
+    /// The gossip network id a client's network reference means (`cluster` is itself).
+    fn table_network(&self, r: &str) -> Result<String, AgentError> {
+        if r == CLUSTER_NETWORK {
+            return Ok(r.to_string());
+        }
+        Ok(self.resolve(r)?.def.id)
+    }
+
+    fn check_table_write(&self, network: &str, table: &str, force: bool) -> Result<(), AgentError> {
+        if force {
+            return Ok(());
+        }
+        if network == CLUSTER_NETWORK {
+            return Err(AgentError::Protected(format!("network {CLUSTER_NETWORK:?} is reserved")));
+        }
+        if self.gossip.table_spec(table).is_some() {
+            return Err(AgentError::Protected(format!("table {table:?} belongs to a driver")));
+        }
+        Ok(())
+    }
+
+    /// Creates or updates an entry (networkdb's diagnostic write).
+    pub fn table_put(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: Bytes,
+        force: bool,
+    ) -> Result<(), AgentError> {
+        let nid = self.table_network(network)?;
+        self.check_table_write(&nid, table, force)?;
+        if self.gossip.get_entry(&nid, table, key).is_some() {
+            self.gossip.update_entry(now, &nid, table, key, value)?;
+        } else {
+            self.gossip.create_entry(now, &nid, table, key, value)?;
+        }
+        Ok(())
+    }
+
+    pub fn table_get(&self, network: &str, table: &str, key: &str) -> Result<Option<Bytes>, AgentError> {
+        let nid = self.table_network(network)?;
+        Ok(self.gossip.get_entry(&nid, table, key))
+    }
+
+    pub fn table_rm(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        key: &str,
+        force: bool,
+    ) -> Result<(), AgentError> {
+        let nid = self.table_network(network)?;
+        self.check_table_write(&nid, table, force)?;
+        Ok(self.gossip.delete_entry(now, &nid, table, key)?)
+    }
+
+    /// Many `key value` pairs in one request. Validates everything before writing anything.
+    pub fn table_load(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        pairs: &[(String, String)],
+        force: bool,
+    ) -> Result<usize, AgentError> {
+        let nid = self.table_network(network)?;
+        self.check_table_write(&nid, table, force)?;
+        if !self.gossip.is_attached(&nid) {
+            return Err(AgentError::NotAttached(network.to_string()));
+        }
+        for (k, _) in pairs {
+            if k.is_empty() || k.len() > 1024 {
+                return Err(AgentError::BadName(format!("key {k:?}")));
+            }
+        }
+        for (k, v) in pairs {
+            let value = Bytes::copy_from_slice(v.as_bytes());
+            if self.gossip.get_entry(&nid, table, k).is_some() {
+                self.gossip.update_entry(now, &nid, table, k, value)?;
+            } else {
+                self.gossip.create_entry(now, &nid, table, k, value)?;
+            }
+        }
+        Ok(pairs.len())
+    }
+
+    // ----- views -----------------------------------------------------------------------------
+
+    /// Everything this node holds, optionally limited to one network (id, prefix or name) and
+    /// one table.
+    pub fn dump(&self, network: Option<&str>, table: Option<&str>) -> Result<Dump, AgentError> {
+        let names: BTreeMap<String, String> =
+            self.networks().into_iter().map(|n| (n.def.id.clone(), n.def.name.clone())).collect();
+        let only = match network {
+            Some(r) => Some(self.table_network(r)?),
+            None => None,
+        };
+        let mut networks = Vec::new();
+        for nid in self.gossip.networks() {
+            if only.as_deref().is_some_and(|o| o != nid) {
+                continue;
+            }
+            let mut tables = Vec::new();
+            for t in self.gossip.tables(nid) {
+                if table.is_some_and(|only| only != t) {
+                    continue;
+                }
+                let entries =
+                    self.gossip.table(nid, &t).into_iter().map(|e| self.dump_entry(&t, e)).collect();
+                tables.push(DumpTable { name: t, entries });
+            }
+            let name = if nid == CLUSTER_NETWORK {
+                nid.to_string()
+            } else {
+                names.get(nid).cloned().unwrap_or_default()
+            };
+            networks.push(DumpNetwork { id: nid.to_string(), name, tables });
+        }
+        Ok(Dump { node: self.id().name.to_string(), networks })
+    }
+
+    fn dump_entry(&self, table: &str, e: weft_gossip::EntryView) -> DumpEntry {
+        use base64::Engine;
+        let (state, reap_in) = match e.state {
+            EntryState::Live => ("live", None),
+            EntryState::Tombstone { reap_in } => ("tombstone", Some(reap_in)),
+            EntryState::Hidden { reap_in } => ("hidden", Some(reap_in)),
+        };
+        let decoded = if table == ATTACH_TABLE {
+            decode_attachment(&e.key, &e.value)
+        } else if e.state == EntryState::Live || matches!(e.state, EntryState::Hidden { .. }) {
+            self.watchers
+                .decode(table, &e.key, &e.value)
+                .map(|(object_id, fields)| Decoded { object_id, fields })
+        } else {
+            None
+        };
+        DumpEntry {
+            key: e.key,
+            owner: e.owner,
+            ltime: e.ltime,
+            state: state.to_string(),
+            value: base64::engine::general_purpose::STANDARD.encode(&e.value),
+            reap_in_ms: reap_in.map(|d| d.as_millis() as u64),
+            age_ms: e.age.as_millis() as u64,
+            decoded,
+        }
+    }
+
+    /// Prometheus text exposition of the agent's state and counters.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let mut by_state: BTreeMap<&str, usize> =
+            ["alive", "suspect", "failed", "left"].iter().map(|s| (*s, 0)).collect();
+        for m in self.members() {
+            *by_state.entry(m.state.as_str()).or_default() += 1;
+        }
+        let _ = writeln!(out, "# HELP weft_members Cluster members as this node sees them, itself included.");
+        let _ = writeln!(out, "# TYPE weft_members gauge");
+        for (s, n) in &by_state {
+            let _ = writeln!(out, "weft_members{{state=\"{s}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP weft_entries Stored table entries (live, tombstoned, hidden).");
+        let _ = writeln!(out, "# TYPE weft_entries gauge");
+        let mut queues = Vec::new();
+        for nid in self.gossip.networks() {
+            for t in self.gossip.tables(nid) {
+                let n = self.gossip.table(nid, &t).len();
+                let _ = writeln!(out, "weft_entries{{network=\"{nid}\",table=\"{t}\"}} {n}");
+            }
+            queues.push((nid.to_string(), self.gossip.queue_len(nid)));
+        }
+        let _ = writeln!(out, "# HELP weft_queue_length Table events waiting for dissemination.");
+        let _ = writeln!(out, "# TYPE weft_queue_length gauge");
+        for (nid, n) in queues {
+            let _ = writeln!(out, "weft_queue_length{{network=\"{nid}\"}} {n}");
+        }
+        let s = self.gossip.stats();
+        let counters: [(&str, &str, u64); 17] = [
+            ("weft_datagrams_in_total", "Datagrams received.", s.datagrams_in),
+            ("weft_datagrams_out_total", "Datagrams sent.", s.datagrams_out),
+            ("weft_datagram_bytes_in_total", "Datagram bytes received.", s.bytes_in),
+            ("weft_datagram_bytes_out_total", "Datagram bytes sent.", s.bytes_out),
+            ("weft_stream_frames_in_total", "Stream frames received.", s.streams_in),
+            ("weft_stream_frames_out_total", "Stream frames sent.", s.streams_out),
+            ("weft_stream_bytes_in_total", "Stream bytes received.", s.stream_bytes_in),
+            ("weft_stream_bytes_out_total", "Stream bytes sent.", s.stream_bytes_out),
+            ("weft_decode_errors_total", "Frames dropped as undecodable.", s.decode_errors),
+            ("weft_newer_version_frames_total", "Frames from a newer wire version.", s.newer_version_frames),
+            ("weft_membership_errors_total", "Membership packets refused.", s.membership_errors),
+            (
+                "weft_foreign_network_events_total",
+                "Events for networks not attached here.",
+                s.foreign_network_events,
+            ),
+            ("weft_entries_applied_total", "Remote versions applied.", s.entries_applied),
+            ("weft_entries_stale_total", "Remote versions ignored as not newer.", s.entries_stale),
+            ("weft_queue_drops_total", "Queued events dropped at the queue bound.", s.queue_drops),
+            ("weft_syncs_started_total", "Anti-entropy rounds started.", s.syncs_started),
+            (
+                "weft_syncs_identical_total",
+                "Anti-entropy rounds that found identical state.",
+                s.syncs_identical,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP weft_lamport_time The node's Lamport clock.\n# TYPE weft_lamport_time gauge"
+        );
+        let _ = writeln!(out, "weft_lamport_time {}", self.ltime());
+        out
+    }
+}
+
+fn validate_network_name(name: &str) -> Result<(), AgentError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::BadName(format!(
+            "network name {name:?} (use [A-Za-z0-9][A-Za-z0-9_.-]*, at most 64)"
+        )))
+    }
+}

@@ -1,0 +1,277 @@
+//! The control API: HTTP/JSON on a Unix socket (mode 0660), like Docker's. The CLI is its
+//! client; `curl --unix-socket <data dir>/weft.sock http://weft/members` works too.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/health` | `{"status":"ok","name":..,"connected":..}` |
+//! | GET | `/metrics` | Prometheus text |
+//! | GET | `/members` | `{"members":[{name,addr,state,incarnation,networks}],"unreachable_seeds":[..]}` |
+//! | GET, POST | `/networks` | list; create `{name,driver,subnets,gateway}` |
+//! | GET, DELETE | `/networks/{ref}` | inspect (`?verbose=true` adds entries); remove (`?force=true`) |
+//! | POST | `/networks/{ref}/attach`, `/networks/{ref}/detach` | attach or detach this node |
+//! | GET | `/dump` | `?network=&table=`: every entry this node holds |
+//! | GET, PUT, DELETE | `/tables/{network}/{table}/{key}` | raw value; `?force=true` for protected tables |
+//! | POST | `/tables/{network}/{table}` | load: one `key value` per line of the body |
+//!
+//! Errors are `{"error": "<one line>"}` with a 4xx status.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::agent::{Dump, NetworkDef, NetworkInfo};
+use crate::error::AgentError;
+use crate::shell::Shell;
+
+/// A member in `GET /members` and `weft members --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberJson {
+    pub name: String,
+    pub addr: String,
+    pub state: String,
+    pub incarnation: u16,
+    pub networks: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersJson {
+    pub members: Vec<MemberJson>,
+    pub unreachable_seeds: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateNetwork {
+    pub name: String,
+    #[serde(default = "default_driver")]
+    pub driver: String,
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    #[serde(default)]
+    pub gateway: Option<String>,
+}
+
+fn default_driver() -> String {
+    "overlay".to_string()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inspect {
+    pub network: NetworkInfo,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dump: Option<Dump>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Flags {
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    verbose: bool,
+    network: Option<String>,
+    table: Option<String>,
+}
+
+struct ApiError(u16, String);
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        ApiError(e.status(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0).unwrap_or(StatusCode::BAD_REQUEST);
+        (status, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn members_json(shell: &Shell) -> MembersJson {
+    let (members, unreachable) = shell.read(|a| (a.members(), a.unreachable_seeds()));
+    let mut unreachable_seeds: Vec<String> = unreachable.iter().map(ToString::to_string).collect();
+    unreachable_seeds.extend(shell.unresolved_seeds().into_iter().map(|s| format!("{s} (unresolved)")));
+    MembersJson {
+        members: members
+            .into_iter()
+            .map(|m| MemberJson {
+                name: m.id.name.to_string(),
+                addr: m.id.addr.to_string(),
+                state: m.state.as_str().to_string(),
+                incarnation: m.incarnation,
+                networks: m.networks,
+            })
+            .collect(),
+        unreachable_seeds,
+    }
+}
+
+async fn health(State(s): State<Shell>) -> Json<serde_json::Value> {
+    let (name, connected) = s.read(|a| (a.id().name.to_string(), a.gossip().is_connected()));
+    Json(json!({ "status": "ok", "name": name, "connected": connected }))
+}
+
+async fn metrics(State(s): State<Shell>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics()).into_response()
+}
+
+async fn members(State(s): State<Shell>) -> Json<MembersJson> {
+    Json(members_json(&s))
+}
+
+async fn list_networks(State(s): State<Shell>) -> Json<Vec<NetworkInfo>> {
+    Json(s.read(|a| a.networks()))
+}
+
+async fn create_network(State(s): State<Shell>, body: Bytes) -> ApiResult<Json<NetworkDef>> {
+    let req: CreateNetwork =
+        serde_json::from_slice(&body).map_err(|e| ApiError(400, format!("bad request body: {e}")))?;
+    let def =
+        s.with(|a, now| a.create_network(now, &req.name, &req.driver, &req.subnets, req.gateway.as_deref()))?;
+    Ok(Json(def))
+}
+
+async fn inspect_network(
+    State(s): State<Shell>,
+    UrlPath(r): UrlPath<String>,
+    Query(f): Query<Flags>,
+) -> ApiResult<Json<Inspect>> {
+    let out = s.read(|a| -> Result<Inspect, AgentError> {
+        let network = a.resolve(&r)?;
+        let dump = if f.verbose { Some(a.dump(Some(&network.def.id), None)?) } else { None };
+        Ok(Inspect { network, dump })
+    })?;
+    Ok(Json(out))
+}
+
+async fn remove_network(
+    State(s): State<Shell>,
+    UrlPath(r): UrlPath<String>,
+    Query(f): Query<Flags>,
+) -> ApiResult<Json<NetworkDef>> {
+    Ok(Json(s.with(|a, now| a.remove_network(now, &r, f.force))?))
+}
+
+async fn attach(State(s): State<Shell>, UrlPath(r): UrlPath<String>) -> ApiResult<Json<NetworkDef>> {
+    Ok(Json(s.with(|a, now| a.attach(now, &r))?))
+}
+
+async fn detach(State(s): State<Shell>, UrlPath(r): UrlPath<String>) -> ApiResult<Json<NetworkDef>> {
+    Ok(Json(s.with(|a, now| a.detach(now, &r))?))
+}
+
+async fn dump(State(s): State<Shell>, Query(f): Query<Flags>) -> ApiResult<Json<Dump>> {
+    Ok(Json(s.read(|a| a.dump(f.network.as_deref(), f.table.as_deref()))?))
+}
+
+async fn table_get(
+    State(s): State<Shell>,
+    UrlPath((net, table, key)): UrlPath<(String, String, String)>,
+) -> ApiResult<Response> {
+    match s.read(|a| a.table_get(&net, &table, &key))? {
+        Some(v) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response()),
+        None => Err(ApiError(404, format!("no live entry {net}/{table}/{key}"))),
+    }
+}
+
+async fn table_put(
+    State(s): State<Shell>,
+    UrlPath((net, table, key)): UrlPath<(String, String, String)>,
+    Query(f): Query<Flags>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    s.with(|a, now| a.table_put(now, &net, &table, &key, body, f.force))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn table_rm(
+    State(s): State<Shell>,
+    UrlPath((net, table, key)): UrlPath<(String, String, String)>,
+    Query(f): Query<Flags>,
+) -> ApiResult<StatusCode> {
+    s.with(|a, now| a.table_rm(now, &net, &table, &key, f.force))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Parses `key value` lines (value may contain spaces; blank lines and `#` comments skipped).
+pub fn parse_load(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        match line.trim_start().split_once(char::is_whitespace) {
+            Some((k, v)) => out.push((k.to_string(), v.trim_start().to_string())),
+            None => return Err(format!("line {}: expected `key value`, got {line:?}", i + 1)),
+        }
+    }
+    Ok(out)
+}
+
+async fn table_load(
+    State(s): State<Shell>,
+    UrlPath((net, table)): UrlPath<(String, String)>,
+    Query(f): Query<Flags>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError(400, "load body is not UTF-8".into()))?;
+    let pairs = parse_load(text).map_err(|e| ApiError(400, e))?;
+    let n = s.with(|a, now| a.table_load(now, &net, &table, &pairs, f.force))?;
+    Ok(Json(json!({ "written": n })))
+}
+
+pub fn router(shell: Shell) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/members", get(members))
+        .route("/networks", get(list_networks).post(create_network))
+        .route("/networks/{net}", get(inspect_network).delete(remove_network))
+        .route("/networks/{net}/attach", post(attach))
+        .route("/networks/{net}/detach", post(detach))
+        .route("/dump", get(dump))
+        .route("/tables/{net}/{table}", post(table_load))
+        .route("/tables/{net}/{table}/{key}", get(table_get).put(table_put).delete(table_rm))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .with_state(shell)
+}
+
+/// Serves the API on `path` until the task is dropped.
+pub async fn serve(shell: Shell, path: &Path) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    crate::shell::check_socket_free(path)?;
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let app = router(shell);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "control API stopped");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_load;
+
+    #[test]
+    fn load_lines_are_key_then_value() {
+        let got = parse_load("a 1\n\n# comment\nb two words\r\n  c\t3\n").unwrap();
+        assert_eq!(
+            got,
+            vec![("a".into(), "1".into()), ("b".into(), "two words".into()), ("c".into(), "3".into())]
+        );
+        assert_eq!(parse_load("lonely\n").unwrap_err(), "line 1: expected `key value`, got \"lonely\"");
+    }
+}

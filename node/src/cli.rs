@@ -1,0 +1,343 @@
+//! The `weft` command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use hyper::Method;
+use weft_gossip::Config as GossipConfig;
+
+use crate::agent::{Dump, NetworkDef, NetworkInfo};
+use crate::api::{self, CreateNetwork, Inspect, MembersJson};
+use crate::client::{Client, Host, enc};
+use crate::config::{self, Layer};
+use crate::format;
+use crate::shell::{self, Shell};
+
+#[derive(Debug, Parser)]
+#[command(name = "weft", version, about = "weft: cluster networking control plane", propagate_version = true)]
+pub struct Cli {
+    /// The agent to talk to: unix:///path/to/weft.sock [env: WEFT_HOST; default: unix:///var/lib/weft/weft.sock]
+    #[arg(short = 'H', long = "host", global = true)]
+    pub host: Option<String>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the agent on this host
+    Agent(AgentArgs),
+    /// List cluster members as this agent sees them
+    Members {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create, list, inspect, remove, attach to and detach from networks
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Show every table entry this agent holds
+    Dump {
+        /// Only this network (id, id prefix or name; `cluster` for the reserved one)
+        #[arg(long)]
+        network: Option<String>,
+        /// Only this table
+        #[arg(long)]
+        table: Option<String>,
+        /// Add Lamport time, state, age and the driver's decoding
+        #[arg(long, short)]
+        verbose: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Diagnostic writes and reads of table entries
+    #[command(subcommand)]
+    Table(TableCmd),
+    /// Start a local cluster of real agents on 127.0.0.1 and show its replicated tables
+    Demo {
+        /// Number of agents
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+        nodes: u16,
+        /// Exit after printing instead of running until Ctrl-C
+        #[arg(long)]
+        exit: bool,
+    },
+    /// Print shell completions
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Unique node name [env: WEFT_NAME; default: the host name]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Gossip address, UDP and TCP [env: WEFT_BIND; default: 0.0.0.0:7946]
+    #[arg(long)]
+    pub bind: Option<String>,
+    /// Address peers reach this node at [env: WEFT_ADVERTISE; default: guessed]
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Seeds: host or address, comma-separated [env: WEFT_JOIN]
+    #[arg(long, value_delimiter = ',')]
+    pub join: Option<Vec<String>>,
+    /// Where identity and state live [env: WEFT_DATA_DIR; default: /var/lib/weft]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// TOML config file (keys: name, bind, advertise, join, data_dir) [env: WEFT_CONFIG]
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCmd {
+    /// Define a network cluster-wide and attach this node
+    Create {
+        name: String,
+        #[arg(long, default_value = "overlay")]
+        driver: String,
+        /// Subnet in CIDR form; repeat for several
+        #[arg(long)]
+        subnet: Vec<String>,
+        #[arg(long)]
+        gateway: Option<String>,
+    },
+    /// List networks
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one network (by id, id prefix or name)
+    Inspect {
+        network: String,
+        #[arg(long, short)]
+        verbose: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a network cluster-wide
+    Rm {
+        network: String,
+        /// Even while other nodes are attached
+        #[arg(long)]
+        force: bool,
+    },
+    /// Attach this node to a network
+    Attach { network: String },
+    /// Detach this node from a network
+    Detach { network: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TableCmd {
+    /// Create or update an entry
+    Put {
+        network: String,
+        table: String,
+        key: String,
+        value: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print an entry's value
+    Get { network: String, table: String, key: String },
+    /// Delete an entry
+    Rm {
+        network: String,
+        table: String,
+        key: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write many `key value` lines (from FILE or stdin) in one request
+    Load {
+        network: String,
+        table: String,
+        file: Option<PathBuf>,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let host = || -> anyhow::Result<Client> {
+        let h = cli.host.clone().or_else(|| std::env::var("WEFT_HOST").ok());
+        Ok(Client::new(Host::parse(h.as_deref())?))
+    };
+    match cli.cmd {
+        Cmd::Agent(args) => run_agent(args).await,
+        Cmd::Members { json } => {
+            let m: MembersJson = host()?.get_json("/members").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m.members)?);
+            } else {
+                print!("{}", format::members(&m));
+            }
+            Ok(())
+        }
+        Cmd::Network(cmd) => network(host()?, cmd).await,
+        Cmd::Dump { network, table, verbose, json } => {
+            let mut q = Vec::new();
+            if let Some(n) = &network {
+                q.push(format!("network={}", enc(n)));
+            }
+            if let Some(t) = &table {
+                q.push(format!("table={}", enc(t)));
+            }
+            let d: Dump = host()?.get_json(&format!("/dump?{}", q.join("&"))).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print!("{}", format::dump(&d, verbose));
+            }
+            Ok(())
+        }
+        Cmd::Table(cmd) => table(host()?, cmd).await,
+        Cmd::Demo { nodes, exit } => {
+            init_logs("warn");
+            crate::demo::run(nodes as usize, exit).await
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "weft", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+async fn network(c: Client, cmd: NetworkCmd) -> anyhow::Result<()> {
+    match cmd {
+        NetworkCmd::Create { name, driver, subnet, gateway } => {
+            let req = CreateNetwork { name, driver, subnets: subnet, gateway };
+            let def: NetworkDef = c.send_json(Method::POST, "/networks", &req).await?;
+            println!("{}", def.id);
+        }
+        NetworkCmd::Ls { json } => {
+            let ns: Vec<NetworkInfo> = c.get_json("/networks").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ns)?);
+            } else {
+                print!("{}", format::networks(&ns));
+            }
+        }
+        NetworkCmd::Inspect { network, verbose, json } => {
+            let i: Inspect = c.get_json(&format!("/networks/{}?verbose={verbose}", enc(&network))).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i)?);
+            } else {
+                print!("{}", format::inspect(&i.network));
+                if let Some(d) = &i.dump {
+                    print!("{}", format::dump(d, true));
+                }
+            }
+        }
+        NetworkCmd::Rm { network, force } => {
+            let def: NetworkDef = c
+                .send_json(Method::DELETE, &format!("/networks/{}?force={force}", enc(&network)), &())
+                .await?;
+            println!("{}", def.id);
+        }
+        NetworkCmd::Attach { network } => {
+            let def: NetworkDef =
+                c.send_json(Method::POST, &format!("/networks/{}/attach", enc(&network)), &()).await?;
+            println!("{}", def.id);
+        }
+        NetworkCmd::Detach { network } => {
+            let def: NetworkDef =
+                c.send_json(Method::POST, &format!("/networks/{}/detach", enc(&network)), &()).await?;
+            println!("{}", def.id);
+        }
+    }
+    Ok(())
+}
+
+async fn table(c: Client, cmd: TableCmd) -> anyhow::Result<()> {
+    let path = |n: &str, t: &str, k: &str| format!("/tables/{}/{}/{}", enc(n), enc(t), enc(k));
+    match cmd {
+        TableCmd::Put { network, table, key, value, force } => {
+            c.call(
+                Method::PUT,
+                &format!("{}?force={force}", path(&network, &table, &key)),
+                Bytes::from(value),
+            )
+            .await?;
+        }
+        TableCmd::Get { network, table, key } => {
+            let v = c.call(Method::GET, &path(&network, &table, &key), Bytes::new()).await?;
+            println!("{}", String::from_utf8_lossy(&v));
+        }
+        TableCmd::Rm { network, table, key, force } => {
+            c.call(Method::DELETE, &format!("{}?force={force}", path(&network, &table, &key)), Bytes::new())
+                .await?;
+        }
+        TableCmd::Load { network, table, file, force } => {
+            let text = match &file {
+                Some(f) => {
+                    std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
+                }
+                None => {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                        .context("cannot read stdin")?;
+                    s
+                }
+            };
+            if let Err(e) = api::parse_load(&text) {
+                bail!("{}: {e}", file.as_ref().map_or("stdin".to_string(), |f| f.display().to_string()));
+            }
+            let url = format!("/tables/{}/{}?force={force}", enc(&network), enc(&table));
+            let v: serde_json::Value =
+                serde_json::from_slice(&c.call(Method::POST, &url, Bytes::from(text)).await?)?;
+            println!("{} entries written", v["written"]);
+        }
+    }
+    Ok(())
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    init_logs("info");
+    let flags = Layer {
+        name: args.name,
+        bind: args.bind,
+        advertise: args.advertise,
+        join: args.join,
+        data_dir: args.data_dir,
+    };
+    let cfg = config::resolve(flags, args.config, std::env::vars().collect())?;
+    let sock = cfg.data_dir.join("weft.sock");
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    shell::check_socket_free(&sock)?;
+    let shell = Shell::start(&cfg, GossipConfig::default()).await?;
+    api::serve(shell.clone(), &sock).await?;
+    tracing::info!(socket = %sock.display(), "control API listening");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        reason = shell.refused() => {
+            let _ = std::fs::remove_file(&sock);
+            bail!("{reason}");
+        }
+    }
+    tracing::info!("leaving the cluster");
+    // A second signal exits at once.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        std::process::exit(130);
+    });
+    shell.leave(Duration::from_millis(600)).await;
+    let _ = std::fs::remove_file(&sock);
+    tracing::info!("left");
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! Agent configuration: a TOML file, `WEFT_*` environment variables and flags, in rising order
+//! of precedence. Unknown keys and bad values are refused with one line naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use serde::Deserialize;
+
+pub const DEFAULT_PORT: u16 = 7946;
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/weft";
+
+/// One layer of settings; `None` means "not set here".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub name: Option<String>,
+    pub bind: Option<String>,
+    pub advertise: Option<String>,
+    pub join: Option<Vec<String>>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Layer {
+    fn over(self, lower: Layer) -> Layer {
+        Layer {
+            name: self.name.or(lower.name),
+            bind: self.bind.or(lower.bind),
+            advertise: self.advertise.or(lower.advertise),
+            join: self.join.or(lower.join),
+            data_dir: self.data_dir.or(lower.data_dir),
+        }
+    }
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub name: Option<String>,
+    pub bind: SocketAddr,
+    pub advertise: Option<SocketAddr>,
+    /// Seeds as given: `host[:port]` or `ip[:port]`; resolved by the shell.
+    pub join: Vec<String>,
+    pub data_dir: PathBuf,
+}
+
+/// Environment variables the agent reads (`WEFT_HOST` is the clients').
+pub const ENV_KEYS: [&str; 7] =
+    ["WEFT_NAME", "WEFT_BIND", "WEFT_ADVERTISE", "WEFT_JOIN", "WEFT_DATA_DIR", "WEFT_CONFIG", "WEFT_HOST"];
+
+pub fn parse_file(path: &Path) -> anyhow::Result<Layer> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("config file {}", path.display()))?;
+    toml::from_str::<Layer>(&text).map_err(|e| {
+        let msg = e.message().replace('\n', " ");
+        anyhow!("config file {}: {msg}", path.display())
+    })
+}
+
+/// The `WEFT_*` layer of `vars`. Unknown `WEFT_*` variables are refused.
+pub fn parse_env(
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<(Layer, Option<PathBuf>)> {
+    let mut l = Layer::default();
+    let mut config = None;
+    for (k, v) in vars {
+        if !k.starts_with("WEFT_") {
+            continue;
+        }
+        match k.as_str() {
+            "WEFT_NAME" => l.name = Some(v),
+            "WEFT_BIND" => l.bind = Some(v),
+            "WEFT_ADVERTISE" => l.advertise = Some(v),
+            "WEFT_JOIN" => l.join = Some(split_list(&v)),
+            "WEFT_DATA_DIR" => l.data_dir = Some(v.into()),
+            "WEFT_CONFIG" => config = Some(PathBuf::from(v)),
+            "WEFT_HOST" => {}
+            other => bail!("unknown environment variable {other} (known: {})", ENV_KEYS.join(", ")),
+        }
+    }
+    Ok((l, config))
+}
+
+pub fn split_list(v: &str) -> Vec<String> {
+    v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+/// A socket address with the default port if none is given.
+pub fn parse_addr(key: &str, v: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(a) = v.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Ok(ip) = v.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, DEFAULT_PORT));
+    }
+    bail!("{key}: {v:?} is not an address (IP:PORT or IP)")
+}
+
+/// Merges file < env < flags and checks every value.
+pub fn resolve(
+    flags: Layer,
+    flag_config: Option<PathBuf>,
+    env: Vec<(String, String)>,
+) -> anyhow::Result<AgentConfig> {
+    let (env_layer, env_config) = parse_env(env)?;
+    let file = match flag_config.or(env_config) {
+        Some(p) => parse_file(&p)?,
+        None => Layer::default(),
+    };
+    let l = flags.over(env_layer.over(file));
+    if let Some(n) = &l.name
+        && (n.is_empty() || n.len() > 255 || n.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        bail!("name: {n:?} must be 1-255 characters without spaces");
+    }
+    let bind = match &l.bind {
+        Some(b) => parse_addr("bind", b)?,
+        None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+    };
+    let advertise = l.advertise.as_deref().map(|a| parse_addr("advertise", a)).transpose()?;
+    if let Some(a) = advertise
+        && a.ip().is_unspecified()
+    {
+        bail!("advertise: {a} is not an address peers can reach");
+    }
+    let join = l.join.unwrap_or_default();
+    for s in &join {
+        if s.is_empty() || s.contains(char::is_whitespace) {
+            bail!("join: {s:?} is not a host or address");
+        }
+    }
+    Ok(AgentConfig {
+        name: l.name,
+        bind,
+        advertise,
+        join,
+        data_dir: l.data_dir.unwrap_or(DEFAULT_DATA_DIR.into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let dir = std::env::temp_dir().join(format!("weft-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("weft.toml");
+        std::fs::write(
+            &file,
+            "name = \"from-file\"\nbind = \"127.0.0.1:1000\"\njoin = [\"a\", \"b\"]\ndata_dir = \"/tmp/x\"\n",
+        )
+        .unwrap();
+        let flags = Layer { name: Some("from-flag".into()), ..Layer::default() };
+        let c =
+            resolve(flags, Some(file.clone()), env(&[("WEFT_BIND", "127.0.0.2"), ("WEFT_NAME", "from-env")]))
+                .unwrap();
+        assert_eq!(c.name.as_deref(), Some("from-flag"));
+        assert_eq!(c.bind, "127.0.0.2:7946".parse().unwrap());
+        assert_eq!(c.join, vec!["a", "b"]);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        std::fs::write(&file, "name = \"x\"\nbindd = \"1.2.3.4\"\n").unwrap();
+        let err = resolve(Layer::default(), Some(file.clone()), vec![]).unwrap_err().to_string();
+        assert!(err.contains("unknown field `bindd`"), "{err}");
+        assert!(!err.contains('\n'));
+        std::fs::write(&file, "bind = 7\n").unwrap();
+        let err = resolve(Layer::default(), Some(file), vec![]).unwrap_err().to_string();
+        assert!(err.contains("bind") || err.contains("string"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = resolve(Layer::default(), None, env(&[("WEFT_BIND", "nowhere")])).unwrap_err().to_string();
+        assert!(err.starts_with("bind:"), "{err}");
+        let err = resolve(Layer::default(), None, env(&[("WEFT_BOGUS", "1")])).unwrap_err().to_string();
+        assert!(err.contains("WEFT_BOGUS"), "{err}");
+        let err = resolve(Layer { advertise: Some("0.0.0.0:1".into()), ..Layer::default() }, None, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("advertise:"), "{err}");
+        let err = resolve(Layer { name: Some("two words".into()), ..Layer::default() }, None, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("name:"), "{err}");
+    }
+}

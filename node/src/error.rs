@@ -1,0 +1,43 @@
+//! Errors of the agent's commands: each is one line a person can act on.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Gossip(#[from] weft_gossip::Error),
+    #[error("no such network: {0}")]
+    NoSuchNetwork(String),
+    #[error("network name {name:?} is ambiguous (ids {}): use the id", ids.join(", "))]
+    AmbiguousNetwork { name: String, ids: Vec<String> },
+    #[error("a network named {0:?} already exists")]
+    NetworkExists(String),
+    #[error("network {name:?} is in use by {}: detach them first or use --force", peers.join(", "))]
+    NetworkInUse { name: String, peers: Vec<String> },
+    #[error("this node is not attached to network {0:?}")]
+    NotAttached(String),
+    #[error("{0:?} is reserved")]
+    Reserved(String),
+    #[error("refused: {0} (use --force)")]
+    Protected(String),
+    #[error("bad subnet {0}")]
+    BadSubnet(String),
+    #[error("bad gateway {0}")]
+    BadGateway(String),
+    #[error("bad {0}")]
+    BadName(String),
+}
+
+impl AgentError {
+    /// The HTTP status the control API answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            AgentError::NoSuchNetwork(_) => 404,
+            AgentError::Gossip(weft_gossip::Error::EntryNotFound { .. }) => 404,
+            AgentError::NetworkExists(_) | AgentError::NetworkInUse { .. } => 409,
+            AgentError::Gossip(weft_gossip::Error::EntryExists { .. }) => 409,
+            AgentError::Protected(_) => 403,
+            _ => 400,
+        }
+    }
+}

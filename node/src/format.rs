@@ -1,0 +1,179 @@
+//! Human-readable output of the CLI and the demo.
+
+use std::fmt::Write;
+
+use base64::Engine;
+
+use crate::agent::{Dump, DumpEntry, NetworkInfo};
+use crate::api::MembersJson;
+
+/// A left-aligned text table.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let n = cells.len();
+        for (i, c) in cells.into_iter().enumerate() {
+            if i + 1 == n {
+                out.push_str(c);
+            } else {
+                let _ = write!(out, "{c:<width$}  ", width = w[i]);
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+pub fn members(m: &MembersJson) -> String {
+    let rows: Vec<Vec<String>> = m
+        .members
+        .iter()
+        .map(|x| {
+            vec![
+                x.name.clone(),
+                x.addr.clone(),
+                x.state.clone(),
+                x.incarnation.to_string(),
+                x.networks.len().to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(&["NAME", "ADDRESS", "STATE", "INCARNATION", "NETWORKS"], &rows);
+    if !m.unreachable_seeds.is_empty() {
+        let _ = writeln!(out, "\nseeds not reached yet: {}", m.unreachable_seeds.join(", "));
+    }
+    out
+}
+
+pub fn networks(ns: &[NetworkInfo]) -> String {
+    let rows: Vec<Vec<String>> = ns
+        .iter()
+        .map(|n| {
+            vec![
+                n.def.short_id().to_string(),
+                if n.name_clash { format!("{} (!)", n.def.name) } else { n.def.name.clone() },
+                n.def.driver.clone(),
+                if n.def.subnets.is_empty() { "-".into() } else { n.def.subnets.join(",") },
+                if n.attached { "yes".into() } else { "no".into() },
+                n.peers.len().to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(&["NETWORK ID", "NAME", "DRIVER", "SUBNETS", "ATTACHED", "PEERS"], &rows);
+    if ns.iter().any(|n| n.name_clash) {
+        out.push_str(
+            "\n(!) two networks share this name (created on both sides of a partition): name them by id\n",
+        );
+    }
+    out
+}
+
+pub fn inspect(n: &NetworkInfo) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "ID:         {}", n.def.id);
+    let _ = writeln!(
+        out,
+        "Name:       {}{}",
+        n.def.name,
+        if n.name_clash { "  (name shared with another network)" } else { "" }
+    );
+    let _ = writeln!(out, "Driver:     {}", n.def.driver);
+    let _ = writeln!(
+        out,
+        "Subnets:    {}",
+        if n.def.subnets.is_empty() { "-".into() } else { n.def.subnets.join(", ") }
+    );
+    if let Some(gw) = &n.def.gateway {
+        let _ = writeln!(out, "Gateway:    {gw}");
+    }
+    let _ = writeln!(out, "Created by: {}", n.def.created_by);
+    let _ = writeln!(out, "Attached:   {}", if n.attached { "yes" } else { "no" });
+    let _ = writeln!(out, "Peers:      {}", if n.peers.is_empty() { "-".into() } else { n.peers.join(", ") });
+    out
+}
+
+/// A value as text when it is printable UTF-8, else base64.
+pub fn value(b64: &str) -> String {
+    let raw = base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_default();
+    match std::str::from_utf8(&raw) {
+        Ok(s) if s.chars().all(|c| !c.is_control() || c == ' ') => s.to_string(),
+        _ => format!("base64:{b64}"),
+    }
+}
+
+fn ms(v: u64) -> String {
+    if v >= 60_000 {
+        format!("{}m{:02}s", v / 60_000, (v % 60_000) / 1000)
+    } else if v >= 1000 {
+        format!("{:.1}s", v as f64 / 1000.0)
+    } else {
+        format!("{v}ms")
+    }
+}
+
+fn state(e: &DumpEntry) -> String {
+    match (e.state.as_str(), e.reap_in_ms) {
+        ("live", _) => "live".into(),
+        (s, Some(r)) => format!("{s} ({} left)", ms(r)),
+        (s, None) => s.into(),
+    }
+}
+
+pub fn dump(d: &Dump, verbose: bool) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "node {}", d.node);
+    for n in &d.networks {
+        let label = if n.name == n.id || n.name.is_empty() {
+            n.id.clone()
+        } else {
+            format!("{} ({})", n.name, &n.id[..n.id.len().min(12)])
+        };
+        let _ = writeln!(out, "\nnetwork {label}");
+        if n.tables.is_empty() {
+            let _ = writeln!(out, "  (no entries)");
+        }
+        for t in &n.tables {
+            let _ = writeln!(out, "  table {} ({} entries)", t.name, t.entries.len());
+            let rows: Vec<Vec<String>> = t
+                .entries
+                .iter()
+                .map(|e| {
+                    let mut r = vec![format!("    {}", e.key), e.owner.clone()];
+                    if verbose {
+                        r.push(e.ltime.to_string());
+                        r.push(state(e));
+                        r.push(ms(e.age_ms));
+                        r.push(match &e.decoded {
+                            Some(dec) => {
+                                let fields: Vec<String> =
+                                    dec.fields.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                                format!("{} {{{}}}", dec.object_id, fields.join(", "))
+                            }
+                            None => value(&e.value),
+                        });
+                    } else {
+                        r.push(value(&e.value));
+                    }
+                    r
+                })
+                .collect();
+            let header: &[&str] = if verbose {
+                &["    KEY", "OWNER", "LTIME", "STATE", "AGE", "VALUE / DECODED"]
+            } else {
+                &["    KEY", "OWNER", "VALUE"]
+            };
+            out.push_str(&table(header, &rows));
+        }
+    }
+    out
+}

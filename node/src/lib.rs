@@ -1,0 +1,16 @@
+//! The weft agent: the sans-IO [`Agent`] and, around it, the tokio shell, the control API and
+//! the command line.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod format;
+pub mod shell;
+pub mod state;
+
+pub use agent::{Agent, Dump, NetworkDef, NetworkInfo};
+pub use error::AgentError;

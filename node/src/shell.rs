@@ -1,0 +1,405 @@
+//! The tokio shell around the [`Agent`]: one UDP socket and one TCP listener on the gossip port,
+//! one timer, a sender task, and the lock that guards the agent. Every critical section is one
+//! call into the sans-IO agent plus draining its outputs into channels; no I/O happens under
+//! the lock except the rare fsync of a new Lamport lease.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Notify, mpsc, watch};
+use weft_gossip::{Config as GossipConfig, Event, NodeId, Transmit, TransmitKind, wire};
+
+use crate::agent::Agent;
+use crate::config::{AgentConfig, DEFAULT_PORT};
+use crate::state::StateFile;
+
+/// Counters of what the shell itself dropped before the core saw it.
+#[derive(Debug, Default)]
+pub struct ShellStats {
+    pub stream_rejects: AtomicU64,
+    pub send_errors: AtomicU64,
+    pub stream_connect_errors: AtomicU64,
+}
+
+struct Inner {
+    agent: Mutex<Agent>,
+    state: Mutex<StateFile>,
+    out: mpsc::UnboundedSender<Transmit>,
+    wake: Notify,
+    stats: ShellStats,
+    max_frame: usize,
+    /// Seeds as configured, for `members` to report the unresolvable ones.
+    unresolved: Mutex<Vec<String>>,
+    refused: watch::Sender<Option<String>>,
+}
+
+/// A running agent: cheap to clone, shared by the API, the demo and the signal handler.
+#[derive(Clone)]
+pub struct Shell {
+    inner: Arc<Inner>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Shell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shell").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+/// Resolves seeds (`host[:port]`), dropping this agent's own addresses.
+pub async fn resolve_seeds(seeds: &[String], own: &[SocketAddr]) -> (Vec<SocketAddr>, Vec<String>) {
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for s in seeds {
+        let target = seed_target(s);
+        match tokio::net::lookup_host(target.as_str()).await {
+            Ok(addrs) => {
+                let addrs: Vec<SocketAddr> = addrs.collect();
+                match addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()) {
+                    Some(a) if !own.contains(a) => ok.push(*a),
+                    Some(_) => {}
+                    None => failed.push(s.clone()),
+                }
+            }
+            Err(_) => failed.push(s.clone()),
+        }
+    }
+    ok.sort();
+    ok.dedup();
+    (ok, failed)
+}
+
+/// `host:port` for a seed given as an address, an address without port, or a host name.
+fn seed_target(s: &str) -> String {
+    if s.parse::<SocketAddr>().is_ok() {
+        return s.to_string();
+    }
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return SocketAddr::new(ip, DEFAULT_PORT).to_string();
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() && !host.is_empty() => s.to_string(),
+        _ => format!("{s}:{DEFAULT_PORT}"),
+    }
+}
+
+/// The address peers should use, when none was configured: the local address a packet to the
+/// first seed would leave from, or loopback without seeds.
+fn guess_advertise(bind: SocketAddr, seeds: &[SocketAddr]) -> SocketAddr {
+    if !bind.ip().is_unspecified() {
+        return bind;
+    }
+    let ip = seeds
+        .first()
+        .and_then(|s| {
+            let sock = std::net::UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+            sock.connect(s).ok()?;
+            sock.local_addr().ok().map(|a| a.ip())
+        })
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    SocketAddr::new(ip, bind.port())
+}
+
+impl Shell {
+    /// Binds the gossip port, loads and bumps the persisted state, starts every task and joins
+    /// the seeds (retrying in the background; the agent runs even if none answers).
+    pub async fn start(cfg: &AgentConfig, gossip_cfg: GossipConfig) -> anyhow::Result<Shell> {
+        let udp = UdpSocket::bind(cfg.bind).await.with_context(|| format!("cannot bind UDP {}", cfg.bind))?;
+        let bound = udp.local_addr()?;
+        let tcp = TcpListener::bind(bound).await.with_context(|| format!("cannot bind TCP {bound}"))?;
+        let state = StateFile::start(&cfg.data_dir, cfg.name.as_deref())?;
+        let (seeds, unresolved) = resolve_seeds(&cfg.join, &[bound]).await;
+        let advertise = cfg.advertise.unwrap_or_else(|| guess_advertise(bound, &seeds));
+        let seeds: Vec<SocketAddr> = seeds.into_iter().filter(|s| *s != advertise).collect();
+        let st = state.state().clone();
+        let id = NodeId::new(st.name.as_str(), advertise, st.generation);
+        let seed = {
+            use rand::TryRng;
+            rand::rngs::SysRng.try_next_u64().unwrap_or(st.generation ^ st.ltime_hwm)
+        };
+        let now = Instant::now();
+        let max_frame = gossip_cfg.max_stream_frame;
+        let agent = Agent::new(gossip_cfg, id.clone(), seed, st.ltime_hwm, now)?;
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            agent: Mutex::new(agent),
+            state: Mutex::new(state),
+            out: out_tx,
+            wake: Notify::new(),
+            stats: ShellStats::default(),
+            max_frame,
+            unresolved: Mutex::new(unresolved.clone()),
+            refused: watch::channel(None).0,
+        });
+        let shell = Shell { inner, addr: bound, data_dir: cfg.data_dir.clone() };
+        let udp = Arc::new(udp);
+        tokio::spawn(shell.clone().udp_loop(udp.clone()));
+        tokio::spawn(shell.clone().tcp_loop(tcp));
+        tokio::spawn(shell.clone().timer_loop());
+        tokio::spawn(send_loop(shell.inner.clone(), udp, out_rx));
+        tracing::info!(node = %id.name, addr = %advertise, generation = id.generation, "agent started");
+        if !unresolved.is_empty() {
+            tracing::warn!(seeds = ?unresolved, "could not resolve seeds; will retry");
+            tokio::spawn(shell.clone().resolve_loop(cfg.join.clone(), bound));
+        }
+        shell.with(|a, now| a.join(now, &seeds))?;
+        Ok(shell)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Agent> {
+        self.inner.agent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the agent, then hands its outputs to the I/O tasks and makes sure anything
+    /// it wrote is covered by the persisted clock before returning.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Agent, Instant) -> R) -> R {
+        let now = Instant::now();
+        let mut agent = self.lock();
+        let r = f(&mut agent, now);
+        self.after(&mut agent, now);
+        r
+    }
+
+    /// Read-only access: no outputs to drain.
+    pub fn read<R>(&self, f: impl FnOnce(&Agent) -> R) -> R {
+        f(&self.lock())
+    }
+
+    fn after(&self, agent: &mut Agent, now: Instant) {
+        while let Some(t) = agent.poll_transmit() {
+            let _ = self.inner.out.send(t);
+        }
+        while let Some(ev) = agent.poll_event(now) {
+            if let Event::NameConflict { other } = &ev {
+                tracing::warn!(other = %other, "another node uses this node's name");
+            }
+        }
+        if let Some(other) = agent.refused() {
+            let msg = format!(
+                "node name {:?} is already in use by {} (alive at another address): give this node another --name",
+                other.name, other.addr
+            );
+            self.inner.refused.send_if_modified(|r| {
+                if r.is_none() {
+                    *r = Some(msg);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        let ltime = agent.ltime();
+        let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = state.cover(ltime) {
+            tracing::error!(error = %e, "cannot persist the Lamport clock");
+        }
+        drop(state);
+        self.inner.wake.notify_one();
+    }
+
+    /// Resolves once the agent must stop because its name is taken; yields the reason.
+    pub async fn refused(&self) -> String {
+        let mut rx = self.inner.refused.subscribe();
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &ShellStats {
+        &self.inner.stats
+    }
+
+    pub fn unresolved_seeds(&self) -> Vec<String> {
+        self.inner.unresolved.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Metrics of the agent plus the shell's own counters.
+    pub fn metrics(&self) -> String {
+        let mut m = self.read(Agent::metrics);
+        let s = &self.inner.stats;
+        for (name, help, v) in [
+            ("weft_stream_rejects_total", "TCP streams dropped for a bad frame length.", &s.stream_rejects),
+            ("weft_send_errors_total", "Datagrams the OS refused to send.", &s.send_errors),
+            (
+                "weft_stream_connect_errors_total",
+                "Streams that could not reach their peer.",
+                &s.stream_connect_errors,
+            ),
+        ] {
+            m.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        m
+    }
+
+    /// Leaves the cluster gracefully and gives the news `grace` to go out.
+    pub async fn leave(&self, grace: Duration) {
+        let r = self.with(|a, now| a.leave(now));
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "leave");
+        }
+        tokio::time::sleep(grace).await;
+    }
+
+    async fn udp_loop(self, udp: Arc<UdpSocket>) {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            match udp.recv_from(&mut buf).await {
+                Ok((n, from)) => self.with(|a, now| a.handle_datagram(now, from, &buf[..n])),
+                Err(e) => {
+                    tracing::debug!(error = %e, "udp recv");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    async fn tcp_loop(self, tcp: TcpListener) {
+        loop {
+            match tcp.accept().await {
+                Ok((stream, from)) => {
+                    tokio::spawn(self.clone().read_stream(stream, from));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "tcp accept");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    /// Reads length-prefixed frames until the peer closes, a frame is malformed, or the stream
+    /// idles for a minute.
+    async fn read_stream(self, mut stream: TcpStream, from: SocketAddr) {
+        let idle = Duration::from_secs(60);
+        loop {
+            let mut prefix = [0u8; wire::STREAM_PREFIX_LEN];
+            match tokio::time::timeout(idle, stream.read_exact(&mut prefix)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+            let len = match wire::stream_frame_len(prefix, self.inner.max_frame) {
+                Ok(len) => len,
+                Err(e) => {
+                    self.inner.stats.stream_rejects.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%from, error = %e, "dropping stream");
+                    return;
+                }
+            };
+            let mut frame = vec![0u8; len];
+            match tokio::time::timeout(idle, stream.read_exact(&mut frame)).await {
+                Ok(Ok(_)) => {}
+                _ => {
+                    self.inner.stats.stream_rejects.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+            self.with(|a, now| a.handle_stream(now, from, &frame));
+        }
+    }
+
+    async fn timer_loop(self) {
+        loop {
+            let deadline = self.read(Agent::poll_timeout);
+            let sleep = match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()),
+                None => tokio::time::sleep(Duration::from_secs(3600)),
+            };
+            tokio::select! {
+                _ = sleep => self.with(|a, now| a.handle_timeout(now)),
+                _ = self.inner.wake.notified() => {}
+            }
+        }
+    }
+
+    async fn resolve_loop(self, seeds: Vec<String>, bound: SocketAddr) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let (ok, failed) = resolve_seeds(&seeds, &[bound]).await;
+            *self.inner.unresolved.lock().unwrap_or_else(|p| p.into_inner()) = failed.clone();
+            let _ = self.with(|a, now| a.join(now, &ok));
+            if failed.is_empty() {
+                tracing::info!("all seeds resolved");
+                return;
+            }
+        }
+    }
+}
+
+/// Sends datagrams on the gossip socket and stream frames over one TCP connection per peer
+/// (opened on demand, closed after a minute idle).
+async fn send_loop(inner: Arc<Inner>, udp: Arc<UdpSocket>, mut rx: mpsc::UnboundedReceiver<Transmit>) {
+    let mut streams: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
+    while let Some(t) = rx.recv().await {
+        match t.kind {
+            TransmitKind::Datagram => {
+                if udp.send_to(&t.bytes, t.dst).await.is_err() {
+                    inner.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            TransmitKind::Stream => {
+                let tx = match streams.get(&t.dst) {
+                    Some(tx) if !tx.is_closed() => tx.clone(),
+                    _ => {
+                        let (tx, frames) = mpsc::channel(256);
+                        tokio::spawn(stream_writer(inner.clone(), t.dst, frames));
+                        streams.insert(t.dst, tx.clone());
+                        tx
+                    }
+                };
+                if tx.try_send(t.bytes).is_err() {
+                    // A peer that cannot keep up loses frames; anti-entropy repairs them.
+                    inner.stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+async fn stream_writer(inner: Arc<Inner>, dst: SocketAddr, mut frames: mpsc::Receiver<Bytes>) {
+    let connect = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(dst)).await;
+    let Ok(Ok(mut stream)) = connect else {
+        inner.stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    loop {
+        let frame = match tokio::time::timeout(Duration::from_secs(60), frames.recv()).await {
+            Ok(Some(f)) => f,
+            _ => return,
+        };
+        let write = async {
+            stream.write_all(&wire::stream_prefix(frame.len())).await?;
+            stream.write_all(&frame).await
+        };
+        if tokio::time::timeout(Duration::from_secs(10), write).await.map_or(true, |r| r.is_err()) {
+            inner.stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
+/// Refuses to start a second agent on a data dir whose control socket answers.
+pub fn check_socket_free(path: &std::path::Path) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!("an agent is already running on {} (stop it, or use another --data-dir)", path.display());
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}

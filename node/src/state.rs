@@ -1,0 +1,129 @@
+//! What the agent persists in its data dir: its name, its restart generation and a Lamport
+//! high-water mark. Every write is atomic (temporary file, fsync, rename, fsync of the dir).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// The clock is persisted in leases of this many ticks, so a write needs an fsync only once
+/// per lease, never on every write.
+pub const LTIME_LEASE: u64 = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub generation: u64,
+    /// No Lamport time at or above this was ever used; a restart starts its clock here.
+    pub ltime_hwm: u64,
+}
+
+/// The state file of one data dir.
+#[derive(Debug)]
+pub struct StateFile {
+    path: PathBuf,
+    state: NodeState,
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    fs::File::open(dir)?.sync_all()
+}
+
+impl StateFile {
+    /// Opens the data dir's state (creating both if needed) and starts a new generation: the
+    /// bumped generation is on disk before this returns. `name` must match a persisted name.
+    pub fn start(dir: &Path, name: Option<&str>) -> anyhow::Result<Self> {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
+        let path = dir.join("node.json");
+        let previous = match fs::read(&path) {
+            Ok(bytes) => Some(serde_json::from_slice::<NodeState>(&bytes).with_context(|| {
+                format!("{} is corrupt; move it away to start as a new node", path.display())
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let state = match (previous, name) {
+            (Some(p), Some(n)) if p.name != n => bail!(
+                "data dir {} belongs to node {:?}; start it with --name {:?} or use another --data-dir",
+                dir.display(),
+                p.name,
+                p.name
+            ),
+            (Some(p), _) => NodeState { generation: p.generation + 1, ..p },
+            (None, n) => NodeState {
+                name: n.map(str::to_string).unwrap_or_else(default_name),
+                generation: 1,
+                ltime_hwm: 0,
+            },
+        };
+        let mut f = StateFile { path, state };
+        f.save()?;
+        Ok(f)
+    }
+
+    pub fn state(&self) -> &NodeState {
+        &self.state
+    }
+
+    fn save(&mut self) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.state).expect("serializable");
+        write_atomic(&self.path, &bytes).with_context(|| format!("cannot write {}", self.path.display()))
+    }
+
+    /// Makes sure the persisted high-water mark is above `ltime`, extending the lease if not.
+    /// Call before acknowledging anything written at `ltime`.
+    pub fn cover(&mut self, ltime: u64) -> anyhow::Result<()> {
+        if ltime >= self.state.ltime_hwm {
+            self.state.ltime_hwm = ltime + LTIME_LEASE;
+            self.save()?;
+        }
+        Ok(())
+    }
+}
+
+/// The host name, as a node name.
+pub fn default_name() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("weft-state-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn every_start_bumps_the_generation_and_keeps_name_and_clock() {
+        let dir = tempdir("gen");
+        let mut s = StateFile::start(&dir, Some("alpha")).unwrap();
+        assert_eq!(s.state().generation, 1);
+        s.cover(5).unwrap();
+        assert_eq!(s.state().ltime_hwm, 5 + LTIME_LEASE);
+        s.cover(6).unwrap();
+        assert_eq!(s.state().ltime_hwm, 5 + LTIME_LEASE, "inside the lease: no write");
+        let s2 = StateFile::start(&dir, None).unwrap();
+        assert_eq!(
+            s2.state(),
+            &NodeState { name: "alpha".into(), generation: 2, ltime_hwm: 5 + LTIME_LEASE }
+        );
+        let err = StateFile::start(&dir, Some("beta")).unwrap_err().to_string();
+        assert!(err.contains("belongs to node \"alpha\""), "{err}");
+        fs::write(dir.join("node.json"), b"{not json").unwrap();
+        assert!(StateFile::start(&dir, None).unwrap_err().to_string().contains("corrupt"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
