@@ -19,6 +19,8 @@ pub struct Config {
     /// an own event evicts the oldest relayed one, or the oldest own one if there is none.
     /// Anti-entropy repairs whatever a dropped event would have carried.
     pub max_queue_len: usize,
+    /// Bound on the encoded bytes queued per network, with the same policy as `max_queue_len`.
+    pub max_queue_bytes: usize,
     /// Anti-entropy with one random peer per network this often (networkdb: 30 s full dumps).
     pub sync_interval: Duration,
     /// A sync that has not completed after this long is forgotten.
@@ -68,6 +70,7 @@ impl Config {
             retransmit_mult: 4,
             max_packets_per_round: 32,
             max_queue_len: 65_536,
+            max_queue_bytes: 64 << 20,
             sync_interval: Duration::from_secs(5),
             sync_timeout: Duration::from_secs(10),
             max_concurrent_syncs: 32,
@@ -100,7 +103,11 @@ impl Config {
         if self.gossip_interval.is_zero() || self.sync_interval.is_zero() {
             return bad("gossip_interval and sync_interval must be positive");
         }
-        if self.gossip_fanout == 0 || self.max_packets_per_round == 0 || self.max_queue_len == 0 {
+        if self.gossip_fanout == 0
+            || self.max_packets_per_round == 0
+            || self.max_queue_len == 0
+            || self.max_queue_bytes == 0
+        {
             return bad("gossip_fanout, max_packets_per_round and max_queue_len must be positive");
         }
         if self.max_entries_per_frame == 0 || self.max_concurrent_syncs == 0 {

@@ -17,6 +17,8 @@ pub enum Error {
     EntryExists { network: String, table: String, key: String },
     #[error("entry {network}/{table}/{key} does not exist")]
     EntryNotFound { network: String, table: String, key: String },
+    #[error("entry {network}/{table}/{key}: the table's merge rule keeps the version already held")]
+    Superseded { network: String, table: String, key: String },
     #[error("{what} is empty or longer than {max} bytes")]
     BadName { what: &'static str, max: usize },
     #[error("value of {len} bytes does not fit a {max}-byte stream frame")]

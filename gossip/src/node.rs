@@ -25,8 +25,8 @@ use crate::store::{
 use crate::timers::{TimerKind, Timers};
 use crate::watcher::ObjectType;
 use crate::wire::{
-    self, Body, EventsPacketBuilder, FLAG_CLUSTER, FLAG_DELETED, FrameType, Head, Packet, WireEntry,
-    WireError,
+    self, Body, EventsPacketBuilder, FLAG_CLUSTER, FLAG_DELETED, FLAG_HIDDEN, FrameType, Head, MAX_LTIME,
+    Packet, WireEntry, WireError,
 };
 
 /// The reserved network every node is attached to; it carries cluster-wide tables.
@@ -70,12 +70,16 @@ impl MergeRule for AttachRule {
 struct Member {
     id: NodeId,
     state: MemberState,
+    /// When the state last changed (failed and left members are forgotten after `reap_after`).
+    since: Instant,
 }
 
 #[derive(Debug)]
 struct SyncState {
     network: String,
     deadline: Instant,
+    /// The responder's last summary frame arrived; its answer to our wants ends the sync.
+    summary_done: bool,
 }
 
 /// Where a version came from.
@@ -241,6 +245,11 @@ impl GossipNode {
     pub fn new(cfg: Config, id: NodeId, seed: u64, ltime: u64, now: Instant) -> Result<Self, Error> {
         cfg.validate()?;
         check_name("node name", &id.name, MAX_NAME_LEN)?;
+        if ltime >= MAX_LTIME {
+            return Err(Error::InvalidConfig(format!(
+                "Lamport high-water mark {ltime} is beyond {MAX_LTIME}"
+            )));
+        }
         let mut membership = cfg.membership.clone();
         membership.max_packet_size = std::num::NonZeroUsize::new(cfg.max_packet_size - wire::ENVELOPE_LEN)
             .ok_or_else(|| Error::InvalidConfig("max_packet_size".into()))?;
@@ -283,6 +292,7 @@ impl GossipNode {
         node.timers.add(now + g, TimerKind::Gossip);
         node.timers.add(now + s, TimerKind::Sync);
         node.timers.add(now + node.cfg.reap_period, TimerKind::Reap);
+        node.timers.add(now + node.cfg.rejoin_interval, TimerKind::Rejoin);
         Ok(node)
     }
 
@@ -331,6 +341,11 @@ impl GossipNode {
     /// Events queued for dissemination in `network`.
     pub fn queue_len(&self, network: &str) -> usize {
         self.networks.get(network).map_or(0, |n| n.queue.len())
+    }
+
+    /// Encoded bytes of the events queued in `network`.
+    pub fn queue_bytes(&self, network: &str) -> usize {
+        self.networks.get(network).map_or(0, |n| n.queue.bytes())
     }
 
     /// Stored versions (live, tombstoned, hidden) in `network`.
@@ -586,7 +601,7 @@ impl GossipNode {
                     self.timers.add(now + self.cfg.reap_period, TimerKind::Reap);
                 }
                 TimerKind::Rejoin => {
-                    if !self.left && !self.seeds.is_empty() {
+                    if !self.left {
                         self.announce_to_missing_seeds(now);
                         self.timers.add(now + self.cfg.rejoin_interval, TimerKind::Rejoin);
                     }
@@ -611,7 +626,6 @@ impl GossipNode {
         if self.left {
             return Err(Error::Left);
         }
-        let first = self.seeds.is_empty();
         self.seeds = seeds
             .iter()
             .copied()
@@ -620,16 +634,28 @@ impl GossipNode {
             .into_iter()
             .collect();
         self.announce_to_missing_seeds(now);
-        if first && !self.seeds.is_empty() {
-            self.timers.add(now + self.cfg.rejoin_interval, TimerKind::Rejoin);
-        }
         Ok(())
     }
 
+    /// Announces to every seed that is not an active member, or, while foca is not connected,
+    /// to every seed and every member it still lists.
     fn announce_to_missing_seeds(&mut self, now: Instant) {
+        if !self.connected {
+            return self.announce_everywhere(now);
+        }
         let active: HashSet<SocketAddr> = self.foca.iter_members().map(|m| m.id().addr).collect();
         let missing: Vec<SocketAddr> = self.seeds.iter().copied().filter(|a| !active.contains(a)).collect();
-        for addr in missing {
+        self.announce_to(now, missing);
+    }
+
+    fn announce_everywhere(&mut self, now: Instant) {
+        let mut targets: BTreeSet<SocketAddr> = self.seeds.iter().copied().collect();
+        targets.extend(self.foca.iter_members().map(|m| m.id().addr));
+        self.announce_to(now, targets.into_iter().collect());
+    }
+
+    fn announce_to(&mut self, now: Instant, targets: Vec<SocketAddr>) {
+        for addr in targets {
             let mut rt = Outbox {
                 now,
                 timers: &mut self.timers,
@@ -683,11 +709,19 @@ impl GossipNode {
     }
 
     fn process_notes(&mut self, now: Instant) {
-        let notes = std::mem::take(&mut self.notes);
-        for n in notes {
+        while !self.notes.is_empty() {
+            let notes = std::mem::take(&mut self.notes);
+            for n in notes {
+                self.process_note(now, n);
+            }
+        }
+    }
+
+    fn process_note(&mut self, now: Instant, n: OwnedNotification<NodeId>) {
+        {
             match n {
                 OwnedNotification::MemberUp(id) => self.member_up(now, id),
-                OwnedNotification::Rename(_, id) => self.member_up(now, id),
+                OwnedNotification::Rename(old, new) => self.member_renamed(now, old, new),
                 OwnedNotification::MemberDown(id) => self.member_down(now, id),
                 OwnedNotification::Active => {
                     self.connected = true;
@@ -703,14 +737,27 @@ impl GossipNode {
                     self.events.push_back(Event::Connected(false));
                 }
                 OwnedNotification::Rejoin(id) => {
-                    tracing::info!(id = ?id, "declared down by the cluster; rejoined under a renewed identity");
+                    tracing::info!(id = ?id, "declared down by the cluster; rejoining under a renewed identity");
                     self.id = id;
+                    // foca reset itself without saying so: it is not connected, and until a peer
+                    // learns the new identity nobody answers it (peers address the old one). An
+                    // announce is accepted by address, so announce to every seed and every member.
+                    if self.connected {
+                        self.connected = false;
+                        self.events.push_back(Event::Connected(false));
+                    }
+                    self.announce_everywhere(now);
                 }
                 OwnedNotification::Defunct => {
                     tracing::warn!("declared down by the cluster");
                 }
             }
         }
+    }
+
+    /// The life of `name` that left the cluster, per its leave record, if any.
+    fn left_generation(&self, name: &str) -> Option<u64> {
+        self.attachments.get(CLUSTER_NETWORK)?.get(name).filter(|a| !a.attached).map(|a| a.generation)
     }
 
     fn member_up(&mut self, now: Instant, id: NodeId) {
@@ -720,36 +767,74 @@ impl GossipNode {
             }
             return;
         }
-        if let Some(m) = self.members.get(&id.name) {
-            if m.id.life() > id.life() || (m.id == id && m.state == MemberState::Alive) {
-                return;
-            }
-            // A life that already left stays gone; a newer life is a restart.
-            if m.state == MemberState::Left && m.id.life() >= id.life() {
-                return;
-            }
+        if let Some(m) = self.members.get(&id.name)
+            && (m.id.life() > id.life() || (m.id == id && m.state == MemberState::Alive))
+        {
+            return;
         }
-        let was = self.members.insert(id.name.clone(), Member { id: id.clone(), state: MemberState::Alive });
+        // A life that already left stays gone; only a newer life (a restart) comes back.
+        if self.left_generation(&id.name).is_some_and(|g| g >= id.generation) {
+            return;
+        }
+        let was = self
+            .members
+            .insert(id.name.clone(), Member { id: id.clone(), state: MemberState::Alive, since: now });
         self.recount_alive();
         tracing::info!(member = %id, "member up");
-        if matches!(was, Some(Member { state: MemberState::Failed, .. })) {
+        if !matches!(was, Some(Member { state: MemberState::Alive, .. })) {
             self.set_hidden(now, &id.name, false);
         }
         self.events.push_back(Event::MemberUp(id));
     }
 
-    fn member_down(&mut self, now: Instant, id: NodeId) {
-        let Some(m) = self.members.get_mut(&id.name) else { return };
-        if m.id != id || m.state != MemberState::Alive {
+    /// foca replaced `old` by `new` (same address, or a newer life of the member). foca also
+    /// reports renames to identities it knows only as down, so liveness comes from foca itself.
+    fn member_renamed(&mut self, now: Instant, old: NodeId, new: NodeId) {
+        if old.name != new.name {
+            // Another node now has `old`'s address: `old` is gone from there.
+            self.member_down(now, old);
+        }
+        if self.foca.iter_members().any(|m| *m.id() == new) {
+            self.member_up(now, new);
+        } else {
+            self.member_gone(now, new);
+        }
+    }
+
+    /// A life of a member that foca knows only as down.
+    fn member_gone(&mut self, now: Instant, id: NodeId) {
+        if id.name == self.id.name {
             return;
         }
-        let left = self
-            .attachments
-            .get(CLUSTER_NETWORK)
-            .and_then(|by| by.get(&id.name))
-            .is_some_and(|a| !a.attached && a.generation >= id.generation);
+        let prev = self.members.get(&id.name).map(|m| (m.id.clone(), m.state));
+        match &prev {
+            Some((known, _)) if known.life() > id.life() => return,
+            Some((known, _)) if *known == id => return self.member_down(now, id),
+            _ => {}
+        }
+        let left = self.left_generation(&id.name).is_some_and(|g| g >= id.generation);
+        let state = if left { MemberState::Left } else { MemberState::Failed };
+        self.members.insert(id.name.clone(), Member { id: id.clone(), state, since: now });
+        self.recount_alive();
+        if !left {
+            self.set_hidden(now, &id.name, true);
+        }
+        if matches!(prev, Some((_, MemberState::Alive))) {
+            let reason = if left { DownReason::Left } else { DownReason::Failed };
+            tracing::info!(member = %id, ?reason, "member down");
+            self.events.push_back(Event::MemberDown { id, reason });
+        }
+    }
+
+    fn member_down(&mut self, now: Instant, id: NodeId) {
+        if !self.members.get(&id.name).is_some_and(|m| m.id == id && m.state == MemberState::Alive) {
+            return;
+        }
+        let left = self.left_generation(&id.name).is_some_and(|g| g >= id.generation);
+        let m = self.members.get_mut(&id.name).expect("checked");
         let reason = if left { DownReason::Left } else { DownReason::Failed };
         m.state = if left { MemberState::Left } else { MemberState::Failed };
+        m.since = now;
         self.recount_alive();
         tracing::info!(member = %id, ?reason, "member down");
         if !left {
@@ -846,7 +931,7 @@ impl GossipNode {
     fn write_attachment(&mut self, now: Instant, network: &str, attached: bool) {
         let value = Bytes::from(wire::encode(&(self.id.generation, attached)).expect("tuple encodes"));
         let key = attach_key(network, &self.id.name);
-        self.write_local(now, CLUSTER_NETWORK, ATTACH_TABLE, &key, Some(value));
+        let _ = self.write_local(now, CLUSTER_NETWORK, ATTACH_TABLE, &key, Some(value));
     }
 
     /// Applies an attachment record (own or remote) to the index and its consequences.
@@ -860,6 +945,15 @@ impl GossipNode {
         let count = by.values().filter(|a| a.attached).count();
         self.attached_count.insert(network.to_string(), count);
         if *node == *self.id.name {
+            // A previous life of this node attached a network this life has not: say it left,
+            // or peers would keep it (and its old entries) attached forever.
+            if rec.attached
+                && generation < self.id.generation
+                && !self.networks.contains_key(network)
+                && !self.left
+            {
+                self.write_attachment(now, network, false);
+            }
             return;
         }
         if prev.map(|p| p.attached) != Some(rec.attached) {
@@ -889,6 +983,7 @@ impl GossipNode {
             && m.state != MemberState::Left
         {
             m.state = MemberState::Left;
+            m.since = now;
             let id = m.id.clone();
             self.recount_alive();
             tracing::info!(member = %id, "member left");
@@ -919,7 +1014,7 @@ impl GossipNode {
             e.hidden = false;
             e.reap_at = Some(now + self.cfg.reap_after);
             e.updated = now;
-            e.fp = fingerprint(e.keyhash, e.ltime, &e.owner, true);
+            e.fp = fingerprint(e.keyhash, e.ltime, &e.owner, true, &e.value);
             net.put(&table, &key, e);
             if let Some(v) = old.visible() {
                 let ev = TableEvent {
@@ -1016,8 +1111,10 @@ impl GossipNode {
         Ok(())
     }
 
+    /// Whether a key has a live value here, as `get_entry` sees it (a failed owner's hidden
+    /// entry is not live: creating over it takes the key over).
     fn live(&self, network: &str, table: &str, key: &str) -> bool {
-        self.networks.get(network).and_then(|n| n.get(table, key)).is_some_and(|e| !e.deleted)
+        self.networks.get(network).and_then(|n| n.get(table, key)).is_some_and(|e| e.visible().is_some())
     }
 
     fn err_key(&self, network: &str, table: &str, key: &str, exists: bool) -> Error {
@@ -1044,7 +1141,10 @@ impl GossipNode {
         if self.live(network, table, key) {
             return Err(self.err_key(network, table, key, true));
         }
-        self.write_local(now, network, table, key, Some(value));
+        let stored = self.write_local(now, network, table, key, Some(value));
+        if !stored {
+            return Err(Error::Superseded { network: network.into(), table: table.into(), key: key.into() });
+        }
         Ok(())
     }
 
@@ -1063,7 +1163,10 @@ impl GossipNode {
         if !self.live(network, table, key) {
             return Err(self.err_key(network, table, key, false));
         }
-        self.write_local(now, network, table, key, Some(value));
+        let stored = self.write_local(now, network, table, key, Some(value));
+        if !stored {
+            return Err(Error::Superseded { network: network.into(), table: table.into(), key: key.into() });
+        }
         Ok(())
     }
 
@@ -1074,16 +1177,30 @@ impl GossipNode {
         if !self.live(network, table, key) {
             return Err(self.err_key(network, table, key, false));
         }
-        self.write_local(now, network, table, key, None);
+        let stored = self.write_local(now, network, table, key, None);
+        if !stored {
+            return Err(Error::Superseded { network: network.into(), table: table.into(), key: key.into() });
+        }
         Ok(())
     }
 
     /// Writes a new version owned by this node; `None` writes a tombstone. Always wins: its
     /// Lamport time is above both the clock and the version it replaces.
-    fn write_local(&mut self, now: Instant, network: &str, table: &str, key: &str, value: Option<Bytes>) {
-        let existing =
-            self.networks.get(network).and_then(|n| n.get(table, key)).map(|e| e.ltime).unwrap_or(0);
-        self.clock = self.clock.max(existing) + 1;
+    fn write_local(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: Option<Bytes>,
+    ) -> bool {
+        let existing = self.networks.get(network).and_then(|n| n.get(table, key));
+        let existing_ltime = existing.map(|e| e.ltime).unwrap_or(0);
+        // A tombstone in a table with a merge rule carries the value it deletes, so the rule
+        // ranks it like that value and the Lamport time decides.
+        let has_rule = self.specs.get(table).is_some_and(|s| s.merge.is_some());
+        let tomb_value = if has_rule { existing.map(|e| e.value.clone()) } else { None };
+        self.clock = self.clock.max(existing_ltime) + 1;
         let cluster = self.table_kind(table, None) == TableKind::Cluster;
         let mut flags = if cluster { FLAG_CLUSTER } else { 0 };
         if value.is_none() {
@@ -1098,9 +1215,9 @@ impl GossipNode {
             ltime: self.clock,
             flags,
             reap_in_ms,
-            value: value.unwrap_or_default(),
+            value: value.or(tomb_value).unwrap_or_default(),
         };
-        self.apply(now, network, w, Origin::Local);
+        self.apply(now, network, w, Origin::Local)
     }
 
     /// Applies one version (local or remote). Returns whether it was newer than what the node
@@ -1122,9 +1239,17 @@ impl GossipNode {
             deleted = true;
             residual = self.cfg.reap_after;
         }
+        // Hidden while its owner is failed here, or when the sender hid it and this node does not
+        // know the owner alive (a node that never saw the owner must not resurrect its entries).
+        let owner_state = self.member_state(&w.owner);
+        let flagged_hidden = w.flags & FLAG_HIDDEN != 0;
         let hidden = kind == TableKind::NodeOwned
             && !deleted
-            && self.member_state(&w.owner) == Some(MemberState::Failed);
+            && (owner_state == Some(MemberState::Failed)
+                || (flagged_hidden && owner_state != Some(MemberState::Alive)));
+        if hidden && !flagged_hidden {
+            residual = self.cfg.reap_after;
+        }
         let rule = self.specs.get(&w.table).and_then(|s| s.merge.clone());
         let reap_after = self.cfg.reap_after;
         let net = self.networks.get_mut(network).expect("checked");
@@ -1145,20 +1270,14 @@ impl GossipNode {
             _ => Arc::from(w.owner.as_str()),
         };
         let entry = Entry {
-            fp: fingerprint(keyhash, w.ltime, &owner, deleted),
+            fp: fingerprint(keyhash, w.ltime, &owner, deleted, &w.value),
             value: w.value.clone(),
             owner,
             ltime: w.ltime,
             deleted,
             cluster: kind == TableKind::Cluster,
             hidden,
-            reap_at: if deleted {
-                Some(reap_deadline(now, residual, reap_after))
-            } else if hidden {
-                Some(now + reap_after)
-            } else {
-                None
-            },
+            reap_at: (deleted || hidden).then(|| reap_deadline(now, residual, reap_after)),
             updated: now,
             keyhash,
         };
@@ -1181,13 +1300,25 @@ impl GossipNode {
         }
         let transmits = self.cfg.retransmits(self.peer_count(network) + 1);
         let mut w = w;
-        w.flags = (w.flags & !FLAG_DELETED) | if deleted { FLAG_DELETED } else { 0 };
-        w.reap_in_ms =
-            if deleted { residual.min(reap_after).as_millis().min(u32::MAX as u128) as u32 } else { 0 };
+        w.flags = (w.flags & FLAG_CLUSTER)
+            | if deleted { FLAG_DELETED } else { 0 }
+            | if hidden { FLAG_HIDDEN } else { 0 };
+        w.reap_in_ms = if deleted || hidden {
+            residual.min(reap_after).as_millis().min(u32::MAX as u128) as u32
+        } else {
+            0
+        };
         let encoded = Bytes::from(wire::encode(&w).expect("entries encode"));
         let net = self.networks.get_mut(network).expect("checked");
         let own = origin == Origin::Local;
-        match net.queue.push(keyhash, encoded, transmits, own, self.cfg.max_queue_len) {
+        match net.queue.push(
+            keyhash,
+            encoded,
+            transmits,
+            own,
+            self.cfg.max_queue_len,
+            self.cfg.max_queue_bytes,
+        ) {
             Pushed::Dropped | Pushed::Evicted => self.stats.queue_drops += 1,
             Pushed::New | Pushed::Replaced => {}
         }
@@ -1261,6 +1392,12 @@ impl GossipNode {
             }
         }
         self.stats.tombstones_reaped += reaped;
+        // Members failed or left for longer than the reap interval are forgotten; their hidden
+        // entries went with that interval too.
+        let reap_after = self.cfg.reap_after;
+        self.members.retain(|_, m| {
+            m.state == MemberState::Alive || now.saturating_duration_since(m.since) < reap_after
+        });
         let expired: Vec<u64> =
             self.syncs.iter().filter(|(_, s)| s.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
@@ -1294,10 +1431,13 @@ impl GossipNode {
             if peers.is_empty() {
                 continue;
             }
-            self.networks.get_mut(nid).expect("listed").initial_syncs = 0;
+            let mut started = 0u8;
             for p in peers {
-                self.start_sync(now, nid, &p);
+                started += u8::from(self.start_sync(now, nid, &p));
             }
+            // What could not start (the sync table was full) is tried next round.
+            let net = self.networks.get_mut(nid).expect("listed");
+            net.initial_syncs = if started > 0 { 0 } else { net.initial_syncs };
         }
     }
 
@@ -1319,11 +1459,25 @@ impl GossipNode {
         let prefix = builder.prefix_len();
         let empty_room = builder.room();
         let mut packets: Vec<Bytes> = Vec::new();
-        let mut big: Vec<Bytes> = Vec::new();
+        // Events too large for a datagram: at most one stream frame's worth per round, split
+        // into frames that each fit the limit.
+        let frame_budget = self.cfg.max_stream_frame - 4096;
+        let mut big: Vec<Vec<Bytes>> = Vec::new();
+        let mut big_bytes = 0usize;
+        let mut frame_bytes = 0usize;
         let Some(net) = self.networks.get_mut(network) else { return };
         net.queue.drain(own_only, |enc| {
             if enc.len() > empty_room {
-                big.push(enc.clone());
+                if big_bytes > 0 && big_bytes + enc.len() > frame_budget {
+                    return Take::Full;
+                }
+                if big.is_empty() || frame_bytes + enc.len() > frame_budget {
+                    big.push(Vec::new());
+                    frame_bytes = 0;
+                }
+                big.last_mut().expect("pushed").push(enc.clone());
+                frame_bytes += enc.len();
+                big_bytes += enc.len();
                 return Take::Sent;
             }
             if builder.push(enc) {
@@ -1343,16 +1497,17 @@ impl GossipNode {
         if !builder.is_empty() {
             packets.push(builder.finish(prefix));
         }
-        let stream = if big.is_empty() {
-            None
-        } else {
-            let mut b = EventsPacketBuilder::new(&head, network, usize::MAX).expect("encodes");
-            let p = b.prefix_len();
-            for e in &big {
-                b.push(e);
-            }
-            Some(b.finish(p))
-        };
+        let streams: Vec<Bytes> = big
+            .iter()
+            .map(|frame| {
+                let mut b = EventsPacketBuilder::new(&head, network, usize::MAX).expect("encodes");
+                let p = b.prefix_len();
+                for e in frame {
+                    b.push(e);
+                }
+                b.finish(p)
+            })
+            .collect();
         for peer in peers {
             for p in &packets {
                 self.stats.datagrams_out += 1;
@@ -1363,7 +1518,7 @@ impl GossipNode {
                     bytes: p.clone(),
                 });
             }
-            if let Some(s) = &stream {
+            for s in &streams {
                 self.push_stream(peer.addr, s.clone());
             }
         }
@@ -1393,7 +1548,7 @@ impl GossipNode {
 
     fn handle_packet(&mut self, now: Instant, p: Packet) {
         let Packet { head, body } = p;
-        if head.from.name == self.id.name || head.from.name.is_empty() {
+        if head.from.name == self.id.name || head.from.name.is_empty() || head.ltime >= MAX_LTIME {
             self.stats.decode_errors += 1;
             return;
         }
@@ -1440,7 +1595,12 @@ impl GossipNode {
         if self.left {
             return;
         }
-        let nets: Vec<String> = self.networks.keys().cloned().collect();
+        // Start at a random network so a full sync table never starves the same ones.
+        let mut nets: Vec<String> = self.networks.keys().cloned().collect();
+        if !nets.is_empty() {
+            let k = self.rng.random_range(0..nets.len());
+            nets.rotate_left(k);
+        }
         for nid in nets {
             if let Some(peer) = self.pick_peers(&nid, 1).pop() {
                 self.start_sync(now, &nid, &peer);
@@ -1449,16 +1609,20 @@ impl GossipNode {
     }
 
     /// Starts anti-entropy of `network` with `peer`: step 1, send the digest.
-    fn start_sync(&mut self, now: Instant, network: &str, peer: &NodeId) {
+    fn start_sync(&mut self, now: Instant, network: &str, peer: &NodeId) -> bool {
         if self.syncs.len() >= self.cfg.max_concurrent_syncs {
-            return;
+            return false;
         }
-        let Some(net) = self.networks.get(network) else { return };
+        let Some(net) = self.networks.get(network) else { return false };
         let buckets = net.digest.clone();
         let sync_id = self.rng.random::<u64>();
         self.syncs.insert(
             sync_id,
-            SyncState { network: network.to_string(), deadline: now + self.cfg.sync_timeout },
+            SyncState {
+                network: network.to_string(),
+                deadline: now + self.cfg.sync_timeout,
+                summary_done: false,
+            },
         );
         self.stats.syncs_started += 1;
         self.send_packet(
@@ -1466,6 +1630,7 @@ impl GossipNode {
             Body::SyncDigest { network: network.to_string(), sync_id, buckets },
             true,
         );
+        true
     }
 
     /// Step 2 (responder): compare digests; for the buckets that differ, send what is held.
@@ -1481,7 +1646,11 @@ impl GossipNode {
         self.stats.syncs_answered += 1;
         let diff = diff_buckets(&net.digest, &buckets);
         if diff.is_empty() {
+            // Tell the requester at once, so its sync slot frees now rather than at the timeout.
             self.stats.syncs_identical += 1;
+            let body =
+                Body::SyncSummary { network, sync_id, buckets: Vec::new(), items: Vec::new(), last: true };
+            self.send_packet(from.addr, body, true);
             return;
         }
         let mut flagged = vec![false; DIGEST_BUCKETS];
@@ -1536,10 +1705,14 @@ impl GossipNode {
             }
         }
         let want: Vec<u64> = items.iter().filter(|(_, fp)| !mine.contains(fp)).map(|(kh, _)| *kh).collect();
-        if want.is_empty() && last {
-            self.syncs.remove(&sync_id);
+        if last {
+            if want.is_empty() {
+                self.syncs.remove(&sync_id);
+            } else if let Some(st) = self.syncs.get_mut(&sync_id) {
+                st.summary_done = true;
+            }
         }
-        self.send_entries(from.addr, &network, sync_id, entries, want);
+        self.send_entries(from.addr, &network, sync_id, entries, want, false);
     }
 
     /// Steps 3 and 4 (both sides): apply the entries; answer what was wanted.
@@ -1568,7 +1741,9 @@ impl GossipNode {
             }
         }
         if want.is_empty() {
-            self.syncs.remove(&sync_id);
+            if self.syncs.get(&sync_id).is_some_and(|st| st.summary_done) {
+                self.syncs.remove(&sync_id);
+            }
             return;
         }
         let wanted: HashSet<u64> = want.into_iter().collect();
@@ -1580,7 +1755,8 @@ impl GossipNode {
             .filter(|(_, _, e)| wanted.contains(&e.keyhash))
             .map(|(t, k, e)| e.to_wire(t, k, now))
             .collect();
-        self.send_entries(from.addr, &network, sync_id, out, Vec::new());
+        // Always answer, even with nothing, so the requester can close the sync.
+        self.send_entries(from.addr, &network, sync_id, out, Vec::new(), true);
     }
 
     fn send_entries(
@@ -1590,8 +1766,9 @@ impl GossipNode {
         sync_id: u64,
         entries: Vec<WireEntry>,
         want: Vec<u64>,
+        always: bool,
     ) {
-        if entries.is_empty() && want.is_empty() {
+        if entries.is_empty() && want.is_empty() && !always {
             return;
         }
         let per_frame = self.cfg.max_entries_per_frame;
@@ -1604,7 +1781,7 @@ impl GossipNode {
             let next = it.next();
             let flush = match &next {
                 None => true,
-                Some(e) => chunk.len() >= per_frame || bytes + e.value.len() + e.key.len() + 64 > budget,
+                Some(e) => chunk.len() >= per_frame || bytes + wire_size(e) > budget,
             };
             if flush && (!chunk.is_empty() || next.is_none()) {
                 let body = Body::SyncEntries {
@@ -1619,12 +1796,17 @@ impl GossipNode {
             match next {
                 None => break,
                 Some(e) => {
-                    bytes += e.value.len() + e.key.len() + 64;
+                    bytes += wire_size(&e);
                     chunk.push(e);
                 }
             }
         }
     }
+}
+
+/// An upper bound of an entry's encoded size.
+fn wire_size(e: &WireEntry) -> usize {
+    e.value.len() + e.key.len() + e.table.len() + e.owner.len() + 48
 }
 
 fn peer_candidates<'a>(
@@ -1641,7 +1823,8 @@ fn peer_candidates<'a>(
 }
 
 fn valid_entry(e: &WireEntry) -> bool {
-    !e.table.is_empty()
+    e.ltime < MAX_LTIME
+        && !e.table.is_empty()
         && e.table.len() <= MAX_NAME_LEN
         && !e.key.is_empty()
         && e.key.len() <= MAX_KEY_LEN
@@ -1753,6 +1936,56 @@ mod tests {
         assert!(p.frames.iter().all(|(_, t)| t.bytes.len() <= 64 << 10));
         assert_eq!(p.b.entry_count("net1"), 6000);
         assert_eq!(p.b.stats().decode_errors, 0);
+    }
+
+    #[test]
+    fn syncs_of_many_networks_complete_and_none_starves() {
+        let mut p = Pair::new(Config::default());
+        let now = p.now;
+        for k in 0..40 {
+            p.a.join_network(now, &format!("net{k:02}")).unwrap();
+            p.b.join_network(now, &format!("net{k:02}")).unwrap();
+        }
+        p.run(Duration::from_secs(3));
+        // A write on the network that sorts last, whose gossip is lost.
+        p.b.create_entry(p.now, "net39", "t", "k", Bytes::from_static(b"v")).unwrap();
+        while p.b.poll_transmit().is_some() {}
+        p.b.networks.get_mut("net39").unwrap().queue = Default::default();
+        p.run(Duration::from_secs(30));
+        assert_eq!(p.a.get_entry("net39", "t", "k"), Some(Bytes::from_static(b"v")), "repaired");
+        // Identical digests are answered, so requests do not sit in the table until they time out.
+        assert!(
+            p.a.syncs.len() <= 4 && p.b.syncs.len() <= 4,
+            "{} / {} syncs open",
+            p.a.syncs.len(),
+            p.b.syncs.len()
+        );
+        assert!(p.a.stats().syncs_started > 41 * 4, "every network synced: {}", p.a.stats().syncs_started);
+    }
+
+    #[test]
+    fn a_clock_near_overflow_from_a_peer_is_refused() {
+        let now = Instant::now();
+        let mut n = node(1, Config::default(), now);
+        let before = n.ltime();
+        let entry = |ltime| WireEntry {
+            table: "t".into(),
+            key: "k".into(),
+            owner: "n9".into(),
+            ltime,
+            flags: 0,
+            reap_in_ms: 0,
+            value: Bytes::from_static(b"x"),
+        };
+        for (head_ltime, entry_ltime) in [(u64::MAX, 1), (1, u64::MAX), (MAX_LTIME, 1)] {
+            let head = Head { from: NodeId::new("n9", addr(9), 1), ltime: head_ltime };
+            let body = Body::Events { network: "cluster".into(), events: vec![entry(entry_ltime)] };
+            n.handle_datagram(now, addr(9), &wire::encode_packet(&Packet { head, body }).unwrap());
+        }
+        assert_eq!(n.ltime(), before, "the clock did not move");
+        assert_eq!(n.stats().decode_errors, 3);
+        n.create_entry(now, "cluster", "t", "mine", Bytes::from_static(b"ok")).unwrap();
+        assert!(GossipNode::new(Config::default(), NodeId::new("x", addr(3), 1), 0, MAX_LTIME, now).is_err());
     }
 
     #[derive(Default)]

@@ -10,7 +10,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::queue::BroadcastQueue;
 use crate::watcher::ObjectType;
-use crate::wire::{FLAG_CLUSTER, FLAG_DELETED, WireEntry};
+use crate::wire::{FLAG_CLUSTER, FLAG_DELETED, FLAG_HIDDEN, WireEntry};
 
 /// Buckets of the anti-entropy digest. 128 x 8 bytes: a digest costs 1 KiB whatever the size
 /// of the tables.
@@ -109,9 +109,12 @@ impl Entry {
         if self.cluster {
             flags |= FLAG_CLUSTER;
         }
-        let reap_in_ms = match (self.deleted, self.reap_at) {
-            (true, Some(at)) => at.saturating_duration_since(now).as_millis().min(u32::MAX as u128) as u32,
-            _ => 0,
+        if self.hidden {
+            flags |= FLAG_HIDDEN;
+        }
+        let reap_in_ms = match self.reap_at {
+            Some(at) => at.saturating_duration_since(now).as_millis().min(u32::MAX as u128) as u32,
+            None => 0,
         };
         WireEntry {
             table: table.to_string(),
@@ -133,11 +136,14 @@ pub(crate) fn keyhash(table: &str, key: &str) -> u64 {
     h.digest()
 }
 
-pub(crate) fn fingerprint(keyhash: u64, ltime: u64, owner: &str, deleted: bool) -> u64 {
+/// Identifies one version: everything the version order looks at, value included (merge rules
+/// and the last tie-break read it), so two different versions never share a digest.
+pub(crate) fn fingerprint(keyhash: u64, ltime: u64, owner: &str, deleted: bool, value: &[u8]) -> u64 {
     let mut h = Xxh3::new();
     h.update(&keyhash.to_le_bytes());
     h.update(&ltime.to_le_bytes());
     h.update(&[deleted as u8]);
+    h.update(&xxhash_rust::xxh3::xxh3_64(value).to_le_bytes());
     h.update(owner.as_bytes());
     h.digest()
 }
@@ -293,8 +299,16 @@ mod tests {
             reap_at: None,
             updated: now,
             keyhash: kh,
-            fp: fingerprint(kh, ltime, "n", false),
+            fp: fingerprint(kh, ltime, "n", false, b"v"),
         }
+    }
+
+    #[test]
+    fn fingerprints_tell_apart_versions_that_differ_only_in_value() {
+        let kh = keyhash("t", "k");
+        assert_ne!(fingerprint(kh, 1, "n", false, b"(1,true)"), fingerprint(kh, 1, "n", false, b"(2,true)"));
+        assert_ne!(fingerprint(kh, 1, "n", false, b"v"), fingerprint(kh, 1, "n", true, b"v"));
+        assert_eq!(fingerprint(kh, 1, "n", false, b"v"), fingerprint(kh, 1, "n", false, b"v"));
     }
 
     #[test]

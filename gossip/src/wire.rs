@@ -115,6 +115,10 @@ pub fn stream_frame_len(prefix: [u8; STREAM_PREFIX_LEN], max: usize) -> Result<u
 /// Flags of a [`WireEntry`].
 pub const FLAG_DELETED: u8 = 1;
 pub const FLAG_CLUSTER: u8 = 2;
+/// The sender holds the entry hidden because its owner failed; `reap_in_ms` is its residual.
+pub const FLAG_HIDDEN: u8 = 4;
+/// Lamport times at or above this are refused: a peer cannot push clocks to overflow.
+pub const MAX_LTIME: u64 = 1 << 62;
 
 /// One table entry version on the wire (events, sync transfers).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,7 +128,7 @@ pub struct WireEntry {
     pub owner: String,
     pub ltime: u64,
     pub flags: u8,
-    /// Residual reap time of a tombstone, milliseconds.
+    /// Residual reap time of a tombstone or hidden entry, milliseconds.
     pub reap_in_ms: u32,
     pub value: Bytes,
 }

@@ -459,6 +459,23 @@ impl Cluster {
         })
     }
 
+    /// Each up node's view of the members, for failure messages.
+    pub fn membership_report(&self) -> String {
+        let mut out = String::new();
+        for i in (0..self.nodes.len()).filter(|&i| self.is_up(i)) {
+            let n = self.node(i);
+            let view: Vec<String> =
+                n.members().iter().map(|m| format!("{:?}={}", m.id, m.state.as_str())).collect();
+            out.push_str(&format!(
+                "\n  node {i} ({:?}, connected {}): {}",
+                n.id(),
+                n.is_connected(),
+                view.join(" ")
+            ));
+        }
+        out
+    }
+
     /// The first network/table where two attached nodes disagree on live entries, if any.
     pub fn divergence(&self, networks: &[String]) -> Option<String> {
         for net in networks {

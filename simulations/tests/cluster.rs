@@ -236,10 +236,12 @@ fn a_cluster_table_merge_rule_decides_on_every_node() {
         n.create_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[9, b'a'])).unwrap()
     });
     c.run_for(Duration::from_secs(1));
-    // A later write with a lower version loses everywhere, its writer included.
-    c.with(1, |n, now| {
-        n.update_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[3, b'b'])).unwrap()
+    // A later write with a lower version loses, and its writer is told so.
+    let err = c.with(1, |n, now| {
+        n.update_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[3, b'b'])).unwrap_err()
     });
+    assert!(matches!(err, weft_gossip::Error::Superseded { .. }), "{err}");
+    assert_eq!(c.node(1).get_entry("net1", "ring", "range-1"), Some(Bytes::from_static(&[9, b'a'])));
     c.run_for(Duration::from_secs(1));
     c.with(2, |n, now| {
         n.update_entry(now, "net1", "ring", "range-1", Bytes::from_static(&[12, b'c'])).unwrap()
@@ -252,6 +254,10 @@ fn a_cluster_table_merge_rule_decides_on_every_node() {
             "node {i}"
         );
     }
+    // A delete carries the value it deletes, so the rule ranks it equal and it wins by time.
+    c.with(3, |n, now| n.delete_entry(now, "net1", "ring", "range-1").unwrap());
+    c.run_for(Duration::from_secs(2));
+    assert!((0..4).all(|i| c.node(i).get_entry("net1", "ring", "range-1").is_none()));
 }
 
 #[test]
@@ -478,4 +484,104 @@ fn a_large_repair_is_split_into_frames_within_the_limit() {
     assert!(c.run_until(end, |c| c.live(1, "net1", "endpoints").len() == 5000), "seed 19: repaired");
     assert!(c.max_stream_frame <= 64 << 10, "a {}-byte frame", c.max_stream_frame);
     assert_eq!(c.node(1).stats().decode_errors, 0);
+}
+
+#[test]
+fn a_node_that_never_knew_a_failed_owner_does_not_resurrect_its_entries() {
+    let mut cfg = Config::lan(5);
+    cfg.reap_after = Duration::from_secs(120);
+    let mut c = Cluster::new(5, 20, cfg, NetModel::default());
+    let seeds = [c.nodes[0].addr];
+    for i in 0..4 {
+        c.with(i, |n, now| n.join(now, &seeds).unwrap());
+        c.attach(i, "net1");
+    }
+    c.run_for(Duration::from_secs(3));
+    c.with(3, |n, now| n.create_entry(now, "net1", "endpoints", "ep3", b("three")).unwrap());
+    c.run_for(Duration::from_secs(1));
+    c.crash(3);
+    c.run_for(Duration::from_secs(40));
+    assert_eq!(state_of(&c, 0, 3), MemberState::Failed);
+    // Node 4 joins after the failure: it never sees node 3 alive.
+    c.with(4, |n, now| n.join(now, &seeds).unwrap());
+    c.attach(4, "net1");
+    c.run_for(Duration::from_secs(10));
+    let t = c.node(4).table("net1", "endpoints");
+    assert_eq!(t.len(), 1, "synced");
+    let EntryState::Hidden { reap_in } = t[0].state else { panic!("resurrected: {t:?}") };
+    assert!(reap_in <= Duration::from_secs(80), "kept its residual: {reap_in:?}");
+    assert!(c.nodes[4].watched.is_empty(), "no watcher saw a dead node's entry");
+    // Once the reap interval is over, nobody holds it, and nobody hands it back.
+    c.run_for(Duration::from_secs(90));
+    for i in [0, 1, 2, 4] {
+        assert!(c.node(i).table("net1", "endpoints").is_empty(), "node {i}");
+    }
+    no_violation(&c);
+}
+
+#[test]
+fn a_restart_that_does_not_reattach_a_network_detaches_it() {
+    let mut c = settled(3, 21);
+    c.with(2, |n, now| n.create_entry(now, "net1", "endpoints", "ep2", b("x")).unwrap());
+    c.run_for(Duration::from_secs(1));
+    c.crash(2);
+    c.run_for(Duration::from_secs(2));
+    // Restart without re-attaching net1 (the agent did not persist it).
+    c.nodes[2].networks.clear();
+    c.restart(2, &[0]);
+    c.run_for(Duration::from_secs(10));
+    for i in 0..2 {
+        assert!(!c.node(i).network_peers("net1").iter().any(|p| &*p.name == "node-0002"), "node {i}");
+        assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep2"), None, "node {i}");
+    }
+}
+
+#[test]
+fn large_events_are_split_into_frames_within_the_limit() {
+    let mut cfg = Config::lan(3);
+    cfg.max_stream_frame = 64 << 10;
+    let mut c = Cluster::settled(3, 22, cfg, NetModel::default());
+    for i in 0..3 {
+        c.attach(i, "net1");
+    }
+    c.run_for(Duration::from_secs(1));
+    let big = Bytes::from(vec![9u8; 30_000]);
+    c.with(0, |n, now| {
+        for k in 0..6 {
+            n.create_entry(now, "net1", "endpoints", &format!("big{k}"), big.clone()).unwrap();
+        }
+        assert!(n.create_entry(now, "net1", "endpoints", "huge", Bytes::from(vec![0u8; 40_000])).is_err());
+    });
+    c.run_for(Duration::from_secs(3));
+    for i in 0..3 {
+        assert_eq!(c.live(i, "net1", "endpoints").len(), 6, "node {i}");
+        assert_eq!(c.node(i).stats().decode_errors, 0);
+    }
+    assert!(c.max_stream_frame <= 64 << 10, "a {}-byte frame", c.max_stream_frame);
+}
+
+#[test]
+fn members_failed_longer_than_the_reap_interval_are_forgotten() {
+    let mut cfg = Config::lan(3);
+    cfg.reap_after = Duration::from_secs(60);
+    let mut c = Cluster::settled(3, 23, cfg, NetModel::default());
+    c.crash(2);
+    c.run_for(Duration::from_secs(30));
+    assert_eq!(state_of(&c, 0, 2), MemberState::Failed);
+    c.run_for(Duration::from_secs(60));
+    assert!(!c.node(0).members().iter().any(|m| &*m.id.name == "node-0002"));
+}
+
+#[test]
+fn a_hidden_key_can_be_taken_over() {
+    let mut c = settled(3, 24);
+    c.with(2, |n, now| n.create_entry(now, "net1", "endpoints", "vip", b("on-2")).unwrap());
+    c.run_for(Duration::from_secs(1));
+    c.crash(2);
+    c.run_for(Duration::from_secs(20));
+    assert_eq!(c.node(0).get_entry("net1", "endpoints", "vip"), None);
+    c.with(0, |n, now| n.create_entry(now, "net1", "endpoints", "vip", b("on-0")).unwrap());
+    c.run_for(Duration::from_secs(1));
+    assert_eq!(c.node(1).get_entry("net1", "endpoints", "vip"), Some(b("on-0")));
+    no_violation(&c);
 }
