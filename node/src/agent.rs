@@ -136,6 +136,9 @@ pub struct Agent {
     watchers: Watchers,
     rng: Xoshiro256PlusPlus,
     connected_at: Option<Instant>,
+    /// Whether this node joins through seeds (a node started without seeds founds a cluster and
+    /// is never the newcomer of a name clash).
+    has_seeds: bool,
     /// Set when another node holds this node's name and this node is the newcomer.
     refused: Option<NodeId>,
 }
@@ -170,6 +173,7 @@ impl Agent {
             watchers,
             rng: Xoshiro256PlusPlus::seed_from_u64(seed.rotate_left(17) ^ 0xa6e7),
             connected_at: None,
+            has_seeds: false,
             refused: None,
         };
         let _ = now;
@@ -241,8 +245,10 @@ impl Agent {
             }
             Event::Connected(true) if self.connected_at.is_none() => self.connected_at = Some(now),
             Event::NameConflict { other } => {
-                let newcomer =
-                    self.connected_at.is_none_or(|at| now.saturating_duration_since(at) < NAME_CHECK_WINDOW);
+                let newcomer = self.has_seeds
+                    && self
+                        .connected_at
+                        .is_none_or(|at| now.saturating_duration_since(at) < NAME_CHECK_WINDOW);
                 if newcomer {
                     self.refused = Some(other.clone());
                 } else {
@@ -256,11 +262,23 @@ impl Agent {
     // ----- membership ------------------------------------------------------------------------
 
     pub fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), AgentError> {
+        self.has_seeds |= !seeds.is_empty();
         Ok(self.gossip.join(now, seeds)?)
     }
 
     pub fn leave(&mut self, now: Instant) -> Result<(), AgentError> {
         Ok(self.gossip.leave(now)?)
+    }
+
+    /// Networks this node is attached to, other than `cluster`: what the caller persists so a
+    /// restart re-attaches them.
+    pub fn attached_networks(&self) -> Vec<String> {
+        self.gossip.networks().filter(|n| *n != CLUSTER_NETWORK).map(str::to_string).collect()
+    }
+
+    /// Re-attaches a network by id after a restart (its definition may not have arrived yet).
+    pub fn reattach(&mut self, now: Instant, id: &str) -> Result<(), AgentError> {
+        Ok(self.gossip.join_network(now, id)?)
     }
 
     pub fn members(&self) -> Vec<MemberInfo> {

@@ -52,7 +52,16 @@ pub fn parse_file(path: &Path) -> anyhow::Result<Layer> {
     let text = std::fs::read_to_string(path).with_context(|| format!("config file {}", path.display()))?;
     toml::from_str::<Layer>(&text).map_err(|e| {
         let msg = e.message().replace('\n', " ");
-        anyhow!("config file {}: {msg}", path.display())
+        // Name the key the error is about: the text before `=` on the line the error points at.
+        let at = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
+        let line_no = text[..at].matches('\n').count() + 1;
+        let line = text.lines().nth(line_no - 1).unwrap_or("");
+        match line.split_once('=') {
+            Some((key, _)) if !msg.contains('`') || msg.contains("invalid") => {
+                anyhow!("config file {} line {line_no}: key `{}`: {msg}", path.display(), key.trim())
+            }
+            _ => anyhow!("config file {} line {line_no}: {msg}", path.display()),
+        }
     })
 }
 

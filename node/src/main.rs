@@ -3,7 +3,24 @@
 use clap::Parser;
 
 fn main() {
-    let cli = weft_node::cli::Cli::parse();
+    let cli = match weft_node::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // One line: what is wrong, without the usage block.
+            let text = e.render().to_string();
+            let msg: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+                })
+                .collect();
+            let msg = msg.join(" ");
+            eprintln!("weft: {} (see weft --help)", msg.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -151,7 +151,12 @@ impl Shell {
             tracing::warn!(seeds = ?unresolved, "could not resolve seeds; will retry");
             tokio::spawn(shell.clone().resolve_loop(cfg.join.clone(), bound));
         }
-        shell.with(|a, now| a.join(now, &seeds))?;
+        shell.with(|a, now| -> Result<(), crate::AgentError> {
+            for id in &st.networks {
+                a.reattach(now, id)?;
+            }
+            a.join(now, &seeds)
+        })?;
         Ok(shell)
     }
 
@@ -201,6 +206,11 @@ impl Shell {
         let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = state.cover(ltime) {
             tracing::error!(error = %e, "cannot persist the Lamport clock");
+        }
+        if !agent.gossip().has_left()
+            && let Err(e) = state.set_networks(agent.attached_networks())
+        {
+            tracing::error!(error = %e, "cannot persist the attached networks");
         }
         drop(state);
         self.inner.wake.notify_one();

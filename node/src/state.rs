@@ -18,6 +18,9 @@ pub struct NodeState {
     pub generation: u64,
     /// No Lamport time at or above this was ever used; a restart starts its clock here.
     pub ltime_hwm: u64,
+    /// Networks (ids) this node is attached to; a restart re-attaches them.
+    #[serde(default)]
+    pub networks: Vec<String>,
 }
 
 /// The state file of one data dir.
@@ -64,6 +67,7 @@ impl StateFile {
                 name: n.map(str::to_string).unwrap_or_else(default_name),
                 generation: 1,
                 ltime_hwm: 0,
+                networks: Vec::new(),
             },
         };
         let mut f = StateFile { path, state };
@@ -78,6 +82,16 @@ impl StateFile {
     fn save(&mut self) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec_pretty(&self.state).expect("serializable");
         write_atomic(&self.path, &bytes).with_context(|| format!("cannot write {}", self.path.display()))
+    }
+
+    /// Records the attached networks (sorted); writes only when they changed.
+    pub fn set_networks(&mut self, mut networks: Vec<String>) -> anyhow::Result<()> {
+        networks.sort();
+        if networks != self.state.networks {
+            self.state.networks = networks;
+            self.save()?;
+        }
+        Ok(())
     }
 
     /// Makes sure the persisted high-water mark is above `ltime`, extending the lease if not.
@@ -118,8 +132,11 @@ mod tests {
         let s2 = StateFile::start(&dir, None).unwrap();
         assert_eq!(
             s2.state(),
-            &NodeState { name: "alpha".into(), generation: 2, ltime_hwm: 5 + LTIME_LEASE }
+            &NodeState { name: "alpha".into(), generation: 2, ltime_hwm: 5 + LTIME_LEASE, networks: vec![] }
         );
+        let mut s3 = s2;
+        s3.set_networks(vec!["b".into(), "a".into()]).unwrap();
+        assert_eq!(StateFile::start(&dir, None).unwrap().state().networks, vec!["a", "b"]);
         let err = StateFile::start(&dir, Some("beta")).unwrap_err().to_string();
         assert!(err.contains("belongs to node \"alpha\""), "{err}");
         fs::write(dir.join("node.json"), b"{not json").unwrap();

@@ -1,1 +1,248 @@
-//! Helpers for the integration tests.
+//! Helpers for the integration tests: real `weft` agents as processes on loopback addresses,
+//! driven only through the `weft` CLI. Every agent is killed and its data dir removed when its
+//! handle drops.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `weft` binary of this build profile, built on first use if `cargo test` did not.
+pub fn weft_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable");
+        // target/<profile>/deps/<test> -> target/<profile>/weft
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+        let bin = profile_dir.join("weft");
+        if !bin.exists() {
+            let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            cmd.args(["build", "-p", "weft-node", "--bin", "weft"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build");
+            assert!(status.success(), "building the weft binary failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+/// A scratch directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("weft-it-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("temp dir");
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One agent process.
+#[derive(Debug)]
+pub struct Agent {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub seeds: Vec<SocketAddr>,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts `weft agent` as `name` on `addr` with its own data dir under `root`.
+    pub fn start(root: &Path, name: &str, addr: SocketAddr, seeds: &[SocketAddr]) -> Agent {
+        let data_dir = root.join(name);
+        std::fs::create_dir_all(&data_dir).expect("data dir");
+        let mut a = Agent { name: name.into(), addr, data_dir, seeds: seeds.to_vec(), child: None };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.join("agent.log"))
+            .expect("log file");
+        let mut cmd = Command::new(weft_bin());
+        cmd.args(["agent", "--name", &self.name, "--bind", &self.addr.to_string()])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("RUST_LOG", "info")
+            .env_remove("WEFT_HOST")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        if !self.seeds.is_empty() {
+            let seeds: Vec<String> = self.seeds.iter().map(ToString::to_string).collect();
+            cmd.args(["--join", &seeds.join(",")]);
+        }
+        self.child = Some(cmd.spawn().expect("spawn weft agent"));
+        let sock = self.socket();
+        wait_until(&format!("{} serves its control socket", self.name), Duration::from_secs(10), || {
+            self.cli(&["members", "--json"]).status.success()
+        });
+        let _ = sock;
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir.join("weft.sock")
+    }
+
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Runs `weft -H <this agent> ARGS`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(weft_bin()).arg("-H").arg(self.host()).args(args).output().expect("run weft")
+    }
+
+    /// Runs the CLI and parses its JSON output; panics with stderr if it failed.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(out.status.success(), "weft {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    }
+
+    /// `name -> state` of every member this agent lists.
+    pub fn member_states(&self) -> Vec<(String, String)> {
+        let out = self.cli(&["members", "--json"]);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| {
+                        (
+                            m["name"].as_str().unwrap_or("").to_string(),
+                            m["state"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn state_of(&self, name: &str) -> Option<String> {
+        self.member_states().into_iter().find(|(n, _)| n == name).map(|(_, s)| s)
+    }
+
+    /// Entries of `table` in `network` as (key, owner, state, value-base64).
+    pub fn entries(&self, network: &str, table: &str) -> Vec<(String, String, String, String)> {
+        let out = self.cli(&["dump", "--network", network, "--table", table, "--json"]);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let mut res = Vec::new();
+        for n in v["networks"].as_array().into_iter().flatten() {
+            for t in n["tables"].as_array().into_iter().flatten() {
+                for e in t["entries"].as_array().into_iter().flatten() {
+                    let s = |k: &str| e[k].as_str().unwrap_or("").to_string();
+                    res.push((s("key"), s("owner"), s("state"), s("value")));
+                }
+            }
+        }
+        res
+    }
+
+    pub fn live_keys(&self, network: &str, table: &str) -> Vec<String> {
+        self.entries(network, table).into_iter().filter(|e| e.2 == "live").map(|e| e.0).collect()
+    }
+
+    /// SIGKILL: the process dies without a word.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; returns the exit status and how long the agent took to exit.
+    pub fn terminate(&mut self) -> (Option<i32>, Duration) {
+        let mut c = self.child.take().expect("running");
+        let t0 = Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .expect("signal");
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return (status.code(), t0.elapsed());
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                let _ = c.kill();
+                let _ = c.wait();
+                return (None, t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the agent again with the same name, address and data dir.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// A raw `GET` on the control socket (what `curl --unix-socket` does); returns the body.
+    pub fn http_get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.socket()).expect("control socket");
+        write!(s, "GET {path} HTTP/1.0\r\nHost: weft\r\n\r\n").expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("answer");
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        if cond() {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A loopback address of this test's own (`127.0.<net>.<host>:7946`).
+pub fn addr(net: u8, host: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, net, host], 7946))
+}
+
+/// Runs `weft ARGS` with no agent around (for argument errors).
+pub fn weft(args: &[&str]) -> Output {
+    Command::new(weft_bin()).args(args).env_remove("WEFT_HOST").output().expect("run weft")
+}
