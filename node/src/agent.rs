@@ -667,3 +667,209 @@ fn validate_network_name(name: &str) -> Result<(), AgentError> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, i], 7946))
+    }
+
+    /// Agents wired back to back, every transmit delivered at once unless cut off.
+    struct Net {
+        agents: Vec<Agent>,
+        now: Instant,
+        cut: bool,
+    }
+
+    impl Net {
+        fn new(n: u8) -> Net {
+            let now = Instant::now();
+            let agents = (1..=n)
+                .map(|i| {
+                    Agent::new(
+                        GossipConfig::lan(8),
+                        NodeId::new(format!("a{i}"), addr(i), 1),
+                        i as u64,
+                        0,
+                        now,
+                    )
+                    .unwrap()
+                })
+                .collect();
+            let mut net = Net { agents, now, cut: false };
+            for i in 1..net.agents.len() {
+                net.agents[i].join(now, &[addr(1)]).unwrap();
+            }
+            net.run(Duration::from_secs(3));
+            net
+        }
+
+        fn pump(&mut self) {
+            loop {
+                let mut moved = false;
+                for i in 0..self.agents.len() {
+                    while let Some(t) = self.agents[i].poll_transmit() {
+                        moved = true;
+                        let Some(j) = self.agents.iter().position(|a| a.id().addr == t.dst) else { continue };
+                        if self.cut && (i == 0) != (j == 0) {
+                            continue;
+                        }
+                        let from = self.agents[i].id().addr;
+                        match t.kind {
+                            weft_gossip::TransmitKind::Datagram => {
+                                self.agents[j].handle_datagram(self.now, from, &t.bytes)
+                            }
+                            weft_gossip::TransmitKind::Stream => {
+                                self.agents[j].handle_stream(self.now, from, &t.bytes)
+                            }
+                        }
+                    }
+                    while self.agents[i].poll_event(self.now).is_some() {}
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+
+        fn run(&mut self, d: Duration) {
+            let end = self.now + d;
+            while self.now < end {
+                self.now += Duration::from_millis(20);
+                for a in &mut self.agents {
+                    a.handle_timeout(self.now);
+                }
+                self.pump();
+            }
+        }
+    }
+
+    #[test]
+    fn network_definitions_are_cluster_wide_and_validated() {
+        let mut net = Net::new(3);
+        let now = net.now;
+        let a = &mut net.agents[0];
+        let def =
+            a.create_network(now, "blue", "overlay", &["10.1.0.0/24".into()], Some("10.1.0.1")).unwrap();
+        assert_eq!(def.id.len(), 32);
+        assert!(matches!(
+            a.create_network(now, "blue", "overlay", &[], None),
+            Err(AgentError::NetworkExists(_))
+        ));
+        assert!(matches!(
+            a.create_network(now, "x", "overlay", &["10.1.0.7/24".into()], None),
+            Err(AgentError::BadSubnet(_))
+        ));
+        assert!(matches!(
+            a.create_network(now, "y", "overlay", &["nope".into()], None),
+            Err(AgentError::BadSubnet(_))
+        ));
+        assert!(matches!(
+            a.create_network(now, "z", "overlay", &["10.2.0.0/24".into(), "10.2.0.0/25".into()], None),
+            Err(AgentError::BadSubnet(_))
+        ));
+        assert!(matches!(
+            a.create_network(now, "w", "overlay", &["10.3.0.0/24".into()], Some("10.4.0.1")),
+            Err(AgentError::BadGateway(_))
+        ));
+        assert!(matches!(
+            a.create_network(now, "cluster", "overlay", &[], None),
+            Err(AgentError::Reserved(_))
+        ));
+        assert!(matches!(
+            a.create_network(now, "bad name", "overlay", &[], None),
+            Err(AgentError::BadName(_))
+        ));
+        net.run(Duration::from_secs(1));
+        for a in &net.agents {
+            let n = a.resolve("blue").unwrap();
+            assert_eq!(n.def, def);
+            assert_eq!(a.resolve(&def.id[..6]).unwrap().def.id, def.id, "id prefixes work");
+        }
+        assert!(net.agents[0].resolve("blue").unwrap().attached);
+        assert!(!net.agents[1].resolve("blue").unwrap().attached);
+    }
+
+    #[test]
+    fn rm_refuses_while_others_are_attached_and_detaches_them_when_forced() {
+        let mut net = Net::new(3);
+        let now = net.now;
+        net.agents[0].create_network(now, "red", "overlay", &[], None).unwrap();
+        net.run(Duration::from_secs(1));
+        let now = net.now;
+        net.agents[1].attach(now, "red").unwrap();
+        net.run(Duration::from_secs(1));
+        let now = net.now;
+        let err = net.agents[0].remove_network(now, "red", false).unwrap_err();
+        assert!(
+            matches!(&err, AgentError::NetworkInUse { peers, .. } if peers == &["a2".to_string()]),
+            "{err}"
+        );
+        net.agents[0].remove_network(now, "red", true).unwrap();
+        net.run(Duration::from_secs(1));
+        for a in &net.agents {
+            assert!(a.resolve("red").is_err());
+            assert!(a.attached_networks().is_empty(), "{} still attached", a.id().name);
+        }
+    }
+
+    #[test]
+    fn a_name_created_on_both_sides_of_a_partition_keeps_both_networks() {
+        let mut net = Net::new(2);
+        net.cut = true;
+        net.run(Duration::from_secs(1));
+        let now = net.now;
+        let x = net.agents[0].create_network(now, "dup", "overlay", &[], None).unwrap();
+        let y = net.agents[1].create_network(now, "dup", "overlay", &[], None).unwrap();
+        net.cut = false;
+        net.run(Duration::from_secs(20));
+        for a in &net.agents {
+            let all = a.networks();
+            assert_eq!(all.len(), 2, "both survive on {}", a.id().name);
+            assert!(all.iter().all(|n| n.name_clash));
+            let err = a.resolve("dup").unwrap_err().to_string();
+            assert!(
+                err.contains("ambiguous") && err.contains(x.short_id()) && err.contains(y.short_id()),
+                "{err}"
+            );
+            assert_eq!(a.resolve(&x.id).unwrap().def, x);
+        }
+    }
+
+    #[test]
+    fn diagnostic_writes_respect_protected_tables() {
+        let mut net = Net::new(2);
+        let now = net.now;
+        net.agents[0].create_network(now, "g", "overlay", &[], None).unwrap();
+        let a = &mut net.agents[0];
+        let v = || Bytes::from_static(b"v");
+        assert!(matches!(a.table_put(now, "cluster", "x", "k", v(), false), Err(AgentError::Protected(_))));
+        assert!(matches!(
+            a.table_put(now, "g", NETWORKS_TABLE, "k", v(), false),
+            Err(AgentError::Protected(_))
+        ));
+        a.table_put(now, "cluster", "x", "k", v(), true).unwrap();
+        a.table_put(now, "g", "endpoints", "k", v(), false).unwrap();
+        a.table_put(now, "g", "endpoints", "k", Bytes::from_static(b"w"), false).unwrap();
+        assert_eq!(a.table_get("g", "endpoints", "k").unwrap(), Some(Bytes::from_static(b"w")));
+        let pairs = vec![("a".to_string(), "1".to_string()), (String::new(), "2".to_string())];
+        assert!(a.table_load(now, "g", "endpoints", &pairs, false).is_err());
+        assert_eq!(a.table_get("g", "endpoints", "a").unwrap(), None, "a bad load writes nothing");
+        a.table_rm(now, "g", "endpoints", "k", false).unwrap();
+        assert!(a.table_rm(now, "g", "endpoints", "k", false).is_err());
+        let d = a.dump(Some("g"), None).unwrap();
+        assert_eq!(d.networks.len(), 1);
+        assert_eq!(d.networks[0].name, "g");
+        assert_eq!(d.networks[0].tables[0].entries[0].state, "tombstone");
+        let d = a.dump(Some("cluster"), Some(NETWORKS_TABLE)).unwrap();
+        let e = &d.networks[0].tables[0].entries[0];
+        assert_eq!(e.decoded.as_ref().unwrap().fields["name"], "g");
+        let m = a.metrics();
+        assert!(
+            m.contains("weft_members{state=\"alive\"} 2") && m.contains("weft_decode_errors_total 0"),
+            "{m}"
+        );
+    }
+}

@@ -146,6 +146,7 @@ impl Shell {
         tokio::spawn(shell.clone().tcp_loop(tcp));
         tokio::spawn(shell.clone().timer_loop());
         tokio::spawn(send_loop(shell.inner.clone(), udp, out_rx));
+        tokio::spawn(shell.clone().report_seeds_loop());
         tracing::info!(node = %id.name, addr = %advertise, generation = id.generation, "agent started");
         if !unresolved.is_empty() {
             tracing::warn!(seeds = ?unresolved, "could not resolve seeds; will retry");
@@ -334,6 +335,27 @@ impl Shell {
             tokio::select! {
                 _ = sleep => self.with(|a, now| a.handle_timeout(now)),
                 _ = self.inner.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Says in the log whom the agent could not reach, when that changes (and every few
+    /// minutes while it lasts).
+    async fn report_seeds_loop(self) {
+        let mut last: Vec<SocketAddr> = Vec::new();
+        let mut quiet = 0u32;
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let now = self.read(Agent::unreachable_seeds);
+            quiet += 1;
+            if now != last || (!now.is_empty() && quiet >= 18) {
+                if now.is_empty() {
+                    tracing::info!("every seed reached");
+                } else {
+                    tracing::warn!(seeds = ?now, "seeds not reached yet; still trying");
+                }
+                last = now;
+                quiet = 0;
             }
         }
     }
