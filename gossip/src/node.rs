@@ -749,7 +749,12 @@ impl GossipNode {
                     self.announce_everywhere(now);
                 }
                 OwnedNotification::Defunct => {
-                    tracing::warn!("declared down by the cluster");
+                    // Leaving makes foca declare itself down too; only the unexpected case warns.
+                    if self.left {
+                        tracing::debug!("membership stopped after leaving");
+                    } else {
+                        tracing::warn!("declared down by the cluster and unable to rejoin");
+                    }
                 }
             }
         }

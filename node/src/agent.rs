@@ -120,14 +120,15 @@ impl TableWatcher for NetworkDefs {
 }
 
 /// Decodes the gossip core's own attachment records for dumps.
-fn decode_attachment(key: &str, value: &[u8]) -> Option<Decoded> {
+fn decode_attachment(key: &str, value: &[u8], names: &BTreeMap<String, String>) -> Option<Decoded> {
     let (network, node) = key.split_once(' ')?;
     let (generation, attached) = wire::decode::<(u64, bool)>(value).ok()?;
     let mut fields = BTreeMap::new();
-    fields.insert("node".into(), node.to_string());
+    let network = names.get(network).cloned().unwrap_or_else(|| network.chars().take(12).collect());
+    fields.insert("network".into(), network);
     fields.insert("generation".into(), generation.to_string());
     fields.insert("state".into(), if attached { "attached" } else { "detached" }.into());
-    Some(Decoded { object_id: network.to_string(), fields })
+    Some(Decoded { object_id: node.to_string(), fields })
 }
 
 /// The sans-IO agent.
@@ -534,7 +535,12 @@ impl Agent {
             None => None,
         };
         let mut networks = Vec::new();
-        for nid in self.gossip.networks() {
+        // `cluster` first, then the others by name.
+        let mut nids: Vec<&str> = self.gossip.networks().collect();
+        nids.sort_by_key(|n| {
+            (*n != CLUSTER_NETWORK, names.get(*n).cloned().unwrap_or_default(), n.to_string())
+        });
+        for nid in nids {
             if only.as_deref().is_some_and(|o| o != nid) {
                 continue;
             }
@@ -544,7 +550,7 @@ impl Agent {
                     continue;
                 }
                 let entries =
-                    self.gossip.table(nid, &t).into_iter().map(|e| self.dump_entry(&t, e)).collect();
+                    self.gossip.table(nid, &t).into_iter().map(|e| self.dump_entry(&t, e, &names)).collect();
                 tables.push(DumpTable { name: t, entries });
             }
             let name = if nid == CLUSTER_NETWORK {
@@ -557,7 +563,12 @@ impl Agent {
         Ok(Dump { node: self.id().name.to_string(), networks })
     }
 
-    fn dump_entry(&self, table: &str, e: weft_gossip::EntryView) -> DumpEntry {
+    fn dump_entry(
+        &self,
+        table: &str,
+        e: weft_gossip::EntryView,
+        names: &BTreeMap<String, String>,
+    ) -> DumpEntry {
         use base64::Engine;
         let (state, reap_in) = match e.state {
             EntryState::Live => ("live", None),
@@ -565,7 +576,7 @@ impl Agent {
             EntryState::Hidden { reap_in } => ("hidden", Some(reap_in)),
         };
         let decoded = if table == ATTACH_TABLE {
-            decode_attachment(&e.key, &e.value)
+            decode_attachment(&e.key, &e.value, names)
         } else if e.state == EntryState::Live || matches!(e.state, EntryState::Hidden { .. }) {
             self.watchers
                 .decode(table, &e.key, &e.value)

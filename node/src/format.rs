@@ -157,7 +157,11 @@ pub fn dump(d: &Dump, verbose: bool) -> String {
                             Some(dec) => {
                                 let fields: Vec<String> =
                                     dec.fields.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-                                format!("{} {{{}}}", dec.object_id, fields.join(", "))
+                                if dec.object_id == e.key {
+                                    format!("{{{}}}", fields.join(", "))
+                                } else {
+                                    format!("{} {{{}}}", dec.object_id, fields.join(", "))
+                                }
                             }
                             None => value(&e.value),
                         });
