@@ -38,6 +38,10 @@ pub const RESERVED_TABLE_PREFIX: &str = "weft:";
 pub const ATTACH_TABLE: &str = "weft:attachments";
 
 const MAX_NAME_LEN: usize = 255;
+/// How long a restarted node waits before detaching networks only a previous life attached.
+const SELF_DETACH_GRACE: Duration = Duration::from_secs(10);
+/// How far ahead of this node's clock a remote Lamport time may be.
+pub const MAX_LTIME_JUMP: u64 = 1 << 40;
 const MAX_KEY_LEN: usize = 1024;
 
 /// Buckets and their items, for one `SyncSummary` frame.
@@ -175,6 +179,11 @@ pub struct GossipNode {
     specs: BTreeMap<String, TableSpec>,
     attachments: BTreeMap<String, BTreeMap<Arc<str>, Attachment>>,
     syncs: BTreeMap<u64, SyncState>,
+    /// Networks a previous life of this node attached and this one did not, with when to
+    /// detach them (see `on_attachment`).
+    stale_self_attachments: BTreeMap<String, Instant>,
+    /// Another node claimed this node's name: records of "our" previous lives may be its.
+    name_contested: bool,
     /// Alive members other than this node (kept current; read on every relayed event).
     alive_count: usize,
     /// Nodes attached per network, this one included when attached.
@@ -271,6 +280,8 @@ impl GossipNode {
             specs: BTreeMap::new(),
             attachments: BTreeMap::new(),
             syncs: BTreeMap::new(),
+            stale_self_attachments: BTreeMap::new(),
+            name_contested: false,
             alive_count: 0,
             attached_count: BTreeMap::new(),
             connected: false,
@@ -366,6 +377,11 @@ impl GossipNode {
             return Vec::new();
         };
         t.iter().map(|(k, e)| self.view(k, e)).collect()
+    }
+
+    /// Stored versions (live, tombstoned, hidden) of one table.
+    pub fn table_len(&self, network: &str, table: &str) -> usize {
+        self.networks.get(network).and_then(|n| n.tables.get(table)).map_or(0, |t| t.len())
     }
 
     /// Tables of a network that hold at least one entry.
@@ -768,14 +784,21 @@ impl GossipNode {
     fn member_up(&mut self, now: Instant, id: NodeId) {
         if id.name == self.id.name {
             if id.addr != self.id.addr {
+                self.name_contested = true;
                 self.events.push_back(Event::NameConflict { other: id });
             }
             return;
         }
-        if let Some(m) = self.members.get(&id.name)
-            && (m.id.life() > id.life() || (m.id == id && m.state == MemberState::Alive))
-        {
-            return;
+        if let Some(m) = self.members.get(&id.name) {
+            if m.id.life() > id.life() || (m.id == id && m.state == MemberState::Alive) {
+                return;
+            }
+            // Two live nodes claim one name from two addresses: the one known first keeps it
+            // (the other is refusing to run); its entries must not be hidden by the impostor.
+            if m.state == MemberState::Alive && m.id.addr != id.addr {
+                tracing::warn!(holder = %m.id, other = %id, "two nodes claim one name; keeping the first");
+                return;
+            }
         }
         // A life that already left stays gone; only a newer life (a restart) comes back.
         if self.left_generation(&id.name).is_some_and(|g| g >= id.generation) {
@@ -845,7 +868,14 @@ impl GossipNode {
         if !left {
             self.set_hidden(now, &id.name, true);
         }
+        let name = id.name.clone();
         self.events.push_back(Event::MemberDown { id, reason });
+        // A life of this name at another address that was held back while this one was alive
+        // (a node that moved) takes over now.
+        let successor = self.foca.iter_members().map(|m| m.id().clone()).find(|m| m.name == name);
+        if let Some(next) = successor {
+            self.member_up(now, next);
+        }
     }
 
     /// Hides (owner failed) or restores (owner back) every node-owned entry of `owner`.
@@ -952,12 +982,14 @@ impl GossipNode {
         if *node == *self.id.name {
             // A previous life of this node attached a network this life has not: say it left,
             // or peers would keep it (and its old entries) attached forever.
+            // Not at once: until a grace period has passed without anyone else claiming this
+            // node's name, the record may be another node's (a misconfigured twin).
             if rec.attached
                 && generation < self.id.generation
                 && !self.networks.contains_key(network)
                 && !self.left
             {
-                self.write_attachment(now, network, false);
+                self.stale_self_attachments.entry(network.to_string()).or_insert(now + SELF_DETACH_GRACE);
             }
             return;
         }
@@ -1417,6 +1449,7 @@ impl GossipNode {
     }
 
     fn gossip_round(&mut self, now: Instant) {
+        self.detach_stale_self_attachments(now);
         let nets: Vec<String> = self.networks.keys().cloned().collect();
         for nid in &nets {
             if !self.networks[nid].queue.is_empty() {
@@ -1443,6 +1476,33 @@ impl GossipNode {
             // What could not start (the sync table was full) is tried next round.
             let net = self.networks.get_mut(nid).expect("listed");
             net.initial_syncs = if started > 0 { 0 } else { net.initial_syncs };
+        }
+    }
+
+    fn detach_stale_self_attachments(&mut self, now: Instant) {
+        if self.stale_self_attachments.is_empty() || self.left {
+            return;
+        }
+        if self.name_contested {
+            self.stale_self_attachments.clear();
+            return;
+        }
+        let due: Vec<String> = self
+            .stale_self_attachments
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for network in due {
+            self.stale_self_attachments.remove(&network);
+            let still = self
+                .attachments
+                .get(&network)
+                .and_then(|by| by.get(&self.id.name))
+                .is_some_and(|a| a.attached && a.generation < self.id.generation);
+            if still && !self.networks.contains_key(&network) {
+                self.write_attachment(now, &network, false);
+            }
         }
     }
 
@@ -1553,7 +1613,7 @@ impl GossipNode {
 
     fn handle_packet(&mut self, now: Instant, p: Packet) {
         let Packet { head, body } = p;
-        if head.from.name == self.id.name || head.from.name.is_empty() || head.ltime >= MAX_LTIME {
+        if head.from.name == self.id.name || head.from.name.is_empty() || !self.plausible_ltime(head.ltime) {
             self.stats.decode_errors += 1;
             return;
         }
@@ -1561,7 +1621,7 @@ impl GossipNode {
         match body {
             Body::Events { network, events } => {
                 for e in events {
-                    if !valid_entry(&e) {
+                    if !valid_entry(&e) || !self.plausible_ltime(e.ltime) {
                         self.stats.decode_errors += 1;
                         continue;
                     }
@@ -1577,6 +1637,14 @@ impl GossipNode {
             }
             Body::Message { data } => self.events.push_back(Event::Message { from: head.from, data }),
         }
+    }
+
+    /// Whether a remote Lamport time may be witnessed: below [`MAX_LTIME`] and at most
+    /// [`MAX_LTIME_JUMP`] ahead of this node's clock. A legitimate peer is never that far ahead
+    /// (it would take 10^12 writes); a forged packet cannot push every clock in the cluster to
+    /// the end of its range in one step.
+    fn plausible_ltime(&self, ltime: u64) -> bool {
+        ltime < MAX_LTIME && ltime <= self.clock.saturating_add(MAX_LTIME_JUMP)
     }
 
     /// Sends `data` to the node named `to`: a datagram when it fits, a stream otherwise. It
@@ -1736,7 +1804,7 @@ impl GossipNode {
         }
         let mut relayed = 0;
         for e in entries {
-            if !valid_entry(&e) {
+            if !valid_entry(&e) || !self.plausible_ltime(e.ltime) {
                 self.stats.decode_errors += 1;
                 continue;
             }
@@ -1982,13 +2050,14 @@ mod tests {
             reap_in_ms: 0,
             value: Bytes::from_static(b"x"),
         };
-        for (head_ltime, entry_ltime) in [(u64::MAX, 1), (1, u64::MAX), (MAX_LTIME, 1)] {
+        let far = before + MAX_LTIME_JUMP + 1;
+        for (head_ltime, entry_ltime) in [(u64::MAX, 1), (1, u64::MAX), (MAX_LTIME, 1), (far, 1), (1, far)] {
             let head = Head { from: NodeId::new("n9", addr(9), 1), ltime: head_ltime };
             let body = Body::Events { network: "cluster".into(), events: vec![entry(entry_ltime)] };
             n.handle_datagram(now, addr(9), &wire::encode_packet(&Packet { head, body }).unwrap());
         }
         assert_eq!(n.ltime(), before, "the clock did not move");
-        assert_eq!(n.stats().decode_errors, 3);
+        assert_eq!(n.stats().decode_errors, 5);
         n.create_entry(now, "cluster", "t", "mine", Bytes::from_static(b"ok")).unwrap();
         assert!(GossipNode::new(Config::default(), NodeId::new("x", addr(3), 1), 0, MAX_LTIME, now).is_err());
     }

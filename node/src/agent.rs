@@ -39,7 +39,7 @@ pub struct NetworkDef {
 impl NetworkDef {
     /// The 12-hex short id, as Docker prints it.
     pub fn short_id(&self) -> &str {
-        &self.id[..self.id.len().min(12)]
+        self.id.get(..12).unwrap_or(&self.id)
     }
 }
 
@@ -295,8 +295,13 @@ impl Agent {
     /// Every network definition the cluster holds, sorted by name then id.
     pub fn networks(&self) -> Vec<NetworkInfo> {
         let mut defs = Vec::new();
-        self.gossip.walk(CLUSTER_NETWORK, NETWORKS_TABLE, |_, v, _| {
-            if let Ok(d) = serde_json::from_slice::<NetworkDef>(v) {
+        self.gossip.walk(CLUSTER_NETWORK, NETWORKS_TABLE, |key, v, _| {
+            // Only well-formed definitions stored under their own id count (anyone can write
+            // this table with --force).
+            if let Ok(d) = serde_json::from_slice::<NetworkDef>(v)
+                && d.id == key
+                && is_network_id(key)
+            {
                 defs.push(d);
             }
             true
@@ -362,6 +367,9 @@ impl Agent {
         }
         if self.networks().iter().any(|n| n.def.name == name) {
             return Err(AgentError::NetworkExists(name.to_string()));
+        }
+        if subnets.len() > MAX_SUBNETS {
+            return Err(AgentError::BadSubnet(format!("{} subnets (at most {MAX_SUBNETS})", subnets.len())));
         }
         let mut parsed = Vec::new();
         for s in subnets {
@@ -507,9 +515,16 @@ impl Agent {
         if !self.gossip.is_attached(&nid) {
             return Err(AgentError::NotAttached(network.to_string()));
         }
-        for (k, _) in pairs {
+        let max_value = self.gossip.config().max_stream_frame / 2;
+        for (k, v) in pairs {
             if k.is_empty() || k.len() > 1024 {
                 return Err(AgentError::BadName(format!("key {k:?}")));
+            }
+            if v.len() > max_value {
+                return Err(AgentError::BadName(format!(
+                    "value of {k:?}: {} bytes (at most {max_value})",
+                    v.len()
+                )));
             }
         }
         for (k, v) in pairs {
@@ -615,7 +630,7 @@ impl Agent {
         let mut queues = Vec::new();
         for nid in self.gossip.networks() {
             for t in self.gossip.tables(nid) {
-                let n = self.gossip.table(nid, &t).len();
+                let n = self.gossip.table_len(nid, &t);
                 let _ = writeln!(out, "weft_entries{{network=\"{nid}\",table=\"{t}\"}} {n}");
             }
             queues.push((nid.to_string(), self.gossip.queue_len(nid)));
@@ -664,6 +679,14 @@ impl Agent {
         out
     }
 }
+
+/// Network ids are 32 lowercase hex digits.
+pub fn is_network_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Subnets one network may have.
+pub const MAX_SUBNETS: usize = 64;
 
 fn validate_network_name(name: &str) -> Result<(), AgentError> {
     let ok = !name.is_empty()

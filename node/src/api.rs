@@ -88,6 +88,12 @@ impl From<AgentError> for ApiError {
     }
 }
 
+impl From<crate::shell::PersistError> for ApiError {
+    fn from(e: crate::shell::PersistError) -> Self {
+        ApiError(500, e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0).unwrap_or(StatusCode::BAD_REQUEST);
@@ -136,8 +142,9 @@ async fn list_networks(State(s): State<Shell>) -> Json<Vec<NetworkInfo>> {
 async fn create_network(State(s): State<Shell>, body: Bytes) -> ApiResult<Json<NetworkDef>> {
     let req: CreateNetwork =
         serde_json::from_slice(&body).map_err(|e| ApiError(400, format!("bad request body: {e}")))?;
-    let def =
-        s.with(|a, now| a.create_network(now, &req.name, &req.driver, &req.subnets, req.gateway.as_deref()))?;
+    let def = s.with(|a, now| {
+        a.create_network(now, &req.name, &req.driver, &req.subnets, req.gateway.as_deref())
+    })??;
     Ok(Json(def))
 }
 
@@ -159,15 +166,15 @@ async fn remove_network(
     UrlPath(r): UrlPath<String>,
     Query(f): Query<Flags>,
 ) -> ApiResult<Json<NetworkDef>> {
-    Ok(Json(s.with(|a, now| a.remove_network(now, &r, f.force))?))
+    Ok(Json(s.with(|a, now| a.remove_network(now, &r, f.force))??))
 }
 
 async fn attach(State(s): State<Shell>, UrlPath(r): UrlPath<String>) -> ApiResult<Json<NetworkDef>> {
-    Ok(Json(s.with(|a, now| a.attach(now, &r))?))
+    Ok(Json(s.with(|a, now| a.attach(now, &r))??))
 }
 
 async fn detach(State(s): State<Shell>, UrlPath(r): UrlPath<String>) -> ApiResult<Json<NetworkDef>> {
-    Ok(Json(s.with(|a, now| a.detach(now, &r))?))
+    Ok(Json(s.with(|a, now| a.detach(now, &r))??))
 }
 
 async fn dump(State(s): State<Shell>, Query(f): Query<Flags>) -> ApiResult<Json<Dump>> {
@@ -190,7 +197,7 @@ async fn table_put(
     Query(f): Query<Flags>,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
-    s.with(|a, now| a.table_put(now, &net, &table, &key, body, f.force))?;
+    s.with(|a, now| a.table_put(now, &net, &table, &key, body, f.force))??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -199,7 +206,7 @@ async fn table_rm(
     UrlPath((net, table, key)): UrlPath<(String, String, String)>,
     Query(f): Query<Flags>,
 ) -> ApiResult<StatusCode> {
-    s.with(|a, now| a.table_rm(now, &net, &table, &key, f.force))?;
+    s.with(|a, now| a.table_rm(now, &net, &table, &key, f.force))??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -227,7 +234,7 @@ async fn table_load(
 ) -> ApiResult<Json<serde_json::Value>> {
     let text = std::str::from_utf8(&body).map_err(|_| ApiError(400, "load body is not UTF-8".into()))?;
     let pairs = parse_load(text).map_err(|e| ApiError(400, e))?;
-    let n = s.with(|a, now| a.table_load(now, &net, &table, &pairs, f.force))?;
+    let n = s.with(|a, now| a.table_load(now, &net, &table, &pairs, f.force))??;
     Ok(Json(json!({ "written": n })))
 }
 
@@ -247,18 +254,28 @@ pub fn router(shell: Shell) -> Router {
         .with_state(shell)
 }
 
-/// Serves the API on `path` until the task is dropped.
-pub async fn serve(shell: Shell, path: &Path) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// Binds the control socket (mode 0660), refusing if an agent already answers on it.
+pub fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     crate::shell::check_socket_free(path)?;
     let listener = tokio::net::UnixListener::bind(path)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Serves the API on `path` until the task is dropped.
+pub async fn serve(shell: Shell, path: &Path) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    Ok(serve_on(shell, bind(path)?))
+}
+
+/// Serves the API on a bound socket until the task is dropped.
+pub fn serve_on(shell: Shell, listener: tokio::net::UnixListener) -> tokio::task::JoinHandle<()> {
     let app = router(shell);
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "control API stopped");
         }
-    }))
+    })
 }
 
 #[cfg(test)]

@@ -160,6 +160,19 @@ pub enum TableCmd {
     },
 }
 
+/// Writes CLI output; a closed pipe (`weft dump | head`) ends the program quietly.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+fn outln(text: &str) {
+    out(&format!("{text}\n"));
+}
+
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -176,9 +189,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Members { json } => {
             let m: MembersJson = host()?.get_json("/members").await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&m.members)?);
+                outln(&serde_json::to_string_pretty(&m.members)?);
             } else {
-                print!("{}", format::members(&m));
+                out(&format::members(&m));
             }
             Ok(())
         }
@@ -193,9 +206,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let d: Dump = host()?.get_json(&format!("/dump?{}", q.join("&"))).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&d)?);
+                outln(&serde_json::to_string_pretty(&d)?);
             } else {
-                print!("{}", format::dump(&d, verbose));
+                out(&format::dump(&d, verbose));
             }
             Ok(())
         }
@@ -216,24 +229,24 @@ async fn network(c: Client, cmd: NetworkCmd) -> anyhow::Result<()> {
         NetworkCmd::Create { name, driver, subnet, gateway } => {
             let req = CreateNetwork { name, driver, subnets: subnet, gateway };
             let def: NetworkDef = c.send_json(Method::POST, "/networks", &req).await?;
-            println!("{}", def.id);
+            outln(&def.id);
         }
         NetworkCmd::Ls { json } => {
             let ns: Vec<NetworkInfo> = c.get_json("/networks").await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&ns)?);
+                outln(&serde_json::to_string_pretty(&ns)?);
             } else {
-                print!("{}", format::networks(&ns));
+                out(&format::networks(&ns));
             }
         }
         NetworkCmd::Inspect { network, verbose, json } => {
             let i: Inspect = c.get_json(&format!("/networks/{}?verbose={verbose}", enc(&network))).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&i)?);
+                outln(&serde_json::to_string_pretty(&i)?);
             } else {
-                print!("{}", format::inspect(&i.network));
+                out(&format::inspect(&i.network));
                 if let Some(d) = &i.dump {
-                    print!("{}", format::dump(d, true));
+                    out(&format::dump(d, true));
                 }
             }
         }
@@ -241,17 +254,17 @@ async fn network(c: Client, cmd: NetworkCmd) -> anyhow::Result<()> {
             let def: NetworkDef = c
                 .send_json(Method::DELETE, &format!("/networks/{}?force={force}", enc(&network)), &())
                 .await?;
-            println!("{}", def.id);
+            outln(&def.id);
         }
         NetworkCmd::Attach { network } => {
             let def: NetworkDef =
                 c.send_json(Method::POST, &format!("/networks/{}/attach", enc(&network)), &()).await?;
-            println!("{}", def.id);
+            outln(&def.id);
         }
         NetworkCmd::Detach { network } => {
             let def: NetworkDef =
                 c.send_json(Method::POST, &format!("/networks/{}/detach", enc(&network)), &()).await?;
-            println!("{}", def.id);
+            outln(&def.id);
         }
     }
     Ok(())
@@ -270,7 +283,7 @@ async fn table(c: Client, cmd: TableCmd) -> anyhow::Result<()> {
         }
         TableCmd::Get { network, table, key } => {
             let v = c.call(Method::GET, &path(&network, &table, &key), Bytes::new()).await?;
-            println!("{}", String::from_utf8_lossy(&v));
+            outln(&String::from_utf8_lossy(&v));
         }
         TableCmd::Rm { network, table, key, force } => {
             c.call(Method::DELETE, &format!("{}?force={force}", path(&network, &table, &key)), Bytes::new())
@@ -294,7 +307,7 @@ async fn table(c: Client, cmd: TableCmd) -> anyhow::Result<()> {
             let url = format!("/tables/{}/{}?force={force}", enc(&network), enc(&table));
             let v: serde_json::Value =
                 serde_json::from_slice(&c.call(Method::POST, &url, Bytes::from(text)).await?)?;
-            println!("{} entries written", v["written"]);
+            outln(&format!("{} entries written", v["written"]));
         }
     }
     Ok(())

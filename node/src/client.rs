@@ -77,14 +77,28 @@ impl Client {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .expect("valid request");
-        let resp = sender.send_request(req).await.context("control API request")?;
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.context("control API answer")?.to_bytes();
+        let exchange = async {
+            let resp = sender.send_request(req).await.context("control API request")?;
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.context("control API answer")?.to_bytes();
+            anyhow::Ok((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(std::time::Duration::from_secs(60), exchange)
+            .await
+            .map_err(|_| anyhow!("the agent at unix://{} did not answer within 60 s", sock.display()))??;
         if !status.is_success() {
+            let text = String::from_utf8_lossy(&bytes);
             let message = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| format!("agent answered {status}"));
+                .unwrap_or_else(|| {
+                    let first = text.lines().next().unwrap_or("").trim();
+                    if first.is_empty() {
+                        format!("agent answered {status}")
+                    } else {
+                        format!("agent answered {status}: {first}")
+                    }
+                });
             return Err(ApiError { status: status.as_u16(), message }.into());
         }
         Ok(bytes)

@@ -81,14 +81,14 @@ async fn demo(base: &std::path::Path, nodes: usize, exit: bool) -> anyhow::Resul
     );
 
     let def = shells[0]
-        .with(|a, now| a.create_network(now, NETWORK, "overlay", &["10.42.0.0/24".to_string()], None))?;
+        .with(|a, now| a.create_network(now, NETWORK, "overlay", &["10.42.0.0/24".to_string()], None))??;
     println!("node-0 created network {} ({}), subnet 10.42.0.0/24", def.name, def.short_id());
     wait_until("the network definition reaches every agent", Duration::from_secs(10), || {
         shells.iter().all(|s| s.read(|a| a.resolve(NETWORK).is_ok()))
     })
     .await?;
     for s in &shells[1..] {
-        s.with(|a, now| a.attach(now, NETWORK))?;
+        s.with(|a, now| a.attach(now, NETWORK))??;
     }
     wait_until("every agent sees every other attached", Duration::from_secs(10), || {
         shells
@@ -109,7 +109,7 @@ async fn demo(base: &std::path::Path, nodes: usize, exit: bool) -> anyhow::Resul
                 a.table_put(now, NETWORK, TABLE, &format!("ep-{i}-{j}"), Bytes::from(value), false)?;
             }
             Ok(())
-        })?;
+        })??;
     }
     let want = 2 * nodes;
     let converged = wait_until("every agent holds every entry", Duration::from_secs(20), || {
@@ -139,7 +139,7 @@ async fn demo(base: &std::path::Path, nodes: usize, exit: bool) -> anyhow::Resul
         tokio::signal::ctrl_c().await?;
     }
     for s in &shells {
-        s.with(|a, now| a.leave(now)).ok();
+        let _ = s.with(|a, now| a.leave(now));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     for a in apis {

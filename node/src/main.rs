@@ -28,7 +28,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(weft_node::cli::run(cli)) {
+    let result = rt.block_on(weft_node::cli::run(cli));
+    // Do not wait for stray blocking work (a DNS lookup) on the way out.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    if let Err(e) = result {
         // One line: the error and its causes.
         let mut msg = e.to_string();
         for cause in e.chain().skip(1) {

@@ -21,6 +21,19 @@ use crate::agent::Agent;
 use crate::config::{AgentConfig, DEFAULT_PORT};
 use crate::state::StateFile;
 
+/// The data dir could not be written: nothing the call wrote is acknowledged or sent until a
+/// later call persists it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot persist node state: {0}")]
+pub struct PersistError(pub String);
+
+/// Concurrent inbound TCP streams.
+const MAX_INBOUND_STREAMS: usize = 512;
+/// Peers with an open outbound stream writer.
+const MAX_STREAM_WRITERS: usize = 1024;
+/// A whole stream frame must arrive within this.
+const FRAME_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Counters of what the shell itself dropped before the core saw it.
 #[derive(Debug, Default)]
 pub struct ShellStats {
@@ -59,17 +72,25 @@ impl std::fmt::Debug for Shell {
 pub async fn resolve_seeds(seeds: &[String], own: &[SocketAddr]) -> (Vec<SocketAddr>, Vec<String>) {
     let mut ok = Vec::new();
     let mut failed = Vec::new();
-    for s in seeds {
+    let mut lookups = tokio::task::JoinSet::new();
+    for (i, s) in seeds.iter().enumerate() {
         let target = seed_target(s);
-        match tokio::net::lookup_host(target.as_str()).await {
-            Ok(addrs) => {
-                let addrs: Vec<SocketAddr> = addrs.collect();
-                match addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()) {
-                    Some(a) if !own.contains(a) => ok.push(*a),
-                    Some(_) => {}
-                    None => failed.push(s.clone()),
-                }
-            }
+        lookups.spawn(async move {
+            let r = tokio::time::timeout(Duration::from_secs(3), tokio::net::lookup_host(target)).await;
+            (i, r.ok().and_then(Result::ok).map(|a| a.collect::<Vec<SocketAddr>>()))
+        });
+    }
+    let mut answers = vec![None; seeds.len()];
+    while let Some(Ok((i, r))) = lookups.join_next().await {
+        answers[i] = r;
+    }
+    for (s, answer) in seeds.iter().zip(answers) {
+        match answer.ok_or(()) {
+            Ok(addrs) => match addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()) {
+                Some(a) if !own.contains(a) => ok.push(*a),
+                Some(_) => {}
+                None => failed.push(s.clone()),
+            },
             Err(_) => failed.push(s.clone()),
         }
     }
@@ -92,21 +113,24 @@ fn seed_target(s: &str) -> String {
     }
 }
 
-/// The address peers should use, when none was configured: the local address a packet to the
-/// first seed would leave from, or loopback without seeds.
-fn guess_advertise(bind: SocketAddr, seeds: &[SocketAddr]) -> SocketAddr {
+/// The address peers should use, when none was configured: the bind address if it is one,
+/// else the local address a packet to the first seed (or, without seeds, to the default route)
+/// would leave from. Connecting a UDP socket sends nothing.
+fn guess_advertise(bind: SocketAddr, seeds: &[SocketAddr]) -> anyhow::Result<SocketAddr> {
     if !bind.ip().is_unspecified() {
-        return bind;
+        return Ok(bind);
     }
-    let ip = seeds
-        .first()
-        .and_then(|s| {
-            let sock = std::net::UdpSocket::bind(("0.0.0.0", 0)).ok()?;
-            sock.connect(s).ok()?;
-            sock.local_addr().ok().map(|a| a.ip())
-        })
-        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-    SocketAddr::new(ip, bind.port())
+    // 192.0.2.1 is a documentation address: only the routing table is consulted.
+    let probe = seeds.first().copied().unwrap_or(SocketAddr::from(([192, 0, 2, 1], 9)));
+    let ip = std::net::UdpSocket::bind(("0.0.0.0", 0))
+        .and_then(|s| s.connect(probe).and_then(|_| s.local_addr()))
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_unspecified());
+    match ip {
+        Some(ip) => Ok(SocketAddr::new(ip, bind.port())),
+        None => bail!("cannot tell which address peers should use to reach {bind}: give --advertise IP:PORT"),
+    }
 }
 
 impl Shell {
@@ -118,7 +142,10 @@ impl Shell {
         let tcp = TcpListener::bind(bound).await.with_context(|| format!("cannot bind TCP {bound}"))?;
         let state = StateFile::start(&cfg.data_dir, cfg.name.as_deref())?;
         let (seeds, unresolved) = resolve_seeds(&cfg.join, &[bound]).await;
-        let advertise = cfg.advertise.unwrap_or_else(|| guess_advertise(bound, &seeds));
+        let advertise = match cfg.advertise {
+            Some(a) => a,
+            None => guess_advertise(bound, &seeds)?,
+        };
         let seeds: Vec<SocketAddr> = seeds.into_iter().filter(|s| *s != advertise).collect();
         let st = state.state().clone();
         let id = NodeId::new(st.name.as_str(), advertise, st.generation);
@@ -157,7 +184,7 @@ impl Shell {
                 a.reattach(now, id)?;
             }
             a.join(now, &seeds)
-        })?;
+        })??;
         Ok(shell)
     }
 
@@ -165,14 +192,15 @@ impl Shell {
         self.inner.agent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on the agent, then hands its outputs to the I/O tasks and makes sure anything
-    /// it wrote is covered by the persisted clock before returning.
-    pub fn with<R>(&self, f: impl FnOnce(&mut Agent, Instant) -> R) -> R {
+    /// Runs `f` on the agent, makes sure whatever it wrote is covered by the persisted state,
+    /// and only then hands its outputs to the I/O tasks. If the state cannot be persisted, the
+    /// call fails and nothing it produced leaves the node.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Agent, Instant) -> R) -> Result<R, PersistError> {
         let now = Instant::now();
         let mut agent = self.lock();
         let r = f(&mut agent, now);
-        self.after(&mut agent, now);
-        r
+        self.after(&mut agent, now)?;
+        Ok(r)
     }
 
     /// Read-only access: no outputs to drain.
@@ -180,10 +208,7 @@ impl Shell {
         f(&self.lock())
     }
 
-    fn after(&self, agent: &mut Agent, now: Instant) {
-        while let Some(t) = agent.poll_transmit() {
-            let _ = self.inner.out.send(t);
-        }
+    fn after(&self, agent: &mut Agent, now: Instant) -> Result<(), PersistError> {
         while let Some(ev) = agent.poll_event(now) {
             if let Event::NameConflict { other } = &ev {
                 tracing::warn!(other = %other, "another node uses this node's name");
@@ -203,18 +228,24 @@ impl Shell {
                 }
             });
         }
-        let ltime = agent.ltime();
-        let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = state.cover(ltime) {
-            tracing::error!(error = %e, "cannot persist the Lamport clock");
-        }
-        if !agent.gossip().has_left()
-            && let Err(e) = state.set_networks(agent.attached_networks())
+        // Persist before anything leaves: no peer may see a Lamport time or an attachment
+        // that a crash could take back.
         {
-            tracing::error!(error = %e, "cannot persist the attached networks");
+            let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut result = state.cover(agent.ltime());
+            if result.is_ok() && !agent.gossip().has_left() {
+                result = state.set_networks(agent.attached_networks());
+            }
+            if let Err(e) = result {
+                tracing::error!(error = %format!("{e:#}"), "cannot persist node state; holding output back");
+                return Err(PersistError(format!("{e:#}")));
+            }
         }
-        drop(state);
+        while let Some(t) = agent.poll_transmit() {
+            let _ = self.inner.out.send(t);
+        }
         self.inner.wake.notify_one();
+        Ok(())
     }
 
     /// Resolves once the agent must stop because its name is taken; yields the reason.
@@ -228,6 +259,11 @@ impl Shell {
                 std::future::pending::<()>().await;
             }
         }
+    }
+
+    /// A node refused at its very first start leaves no identity behind in its data dir.
+    pub fn forget_state_if_new(&self) {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).forget_if_new();
     }
 
     pub fn stats(&self) -> &ShellStats {
@@ -261,9 +297,10 @@ impl Shell {
 
     /// Leaves the cluster gracefully and gives the news `grace` to go out.
     pub async fn leave(&self, grace: Duration) {
-        let r = self.with(|a, now| a.leave(now));
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "leave");
+        match self.with(|a, now| a.leave(now)) {
+            Ok(Err(e)) => tracing::warn!(error = %e, "leave"),
+            Err(e) => tracing::warn!(error = %e, "leave"),
+            Ok(Ok(())) => {}
         }
         tokio::time::sleep(grace).await;
     }
@@ -272,7 +309,9 @@ impl Shell {
         let mut buf = vec![0u8; 65_536];
         loop {
             match udp.recv_from(&mut buf).await {
-                Ok((n, from)) => self.with(|a, now| a.handle_datagram(now, from, &buf[..n])),
+                Ok((n, from)) => {
+                    let _ = self.with(|a, now| a.handle_datagram(now, from, &buf[..n]));
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "udp recv");
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -282,10 +321,19 @@ impl Shell {
     }
 
     async fn tcp_loop(self, tcp: TcpListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_STREAMS));
         loop {
+            let permit = match slots.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => return,
+            };
             match tcp.accept().await {
                 Ok((stream, from)) => {
-                    tokio::spawn(self.clone().read_stream(stream, from));
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        me.read_stream(stream, from).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "tcp accept");
@@ -313,15 +361,17 @@ impl Shell {
                     return;
                 }
             };
-            let mut frame = vec![0u8; len];
-            match tokio::time::timeout(idle, stream.read_exact(&mut frame)).await {
-                Ok(Ok(_)) => {}
+            // The buffer grows with the bytes that arrive, not with the length a peer claims.
+            let mut frame = Vec::with_capacity(len.min(64 << 10));
+            let mut limited = (&mut stream).take(len as u64);
+            match tokio::time::timeout(FRAME_DEADLINE, limited.read_to_end(&mut frame)).await {
+                Ok(Ok(n)) if n == len => {}
                 _ => {
                     self.inner.stats.stream_rejects.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             }
-            self.with(|a, now| a.handle_stream(now, from, &frame));
+            let _ = self.with(|a, now| a.handle_stream(now, from, &frame));
         }
     }
 
@@ -333,7 +383,9 @@ impl Shell {
                 None => tokio::time::sleep(Duration::from_secs(3600)),
             };
             tokio::select! {
-                _ = sleep => self.with(|a, now| a.handle_timeout(now)),
+                _ = sleep => {
+                    let _ = self.with(|a, now| a.handle_timeout(now));
+                }
                 _ = self.inner.wake.notified() => {}
             }
         }
@@ -389,6 +441,11 @@ async fn send_loop(inner: Arc<Inner>, udp: Arc<UdpSocket>, mut rx: mpsc::Unbound
                 let tx = match streams.get(&t.dst) {
                     Some(tx) if !tx.is_closed() => tx.clone(),
                     _ => {
+                        streams.retain(|_, tx| !tx.is_closed());
+                        if streams.len() >= MAX_STREAM_WRITERS {
+                            inner.stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
                         let (tx, frames) = mpsc::channel(256);
                         tokio::spawn(stream_writer(inner.clone(), t.dst, frames));
                         streams.insert(t.dst, tx.clone());
@@ -429,9 +486,16 @@ async fn stream_writer(inner: Arc<Inner>, dst: SocketAddr, mut frames: mpsc::Rec
 
 /// Refuses to start a second agent on a data dir whose control socket answers.
 pub fn check_socket_free(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         bail!("an agent is already running on {} (stop it, or use another --data-dir)", path.display());
     }
-    let _ = std::fs::remove_file(path);
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => bail!("{} exists and is not a socket; move it away", path.display()),
+        Err(_) => {}
+    }
     Ok(())
 }

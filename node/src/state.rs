@@ -23,11 +23,12 @@ pub struct NodeState {
     pub networks: Vec<String>,
 }
 
-/// The state file of one data dir.
+/// The state file of one data dir, and the lock that keeps a second agent off it.
 #[derive(Debug)]
 pub struct StateFile {
     path: PathBuf,
     state: NodeState,
+    _lock: nix::fcntl::Flock<fs::File>,
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -47,6 +48,20 @@ impl StateFile {
     /// bumped generation is on disk before this returns. `name` must match a persisted name.
     pub fn start(dir: &Path, name: Option<&str>) -> anyhow::Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
+        let lock_file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))
+            .with_context(|| format!("cannot open {}", dir.join("lock").display()))?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+            |_| {
+                anyhow::anyhow!(
+                    "another weft agent is using data dir {} (stop it, or use another --data-dir)",
+                    dir.display()
+                )
+            },
+        )?;
         let path = dir.join("node.json");
         let previous = match fs::read(&path) {
             Ok(bytes) => Some(serde_json::from_slice::<NodeState>(&bytes).with_context(|| {
@@ -70,8 +85,8 @@ impl StateFile {
                 networks: Vec::new(),
             },
         };
-        let mut f = StateFile { path, state };
-        f.save()?;
+        let mut f = StateFile { path, state: state.clone(), _lock: lock };
+        f.save(state)?;
         Ok(f)
     }
 
@@ -79,27 +94,43 @@ impl StateFile {
         &self.state
     }
 
-    fn save(&mut self) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec_pretty(&self.state).expect("serializable");
-        write_atomic(&self.path, &bytes).with_context(|| format!("cannot write {}", self.path.display()))
+    /// Writes `next` and adopts it only once it is on disk, so a failed write is retried by
+    /// the next call instead of being believed.
+    fn save(&mut self, next: NodeState) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(&next).expect("serializable");
+        write_atomic(&self.path, &bytes).with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.state = next;
+        Ok(())
     }
 
     /// Records the attached networks (sorted); writes only when they changed.
     pub fn set_networks(&mut self, mut networks: Vec<String>) -> anyhow::Result<()> {
         networks.sort();
         if networks != self.state.networks {
-            self.state.networks = networks;
-            self.save()?;
+            let next = NodeState { networks, ..self.state.clone() };
+            self.save(next)?;
         }
         Ok(())
     }
 
+    /// Removes the state file of a node that never ran (its first start was refused), so the
+    /// data dir can be used under another name.
+    pub fn forget_if_new(&self) {
+        if self.state.generation == 1 {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+
     /// Makes sure the persisted high-water mark is above `ltime`, extending the lease if not.
     /// Call before acknowledging anything written at `ltime`.
+    /// The lease is renewed once half of it is used, so a burst of writes rarely waits for it.
     pub fn cover(&mut self, ltime: u64) -> anyhow::Result<()> {
-        if ltime >= self.state.ltime_hwm {
-            self.state.ltime_hwm = ltime + LTIME_LEASE;
-            self.save()?;
+        if ltime.saturating_add(LTIME_LEASE / 2) >= self.state.ltime_hwm {
+            let hwm = ltime.saturating_add(LTIME_LEASE).min(weft_gossip::wire::MAX_LTIME - 1);
+            if hwm > self.state.ltime_hwm {
+                let next = NodeState { ltime_hwm: hwm, ..self.state.clone() };
+                self.save(next)?;
+            }
         }
         Ok(())
     }
@@ -129,13 +160,25 @@ mod tests {
         assert_eq!(s.state().ltime_hwm, 5 + LTIME_LEASE);
         s.cover(6).unwrap();
         assert_eq!(s.state().ltime_hwm, 5 + LTIME_LEASE, "inside the lease: no write");
+        s.cover(5 + LTIME_LEASE / 2).unwrap();
+        assert_eq!(s.state().ltime_hwm, 5 + LTIME_LEASE + LTIME_LEASE / 2, "renewed at half");
+        s.cover(5).unwrap();
+        let err = StateFile::start(&dir, None).unwrap_err().to_string();
+        assert!(err.contains("another weft agent"), "{err}");
+        drop(s);
         let s2 = StateFile::start(&dir, None).unwrap();
         assert_eq!(
             s2.state(),
-            &NodeState { name: "alpha".into(), generation: 2, ltime_hwm: 5 + LTIME_LEASE, networks: vec![] }
+            &NodeState {
+                name: "alpha".into(),
+                generation: 2,
+                ltime_hwm: 5 + LTIME_LEASE + LTIME_LEASE / 2,
+                networks: vec![]
+            }
         );
         let mut s3 = s2;
         s3.set_networks(vec!["b".into(), "a".into()]).unwrap();
+        drop(s3);
         assert_eq!(StateFile::start(&dir, None).unwrap().state().networks, vec!["a", "b"]);
         let err = StateFile::start(&dir, Some("beta")).unwrap_err().to_string();
         assert!(err.contains("belongs to node \"alpha\""), "{err}");

@@ -529,7 +529,10 @@ fn a_restart_that_does_not_reattach_a_network_detaches_it() {
     // Restart without re-attaching net1 (the agent did not persist it).
     c.nodes[2].networks.clear();
     c.restart(2, &[0]);
-    c.run_for(Duration::from_secs(10));
+    // It waits out a grace period first (the records might be a same-named twin's).
+    c.run_for(Duration::from_secs(5));
+    assert!(c.node(0).network_peers("net1").iter().any(|p| &*p.name == "node-0002"));
+    c.run_for(Duration::from_secs(15));
     for i in 0..2 {
         assert!(!c.node(i).network_peers("net1").iter().any(|p| &*p.name == "node-0002"), "node {i}");
         assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep2"), None, "node {i}");
@@ -584,4 +587,28 @@ fn a_hidden_key_can_be_taken_over() {
     c.run_for(Duration::from_secs(1));
     assert_eq!(c.node(1).get_entry("net1", "endpoints", "vip"), Some(b("on-0")));
     no_violation(&c);
+}
+
+#[test]
+fn an_impostor_of_a_name_does_not_hide_the_holders_entries() {
+    let mut c = Cluster::new(3, 25, Config::lan(3), NetModel::default());
+    let seeds = [c.nodes[0].addr];
+    for i in 0..2 {
+        c.with(i, |n, now| n.join(now, &seeds).unwrap());
+        c.attach(i, "net1");
+    }
+    c.run_for(Duration::from_secs(3));
+    c.with(1, |n, now| n.create_entry(now, "net1", "endpoints", "ep1", b("holder")).unwrap());
+    c.run_for(Duration::from_secs(1));
+    // Node 2 is misconfigured with node 1's name and a newer generation; it joins, then (as the
+    // agent does when it finds its name taken) stops without leaving.
+    c.nodes[2].name = c.nodes[1].name.clone();
+    c.nodes[2].generation = 5;
+    c.restart(2, &[0]);
+    c.run_for(Duration::from_secs(2));
+    c.crash(2);
+    c.run_for(Duration::from_secs(30));
+    assert_eq!(state_of(&c, 0, 1), MemberState::Alive);
+    assert_eq!(c.node(0).get_entry("net1", "endpoints", "ep1"), Some(b("holder")));
+    assert!(c.nodes[0].watched.contains_key(&("net1".into(), "endpoints".into(), "ep1".into())));
 }

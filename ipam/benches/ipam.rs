@@ -1,0 +1,129 @@
+//! Allocate+release of single addresses in a /24, /16 and /8 (lowest-free and serial), and
+//! allocation in a 99%-full /16, through the default IPAM; a naive `BTreeSet` allocator with the
+//! same semantics runs beside it as the baseline.
+
+use std::collections::BTreeSet;
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use weft_ipam::contract::{LOCAL_DEFAULT, OPT_SERIAL};
+use weft_ipam::{DefaultIpam, Ipam, Options, PoolId, PoolRequest};
+
+/// The baseline: allocated offsets in a `BTreeSet`; lowest free found by walking it.
+struct Naive {
+    size: u128,
+    used: BTreeSet<u128>,
+    cursor: u128,
+}
+
+impl Naive {
+    fn new(size: u128) -> Self {
+        let mut used = BTreeSet::new();
+        used.insert(0);
+        used.insert(size - 1);
+        Naive { size, used, cursor: 0 }
+    }
+
+    fn first_free(&self, from: u128) -> Option<u128> {
+        let mut i = from;
+        for &x in self.used.range(from..) {
+            if x != i {
+                break;
+            }
+            i += 1;
+        }
+        (i < self.size).then_some(i)
+    }
+
+    fn alloc(&mut self, serial: bool) -> Option<u128> {
+        let i = if serial {
+            self.first_free(self.cursor).or_else(|| self.first_free(0))
+        } else {
+            self.first_free(0)
+        }?;
+        self.used.insert(i);
+        self.cursor = i + 1;
+        Some(i)
+    }
+
+    fn release(&mut self, i: u128) {
+        self.used.remove(&i);
+    }
+}
+
+fn pool(prefix: u8) -> (DefaultIpam, PoolId) {
+    let mut ipam = DefaultIpam::default();
+    let req = PoolRequest {
+        address_space: LOCAL_DEFAULT.into(),
+        pool: Some(format!("10.0.0.0/{prefix}").parse().unwrap()),
+        ..PoolRequest::default()
+    };
+    let id = ipam.request_pool(&req).unwrap().id;
+    (ipam, id)
+}
+
+fn alloc_release(c: &mut Criterion) {
+    let mut g = c.benchmark_group("alloc_release");
+    for prefix in [24u8, 16, 8] {
+        let size = 1u128 << (32 - prefix);
+        for serial in [false, true] {
+            let mode = if serial { "serial" } else { "lowest" };
+            let mut opts = Options::new();
+            if serial {
+                opts.insert(OPT_SERIAL.into(), "true".into());
+            }
+            // Half full, so lowest-free has to look past a long run of allocated addresses.
+            let (mut ipam, id) = pool(prefix);
+            let mut naive = Naive::new(size);
+            for i in 0..size / 2 {
+                ipam.request_address(&id, None, &Options::new()).unwrap();
+                naive.used.insert(i);
+            }
+            g.bench_function(format!("bitmap/{mode}/slash{prefix}"), |b| {
+                b.iter(|| {
+                    let (a, _) = ipam.request_address(&id, None, &opts).unwrap();
+                    ipam.release_address(&id, black_box(a.addr())).unwrap();
+                })
+            });
+            g.bench_function(format!("naive_btreeset/{mode}/slash{prefix}"), |b| {
+                b.iter(|| {
+                    let i = naive.alloc(serial).unwrap();
+                    naive.release(black_box(i));
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn nearly_full(c: &mut Criterion) {
+    let mut g = c.benchmark_group("alloc_in_99pct_full_slash16");
+    let size = 1u128 << 16;
+    let (mut ipam, id) = pool(16);
+    let mut naive = Naive::new(size);
+    for i in 0..(size * 99 / 100) {
+        ipam.request_address(&id, None, &Options::new()).unwrap();
+        naive.used.insert(i);
+    }
+    g.bench_function("bitmap", |b| {
+        b.iter(|| {
+            let (a, _) = ipam.request_address(&id, None, &Options::new()).unwrap();
+            ipam.release_address(&id, a.addr()).unwrap();
+        })
+    });
+    g.bench_function("naive_btreeset", |b| {
+        b.iter(|| {
+            let i = naive.alloc(false).unwrap();
+            naive.release(i);
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500)).sample_size(20);
+    targets = alloc_release, nearly_full
+}
+criterion_main!(benches);

@@ -1,0 +1,220 @@
+//! The allocation bitmap: one bit per address (or VNI) of a space of up to 2^127 slots.
+//!
+//! Bits live in chunks of 2^16 (1,024 u64 words); a chunk exists only while it has a bit set, so
+//! a sparse /48 costs memory per allocation, not per address. Inside a chunk, a 1,024-bit
+//! summary marks full words: finding a free bit reads at most 16 summary words and one data
+//! word (trailing-one counts), never a whole megabyte of a nearly full /8.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+const CHUNK_BITS: u32 = 16;
+const CHUNK: u128 = 1 << CHUNK_BITS;
+const WORDS: usize = (CHUNK / 64) as usize;
+const SUMMARY: usize = WORDS / 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Chunk {
+    words: Vec<u64>,
+    /// Bit `w` set: word `w` is full.
+    full: [u64; SUMMARY],
+    count: u32,
+}
+
+impl Chunk {
+    fn new() -> Self {
+        Chunk { words: vec![0; WORDS], full: [0; SUMMARY], count: 0 }
+    }
+
+    fn is_set(&self, bit: u32) -> bool {
+        self.words[(bit / 64) as usize] >> (bit % 64) & 1 == 1
+    }
+
+    fn set(&mut self, bit: u32) {
+        let w = (bit / 64) as usize;
+        self.words[w] |= 1 << (bit % 64);
+        self.count += 1;
+        if self.words[w] == u64::MAX {
+            self.full[w / 64] |= 1 << (w % 64);
+        }
+    }
+
+    fn unset(&mut self, bit: u32) {
+        let w = (bit / 64) as usize;
+        self.words[w] &= !(1 << (bit % 64));
+        self.count -= 1;
+        self.full[w / 64] &= !(1 << (w % 64));
+    }
+
+    /// Lowest clear bit at or above `from` (within this chunk).
+    fn first_clear(&self, from: u32) -> Option<u32> {
+        let mut w = (from / 64) as usize;
+        // The first word, masked below `from`.
+        let first = self.words[w] | ((1u64 << (from % 64)) - 1);
+        if first != u64::MAX {
+            return Some(w as u32 * 64 + first.trailing_ones());
+        }
+        w += 1;
+        while w < WORDS {
+            // Skip full words 64 at a time through the summary.
+            let s = w / 64;
+            let summary = self.full[s] | ((1u64 << (w % 64)) - 1);
+            if summary == u64::MAX {
+                w = (s + 1) * 64;
+                continue;
+            }
+            let free_word = s * 64 + summary.trailing_ones() as usize;
+            return Some(free_word as u32 * 64 + self.words[free_word].trailing_ones());
+        }
+        None
+    }
+}
+
+/// A set of allocated slots `0..size`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bitmap {
+    size: u128,
+    chunks: BTreeMap<u128, Chunk>,
+    allocated: u128,
+}
+
+impl Bitmap {
+    /// An empty bitmap of `size` slots.
+    pub fn new(size: u128) -> Self {
+        Bitmap { size, chunks: BTreeMap::new(), allocated: 0 }
+    }
+
+    pub fn size(&self) -> u128 {
+        self.size
+    }
+
+    pub fn allocated(&self) -> u128 {
+        self.allocated
+    }
+
+    pub fn free(&self) -> u128 {
+        self.size - self.allocated
+    }
+
+    pub fn is_set(&self, i: u128) -> bool {
+        i < self.size && self.chunks.get(&(i >> CHUNK_BITS)).is_some_and(|c| c.is_set((i % CHUNK) as u32))
+    }
+
+    /// Sets slot `i`; false if it was set already or is out of range.
+    pub fn set(&mut self, i: u128) -> bool {
+        if i >= self.size || self.is_set(i) {
+            return false;
+        }
+        self.chunks.entry(i >> CHUNK_BITS).or_insert_with(Chunk::new).set((i % CHUNK) as u32);
+        self.allocated += 1;
+        true
+    }
+
+    /// Clears slot `i`; false if it was clear or out of range. Empty chunks are dropped.
+    pub fn unset(&mut self, i: u128) -> bool {
+        if !self.is_set(i) {
+            return false;
+        }
+        let k = i >> CHUNK_BITS;
+        let c = self.chunks.get_mut(&k).expect("set bit has a chunk");
+        c.unset((i % CHUNK) as u32);
+        if c.count == 0 {
+            self.chunks.remove(&k);
+        }
+        self.allocated -= 1;
+        true
+    }
+
+    /// The lowest clear slot in `from..to` (`to` capped at the size).
+    pub fn first_clear_in(&self, from: u128, to: u128) -> Option<u128> {
+        let to = to.min(self.size);
+        let mut i = from;
+        while i < to {
+            let k = i >> CHUNK_BITS;
+            let found = match self.chunks.get(&k) {
+                None => Some(i),
+                Some(c) => c.first_clear((i % CHUNK) as u32).map(|b| (k << CHUNK_BITS) + b as u128),
+            };
+            if let Some(f) = found {
+                return (f < to).then_some(f);
+            }
+            // The rest of this chunk is full: skip to the next chunk, and past every following
+            // chunk that is entirely full.
+            let mut next = (k + 1) << CHUNK_BITS;
+            for (&ck, c) in self.chunks.range(k + 1..) {
+                if ck << CHUNK_BITS != next || c.count as u128 != CHUNK {
+                    break;
+                }
+                next += CHUNK;
+            }
+            i = next;
+        }
+        None
+    }
+
+    /// Sets and returns the lowest clear slot in `from..to`, if any.
+    pub fn set_first_in(&mut self, from: u128, to: u128) -> Option<u128> {
+        let i = self.first_clear_in(from, to)?;
+        self.set(i);
+        Some(i)
+    }
+
+    /// Allocated slots in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = u128> + '_ {
+        self.chunks.iter().flat_map(|(&k, c)| {
+            c.words.iter().enumerate().flat_map(move |(w, &word)| {
+                let base = (k << CHUNK_BITS) + (w as u128) * 64;
+                (0..64u32).filter(move |b| word >> b & 1 == 1).map(move |b| base + b as u128)
+            })
+        })
+    }
+
+    /// Memory held by the bitmap, roughly (for tests and reports).
+    pub fn heap_bytes(&self) -> usize {
+        self.chunks.len() * (WORDS * 8 + SUMMARY * 8 + 64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lowest_free_skips_full_words_and_chunks() {
+        let mut b = Bitmap::new(1 << 24);
+        for i in 0..(3 * CHUNK + 70) {
+            assert!(b.set(i));
+        }
+        assert_eq!(b.first_clear_in(0, b.size()), Some(3 * CHUNK + 70));
+        assert!(b.unset(5));
+        assert_eq!(b.first_clear_in(0, b.size()), Some(5));
+        assert_eq!(b.first_clear_in(6, b.size()), Some(3 * CHUNK + 70));
+        assert_eq!(b.first_clear_in(6, 3 * CHUNK + 70), None);
+        assert!(!b.set(6), "already set");
+        assert!(!b.set(1 << 24), "out of range");
+        assert_eq!(b.allocated(), 3 * CHUNK + 69);
+    }
+
+    #[test]
+    fn a_huge_sparse_space_costs_per_allocation() {
+        let mut b = Bitmap::new(1 << 80);
+        assert_eq!(b.set_first_in(0, b.size()), Some(0));
+        assert!(b.set((1 << 79) + 12345));
+        assert_eq!(b.first_clear_in(1 << 79, b.size()), Some(1 << 79));
+        assert_eq!(b.heap_bytes(), 2 * (WORDS * 8 + SUMMARY * 8 + 64));
+        assert_eq!(b.iter().collect::<Vec<_>>(), vec![0, (1 << 79) + 12345]);
+        assert!(b.unset(0));
+        assert_eq!(b.chunks.len(), 1, "empty chunks are dropped");
+    }
+
+    #[test]
+    fn a_full_space_has_no_free_slot() {
+        let mut b = Bitmap::new(130);
+        for _ in 0..130 {
+            assert!(b.set_first_in(0, 130).is_some());
+        }
+        assert_eq!(b.set_first_in(0, 130), None);
+        assert_eq!(b.free(), 0);
+    }
+}
