@@ -1172,17 +1172,7 @@ impl GossipNode {
         key: &str,
         value: Bytes,
     ) -> Result<(), Error> {
-        self.tick(now);
-        self.check_write(network, table, key)?;
-        self.check_value(&value)?;
-        if self.live(network, table, key) {
-            return Err(self.err_key(network, table, key, true));
-        }
-        let stored = self.write_local(now, network, table, key, Some(value));
-        if !stored {
-            return Err(Error::Superseded { network: network.into(), table: table.into(), key: key.into() });
-        }
-        Ok(())
+        self.command_write(now, network, table, key, Some(value), false)
     }
 
     /// Replaces the value of a live entry; this node becomes its owner.
@@ -1194,28 +1184,34 @@ impl GossipNode {
         key: &str,
         value: Bytes,
     ) -> Result<(), Error> {
-        self.tick(now);
-        self.check_write(network, table, key)?;
-        self.check_value(&value)?;
-        if !self.live(network, table, key) {
-            return Err(self.err_key(network, table, key, false));
-        }
-        let stored = self.write_local(now, network, table, key, Some(value));
-        if !stored {
-            return Err(Error::Superseded { network: network.into(), table: table.into(), key: key.into() });
-        }
-        Ok(())
+        self.command_write(now, network, table, key, Some(value), true)
     }
 
     /// Deletes a live entry: it becomes a tombstone, reaped after `reap_after`.
     pub fn delete_entry(&mut self, now: Instant, network: &str, table: &str, key: &str) -> Result<(), Error> {
+        self.command_write(now, network, table, key, None, true)
+    }
+
+    /// The checks every write command shares, then the write. `live` says whether the key must
+    /// hold a live entry (update, delete) or must not (create).
+    fn command_write(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: Option<Bytes>,
+        live: bool,
+    ) -> Result<(), Error> {
         self.tick(now);
         self.check_write(network, table, key)?;
-        if !self.live(network, table, key) {
-            return Err(self.err_key(network, table, key, false));
+        if let Some(v) = &value {
+            self.check_value(v)?;
         }
-        let stored = self.write_local(now, network, table, key, None);
-        if !stored {
+        if self.live(network, table, key) != live {
+            return Err(self.err_key(network, table, key, !live));
+        }
+        if !self.write_local(now, network, table, key, value) {
             return Err(Error::Superseded { network: network.into(), table: table.into(), key: key.into() });
         }
         Ok(())

@@ -8,6 +8,14 @@ use weft_tests::{Agent, TempDir, addr, wait_until, weft};
 
 const LONG: Duration = Duration::from_secs(30);
 
+/// One cluster at a time: the timing assertions (exit within 2 s, left seen within 3 s) are
+/// about the agents, not about 2 cores shared by 30 processes.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn alive_count(a: &Agent) -> usize {
     a.member_states().iter().filter(|(_, s)| s == "alive").count()
 }
@@ -30,6 +38,7 @@ fn cluster(root: &TempDir, net: u8) -> Vec<Agent> {
 
 #[test]
 fn five_agents_join_through_two_seeds_and_converge() {
+    let _serial = serial();
     let root = TempDir::new("converge");
     let agents = cluster(&root, 11);
     for (i, a) in agents.iter().enumerate() {
@@ -64,6 +73,7 @@ fn five_agents_join_through_two_seeds_and_converge() {
 
 #[test]
 fn kill9_hides_entries_and_a_restart_brings_them_back() {
+    let _serial = serial();
     let root = TempDir::new("kill9");
     let mut agents = cluster(&root, 12);
     let out = agents[2].cli(&["table", "put", "net1", "endpoints", "ep-n3", "on-n3"]);
@@ -98,6 +108,7 @@ fn kill9_hides_entries_and_a_restart_brings_them_back() {
 
 #[test]
 fn sigterm_leaves_at_once() {
+    let _serial = serial();
     let root = TempDir::new("sigterm");
     let mut agents = cluster(&root, 13);
     let out = agents[4].cli(&["table", "put", "net1", "endpoints", "ep-n5", "x"]);
@@ -119,6 +130,7 @@ fn sigterm_leaves_at_once() {
 
 #[test]
 fn garbage_on_the_gossip_port_does_not_disturb_the_cluster() {
+    let _serial = serial();
     let root = TempDir::new("garbage");
     let agents = cluster(&root, 14);
     let target = agents[1].addr;
@@ -162,6 +174,7 @@ fn garbage_on_the_gossip_port_does_not_disturb_the_cluster() {
 
 #[test]
 fn bad_arguments_and_config_get_one_clear_line() {
+    let _serial = serial();
     let root = TempDir::new("badargs");
     let check = |out: std::process::Output, needle: &str| {
         assert!(!out.status.success(), "should fail");
@@ -189,6 +202,7 @@ fn bad_arguments_and_config_get_one_clear_line() {
 
 #[test]
 fn a_second_node_with_a_taken_name_refuses_to_run() {
+    let _serial = serial();
     let root = TempDir::new("dupname");
     let first = Agent::start(&root.0, "same", addr(15, 1), &[]);
     let dir = root.0.join("second");
