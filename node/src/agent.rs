@@ -669,7 +669,7 @@ impl Agent {
             ),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            write_counter(&mut out, name, help, v);
         }
         let _ = writeln!(
             out,
@@ -678,6 +678,12 @@ impl Agent {
         let _ = writeln!(out, "weft_lamport_time {}", self.ltime());
         out
     }
+}
+
+/// Appends one Prometheus counter (HELP, TYPE and value lines).
+pub fn write_counter(out: &mut String, name: &str, help: &str, value: u64) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
 }
 
 /// Network ids are 32 lowercase hex digits.

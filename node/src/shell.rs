@@ -287,10 +287,7 @@ impl Shell {
                 &s.stream_connect_errors,
             ),
         ] {
-            m.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                v.load(Ordering::Relaxed)
-            ));
+            crate::agent::write_counter(&mut m, name, help, v.load(Ordering::Relaxed));
         }
         m
     }
