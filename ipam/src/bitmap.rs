@@ -160,6 +160,37 @@ impl Bitmap {
         Some(i)
     }
 
+    /// Allocated slots in `from..to`: whole chunks by their count, partial ones by popcount.
+    pub fn count_in(&self, from: u128, to: u128) -> u128 {
+        let to = to.min(self.size);
+        if from >= to {
+            return 0;
+        }
+        let mut n = 0u128;
+        for (&k, c) in self.chunks.range(from >> CHUNK_BITS..=(to - 1) >> CHUNK_BITS) {
+            let base = k << CHUNK_BITS;
+            let lo = from.max(base) - base;
+            let hi = to.min(base + CHUNK) - base;
+            if lo == 0 && hi == CHUNK {
+                n += c.count as u128;
+                continue;
+            }
+            let (lo, hi) = (lo as usize, hi as usize);
+            for w in lo / 64..hi.div_ceil(64) {
+                let mut word = c.words[w];
+                let (ws, we) = (w * 64, w * 64 + 64);
+                if lo > ws {
+                    word &= u64::MAX << (lo - ws);
+                }
+                if hi < we {
+                    word &= u64::MAX >> (we - hi);
+                }
+                n += word.count_ones() as u128;
+            }
+        }
+        n
+    }
+
     /// Allocated slots in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = u128> + '_ {
         self.chunks.iter().flat_map(|(&k, c)| {
@@ -194,6 +225,11 @@ mod tests {
         assert!(!b.set(6), "already set");
         assert!(!b.set(1 << 24), "out of range");
         assert_eq!(b.allocated(), 3 * CHUNK + 69);
+        assert_eq!(b.count_in(0, b.size()), 3 * CHUNK + 69);
+        assert_eq!(b.count_in(3, 8), 4, "slot 5 is clear");
+        assert_eq!(b.count_in(CHUNK - 10, 2 * CHUNK + 3), CHUNK + 13);
+        assert_eq!(b.count_in(3 * CHUNK + 60, 1 << 24), 10);
+        assert_eq!(b.count_in(9, 9), 0);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The bitmap against a `BTreeSet` model: random sets, clears and lowest-free searches over
-//! small and huge spaces agree at every step.
+//! small and huge spaces agree at every step, and so do range counts.
 
 use std::collections::BTreeSet;
 
@@ -61,6 +61,8 @@ fn check(size: u128, ops: &[Op]) {
                 if let Some(w) = want {
                     m.insert(w);
                 }
+                let counted = m.range(from..to.min(size).max(from)).count() as u128;
+                assert_eq!(b.count_in(from, to), counted, "count in {from}..{to}");
             }
             Op::Fill { from, len } => {
                 for i in from..(from + len as u128).min(size) {

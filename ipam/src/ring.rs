@@ -1,0 +1,1081 @@
+//! The ring: one pool (an address range, or the VNI range), many owners.
+//!
+//! The space is cut into at most [`MAX_BLOCKS`] equal blocks (a power of two each). Every block
+//! carries a [`Record`] naming its owner; only the owner writes a block's next record (to give
+//! it away), and rings merge block by block, highest record wins, so merging is commutative,
+//! associative and idempotent and a block never has two owners. A node allocates only inside
+//! blocks it owns, so allocation is local and needs no round trip.
+//!
+//! What travels: [`RingEntry`] values, meant for a gossip *cluster* table with
+//! [`RingEntry::compare`] as its merge rule: the seed (`<ring>/seed`), one entry per writer
+//! holding the records it wrote that still win (`<ring>/claims/<node>`), and removal records
+//! (`<ring>/removed/<node>`). Donations use [`RingMsg`] point to point.
+//!
+//! Persist before use: every change marks the ring dirty. Outputs that let others rely on a
+//! change (publications, donation grants) are held until the caller has written
+//! [`Ring::durable`] to disk and called [`Ring::persisted`]; an allocated slot must likewise be
+//! handed out only after that. A crash before then loses nothing anyone saw.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::bitmap::Bitmap;
+pub use crate::runs::{Name, Record, Run, Runs};
+
+/// Most blocks a ring is cut into.
+pub const MAX_BLOCKS: u128 = 1 << 16;
+/// How long a donation request waits for its answer before the next owner is asked.
+pub const REQUEST_TIMEOUT_MS: u64 = 2_000;
+
+/// A ring's space: slots `0..size` (the caller maps them to addresses or VNIs) in blocks.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Space {
+    pub ring: String,
+    pub size: u128,
+    pub block_size: u128,
+}
+
+impl Space {
+    /// `size` slots in the fewest power-of-two blocks that keep their count at most
+    /// [`MAX_BLOCKS`].
+    pub fn new(ring: impl Into<String>, size: u128) -> Result<Space, RingError> {
+        let ring = ring.into();
+        if size == 0 {
+            return Err(RingError::EmptySpace(ring));
+        }
+        let block_size = size.div_ceil(MAX_BLOCKS).next_power_of_two();
+        Ok(Space { ring, size, block_size })
+    }
+
+    pub fn blocks(&self) -> u32 {
+        self.size.div_ceil(self.block_size) as u32
+    }
+
+    /// Slots of block `b`.
+    pub fn slots(&self, b: u32) -> (u128, u128) {
+        let s = u128::from(b) * self.block_size;
+        (s, (s + self.block_size).min(self.size))
+    }
+
+    pub fn block_of(&self, slot: u128) -> u32 {
+        (slot / self.block_size) as u32
+    }
+}
+
+/// The value seeding chooses: the space, split evenly among `owners` in their order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Seed {
+    pub space: Space,
+    pub owners: Vec<Name>,
+    /// Who proposed it (informational; it makes concurrent proposals distinct).
+    pub seeded_by: Name,
+}
+
+impl Seed {
+    /// The seed's records: owner `i` gets blocks `i*n/k..(i+1)*n/k`, version 0 of epoch 0.
+    pub fn runs(&self) -> Runs {
+        let n = u64::from(self.space.blocks());
+        let k = self.owners.len() as u64;
+        let mut runs = Vec::new();
+        for (i, o) in self.owners.iter().enumerate() {
+            let (s, e) = ((i as u64 * n / k) as u32, ((i as u64 + 1) * n / k) as u32);
+            let rec = Record { epoch: 0, version: 0, writer: "".into(), owner: o.clone() };
+            runs.push(Run { start: s, end: e, rec });
+        }
+        Runs::from_runs(runs)
+    }
+}
+
+/// The replicated state of a ring: a join-semilattice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingState {
+    pub seed: Option<Seed>,
+    pub blocks: Runs,
+    /// Removed node -> its heir. Grows only; two heirs for one node: the higher name wins.
+    pub removed: BTreeMap<Name, Name>,
+}
+
+impl RingState {
+    /// The join of two states (what every node converges to, whatever the order).
+    pub fn join(&self, other: &RingState) -> RingState {
+        let mut removed = self.removed.clone();
+        for (n, h) in &other.removed {
+            let e = removed.entry(n.clone()).or_insert_with(|| h.clone());
+            if h > e {
+                *e = h.clone();
+            }
+        }
+        RingState {
+            seed: self.seed.clone().max(other.seed.clone()),
+            blocks: self.blocks.join(&other.blocks),
+            removed,
+        }
+    }
+
+    /// The effective owner of blocks recorded for `owner`: its heir if it was removed
+    /// (transitively); none if removals form a cycle (both sides of a partition removed each
+    /// other: nobody allocates there until an operator removes again).
+    pub fn resolve(&self, owner: &Name) -> Option<Name> {
+        let mut cur = owner.clone();
+        for _ in 0..=self.removed.len() {
+            match self.removed.get(&cur) {
+                None => return Some(cur),
+                Some(h) => cur = h.clone(),
+            }
+        }
+        None
+    }
+
+    /// The effective owner of block `b`.
+    pub fn owner_of(&self, b: u32) -> Option<Name> {
+        self.blocks.get(b).and_then(|r| self.resolve(&r.owner))
+    }
+
+    /// Maximal runs of blocks with one effective owner.
+    pub fn ownership(&self) -> Vec<(u32, u32, Name)> {
+        let mut out: Vec<(u32, u32, Name)> = Vec::new();
+        for r in self.blocks.iter() {
+            let Some(o) = self.resolve(&r.rec.owner) else { continue };
+            match out.last_mut() {
+                Some(last) if last.1 == r.start && last.2 == o => last.1 = r.end,
+                _ => out.push((r.start, r.end, o)),
+            }
+        }
+        out
+    }
+}
+
+/// One gossip entry of a ring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RingEntry {
+    Seed(Seed),
+    Claims(Claims),
+    Removal(Removal),
+}
+
+/// The records `writer` wrote that still win in its view, and its free space.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Claims {
+    pub ring: String,
+    pub writer: Name,
+    /// Grows with every publication by `writer` (persisted), so the latest one wins.
+    pub seq: u64,
+    pub runs: Vec<Run>,
+    /// Blocks `writer` owns with nothing allocated in them: what it could donate.
+    pub free_blocks: u64,
+}
+
+/// `node` was removed from the ring; its blocks go to `heir`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Removal {
+    pub ring: String,
+    pub node: Name,
+    pub heir: Name,
+}
+
+impl RingEntry {
+    pub fn ring(&self) -> &str {
+        match self {
+            RingEntry::Seed(s) => &s.space.ring,
+            RingEntry::Claims(c) => &c.ring,
+            RingEntry::Removal(r) => &r.ring,
+        }
+    }
+
+    /// The gossip key: one per seed, per writer and per removed node.
+    pub fn key(&self) -> String {
+        match self {
+            RingEntry::Seed(s) => format!("{}/seed", s.space.ring),
+            RingEntry::Claims(c) => format!("{}/claims/{}", c.ring, c.writer),
+            RingEntry::Removal(r) => format!("{}/removed/{}", r.ring, r.node),
+        }
+    }
+
+    /// The merge rule for two versions of one key: a total order, `Greater` when `self` wins.
+    /// A writer's later claims win; of two removal records the higher heir; seeds (one value
+    /// by Paxos) by value.
+    pub fn compare(&self, other: &RingEntry) -> Ordering {
+        match (self, other) {
+            (RingEntry::Seed(a), RingEntry::Seed(b)) => a.cmp(b),
+            (RingEntry::Claims(a), RingEntry::Claims(b)) => a.cmp(b),
+            (RingEntry::Removal(a), RingEntry::Removal(b)) => a.cmp(b),
+            _ => self.rank().cmp(&other.rank()),
+        }
+    }
+
+    fn rank(&self) -> u8 {
+        match self {
+            RingEntry::Seed(_) => 0,
+            RingEntry::Claims(_) => 1,
+            RingEntry::Removal(_) => 2,
+        }
+    }
+}
+
+/// Donation messages, sent point to point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RingMsg {
+    /// "Give me some of your free blocks" (`want` at most).
+    Request { ring: String, id: u64, want: u32 },
+    /// The donated blocks' new records (also gossiped in the donor's claims).
+    Grant { ring: String, id: u64, runs: Vec<Run> },
+    /// Nothing to give.
+    Refuse { ring: String, id: u64 },
+}
+
+impl RingMsg {
+    pub fn ring(&self) -> &str {
+        match self {
+            RingMsg::Request { ring, .. } | RingMsg::Grant { ring, .. } | RingMsg::Refuse { ring, .. } => {
+                ring
+            }
+        }
+    }
+}
+
+/// What the ring tells its caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Publish(RingEntry),
+    Send { to: Name, msg: RingMsg },
+    Event(RingEvent),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RingEvent {
+    /// This node's owned blocks changed (a seed, a donation either way, a takeover).
+    Owned { blocks: u64, free_slots: u128 },
+    /// Blocks this node owned went to another node's newer epoch (a removal of this node, or a
+    /// concurrent takeover that won); `allocated` of its allocations are in them.
+    Lost { blocks: u64, to: Name, allocated: u128 },
+    /// This node was removed from the ring by `by`; it allocates nothing more from it.
+    Removed { by: Name },
+    /// No owner with free space answered: `asked` were tried.
+    NoSpace { asked: Vec<Name> },
+}
+
+/// Ring errors: each a clear line the agent can log.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RingError {
+    #[error("ring {0}: an empty space cannot be a ring")]
+    EmptySpace(String),
+    #[error("ring {ring}: not seeded yet")]
+    NotSeeded { ring: String },
+    #[error("ring {ring}: seed for a different space ({theirs:?}, this node has {ours:?})")]
+    SeedMismatch { ring: String, theirs: Box<Space>, ours: Box<Space> },
+    #[error("ring {ring}: a different seed is already installed (from {theirs}, this node has {ours})")]
+    SeedConflict { ring: String, theirs: Name, ours: Name },
+    #[error("ring {ring}: this node was removed by {by}; it allocates nothing more")]
+    Removed { ring: String, by: Name },
+    #[error("ring {ring}: no free slot in the {owned} blocks this node owns")]
+    Exhausted { ring: String, owned: u64 },
+    #[error("ring {ring}: slot {slot} is not in a block this node owns")]
+    NotOwned { ring: String, slot: u128 },
+    #[error("ring {ring}: slot {slot} is already allocated")]
+    InUse { ring: String, slot: u128 },
+    #[error("ring {ring}: slot {slot} is reserved")]
+    Reserved { ring: String, slot: u128 },
+    #[error("ring {ring}: slot {slot} is not allocated")]
+    NotAllocated { ring: String, slot: u128 },
+    #[error("ring {ring}: slot {slot} is outside the ring (size {size})")]
+    OutOfRange { ring: String, slot: u128, size: u128 },
+    #[error("ring {ring}: no reachable owner has free space (asked: {asked:?})")]
+    NoOwnerWithSpace { ring: String, asked: Vec<Name> },
+    #[error("ring {ring}: refusing to remove {node}: it is alive (force to override)")]
+    RemoveAlive { ring: String, node: Name },
+    #[error("ring {ring}: a node cannot remove itself")]
+    RemoveSelf { ring: String },
+    #[error("ring {ring}: refused {} record(s) that break ownership: {}", .0.len(), .0.first().map(|v| v.to_string()).unwrap_or_default(), ring = .0.first().map(|v| v.ring.as_str()).unwrap_or_default())]
+    Violations(Vec<Violation>),
+}
+
+/// A refused record: `writer` claimed blocks `start..end` against this node's ownership.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{writer} wrote blocks {start}..{end} (epoch {epoch}, version {version}) {why}")]
+pub struct Violation {
+    pub ring: String,
+    pub writer: Name,
+    pub start: u32,
+    pub end: u32,
+    pub epoch: u32,
+    pub version: u64,
+    pub why: &'static str,
+}
+
+/// The part of a ring that must survive a crash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingDurable {
+    pub me: Name,
+    pub space: Space,
+    pub reserved: BTreeSet<u128>,
+    pub state: RingState,
+    pub alloc: Bitmap,
+    pub seq: u64,
+    pub clock: u64,
+    pub removed_by: Option<Name>,
+    pub next_request: u64,
+    /// Per requester: the last request id served and what it got.
+    pub served: BTreeMap<Name, (u64, Vec<Run>)>,
+}
+
+#[derive(Debug, Clone)]
+struct Want {
+    id: u64,
+    to: Name,
+    deadline: u64,
+    asked: Vec<Name>,
+}
+
+/// One node's view of a ring, and its allocations in it.
+#[derive(Debug, Clone)]
+pub struct Ring {
+    d: RingDurable,
+    /// Free blocks each owner last advertised.
+    adverts: BTreeMap<Name, u64>,
+    /// Effective ownership of this node, in slots, rebuilt on ownership changes.
+    owned: Vec<(u128, u128)>,
+    owned_blocks: u64,
+    free_blocks: u64,
+    published_free: Option<u64>,
+    want: Option<Want>,
+    dirty: bool,
+    held: Vec<Output>,
+    out: VecDeque<Output>,
+}
+
+impl Ring {
+    /// A ring this node has not seeded: it learns the seed from Paxos or gossip.
+    pub fn new(me: impl Into<Name>, space: Space, reserved: impl IntoIterator<Item = u128>) -> Ring {
+        let reserved = reserved.into_iter().filter(|&s| s < space.size).collect();
+        let d = RingDurable {
+            me: me.into(),
+            alloc: Bitmap::new(space.size),
+            space,
+            reserved,
+            state: RingState::default(),
+            seq: 0,
+            clock: 0,
+            removed_by: None,
+            next_request: 1,
+            served: BTreeMap::new(),
+        };
+        Ring::from_durable(d)
+    }
+
+    /// A ring created by this node (a network's own subnet): wholly owned by it.
+    pub fn created_by(me: impl Into<Name>, space: Space, reserved: impl IntoIterator<Item = u128>) -> Ring {
+        let mut ring = Ring::new(me, space, reserved);
+        let seed = Seed {
+            space: ring.d.space.clone(),
+            owners: vec![ring.d.me.clone()],
+            seeded_by: ring.d.me.clone(),
+        };
+        ring.install_seed(&seed).expect("a fresh ring takes its own seed");
+        ring
+    }
+
+    /// A ring back from disk. It republishes its claims (a publication may have been lost).
+    pub fn restore(d: RingDurable) -> Ring {
+        let mut ring = Ring::from_durable(d);
+        if ring.d.state.seed.is_some() {
+            ring.publish_claims();
+        }
+        ring
+    }
+
+    fn from_durable(d: RingDurable) -> Ring {
+        let mut ring = Ring {
+            d,
+            adverts: BTreeMap::new(),
+            owned: Vec::new(),
+            owned_blocks: 0,
+            free_blocks: 0,
+            published_free: None,
+            want: None,
+            dirty: false,
+            held: Vec::new(),
+            out: VecDeque::new(),
+        };
+        ring.rebuild_owned();
+        ring
+    }
+
+    pub fn me(&self) -> &Name {
+        &self.d.me
+    }
+
+    pub fn space(&self) -> &Space {
+        &self.d.space
+    }
+
+    pub fn state(&self) -> &RingState {
+        &self.d.state
+    }
+
+    pub fn is_seeded(&self) -> bool {
+        self.d.state.seed.is_some()
+    }
+
+    pub fn removed_by(&self) -> Option<&Name> {
+        self.d.removed_by.as_ref()
+    }
+
+    /// Slot ranges this node owns (effective, after removals).
+    pub fn owned(&self) -> &[(u128, u128)] {
+        &self.owned
+    }
+
+    pub fn owned_blocks(&self) -> u64 {
+        self.owned_blocks
+    }
+
+    /// Blocks this node owns with nothing allocated in them.
+    pub fn free_blocks(&self) -> u64 {
+        self.free_blocks
+    }
+
+    /// Slots this node could still hand out.
+    pub fn free_slots(&self) -> u128 {
+        if self.d.removed_by.is_some() {
+            return 0;
+        }
+        self.owned
+            .iter()
+            .map(|&(s, e)| {
+                let reserved = self.d.reserved.range(s..e).count() as u128;
+                (e - s) - self.d.alloc.count_in(s, e) - reserved
+            })
+            .sum()
+    }
+
+    /// This node's allocations.
+    pub fn allocations(&self) -> impl Iterator<Item = u128> + '_ {
+        self.d.alloc.iter()
+    }
+
+    pub fn is_allocated(&self, slot: u128) -> bool {
+        self.d.alloc.is_set(slot)
+    }
+
+    /// Allocations of this node in blocks it no longer owns (after losing them to a takeover).
+    pub fn conflicts(&self) -> Vec<u128> {
+        self.d.alloc.iter().filter(|&s| !self.owns_slot(s)).collect()
+    }
+
+    fn owns_slot(&self, slot: u128) -> bool {
+        let i = self.owned.partition_point(|&(_, e)| e <= slot);
+        self.owned.get(i).is_some_and(|&(s, _)| s <= slot)
+    }
+
+    /// Advertised free blocks of each owner.
+    pub fn adverts(&self) -> &BTreeMap<Name, u64> {
+        &self.adverts
+    }
+
+    // ---- persistence ----
+
+    /// Whether there are changes not yet persisted.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// What to write (fsync'ed) before calling [`Ring::persisted`].
+    pub fn durable(&self) -> &RingDurable {
+        &self.d
+    }
+
+    /// The caller has written [`Ring::durable`]: release what was held for it.
+    pub fn persisted(&mut self) {
+        self.dirty = false;
+        self.out.extend(self.held.drain(..));
+    }
+
+    /// The next output. Publications and messages come only after the change they carry was
+    /// persisted.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    fn emit(&mut self, o: Output) {
+        if self.dirty {
+            self.held.push(o);
+        } else {
+            self.out.push_back(o);
+        }
+    }
+
+    fn event(&mut self, e: RingEvent) {
+        self.out.push_back(Output::Event(e));
+    }
+
+    // ---- seeding and merging ----
+
+    /// Installs the seed chosen for this ring (by Paxos, by its creator, or learned by gossip).
+    pub fn install_seed(&mut self, seed: &Seed) -> Result<(), RingError> {
+        let ring = self.d.space.ring.clone();
+        if seed.space != self.d.space {
+            return Err(RingError::SeedMismatch {
+                ring,
+                theirs: Box::new(seed.space.clone()),
+                ours: Box::new(self.d.space.clone()),
+            });
+        }
+        match &self.d.state.seed {
+            Some(s) if s == seed => return Ok(()),
+            Some(s) => {
+                return Err(RingError::SeedConflict {
+                    ring,
+                    theirs: seed.seeded_by.clone(),
+                    ours: s.seeded_by.clone(),
+                });
+            }
+            None => {}
+        }
+        if seed.owners.is_empty() {
+            return Err(RingError::NotSeeded { ring });
+        }
+        self.d.state.seed = Some(seed.clone());
+        self.d.state.blocks = self.d.state.blocks.join(&seed.runs());
+        self.dirty = true;
+        self.emit(Output::Publish(RingEntry::Seed(seed.clone())));
+        self.refresh(true, true);
+        Ok(())
+    }
+
+    /// Merges a gossiped entry. Records that break this node's ownership are refused (the rest
+    /// is applied) and returned as [`RingError::Violations`].
+    pub fn merge(&mut self, entry: &RingEntry) -> Result<(), RingError> {
+        if entry.ring() != self.d.space.ring {
+            return Ok(());
+        }
+        match entry {
+            RingEntry::Seed(s) => self.install_seed(s),
+            RingEntry::Removal(r) => {
+                let mut removed = self.d.state.removed.clone();
+                let e = removed.entry(r.node.clone()).or_insert_with(|| r.heir.clone());
+                if r.heir > *e {
+                    *e = r.heir.clone();
+                }
+                if removed != self.d.state.removed {
+                    self.d.state.removed = removed;
+                    self.dirty = true;
+                    self.after_merge();
+                }
+                Ok(())
+            }
+            RingEntry::Claims(c) => {
+                if c.writer != self.d.me {
+                    self.adverts.insert(c.writer.clone(), c.free_blocks);
+                }
+                self.merge_runs(&c.runs)
+            }
+        }
+    }
+
+    /// Merges records (from claims or a grant), refusing those that break ownership.
+    fn merge_runs(&mut self, runs: &[Run]) -> Result<(), RingError> {
+        let mut ok = Vec::with_capacity(runs.len());
+        let mut bad = Vec::new();
+        let n = self.d.space.blocks();
+        for r in runs {
+            let end = r.end.min(n);
+            if r.start >= end {
+                continue;
+            }
+            self.d.clock = self.d.clock.max(r.rec.version);
+            let mut pos = r.start;
+            let local: Vec<Run> = self.d.state.blocks.slice(r.start, end).collect();
+            let mut pieces = local.into_iter().peekable();
+            while pos < end {
+                // The local run covering `pos`, or the gap before the next one.
+                let (piece_end, loc) = match pieces.peek() {
+                    Some(l) if l.start <= pos => {
+                        let l = pieces.next().expect("peeked");
+                        (l.end, Some(l.rec))
+                    }
+                    Some(l) => (l.start, None),
+                    None => (end, None),
+                };
+                if let Some(why) = self.refuse(&r.rec, loc.as_ref()) {
+                    bad.push(Violation {
+                        ring: self.d.space.ring.clone(),
+                        writer: r.rec.writer.clone(),
+                        start: pos,
+                        end: piece_end,
+                        epoch: r.rec.epoch,
+                        version: r.rec.version,
+                        why,
+                    });
+                } else if loc.as_ref().is_none_or(|l| r.rec > *l) {
+                    ok.push(Run { start: pos, end: piece_end, rec: r.rec.clone() });
+                }
+                pos = piece_end;
+            }
+        }
+        if !ok.is_empty() {
+            self.d.state.blocks = self.d.state.blocks.join(&Runs::from_runs(ok));
+            self.dirty = true;
+            self.after_merge();
+        }
+        if bad.is_empty() { Ok(()) } else { Err(RingError::Violations(bad)) }
+    }
+
+    /// Why an incoming record must not replace `local` here, if it must not.
+    fn refuse(&self, inc: &Record, local: Option<&Record>) -> Option<&'static str> {
+        let me = &self.d.me;
+        let newer = local.is_none_or(|l| inc > l);
+        if !newer {
+            return None;
+        }
+        if inc.writer == *me {
+            return Some("as this node, which never wrote it (was its data dir lost?)");
+        }
+        let l = local?;
+        if l.owner != *me || self.d.state.resolve(&l.owner).as_ref() != Some(me) {
+            return None;
+        }
+        // A newer epoch is a takeover of this node's blocks; so is a concurrent takeover that
+        // wins the tie against this node's own takeover.
+        if inc.epoch > l.epoch || (inc.is_takeover() && l.is_takeover() && inc.epoch == l.epoch) {
+            return None;
+        }
+        Some("over blocks this node owns")
+    }
+
+    /// After a merge: learn removals of this node, claim inherited blocks, recompute ownership.
+    fn after_merge(&mut self) {
+        self.refresh(true, false);
+    }
+
+    /// Recomputes ownership after a change of the replicated state. `report_loss`: blocks that
+    /// left were taken (not donated); `wrote`: this node wrote records, so its claims go out.
+    fn refresh(&mut self, report_loss: bool, mut wrote: bool) {
+        let me = self.d.me.clone();
+        if self.d.removed_by.is_none()
+            && let Some(by) = self.d.state.removed.get(&me).cloned()
+        {
+            self.d.removed_by = Some(by.clone());
+            self.dirty = true;
+            self.want = None;
+            self.event(RingEvent::Removed { by });
+        }
+        if self.d.removed_by.is_none() {
+            wrote |= self.claim_inherited();
+        }
+        let (before_blocks, before) = (self.owned_blocks, self.owned.clone());
+        self.rebuild_owned();
+        if (self.owned_blocks, &self.owned) != (before_blocks, &before) {
+            // Blocks lost to another node's newer write, with the allocations left in them.
+            let lost: Vec<(u128, u128)> =
+                before.iter().flat_map(|&(s, e)| self.subtract_owned(s, e)).collect();
+            if report_loss && !lost.is_empty() {
+                let b = self.d.space.block_of(lost[0].0);
+                let to = self.d.state.owner_of(b).unwrap_or_else(|| "nobody".into());
+                let blocks =
+                    lost.iter().map(|&(s, e)| (e - s).div_ceil(self.d.space.block_size) as u64).sum();
+                let allocated = lost.iter().map(|&(s, e)| self.d.alloc.count_in(s, e)).sum();
+                self.event(RingEvent::Lost { blocks, to, allocated });
+            }
+            let free_slots = self.free_slots();
+            self.event(RingEvent::Owned { blocks: self.owned_blocks, free_slots });
+            if self.owned_blocks > before_blocks {
+                self.want = None;
+            }
+        }
+        if self.is_seeded() && (wrote || self.advert_stale()) {
+            self.publish_claims();
+        }
+    }
+
+    /// Parts of `s..e` this node no longer owns.
+    fn subtract_owned(&self, s: u128, e: u128) -> Vec<(u128, u128)> {
+        let mut out = Vec::new();
+        let mut pos = s;
+        for &(os, oe) in &self.owned {
+            if oe <= pos || os >= e {
+                continue;
+            }
+            if os > pos {
+                out.push((pos, os));
+            }
+            pos = oe;
+        }
+        if pos < e {
+            out.push((pos, e));
+        }
+        out
+    }
+
+    /// Blocks recorded for removed nodes whose heir (transitively) is this node get a
+    /// takeover record: a new epoch, which beats whatever the removed node writes later.
+    fn claim_inherited(&mut self) -> bool {
+        let me = self.d.me.clone();
+        let mut takes = Vec::new();
+        for r in self.d.state.blocks.iter() {
+            if r.rec.owner != me && self.d.state.resolve(&r.rec.owner).as_ref() == Some(&me) {
+                takes.push((r.start, r.end));
+            }
+        }
+        if takes.is_empty() {
+            return false;
+        }
+        for (s, e) in takes {
+            self.d.state.blocks.rewrite(s, e, |old| Record {
+                epoch: old.epoch + 1,
+                version: 0,
+                writer: me.clone(),
+                owner: me.clone(),
+            });
+        }
+        self.dirty = true;
+        true
+    }
+
+    fn rebuild_owned(&mut self) {
+        self.owned.clear();
+        self.owned_blocks = 0;
+        self.free_blocks = 0;
+        if self.d.removed_by.is_some() {
+            return;
+        }
+        let me = self.d.me.clone();
+        let sp = self.d.space.clone();
+        for (s, e, o) in self.d.state.ownership() {
+            if o != me {
+                continue;
+            }
+            self.owned_blocks += u64::from(e - s);
+            for b in s..e {
+                if self.block_is_free(b) {
+                    self.free_blocks += 1;
+                }
+            }
+            let (lo, hi) = (sp.slots(s).0, sp.slots(e - 1).1);
+            match self.owned.last_mut() {
+                Some(last) if last.1 == lo => last.1 = hi,
+                _ => self.owned.push((lo, hi)),
+            }
+        }
+    }
+
+    fn block_is_free(&self, b: u32) -> bool {
+        let (s, e) = self.d.space.slots(b);
+        self.d.alloc.count_in(s, e) == 0
+    }
+
+    /// Publishes this node's claims: the records it wrote that still win, and its free blocks.
+    fn publish_claims(&mut self) {
+        let me = self.d.me.clone();
+        let runs: Vec<Run> = self.d.state.blocks.iter().filter(|r| r.rec.writer == me).cloned().collect();
+        self.d.seq += 1;
+        self.dirty = true;
+        self.published_free = Some(self.free_blocks);
+        let c = Claims {
+            ring: self.d.space.ring.clone(),
+            writer: me,
+            seq: self.d.seq,
+            runs,
+            free_blocks: self.free_blocks,
+        };
+        self.emit(Output::Publish(RingEntry::Claims(c)));
+    }
+
+    /// Whether the advertised free blocks are off by a power of two (or zero is wrong): a
+    /// stale advert costs a requester one refusal, a fresh one a publication, so adverts move
+    /// only that coarsely, not on every allocation.
+    fn advert_stale(&self) -> bool {
+        let bucket = |x: u64| 64 - x.leading_zeros();
+        self.published_free.is_none_or(|p| bucket(p) != bucket(self.free_blocks))
+    }
+
+    fn maybe_publish_free(&mut self) {
+        if self.is_seeded() && self.advert_stale() {
+            self.publish_claims();
+        }
+    }
+
+    // ---- allocation ----
+
+    fn check_can_allocate(&self) -> Result<(), RingError> {
+        let ring = self.d.space.ring.clone();
+        if let Some(by) = &self.d.removed_by {
+            return Err(RingError::Removed { ring, by: by.clone() });
+        }
+        if !self.is_seeded() {
+            return Err(RingError::NotSeeded { ring });
+        }
+        Ok(())
+    }
+
+    /// Allocates `preferred`, or the lowest free slot this node owns. Hand it out only after
+    /// persisting.
+    pub fn allocate(&mut self, preferred: Option<u128>) -> Result<u128, RingError> {
+        self.check_can_allocate()?;
+        let ring = self.d.space.ring.clone();
+        let slot = match preferred {
+            Some(slot) => {
+                if slot >= self.d.space.size {
+                    return Err(RingError::OutOfRange { ring, slot, size: self.d.space.size });
+                }
+                if !self.owns_slot(slot) {
+                    return Err(RingError::NotOwned { ring, slot });
+                }
+                if self.d.reserved.contains(&slot) {
+                    return Err(RingError::Reserved { ring, slot });
+                }
+                if self.d.alloc.is_set(slot) {
+                    return Err(RingError::InUse { ring, slot });
+                }
+                slot
+            }
+            None => self.lowest_free().ok_or(RingError::Exhausted { ring, owned: self.owned_blocks })?,
+        };
+        let b = self.d.space.block_of(slot);
+        let was_free = self.block_is_free(b);
+        self.d.alloc.set(slot);
+        self.dirty = true;
+        if was_free {
+            self.free_blocks -= 1;
+            self.maybe_publish_free();
+        }
+        Ok(slot)
+    }
+
+    fn lowest_free(&self) -> Option<u128> {
+        for &(s, e) in &self.owned {
+            let mut from = s;
+            while let Some(slot) = self.d.alloc.first_clear_in(from, e) {
+                if !self.d.reserved.contains(&slot) {
+                    return Some(slot);
+                }
+                from = slot + 1;
+            }
+        }
+        None
+    }
+
+    /// Releases an allocation (also one left in a block this node lost).
+    pub fn release(&mut self, slot: u128) -> Result<(), RingError> {
+        if !self.d.alloc.unset(slot) {
+            return Err(RingError::NotAllocated { ring: self.d.space.ring.clone(), slot });
+        }
+        self.dirty = true;
+        if self.owns_slot(slot) && self.block_is_free(self.d.space.block_of(slot)) {
+            self.free_blocks += 1;
+            self.maybe_publish_free();
+        }
+        Ok(())
+    }
+
+    // ---- donation ----
+
+    /// Asks an owner with free space for a share, unless a request is already out. `alive`
+    /// says which nodes membership sees alive. Errors when no live owner has space.
+    pub fn request_space(&mut self, now_ms: u64, alive: &dyn Fn(&str) -> bool) -> Result<(), RingError> {
+        self.check_can_allocate()?;
+        if self.want.is_some() {
+            return Ok(());
+        }
+        self.ask_next(now_ms, alive, Vec::new())
+    }
+
+    /// Asks for a share if this node has no free slot: call it on attaching to a network, so
+    /// the first allocation needs no round trip.
+    pub fn ensure_share(&mut self, now_ms: u64, alive: &dyn Fn(&str) -> bool) -> Result<(), RingError> {
+        if self.free_slots() > 0 {
+            return Ok(());
+        }
+        self.request_space(now_ms, alive)
+    }
+
+    /// Owners to ask, best first: most advertised free blocks (owned blocks when unknown).
+    fn candidates(&self, alive: &dyn Fn(&str) -> bool, asked: &[Name]) -> Vec<Name> {
+        let mut owned: BTreeMap<Name, u64> = BTreeMap::new();
+        for (s, e, o) in self.d.state.ownership() {
+            *owned.entry(o).or_default() += u64::from(e - s);
+        }
+        let mut c: Vec<(u64, Name)> = owned
+            .into_iter()
+            .filter(|(o, _)| *o != self.d.me && !asked.contains(o) && alive(o))
+            .filter(|(o, _)| !self.d.state.removed.contains_key(o))
+            .map(|(o, n)| (self.adverts.get(&o).copied().unwrap_or(n), o))
+            .filter(|(free, _)| *free > 0)
+            .collect();
+        c.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        c.into_iter().map(|(_, o)| o).collect()
+    }
+
+    fn ask_next(
+        &mut self,
+        now_ms: u64,
+        alive: &dyn Fn(&str) -> bool,
+        asked: Vec<Name>,
+    ) -> Result<(), RingError> {
+        let ring = self.d.space.ring.clone();
+        let Some(to) = self.candidates(alive, &asked).into_iter().next() else {
+            self.want = None;
+            self.event(RingEvent::NoSpace { asked: asked.clone() });
+            return Err(RingError::NoOwnerWithSpace { ring, asked });
+        };
+        let id = self.d.next_request;
+        self.d.next_request += 1;
+        self.dirty = true;
+        let mut asked = asked;
+        asked.push(to.clone());
+        self.want = Some(Want { id, to: to.clone(), deadline: now_ms + REQUEST_TIMEOUT_MS, asked });
+        let want = (self.d.space.blocks() / 2).max(1);
+        self.emit(Output::Send { to, msg: RingMsg::Request { ring, id, want } });
+        Ok(())
+    }
+
+    /// Retries a request that timed out with the next owner.
+    pub fn tick(&mut self, now_ms: u64, alive: &dyn Fn(&str) -> bool) -> Result<(), RingError> {
+        match &self.want {
+            Some(w) if now_ms >= w.deadline => {
+                let asked = w.asked.clone();
+                self.want = None;
+                self.ask_next(now_ms, alive, asked)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The owner a donation request is out to, if one is.
+    pub fn requesting_from(&self) -> Option<&Name> {
+        self.want.as_ref().map(|w| &w.to)
+    }
+
+    /// Handles a donation message from `from`.
+    pub fn handle_message(
+        &mut self,
+        from: &Name,
+        msg: &RingMsg,
+        now_ms: u64,
+        alive: &dyn Fn(&str) -> bool,
+    ) -> Result<(), RingError> {
+        if msg.ring() != self.d.space.ring {
+            return Ok(());
+        }
+        match msg {
+            RingMsg::Request { id, want, .. } => {
+                self.donate(from, *id, *want);
+                Ok(())
+            }
+            RingMsg::Grant { id, runs, .. } => {
+                let res = self.merge_runs(runs);
+                if self.want.as_ref().is_some_and(|w| w.id == *id) && self.free_slots() > 0 {
+                    self.want = None;
+                }
+                res
+            }
+            RingMsg::Refuse { id, .. } => match &self.want {
+                Some(w) if w.id == *id => {
+                    let asked = w.asked.clone();
+                    self.want = None;
+                    self.ask_next(now_ms, alive, asked)
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    fn donate(&mut self, from: &Name, id: u64, want: u32) {
+        let ring = self.d.space.ring.clone();
+        match self.d.served.get(from) {
+            Some((last, runs)) if *last == id => {
+                // A duplicate: the same answer again, no second donation.
+                let msg = RingMsg::Grant { ring, id, runs: runs.clone() };
+                self.emit(Output::Send { to: from.clone(), msg });
+                return;
+            }
+            Some((last, _)) if *last > id => return,
+            _ => {}
+        }
+        let Some((s, e)) = self.pick_donation(want) else {
+            self.emit(Output::Send { to: from.clone(), msg: RingMsg::Refuse { ring, id } });
+            return;
+        };
+        let me = self.d.me.clone();
+        let version = self.d.clock + 1;
+        self.d.clock = version;
+        self.d.state.blocks.rewrite(s, e, |old| Record {
+            epoch: old.epoch,
+            version,
+            writer: me.clone(),
+            owner: from.clone(),
+        });
+        let runs: Vec<Run> = self.d.state.blocks.slice(s, e).collect();
+        self.d.served.insert(from.clone(), (id, runs.clone()));
+        self.dirty = true;
+        self.refresh(false, true);
+        self.emit(Output::Send { to: from.clone(), msg: RingMsg::Grant { ring, id, runs } });
+    }
+
+    /// Free blocks to give: half of this node's free blocks (at most `want`), from the top of
+    /// the owned range with the longest free tail, so what stays here stays contiguous; if no
+    /// range ends free, the top of the longest free run inside one.
+    fn pick_donation(&self, want: u32) -> Option<(u32, u32)> {
+        if self.d.removed_by.is_some() || self.free_blocks == 0 {
+            return None;
+        }
+        let n = (self.free_blocks.div_ceil(2).min(u64::from(want.max(1)))) as u32;
+        let me = self.d.me.clone();
+        let mut best_tail: Option<(u32, u32)> = None;
+        let mut best_inner: Option<(u32, u32)> = None;
+        for (s, e, o) in self.d.state.ownership() {
+            if o != me {
+                continue;
+            }
+            let mut t = e;
+            while t > s && self.block_is_free(t - 1) {
+                t -= 1;
+            }
+            if t < e && best_tail.is_none_or(|(bs, be)| e - t > be - bs) {
+                best_tail = Some((t, e));
+            }
+            let mut b = s;
+            while b < t {
+                if !self.block_is_free(b) {
+                    b += 1;
+                    continue;
+                }
+                let start = b;
+                while b < t && self.block_is_free(b) {
+                    b += 1;
+                }
+                if best_inner.is_none_or(|(bs, be)| b - start > be - bs) {
+                    best_inner = Some((start, b));
+                }
+            }
+        }
+        let (s, e) = best_tail.or(best_inner)?;
+        Some((e - n.min(e - s), e))
+    }
+
+    // ---- removal ----
+
+    /// Removes `node` from the ring: its blocks go to this node (the operator's `weft node rm`).
+    /// Refused for a node membership sees alive, unless `force`. Returns the removal record to
+    /// publish (it is also queued as an output); the takeover records follow it.
+    pub fn transfer_dead(&mut self, node: &Name, alive: bool, force: bool) -> Result<u64, RingError> {
+        let ring = self.d.space.ring.clone();
+        if *node == self.d.me {
+            return Err(RingError::RemoveSelf { ring });
+        }
+        if let Some(by) = &self.d.removed_by {
+            return Err(RingError::Removed { ring, by: by.clone() });
+        }
+        if alive && !force {
+            return Err(RingError::RemoveAlive { ring, node: node.clone() });
+        }
+        let before = self.owned_blocks;
+        let removal = Removal { ring, node: node.clone(), heir: self.d.me.clone() };
+        self.dirty = true;
+        self.emit(Output::Publish(RingEntry::Removal(removal.clone())));
+        self.merge(&RingEntry::Removal(removal))?;
+        Ok(self.owned_blocks.saturating_sub(before))
+    }
+}

@@ -1,0 +1,350 @@
+//! The ring's rules, one by one: seeding, local allocation, donation, ownership checks,
+//! removal, and persist-before-use.
+
+use weft_ipam::ring::{Name, Output, REQUEST_TIMEOUT_MS, Record, RingDurable, Run};
+use weft_ipam::{Ring, RingEntry, RingError, RingEvent, RingMsg, Seed, Space};
+
+fn n(s: &str) -> Name {
+    s.into()
+}
+
+fn all_alive(_: &str) -> bool {
+    true
+}
+
+/// Persists and returns what the ring released.
+fn flush(r: &mut Ring) -> Vec<Output> {
+    r.persisted();
+    std::iter::from_fn(|| r.poll_output()).collect()
+}
+
+fn publications(out: &[Output]) -> Vec<RingEntry> {
+    out.iter().filter_map(|o| if let Output::Publish(e) = o { Some(e.clone()) } else { None }).collect()
+}
+
+fn sends(out: &[Output]) -> Vec<(Name, RingMsg)> {
+    out.iter()
+        .filter_map(|o| if let Output::Send { to, msg } = o { Some((to.clone(), msg.clone())) } else { None })
+        .collect()
+}
+
+/// A /24-like pool: 256 slots, network and broadcast reserved.
+fn pool() -> Space {
+    Space::new("GlobalDefault/10.0.1.0/24", 256).unwrap()
+}
+
+fn created(me: &str) -> Ring {
+    let mut r = Ring::created_by(n(me), pool(), [0, 255]);
+    flush(&mut r);
+    r
+}
+
+/// A node that learned `owner`'s ring from gossip.
+fn joined(me: &str, owner: &mut Ring) -> Ring {
+    let mut r = Ring::new(n(me), pool(), [0, 255]);
+    r.merge(&RingEntry::Seed(owner.state().seed.clone().unwrap())).unwrap();
+    flush(&mut r);
+    r
+}
+
+/// Delivers `from`'s released messages to `to` and back until both are quiet.
+fn exchange(a: &mut Ring, b: &mut Ring) {
+    loop {
+        let mut moved = false;
+        for (src, dst) in [(0, 1), (1, 0)] {
+            let (s, d) = if src == 0 { (&mut *a, &mut *b) } else { (&mut *b, &mut *a) };
+            let from = s.me().clone();
+            let out = flush(s);
+            for (to, msg) in sends(&out) {
+                assert_eq!(&to, d.me(), "{src}->{dst}");
+                d.handle_message(&from, &msg, 0, &all_alive).unwrap();
+                moved = true;
+            }
+            for e in publications(&out) {
+                d.merge(&e).unwrap();
+            }
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_created_pool_is_wholly_its_creators_and_hands_out_the_lowest_unreserved_slot() {
+    let mut r = Ring::created_by(n("a"), pool(), [0, 255]);
+    assert!(r.is_dirty(), "the seed must be persisted first");
+    assert!(
+        std::iter::from_fn(|| r.poll_output()).all(|o| matches!(o, Output::Event(_))),
+        "nothing is published before the seed is persisted"
+    );
+    let out = flush(&mut r);
+    assert!(matches!(&publications(&out)[..], [RingEntry::Seed(_), RingEntry::Claims(_)]), "{out:?}");
+    assert_eq!(r.owned(), &[(0, 256)]);
+    assert_eq!(r.free_slots(), 254);
+    assert_eq!(r.allocate(None), Ok(1), "the gateway gets .1");
+    assert_eq!(r.allocate(None), Ok(2));
+    assert_eq!(r.allocate(Some(0)), Err(RingError::Reserved { ring: pool().ring, slot: 0 }));
+    assert_eq!(r.allocate(Some(2)), Err(RingError::InUse { ring: pool().ring, slot: 2 }));
+    assert!(matches!(r.allocate(Some(256)), Err(RingError::OutOfRange { .. })));
+    r.release(1).unwrap();
+    assert_eq!(r.allocate(None), Ok(1), "lowest freed slot is reused");
+    assert!(matches!(r.release(77), Err(RingError::NotAllocated { .. })));
+    for _ in 0..252 {
+        r.allocate(None).unwrap();
+    }
+    assert_eq!(r.free_slots(), 0);
+    let e = r.allocate(None).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "ring GlobalDefault/10.0.1.0/24: no free slot in the 256 blocks this node owns"
+    );
+}
+
+#[test]
+fn a_seed_splits_the_space_evenly_and_contiguously_among_its_owners() {
+    let space = Space::new("vni", (1 << 24) - 4096).unwrap();
+    assert_eq!(space.block_size, 256);
+    assert_eq!(space.blocks(), 65_520);
+    let seed = Seed { space: space.clone(), owners: vec![n("a"), n("b"), n("c")], seeded_by: n("a") };
+    let mut rings: Vec<Ring> =
+        ["a", "b", "c", "d"].iter().map(|m| Ring::new(n(m), space.clone(), [])).collect();
+    for r in &mut rings {
+        r.install_seed(&seed).unwrap();
+        flush(r);
+    }
+    let blocks: Vec<u64> = rings.iter().map(|r| r.owned_blocks()).collect();
+    assert_eq!(blocks, vec![21_840, 21_840, 21_840, 0]);
+    assert_eq!(rings[1].owned(), &[(21_840 * 256, 43_680 * 256)]);
+    assert_eq!(rings[0].state(), rings[3].state(), "every node derives the same ring");
+
+    let other = Seed { seeded_by: n("b"), ..seed.clone() };
+    assert!(matches!(rings[0].install_seed(&other), Err(RingError::SeedConflict { .. })));
+    let wrong = Seed { space: Space::new("vni", 1000).unwrap(), ..seed };
+    let e = rings[0].install_seed(&wrong).unwrap_err();
+    assert!(e.to_string().starts_with("ring vni: seed for a different space"), "{e}");
+    let mut unseeded = Ring::new(n("x"), space, []);
+    assert_eq!(unseeded.allocate(None).unwrap_err().to_string(), "ring vni: not seeded yet");
+}
+
+#[test]
+fn donation_gives_the_free_top_of_the_donors_range_once_even_when_asked_twice() {
+    let mut a = created("a");
+    for _ in 0..10 {
+        a.allocate(None).unwrap();
+    }
+    flush(&mut a);
+    let mut b = joined("b", &mut a);
+    assert_eq!(b.free_slots(), 0);
+    b.ensure_share(0, &all_alive).unwrap();
+    assert_eq!(b.requesting_from(), Some(&n("a")));
+    let out = flush(&mut b);
+    let (_, request) = sends(&out).pop().unwrap();
+    a.handle_message(&n("b"), &request, 0, &all_alive).unwrap();
+    assert!(sends(&std::iter::from_fn(|| a.poll_output()).collect::<Vec<_>>()).is_empty(), "grant held");
+    let out = flush(&mut a);
+    let (_, grant) = sends(&out).pop().unwrap();
+    // a keeps its allocated low blocks and a contiguous range; b gets the top.
+    assert_eq!(a.owned(), &[(0, 133)], "half of the 245 free blocks, rounded up, went");
+    b.handle_message(&n("a"), &grant, 0, &all_alive).unwrap();
+    flush(&mut b);
+    assert_eq!(b.owned(), &[(133, 256)]);
+    assert_eq!(b.requesting_from(), None);
+    assert_eq!(b.allocate(None), Ok(133));
+    assert_eq!(b.free_slots(), 121, "255 is reserved");
+
+    // The same request again (a duplicate, or a retry after a lost grant): the same answer.
+    a.handle_message(&n("b"), &request, 0, &all_alive).unwrap();
+    let again = sends(&flush(&mut a));
+    assert_eq!(again, vec![(n("b"), grant)]);
+    assert_eq!(a.owned(), &[(0, 133)], "no second donation");
+
+    // The donor's claims carry the same ownership to everyone else.
+    let mut c = joined("c", &mut a);
+    let claims = publications(&flush(&mut Ring::restore(a.durable().clone())));
+    for e in &claims {
+        c.merge(e).unwrap();
+    }
+    assert_eq!(c.state().owner_of(200), Some(n("b")));
+    assert_eq!(c.state().owner_of(20), Some(n("a")));
+}
+
+#[test]
+fn a_donor_never_gives_a_block_with_an_allocation_and_never_allocates_in_what_it_gave() {
+    let mut a = created("a");
+    // Allocations at the top: the free tail is gone, so a free run inside is donated.
+    a.allocate(Some(254)).unwrap();
+    a.allocate(Some(100)).unwrap();
+    flush(&mut a);
+    let mut b = joined("b", &mut a);
+    b.request_space(0, &all_alive).unwrap();
+    exchange(&mut a, &mut b);
+    let given: Vec<(u128, u128)> = b.owned().to_vec();
+    assert_eq!(given.len(), 1);
+    let (s, e) = given[0];
+    assert!(!(s..e).contains(&254) && !(s..e).contains(&100), "{given:?}");
+    assert!(a.allocations().all(|x| !(s..e).contains(&x)));
+    for x in s..e {
+        assert!(matches!(a.allocate(Some(x)), Err(RingError::NotOwned { .. })));
+    }
+    while let Ok(x) = a.allocate(None) {
+        assert!(!(s..e).contains(&x));
+    }
+}
+
+#[test]
+fn without_a_reachable_owner_with_space_the_error_says_so_and_a_timeout_moves_on() {
+    let space = pool();
+    let seed = Seed { space: space.clone(), owners: vec![n("a"), n("b")], seeded_by: n("a") };
+    let mut c = Ring::new(n("c"), space, [0, 255]);
+    c.install_seed(&seed).unwrap();
+    flush(&mut c);
+    let e = c.request_space(0, &|_| false).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "ring GlobalDefault/10.0.1.0/24: no reachable owner has free space (asked: [])"
+    );
+    c.request_space(0, &all_alive).unwrap();
+    assert_eq!(c.requesting_from(), Some(&n("a")), "equal shares: by name");
+    c.tick(REQUEST_TIMEOUT_MS - 1, &all_alive).unwrap();
+    assert_eq!(c.requesting_from(), Some(&n("a")));
+    c.tick(REQUEST_TIMEOUT_MS, &all_alive).unwrap();
+    assert_eq!(c.requesting_from(), Some(&n("b")), "a did not answer: b is asked");
+    let e = c.tick(2 * REQUEST_TIMEOUT_MS, &all_alive).unwrap_err();
+    assert!(e.to_string().contains("(asked: [\"a\", \"b\"])"), "{e}");
+    let events: Vec<Output> = flush(&mut c);
+    assert!(events.contains(&Output::Event(RingEvent::NoSpace { asked: vec![n("a"), n("b")] })));
+}
+
+#[test]
+fn records_that_break_ownership_are_refused_and_change_nothing() {
+    let mut a = created("a");
+    let before = a.state().clone();
+    let forged = |writer: &str, start, end| {
+        RingEntry::Claims(weft_ipam::ring::Claims {
+            ring: pool().ring,
+            writer: n(writer),
+            seq: 1,
+            runs: vec![Run {
+                start,
+                end,
+                rec: Record { epoch: 0, version: 9, writer: n(writer), owner: n(writer) },
+            }],
+            free_blocks: 0,
+        })
+    };
+    let e = a.merge(&forged("mallory", 10, 20)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "ring GlobalDefault/10.0.1.0/24: refused 1 record(s) that break ownership: mallory wrote blocks \
+         10..20 (epoch 0, version 9) over blocks this node owns"
+    );
+    assert_eq!(a.state(), &before);
+    let e = a.merge(&forged("a", 30, 31)).unwrap_err();
+    assert!(e.to_string().contains("as this node, which never wrote it"), "{e}");
+    assert_eq!(a.state(), &before);
+    // A third node applies what does not touch its own blocks.
+    let mut c = joined("c", &mut a);
+    c.merge(&forged("mallory", 10, 20)).unwrap();
+    assert_eq!(c.state().owner_of(15), Some(n("mallory")));
+}
+
+#[test]
+fn a_removal_moves_a_dead_nodes_blocks_and_wins_over_what_it_writes_afterwards() {
+    let mut a = created("a");
+    let mut b = joined("b", &mut a);
+    b.request_space(0, &all_alive).unwrap();
+    exchange(&mut a, &mut b);
+    let mut c = joined("c", &mut a);
+    for e in publications(&flush(&mut Ring::restore(a.durable().clone()))) {
+        c.merge(&e).unwrap();
+    }
+    let b_blocks = b.owned_blocks();
+    assert!(b_blocks > 0);
+    b.allocate(None).unwrap();
+    flush(&mut b);
+
+    // Removing a live node is refused unless forced.
+    let e = a.transfer_dead(&n("b"), true, false).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "ring GlobalDefault/10.0.1.0/24: refusing to remove b: it is alive (force to override)"
+    );
+    assert!(matches!(a.transfer_dead(&n("a"), false, false), Err(RingError::RemoveSelf { .. })));
+    assert_eq!(a.transfer_dead(&n("b"), false, false), Ok(b_blocks));
+    assert_eq!(a.owned(), &[(0, 256)]);
+    let from_a = publications(&flush(&mut a));
+    assert!(matches!(from_a[0], RingEntry::Removal(_)), "the removal record goes first");
+
+    // Meanwhile b, cut off, gives some of its blocks to c at b's old epoch.
+    let (_, req) = {
+        c.request_space(0, &|o| o == "b").unwrap();
+        sends(&flush(&mut c)).pop().unwrap()
+    };
+    b.handle_message(&n("c"), &req, 0, &all_alive).unwrap();
+    let from_b = flush(&mut b);
+    let (_, grant) = sends(&from_b).pop().unwrap();
+    c.handle_message(&n("b"), &grant, 0, &all_alive).unwrap();
+    assert!(c.owned_blocks() > 0);
+
+    // Heal: everyone merges everything, in either order.
+    for e in &from_a {
+        c.merge(e).unwrap();
+        b.merge(e).unwrap();
+    }
+    for e in publications(&from_b) {
+        a.merge(&e).unwrap();
+    }
+    for e in publications(&flush(&mut c)) {
+        a.merge(&e).unwrap();
+    }
+    assert_eq!(c.owned_blocks(), 0, "b's late donation lost to the removal");
+    assert!(flush(&mut c).iter().all(|o| !matches!(o, Output::Event(RingEvent::Lost { .. }))));
+    assert_eq!(a.state().ownership(), vec![(0, 256, n("a"))]);
+    assert_eq!(a.state().ownership(), c.state().ownership());
+    assert_eq!(b.removed_by(), Some(&n("a")));
+    let events = flush(&mut b);
+    assert!(events.contains(&Output::Event(RingEvent::Removed { by: n("a") })), "{events:?}");
+    assert_eq!(
+        b.allocate(None).unwrap_err().to_string(),
+        "ring GlobalDefault/10.0.1.0/24: this node was removed by a; it allocates nothing more"
+    );
+    assert_eq!(b.free_slots(), 0);
+}
+
+#[test]
+fn a_crash_before_persisting_loses_only_what_nobody_saw() {
+    let mut a = created("a");
+    let slot = a.allocate(None).unwrap();
+    let saved: RingDurable = a.durable().clone();
+    flush(&mut a);
+    let unpersisted = a.allocate(None).unwrap();
+    // Crash: the unpersisted allocation was never handed out, and comes back free.
+    let mut back = Ring::restore(saved);
+    assert!(back.is_allocated(slot));
+    assert!(!back.is_allocated(unpersisted));
+    assert_eq!(back.allocate(None), Ok(unpersisted));
+    let out = flush(&mut back);
+    assert!(matches!(&publications(&out)[..], [RingEntry::Claims(c)] if c.seq > 1), "claims are republished");
+    // Adverts follow free space coarsely: 254 free blocks stay in one power-of-two bucket.
+    for _ in 0..100 {
+        back.allocate(None).unwrap();
+    }
+    assert!(publications(&flush(&mut back)).is_empty());
+}
+
+#[test]
+fn the_merge_rule_orders_versions_of_one_key() {
+    let mut a = created("a");
+    a.allocate(None).unwrap();
+    let first = publications(&flush(&mut Ring::restore(a.durable().clone())));
+    let mut b = joined("b", &mut a);
+    b.request_space(0, &all_alive).unwrap();
+    exchange(&mut a, &mut b);
+    let later = publications(&flush(&mut Ring::restore(a.durable().clone())));
+    let (RingEntry::Claims(c1), RingEntry::Claims(c2)) = (&first[0], &later[0]) else { panic!() };
+    assert_eq!(first[0].key(), "GlobalDefault/10.0.1.0/24/claims/a");
+    assert!(c2.seq > c1.seq);
+    assert_eq!(later[0].compare(&first[0]), std::cmp::Ordering::Greater);
+    assert_eq!(first[0].compare(&later[0]), std::cmp::Ordering::Less);
+}
