@@ -1,14 +1,17 @@
 //! Allocate+release of single addresses in a /24, /16 and /8 (lowest-free and serial), and
 //! allocation in a 99%-full /16, through the default IPAM; a naive `BTreeSet` allocator with the
-//! same semantics runs beside it as the baseline.
+//! same semantics runs beside it as the baseline. Then the ring: merging two rings of 10,000
+//! ranges each (the run join, and a node's validating merge of a 10,000-range claim), against a
+//! naive per-block `BTreeMap` join.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use weft_ipam::contract::{LOCAL_DEFAULT, OPT_SERIAL};
-use weft_ipam::{DefaultIpam, Ipam, Options, PoolId, PoolRequest};
+use weft_ipam::ring::{Claims, Name, Record, Run, Runs};
+use weft_ipam::{DefaultIpam, Ipam, Options, PoolId, PoolRequest, Ring, RingEntry, Seed, Space};
 
 /// The baseline: allocated offsets in a `BTreeSet`; lowest free found by walking it.
 struct Naive {
@@ -121,9 +124,67 @@ fn nearly_full(c: &mut Criterion) {
     g.finish();
 }
 
+/// 10,000 ranges of 4 blocks with 50 owners; `shift` offsets the boundaries and `bump` raises
+/// every other version, so two rings disagree on half of every range.
+fn ranges(shift: u32, bump: u64) -> Vec<Run> {
+    (0..10_000u32)
+        .map(|i| {
+            let owner: Name = format!("n{:02}", i % 50).into();
+            let version = u64::from(i) + if i % 2 == 0 { bump } else { 0 };
+            let rec = Record { epoch: 0, version, writer: owner.clone(), owner };
+            Run { start: i * 4 + shift, end: i * 4 + 4 + shift, rec }
+        })
+        .collect()
+}
+
+fn per_block(runs: &[Run]) -> BTreeMap<u32, Record> {
+    runs.iter().flat_map(|r| (r.start..r.end).map(move |b| (b, r.rec.clone()))).collect()
+}
+
+fn ring_merge(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ring_merge_10k_ranges");
+    let (a, b) = (ranges(0, 0), ranges(2, 1));
+    let (ra, rb) = (Runs::from_runs(a.clone()), Runs::from_runs(b.clone()));
+    let (na, nb) = (per_block(&a), per_block(&b));
+    g.bench_function("runs_join", |bench| bench.iter(|| black_box(ra.join(black_box(&rb)))));
+    g.bench_function("naive_per_block_btreemap", |bench| {
+        bench.iter(|| {
+            let mut out = na.clone();
+            for (k, v) in &nb {
+                let e = out.entry(*k).or_insert_with(|| v.clone());
+                if v > e {
+                    *e = v.clone();
+                }
+            }
+            black_box(out)
+        })
+    });
+    // A node's merge of another node's 10,000-range claims, ownership checks included.
+    let space = Space::new("bench", 40_002).unwrap();
+    let mut ring = Ring::new("observer", space.clone(), []);
+    let seed = Seed { space, owners: vec!["n00".into()], seeded_by: "n00".into() };
+    ring.install_seed(&seed).unwrap();
+    let claims = |runs: Vec<Run>| {
+        RingEntry::Claims(Claims { ring: "bench".into(), writer: "n00".into(), seq: 1, runs, free_blocks: 0 })
+    };
+    ring.merge(&claims(a)).unwrap();
+    let incoming = claims(b);
+    g.bench_function("ring_validating_merge", |bench| {
+        bench.iter_batched(
+            || ring.clone(),
+            |mut r| {
+                r.merge(&incoming).unwrap();
+                black_box(r)
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500)).sample_size(20);
-    targets = alloc_release, nearly_full
+    targets = alloc_release, nearly_full, ring_merge
 }
 criterion_main!(benches);

@@ -585,10 +585,8 @@ impl Ring {
             if r.start >= end {
                 continue;
             }
-            self.d.clock = self.d.clock.max(r.rec.version);
             let mut pos = r.start;
-            let local: Vec<Run> = self.d.state.blocks.slice(r.start, end).collect();
-            let mut pieces = local.into_iter().peekable();
+            let mut pieces = self.d.state.blocks.slice(r.start, end).peekable();
             while pos < end {
                 // The local run covering `pos`, or the gap before the next one.
                 let (piece_end, loc) = match pieces.peek() {
@@ -615,6 +613,8 @@ impl Ring {
                 pos = piece_end;
             }
         }
+        let top = runs.iter().map(|r| r.rec.version).max().unwrap_or(0);
+        self.d.clock = self.d.clock.max(top);
         if !ok.is_empty() {
             self.d.state.blocks = self.d.state.blocks.join(&Runs::from_runs(ok));
             self.dirty = true;
