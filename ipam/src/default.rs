@@ -20,7 +20,7 @@ use crate::bitmap::Bitmap;
 use crate::contract::{
     AllocatedPool, GLOBAL_DEFAULT, Ipam, IpamError, LOCAL_DEFAULT, OPT_SERIAL, Options, PoolId, PoolRequest,
 };
-use crate::net::{addr_at, net_size, offset_of};
+use crate::net::{addr_at, net_size, offset_of, reserved_offsets};
 
 /// A predefined range and the size of the pools cut from it (Docker's `base`/`size`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,12 +61,8 @@ impl PoolData {
     fn new(pool: IpNet, explicit: bool) -> Self {
         let size = net_size(&pool);
         let mut addrs = Bitmap::new(size);
-        let host_bits = pool.max_prefix_len() - pool.prefix_len();
-        if host_bits >= 2 {
-            addrs.set(0);
-            if pool.addr().is_ipv4() {
-                addrs.set(size - 1);
-            }
+        for i in reserved_offsets(&pool) {
+            addrs.set(i);
         }
         PoolData { pool, children: BTreeSet::new(), explicit, addrs, cursor: 0 }
     }
@@ -290,9 +286,7 @@ impl Ipam for DefaultIpam {
     fn release_address(&mut self, id: &PoolId, addr: IpAddr) -> Result<(), IpamError> {
         let data = self.pool_mut(id)?;
         let i = offset_of(&data.pool, addr).ok_or(IpamError::OutOfRange(addr))?;
-        let host_bits = data.pool.max_prefix_len() - data.pool.prefix_len();
-        let reserved = host_bits >= 2 && (i == 0 || (addr.is_ipv4() && i == net_size(&data.pool) - 1));
-        if !reserved {
+        if !reserved_offsets(&data.pool).contains(&i) {
             data.addrs.unset(i);
         }
         Ok(())

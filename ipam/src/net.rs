@@ -34,6 +34,17 @@ pub fn offset_of(net: &IpNet, ip: IpAddr) -> Option<u128> {
     Some(to_u128(ip) - to_u128(net.network()))
 }
 
+/// Offsets of `net` never handed out: the network address, and the broadcast address of IPv4
+/// (the subnet-router anycast of IPv6 is its network address); none in /31, /32, /127, /128.
+pub fn reserved_offsets(net: &IpNet) -> Vec<u128> {
+    let host_bits = net.max_prefix_len() - net.prefix_len();
+    match (host_bits >= 2, net) {
+        (false, _) => vec![],
+        (true, IpNet::V4(_)) => vec![0, net_size(net) - 1],
+        (true, IpNet::V6(_)) => vec![0],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +59,15 @@ mod tests {
         assert_eq!(offset_of(&n, "10.2.0.0".parse().unwrap()), None);
         assert_eq!(net_size(&"::/0".parse().unwrap()), u128::MAX);
         assert_eq!(net_size(&"fd00::/64".parse().unwrap()), 1 << 64);
+    }
+
+    #[test]
+    fn reserved_offsets_follow_docker() {
+        let r = |s: &str| reserved_offsets(&s.parse().unwrap());
+        assert_eq!(r("10.0.0.0/24"), vec![0, 255]);
+        assert_eq!(r("10.0.0.0/30"), vec![0, 3]);
+        assert!(r("10.0.0.0/31").is_empty() && r("10.0.0.1/32").is_empty());
+        assert_eq!(r("fd00::/64"), vec![0]);
+        assert!(r("fd00::/127").is_empty());
     }
 }

@@ -22,13 +22,23 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use ipnet::IpNet;
+
 use crate::bitmap::Bitmap;
+use crate::net::{net_size, reserved_offsets};
 pub use crate::runs::{Name, Record, Run, Runs};
 
 /// Most blocks a ring is cut into.
 pub const MAX_BLOCKS: u128 = 1 << 16;
 /// How long a donation request waits for its answer before the next owner is asked.
 pub const REQUEST_TIMEOUT_MS: u64 = 2_000;
+
+/// The first VNI the VNI ring hands out (lower ones stay VLAN-compatible, as in Docker).
+pub const VNI_FIRST: u32 = 4096;
+/// The last VNI (24 bits).
+pub const VNI_LAST: u32 = (1 << 24) - 1;
+/// The VNI ring's name.
+pub const VNI_RING: &str = "vni";
 
 /// A ring's space: slots `0..size` (the caller maps them to addresses or VNIs) in blocks.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -48,6 +58,28 @@ impl Space {
         }
         let block_size = size.div_ceil(MAX_BLOCKS).next_power_of_two();
         Ok(Space { ring, size, block_size })
+    }
+
+    /// The cluster's VNI space, `VNI_FIRST..=VNI_LAST`: slot `i` is VNI `VNI_FIRST + i`.
+    pub fn vnis() -> Space {
+        Space::new(VNI_RING, u128::from(VNI_LAST - VNI_FIRST + 1)).expect("not empty")
+    }
+
+    /// The VNI of a slot of [`Space::vnis`].
+    pub fn vni(slot: u128) -> Option<u32> {
+        u32::try_from(slot).ok().and_then(|s| s.checked_add(VNI_FIRST)).filter(|v| *v <= VNI_LAST)
+    }
+
+    /// The slot of a VNI in [`Space::vnis`].
+    pub fn vni_slot(vni: u32) -> Option<u128> {
+        (VNI_FIRST..=VNI_LAST).contains(&vni).then(|| u128::from(vni - VNI_FIRST))
+    }
+
+    /// A subnet's space (slot `i` is the subnet's `i`-th address, see [`crate::net::addr_at`])
+    /// and the slots never handed out in it (network, broadcast, anycast).
+    pub fn subnet(ring: impl Into<String>, net: &IpNet) -> (Space, Vec<u128>) {
+        let space = Space::new(ring, net_size(net)).expect("a subnet is never empty");
+        (space, reserved_offsets(net))
     }
 
     pub fn blocks(&self) -> u32 {

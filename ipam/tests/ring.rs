@@ -348,3 +348,40 @@ fn the_merge_rule_orders_versions_of_one_key() {
     assert_eq!(later[0].compare(&first[0]), std::cmp::Ordering::Greater);
     assert_eq!(first[0].compare(&later[0]), std::cmp::Ordering::Less);
 }
+
+#[test]
+fn spaces_map_slots_to_vnis_and_addresses() {
+    let v = Space::vnis();
+    assert_eq!((v.size, v.block_size, v.blocks()), (16_773_120, 256, 65_520));
+    assert_eq!(Space::vni(0), Some(4096));
+    assert_eq!(Space::vni(v.size - 1), Some((1 << 24) - 1));
+    assert_eq!(Space::vni(v.size), None);
+    assert_eq!(Space::vni(u128::MAX), None);
+    assert_eq!(Space::vni_slot(4095), None);
+    assert_eq!(Space::vni_slot(5000), Some(904));
+
+    let net: ipnet::IpNet = "10.0.9.0/24".parse().unwrap();
+    let (space, reserved) = Space::subnet("GlobalDefault/10.0.9.0/24", &net);
+    let mut r = Ring::created_by(n("a"), space, reserved);
+    let gw = r.allocate(None).unwrap();
+    assert_eq!(weft_ipam::net::addr_at(&net, gw).to_string(), "10.0.9.1");
+    let (v6, reserved) = Space::subnet("GlobalDefault/fd00::/48", &"fd00::/48".parse().unwrap());
+    assert_eq!((v6.size, v6.block_size), (1 << 80, 1 << 64));
+    let mut r = Ring::created_by(n("a"), v6, reserved);
+    assert_eq!(r.allocate(None), Ok(1), "the anycast address is skipped");
+    assert_eq!(r.free_slots(), (1 << 80) - 2);
+}
+
+#[test]
+fn the_durable_form_round_trips_through_json() {
+    let mut a = created("a");
+    a.allocate(None).unwrap();
+    a.transfer_dead(&n("gone"), false, false).unwrap();
+    flush(&mut a);
+    let json = serde_json::to_string(a.durable()).unwrap();
+    let back: RingDurable = serde_json::from_str(&json).unwrap();
+    assert_eq!(&back, a.durable());
+    let r = Ring::restore(back);
+    assert_eq!(r.state(), a.state());
+    assert!(r.is_allocated(1));
+}
