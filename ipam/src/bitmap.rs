@@ -72,17 +72,67 @@ impl Chunk {
 }
 
 /// A set of allocated slots `0..size`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "Stored", into = "Stored")]
 pub struct Bitmap {
     size: u128,
     chunks: BTreeMap<u128, Chunk>,
     allocated: u128,
+    /// Runs of full chunks, start -> end (chunk indexes): the level above the chunks, so a
+    /// search skips a full /8 in one lookup.
+    full: BTreeMap<u128, u128>,
+    /// The one empty chunk kept (the last to empty): allocating and releasing one address at
+    /// the edge of the used space would otherwise create and drop a chunk every time. Any other
+    /// chunk is dropped when it empties, so memory stays proportional to what is allocated.
+    empty: Option<u128>,
 }
+
+/// What is written to disk: the chunks that hold bits; the full-run index is rebuilt on load.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    size: u128,
+    chunks: BTreeMap<u128, Chunk>,
+}
+
+impl From<Bitmap> for Stored {
+    fn from(b: Bitmap) -> Stored {
+        let chunks = b.chunks.into_iter().filter(|(_, c)| c.count > 0).collect();
+        Stored { size: b.size, chunks }
+    }
+}
+
+impl From<Stored> for Bitmap {
+    fn from(s: Stored) -> Bitmap {
+        let mut b = Bitmap::new(s.size);
+        for (k, c) in s.chunks {
+            if c.count == 0 || (k << CHUNK_BITS) >= s.size {
+                continue;
+            }
+            b.allocated += u128::from(c.count);
+            if u128::from(c.count) == CHUNK {
+                b.mark_full(k);
+            }
+            b.chunks.insert(k, c);
+        }
+        b
+    }
+}
+
+impl PartialEq for Bitmap {
+    fn eq(&self, other: &Self) -> bool {
+        let live = |b: &Bitmap| {
+            b.chunks.iter().filter(|(_, c)| c.count > 0).map(|(k, c)| (*k, c.clone())).collect::<Vec<_>>()
+        };
+        (self.size, self.allocated) == (other.size, other.allocated) && live(self) == live(other)
+    }
+}
+
+impl Eq for Bitmap {}
 
 impl Bitmap {
     /// An empty bitmap of `size` slots.
     pub fn new(size: u128) -> Self {
-        Bitmap { size, chunks: BTreeMap::new(), allocated: 0 }
+        Bitmap { size, chunks: BTreeMap::new(), allocated: 0, full: BTreeMap::new(), empty: None }
     }
 
     pub fn size(&self) -> u128 {
@@ -106,9 +156,52 @@ impl Bitmap {
         if i >= self.size || self.is_set(i) {
             return false;
         }
-        self.chunks.entry(i >> CHUNK_BITS).or_insert_with(Chunk::new).set((i % CHUNK) as u32);
+        let k = i >> CHUNK_BITS;
+        let c = self.chunks.entry(k).or_insert_with(Chunk::new);
+        c.set((i % CHUNK) as u32);
+        let now_full = c.count as u128 == CHUNK;
+        if self.empty == Some(k) {
+            self.empty = None;
+        }
+        if now_full {
+            self.mark_full(k);
+        }
         self.allocated += 1;
         true
+    }
+
+    fn mark_full(&mut self, k: u128) {
+        let mut start = k;
+        let mut end = k + 1;
+        if let Some((&s, &e)) = self.full.range(..k).next_back()
+            && e == k
+        {
+            start = s;
+        }
+        if let Some(e) = self.full.remove(&(k + 1)) {
+            end = e;
+        }
+        self.full.insert(start, end);
+    }
+
+    fn mark_not_full(&mut self, k: u128) {
+        let (&s, &e) = self.full.range(..=k).next_back().expect("a full chunk is in a run");
+        debug_assert!(s <= k && k < e);
+        self.full.remove(&s);
+        if s < k {
+            self.full.insert(s, k);
+        }
+        if k + 1 < e {
+            self.full.insert(k + 1, e);
+        }
+    }
+
+    /// The first chunk index at or after `k` that is not full.
+    fn skip_full(&self, k: u128) -> u128 {
+        match self.full.range(..=k).next_back() {
+            Some((_, &e)) if e > k => e,
+            _ => k,
+        }
     }
 
     /// Clears slot `i`; false if it was clear or out of range. Empty chunks are dropped.
@@ -118,9 +211,14 @@ impl Bitmap {
         }
         let k = i >> CHUNK_BITS;
         let c = self.chunks.get_mut(&k).expect("set bit has a chunk");
+        let was_full = c.count as u128 == CHUNK;
         c.unset((i % CHUNK) as u32);
-        if c.count == 0 {
-            self.chunks.remove(&k);
+        let now_empty = c.count == 0;
+        if was_full {
+            self.mark_not_full(k);
+        }
+        if now_empty && let Some(old) = self.empty.replace(k) {
+            self.chunks.remove(&old);
         }
         self.allocated -= 1;
         true
@@ -132,6 +230,11 @@ impl Bitmap {
         let mut i = from;
         while i < to {
             let k = i >> CHUNK_BITS;
+            let past = self.skip_full(k);
+            if past != k {
+                i = past.saturating_mul(CHUNK);
+                continue;
+            }
             let found = match self.chunks.get(&k) {
                 None => Some(i),
                 Some(c) => c.first_clear((i % CHUNK) as u32).map(|b| (k << CHUNK_BITS) + b as u128),
@@ -139,16 +242,9 @@ impl Bitmap {
             if let Some(f) = found {
                 return (f < to).then_some(f);
             }
-            // The rest of this chunk is full: skip to the next chunk, and past every following
-            // chunk that is entirely full.
-            let mut next = (k + 1) << CHUNK_BITS;
-            for (&ck, c) in self.chunks.range(k + 1..) {
-                if ck << CHUNK_BITS != next || c.count as u128 != CHUNK {
-                    break;
-                }
-                next += CHUNK;
-            }
-            i = next;
+            // The rest of this chunk is full: skip to the next chunk, and past the run of full
+            // chunks after it, if any.
+            i = self.skip_full(k + 1).saturating_mul(CHUNK);
         }
         None
     }
@@ -241,7 +337,35 @@ mod tests {
         assert_eq!(b.heap_bytes(), 2 * (WORDS * 8 + SUMMARY * 8 + 64));
         assert_eq!(b.iter().collect::<Vec<_>>(), vec![0, (1 << 79) + 12345]);
         assert!(b.unset(0));
-        assert_eq!(b.chunks.len(), 1, "empty chunks are dropped");
+        assert_eq!(b.chunks.len(), 2, "the last chunk to empty is kept");
+        assert!(b.set(5 << 40));
+        assert!(b.unset(5 << 40));
+        assert_eq!(b.chunks.len(), 2, "another chunk emptying drops the kept one");
+        assert!(b.unset((1 << 79) + 12345));
+        assert_eq!(b.chunks.len(), 1);
+        assert_eq!(b, Bitmap::new(1 << 80), "empty chunks do not count for equality");
+    }
+
+    #[test]
+    fn runs_of_full_chunks_are_skipped_in_one_step_and_split_on_release() {
+        let mut b = Bitmap::new(8 * CHUNK);
+        for i in 0..5 * CHUNK {
+            b.set(i);
+        }
+        assert_eq!(b.full.iter().collect::<Vec<_>>(), vec![(&0, &5)]);
+        assert_eq!(b.first_clear_in(0, b.size()), Some(5 * CHUNK));
+        assert!(b.unset(2 * CHUNK + 7));
+        assert_eq!(b.full.iter().collect::<Vec<_>>(), vec![(&0, &2), (&3, &5)]);
+        assert_eq!(b.first_clear_in(0, b.size()), Some(2 * CHUNK + 7));
+        assert_eq!(b.first_clear_in(2 * CHUNK + 8, b.size()), Some(5 * CHUNK));
+        assert!(b.set(2 * CHUNK + 7));
+        assert_eq!(b.full.iter().collect::<Vec<_>>(), vec![(&0, &5)], "runs join again");
+        // The index is not stored; loading rebuilds it.
+        let json = serde_json::to_string(&b).unwrap();
+        let back: Bitmap = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.full, b.full);
+        assert_eq!(back, b);
+        assert_eq!(back.first_clear_in(0, back.size()), Some(5 * CHUNK));
     }
 
     #[test]

@@ -11,11 +11,24 @@ use weft_ipam::Bitmap;
 enum Op {
     Set(u128),
     Unset(u128),
-    SetFirst { from: u128, len: u128 },
-    Fill { from: u128, len: u16 },
+    SetFirst {
+        from: u128,
+        len: u128,
+    },
+    Fill {
+        from: u128,
+        len: u16,
+    },
+    /// Fills a whole 2^16 chunk (where the full-chunk index works).
+    FillChunk(u8),
 }
 
 fn ops(size: u128) -> impl Strategy<Value = Vec<Op>> {
+    ops_with(size, 0)
+}
+
+/// `chunk_fills`: weight of whole-chunk fills against 10 for everything else.
+fn ops_with(size: u128, chunk_fills: u32) -> impl Strategy<Value = Vec<Op>> {
     // Indexes cluster near chunk boundaries and the ends, where bugs live.
     let idx = prop_oneof![
         0..size.min(300),
@@ -32,6 +45,7 @@ fn ops(size: u128) -> impl Strategy<Value = Vec<Op>> {
         2 => idx.clone().prop_map(Op::Unset),
         3 => (idx.clone(), 1..size.min(1 << 18)).prop_map(|(from, len)| Op::SetFirst { from, len }),
         1 => (idx, 1u16..3000).prop_map(|(from, len)| Op::Fill { from, len }),
+        chunk_fills => any::<u8>().prop_map(Op::FillChunk),
     ];
     proptest::collection::vec(op, 1..120)
 }
@@ -64,6 +78,13 @@ fn check(size: u128, ops: &[Op]) {
                 let counted = m.range(from..to.min(size).max(from)).count() as u128;
                 assert_eq!(b.count_in(from, to), counted, "count in {from}..{to}");
             }
+            Op::FillChunk(k) => {
+                let base = u128::from(k % 6) << 16;
+                for i in base..(base + (1 << 16)).min(size) {
+                    b.set(i);
+                    m.insert(i);
+                }
+            }
             Op::Fill { from, len } => {
                 for i in from..(from + len as u128).min(size) {
                     b.set(i);
@@ -92,5 +113,14 @@ proptest! {
     #[test]
     fn a_slash_48_matches_the_model(ops in ops(1 << 80)) {
         check(1 << 80, &ops);
+    }
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 40, rng_seed: RngSeed::Fixed(0xf011), failure_persistence: None, ..Config::default() })]
+
+    #[test]
+    fn full_chunks_match_the_model(ops in ops_with(6 << 16, 1)) {
+        check(6 << 16, &ops);
     }
 }
