@@ -131,7 +131,7 @@ fn ranges(shift: u32, bump: u64) -> Vec<Run> {
         .map(|i| {
             let owner: Name = format!("n{:02}", i % 50).into();
             let version = u64::from(i) + if i % 2 == 0 { bump } else { 0 };
-            let rec = Record { epoch: 0, version, writer: owner.clone(), owner };
+            let rec = Record { epoch: 0, lineage: "".into(), version, writer: owner.clone(), owner };
             Run { start: i * 4 + shift, end: i * 4 + 4 + shift, rec }
         })
         .collect()

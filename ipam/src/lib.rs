@@ -11,6 +11,7 @@ pub mod bitmap;
 pub mod contract;
 pub mod default;
 pub mod net;
+pub mod outbox;
 pub mod ring;
 pub mod runs;
 pub mod seeding;

@@ -11,13 +11,14 @@
 //! holding the records it wrote that still win (`<ring>/claims/<node>`), and removal records
 //! (`<ring>/removed/<node>`). Donations use [`RingMsg`] point to point.
 //!
-//! Persist before use: every change marks the ring dirty. Outputs that let others rely on a
-//! change (publications, donation grants) are held until the caller has written
-//! [`Ring::durable`] to disk and called [`Ring::persisted`]; an allocated slot must likewise be
-//! handed out only after that. A crash before then loses nothing anyone saw.
+//! Persist before use: every change bumps the ring's generation. Outputs that let others rely
+//! on a change (publications, donation grants) are held until the caller has written
+//! [`Ring::durable`] to disk and called [`Ring::persisted`] with the generation it wrote; an
+//! allocated slot must likewise be handed out only after that. A crash before then loses
+//! nothing anyone saw.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -26,10 +27,19 @@ use ipnet::IpNet;
 
 use crate::bitmap::Bitmap;
 use crate::net::{net_size, reserved_offsets};
+use crate::outbox::Outbox;
 pub use crate::runs::{Name, Record, Run, Runs};
 
 /// Most blocks a ring is cut into.
 pub const MAX_BLOCKS: u128 = 1 << 16;
+/// Versions and epochs at or above these are refused from the network (nothing honest gets
+/// near them), so the arithmetic on them never overflows.
+pub const MAX_VERSION: u64 = 1 << 62;
+pub const MAX_EPOCH: u32 = 1 << 30;
+/// Requesters whose last donation a donor remembers (to answer duplicates without giving
+/// twice); beyond it the first by name is forgotten, and a late duplicate from it gets a
+/// second, harmless donation.
+pub const MAX_SERVED: usize = 1024;
 /// How long a donation request waits for its answer before the next owner is asked.
 pub const REQUEST_TIMEOUT_MS: u64 = 2_000;
 
@@ -114,7 +124,8 @@ impl Seed {
         let mut runs = Vec::new();
         for (i, o) in self.owners.iter().enumerate() {
             let (s, e) = ((i as u64 * n / k) as u32, ((i as u64 + 1) * n / k) as u32);
-            let rec = Record { epoch: 0, version: 0, writer: "".into(), owner: o.clone() };
+            let rec =
+                Record { epoch: 0, lineage: "".into(), version: 0, writer: "".into(), owner: o.clone() };
             runs.push(Run { start: s, end: e, rec });
         }
         Runs::from_runs(runs)
@@ -126,18 +137,19 @@ impl Seed {
 pub struct RingState {
     pub seed: Option<Seed>,
     pub blocks: Runs,
-    /// Removed node -> its heir. Grows only; two heirs for one node: the higher name wins.
-    pub removed: BTreeMap<Name, Name>,
+    /// Removed node -> (generation, heir). Grows only; of two removals of one node the later
+    /// generation wins, then the higher heir name: an operator can always remove again.
+    pub removed: BTreeMap<Name, (u64, Name)>,
 }
 
 impl RingState {
     /// The join of two states (what every node converges to, whatever the order).
     pub fn join(&self, other: &RingState) -> RingState {
         let mut removed = self.removed.clone();
-        for (n, h) in &other.removed {
-            let e = removed.entry(n.clone()).or_insert_with(|| h.clone());
-            if h > e {
-                *e = h.clone();
+        for (n, r) in &other.removed {
+            let e = removed.entry(n.clone()).or_insert_with(|| r.clone());
+            if r > e {
+                *e = r.clone();
             }
         }
         RingState {
@@ -155,7 +167,7 @@ impl RingState {
         for _ in 0..=self.removed.len() {
             match self.removed.get(&cur) {
                 None => return Some(cur),
-                Some(h) => cur = h.clone(),
+                Some((_, h)) => cur = h.clone(),
             }
         }
         None
@@ -200,11 +212,13 @@ pub struct Claims {
     pub free_blocks: u64,
 }
 
-/// `node` was removed from the ring; its blocks go to `heir`.
+/// `node` was removed from the ring; its blocks go to `heir`. A later `generation` (then the
+/// higher heir) wins.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Removal {
     pub ring: String,
     pub node: Name,
+    pub generation: u64,
     pub heir: Name,
 }
 
@@ -300,6 +314,8 @@ pub enum RingError {
     SeedMismatch { ring: String, theirs: Box<Space>, ours: Box<Space> },
     #[error("ring {ring}: a different seed is already installed (from {theirs}, this node has {ours})")]
     SeedConflict { ring: String, theirs: Name, ours: Name },
+    #[error("ring {ring}: seed split among {theirs:?}, but this node's acceptor set is {ours:?}; refused")]
+    SeedOwners { ring: String, theirs: Vec<Name>, ours: Vec<Name> },
     #[error("ring {ring}: this node was removed by {by}; it allocates nothing more")]
     Removed { ring: String, by: Name },
     #[error("ring {ring}: no free slot in the {owned} blocks this node owns")]
@@ -342,6 +358,9 @@ pub struct Violation {
 pub struct RingDurable {
     pub me: Name,
     pub space: Space,
+    /// A cluster-wide ring: the acceptor set its seed must be split among. `None`: a ring
+    /// created by one node.
+    pub acceptors: Option<Vec<Name>>,
     pub reserved: BTreeSet<u128>,
     pub state: RingState,
     pub alloc: Bitmap,
@@ -373,9 +392,7 @@ pub struct Ring {
     free_blocks: u64,
     published_free: Option<u64>,
     want: Option<Want>,
-    dirty: bool,
-    held: Vec<Output>,
-    out: VecDeque<Output>,
+    outbox: Outbox<Output>,
 }
 
 impl Ring {
@@ -384,6 +401,7 @@ impl Ring {
         let reserved = reserved.into_iter().filter(|&s| s < space.size).collect();
         let d = RingDurable {
             me: me.into(),
+            acceptors: None,
             alloc: Bitmap::new(space.size),
             space,
             reserved,
@@ -395,6 +413,22 @@ impl Ring {
             served: BTreeMap::new(),
         };
         Ring::from_durable(d)
+    }
+
+    /// A cluster-wide ring (the VNI range, the default global pool), seeded by Paxos among
+    /// `acceptors`: only a seed split among exactly that set is installed, whoever sends it.
+    pub fn cluster(
+        me: impl Into<Name>,
+        space: Space,
+        reserved: impl IntoIterator<Item = u128>,
+        acceptors: impl IntoIterator<Item = Name>,
+    ) -> Ring {
+        let mut ring = Ring::new(me, space, reserved);
+        let mut set: Vec<Name> = acceptors.into_iter().collect();
+        set.sort();
+        set.dedup();
+        ring.d.acceptors = Some(set);
+        ring
     }
 
     /// A ring created by this node (a network's own subnet): wholly owned by it.
@@ -427,9 +461,7 @@ impl Ring {
             free_blocks: 0,
             published_free: None,
             want: None,
-            dirty: false,
-            held: Vec::new(),
-            out: VecDeque::new(),
+            outbox: Outbox::default(),
         };
         ring.rebuild_owned();
         ring
@@ -511,7 +543,12 @@ impl Ring {
 
     /// Whether there are changes not yet persisted.
     pub fn is_dirty(&self) -> bool {
-        self.dirty
+        self.outbox.is_dirty()
+    }
+
+    /// The generation of the state [`Ring::durable`] shows now: read it before writing.
+    pub fn generation(&self) -> u64 {
+        self.outbox.generation()
     }
 
     /// What to write (fsync'ed) before calling [`Ring::persisted`].
@@ -519,28 +556,23 @@ impl Ring {
         &self.d
     }
 
-    /// The caller has written [`Ring::durable`]: release what was held for it.
-    pub fn persisted(&mut self) {
-        self.dirty = false;
-        self.out.extend(self.held.drain(..));
+    /// The state as of `generation` is on disk: release what waited for it.
+    pub fn persisted(&mut self, generation: u64) {
+        self.outbox.persisted(generation);
     }
 
     /// The next output. Publications and messages come only after the change they carry was
     /// persisted.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop_front()
+        self.outbox.poll()
     }
 
     fn emit(&mut self, o: Output) {
-        if self.dirty {
-            self.held.push(o);
-        } else {
-            self.out.push_back(o);
-        }
+        self.outbox.emit(o);
     }
 
     fn event(&mut self, e: RingEvent) {
-        self.out.push_back(Output::Event(e));
+        self.outbox.event(Output::Event(e));
     }
 
     // ---- seeding and merging ----
@@ -569,9 +601,14 @@ impl Ring {
         if seed.owners.is_empty() {
             return Err(RingError::NotSeeded { ring });
         }
+        if let Some(acceptors) = &self.d.acceptors
+            && *acceptors != seed.owners
+        {
+            return Err(RingError::SeedOwners { ring, theirs: seed.owners.clone(), ours: acceptors.clone() });
+        }
         self.d.state.seed = Some(seed.clone());
         self.d.state.blocks = self.d.state.blocks.join(&seed.runs());
-        self.dirty = true;
+        self.outbox.touch();
         self.emit(Output::Publish(RingEntry::Seed(seed.clone())));
         self.refresh(true, true);
         Ok(())
@@ -586,14 +623,10 @@ impl Ring {
         match entry {
             RingEntry::Seed(s) => self.install_seed(s),
             RingEntry::Removal(r) => {
-                let mut removed = self.d.state.removed.clone();
-                let e = removed.entry(r.node.clone()).or_insert_with(|| r.heir.clone());
-                if r.heir > *e {
-                    *e = r.heir.clone();
-                }
-                if removed != self.d.state.removed {
-                    self.d.state.removed = removed;
-                    self.dirty = true;
+                let new = (r.generation, r.heir.clone());
+                if self.d.state.removed.get(&r.node).is_none_or(|old| new > *old) {
+                    self.d.state.removed.insert(r.node.clone(), new);
+                    self.outbox.touch();
                     self.after_merge();
                 }
                 Ok(())
@@ -609,17 +642,27 @@ impl Ring {
 
     /// Merges records (from claims or a grant), refusing those that break ownership.
     fn merge_runs(&mut self, runs: &[Run]) -> Result<(), RingError> {
-        let mut ok = Vec::with_capacity(runs.len());
-        let mut bad = Vec::new();
         let n = self.d.space.blocks();
+        let mut bad = Vec::new();
+        let mut sane = Vec::with_capacity(runs.len());
         for r in runs {
             let end = r.end.min(n);
             if r.start >= end {
                 continue;
             }
+            if r.rec.version >= MAX_VERSION || r.rec.epoch >= MAX_EPOCH {
+                bad.push(self.violation(r, r.start, end, "with a version or epoch beyond any honest one"));
+                continue;
+            }
+            sane.push(Run { start: r.start, end, rec: r.rec.clone() });
+        }
+        // Per block the highest incoming record: bounded by the blocks, however many runs came.
+        let incoming = Runs::from_runs(sane);
+        let mut ok = Vec::with_capacity(incoming.len());
+        for r in incoming.iter() {
             let mut pos = r.start;
-            let mut pieces = self.d.state.blocks.slice(r.start, end).peekable();
-            while pos < end {
+            let mut pieces = self.d.state.blocks.slice(r.start, r.end).peekable();
+            while pos < r.end {
                 // The local run covering `pos`, or the gap before the next one.
                 let (piece_end, loc) = match pieces.peek() {
                     Some(l) if l.start <= pos => {
@@ -627,32 +670,36 @@ impl Ring {
                         (l.end, Some(l.rec))
                     }
                     Some(l) => (l.start, None),
-                    None => (end, None),
+                    None => (r.end, None),
                 };
                 if let Some(why) = self.refuse(&r.rec, loc.as_ref()) {
-                    bad.push(Violation {
-                        ring: self.d.space.ring.clone(),
-                        writer: r.rec.writer.clone(),
-                        start: pos,
-                        end: piece_end,
-                        epoch: r.rec.epoch,
-                        version: r.rec.version,
-                        why,
-                    });
+                    bad.push(self.violation(r, pos, piece_end, why));
                 } else if loc.as_ref().is_none_or(|l| r.rec > *l) {
                     ok.push(Run { start: pos, end: piece_end, rec: r.rec.clone() });
                 }
                 pos = piece_end;
             }
         }
-        let top = runs.iter().map(|r| r.rec.version).max().unwrap_or(0);
-        self.d.clock = self.d.clock.max(top);
         if !ok.is_empty() {
+            let top = ok.iter().map(|r| r.rec.version).max().unwrap_or(0);
+            self.d.clock = self.d.clock.max(top);
             self.d.state.blocks = self.d.state.blocks.join(&Runs::from_runs(ok));
-            self.dirty = true;
+            self.outbox.touch();
             self.after_merge();
         }
         if bad.is_empty() { Ok(()) } else { Err(RingError::Violations(bad)) }
+    }
+
+    fn violation(&self, r: &Run, start: u32, end: u32, why: &'static str) -> Violation {
+        Violation {
+            ring: self.d.space.ring.clone(),
+            writer: r.rec.writer.clone(),
+            start,
+            end,
+            epoch: r.rec.epoch,
+            version: r.rec.version,
+            why,
+        }
     }
 
     /// Why an incoming record must not replace `local` here, if it must not.
@@ -669,9 +716,9 @@ impl Ring {
         if l.owner != *me || self.d.state.resolve(&l.owner).as_ref() != Some(me) {
             return None;
         }
-        // A newer epoch is a takeover of this node's blocks; so is a concurrent takeover that
-        // wins the tie against this node's own takeover.
-        if inc.epoch > l.epoch || (inc.is_takeover() && l.is_takeover() && inc.epoch == l.epoch) {
+        // A newer epoch, or a winning heir's line in this one, is a takeover of this node's
+        // blocks: it decides. Within one line only the owner writes.
+        if (inc.epoch, &inc.lineage) > (l.epoch, &l.lineage) {
             return None;
         }
         Some("over blocks this node owns")
@@ -687,10 +734,10 @@ impl Ring {
     fn refresh(&mut self, report_loss: bool, mut wrote: bool) {
         let me = self.d.me.clone();
         if self.d.removed_by.is_none()
-            && let Some(by) = self.d.state.removed.get(&me).cloned()
+            && let Some((_, by)) = self.d.state.removed.get(&me).cloned()
         {
             self.d.removed_by = Some(by.clone());
-            self.dirty = true;
+            self.outbox.touch();
             self.want = None;
             self.event(RingEvent::Removed { by });
         }
@@ -757,12 +804,13 @@ impl Ring {
         for (s, e) in takes {
             self.d.state.blocks.rewrite(s, e, |old| Record {
                 epoch: old.epoch + 1,
+                lineage: me.clone(),
                 version: 0,
                 writer: me.clone(),
                 owner: me.clone(),
             });
         }
-        self.dirty = true;
+        self.outbox.touch();
         true
     }
 
@@ -793,9 +841,11 @@ impl Ring {
         }
     }
 
+    /// Nothing allocated, and something to allocate (a block of reserved slots only is
+    /// worth nothing to a requester, so it is never counted free or donated).
     fn block_is_free(&self, b: u32) -> bool {
         let (s, e) = self.d.space.slots(b);
-        self.d.alloc.count_in(s, e) == 0
+        self.d.alloc.count_in(s, e) == 0 && (e - s) > self.d.reserved.range(s..e).count() as u128
     }
 
     /// Publishes this node's claims: the records it wrote that still win, and its free blocks.
@@ -803,7 +853,7 @@ impl Ring {
         let me = self.d.me.clone();
         let runs: Vec<Run> = self.d.state.blocks.iter().filter(|r| r.rec.writer == me).cloned().collect();
         self.d.seq += 1;
-        self.dirty = true;
+        self.outbox.touch();
         self.published_free = Some(self.free_blocks);
         let c = Claims {
             ring: self.d.space.ring.clone(),
@@ -868,7 +918,7 @@ impl Ring {
         let b = self.d.space.block_of(slot);
         let was_free = self.block_is_free(b);
         self.d.alloc.set(slot);
-        self.dirty = true;
+        self.outbox.touch();
         if was_free {
             self.free_blocks -= 1;
             self.maybe_publish_free();
@@ -894,7 +944,7 @@ impl Ring {
         if !self.d.alloc.unset(slot) {
             return Err(RingError::NotAllocated { ring: self.d.space.ring.clone(), slot });
         }
-        self.dirty = true;
+        self.outbox.touch();
         if self.owns_slot(slot) && self.block_is_free(self.d.space.block_of(slot)) {
             self.free_blocks += 1;
             self.maybe_publish_free();
@@ -954,7 +1004,7 @@ impl Ring {
         };
         let id = self.d.next_request;
         self.d.next_request += 1;
-        self.dirty = true;
+        self.outbox.touch();
         let mut asked = asked;
         asked.push(to.clone());
         self.want = Some(Want { id, to: to.clone(), deadline: now_ms + REQUEST_TIMEOUT_MS, asked });
@@ -1035,56 +1085,79 @@ impl Ring {
         self.d.clock = version;
         self.d.state.blocks.rewrite(s, e, |old| Record {
             epoch: old.epoch,
+            lineage: old.lineage.clone(),
             version,
             writer: me.clone(),
             owner: from.clone(),
         });
         let runs: Vec<Run> = self.d.state.blocks.slice(s, e).collect();
         self.d.served.insert(from.clone(), (id, runs.clone()));
-        self.dirty = true;
+        while self.d.served.len() > MAX_SERVED {
+            self.d.served.pop_first();
+        }
+        self.outbox.touch();
         self.refresh(false, true);
         self.emit(Output::Send { to: from.clone(), msg: RingMsg::Grant { ring, id, runs } });
     }
 
     /// Free blocks to give: half of this node's free blocks (at most `want`), from the top of
-    /// the owned range with the longest free tail, so what stays here stays contiguous; if no
-    /// range ends free, the top of the longest free run inside one.
+    /// the owned range with the longest unused tail, so what stays here stays contiguous; if no
+    /// range ends unused, the top of the longest unused run inside one. Blocks holding only
+    /// reserved slots travel with the free ones around them (they are worth nothing to either
+    /// side, and keeping them would split the donor's range).
     fn pick_donation(&self, want: u32) -> Option<(u32, u32)> {
         if self.d.removed_by.is_some() || self.free_blocks == 0 {
             return None;
         }
-        let n = (self.free_blocks.div_ceil(2).min(u64::from(want.max(1)))) as u32;
+        let n = self.free_blocks.div_ceil(2).min(u64::from(want.max(1)));
+        let unused = |b: u32| {
+            let (s, e) = self.d.space.slots(b);
+            self.d.alloc.count_in(s, e) == 0
+        };
+        let free_in = |s: u32, e: u32| (s..e).filter(|&b| self.block_is_free(b)).count() as u64;
         let me = self.d.me.clone();
-        let mut best_tail: Option<(u32, u32)> = None;
-        let mut best_inner: Option<(u32, u32)> = None;
+        // (free blocks, start, end) of the best tail and the best inner run.
+        let mut best_tail: Option<(u64, u32, u32)> = None;
+        let mut best_inner: Option<(u64, u32, u32)> = None;
         for (s, e, o) in self.d.state.ownership() {
             if o != me {
                 continue;
             }
             let mut t = e;
-            while t > s && self.block_is_free(t - 1) {
+            while t > s && unused(t - 1) {
                 t -= 1;
             }
-            if t < e && best_tail.is_none_or(|(bs, be)| e - t > be - bs) {
-                best_tail = Some((t, e));
+            let free = free_in(t, e);
+            if free > 0 && best_tail.is_none_or(|(f, _, _)| free > f) {
+                best_tail = Some((free, t, e));
             }
             let mut b = s;
             while b < t {
-                if !self.block_is_free(b) {
+                if !unused(b) {
                     b += 1;
                     continue;
                 }
                 let start = b;
-                while b < t && self.block_is_free(b) {
+                while b < t && unused(b) {
                     b += 1;
                 }
-                if best_inner.is_none_or(|(bs, be)| b - start > be - bs) {
-                    best_inner = Some((start, b));
+                let free = free_in(start, b);
+                if free > 0 && best_inner.is_none_or(|(f, _, _)| free > f) {
+                    best_inner = Some((free, start, b));
                 }
             }
         }
-        let (s, e) = best_tail.or(best_inner)?;
-        Some((e - n.min(e - s), e))
+        let (_, s, e) = best_tail.or(best_inner)?;
+        // From the top down until `n` free blocks are in.
+        let mut start = e;
+        let mut taken = 0;
+        while start > s && taken < n {
+            start -= 1;
+            if self.block_is_free(start) {
+                taken += 1;
+            }
+        }
+        Some((start, e))
     }
 
     // ---- removal ----
@@ -1104,8 +1177,9 @@ impl Ring {
             return Err(RingError::RemoveAlive { ring, node: node.clone() });
         }
         let before = self.owned_blocks;
-        let removal = Removal { ring, node: node.clone(), heir: self.d.me.clone() };
-        self.dirty = true;
+        let generation = self.d.state.removed.get(node).map_or(1, |(g, _)| g + 1);
+        let removal = Removal { ring, node: node.clone(), generation, heir: self.d.me.clone() };
+        self.outbox.touch();
         self.emit(Output::Publish(RingEntry::Removal(removal.clone())));
         self.merge(&RingEntry::Removal(removal))?;
         Ok(self.owned_blocks.saturating_sub(before))

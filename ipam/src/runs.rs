@@ -9,11 +9,15 @@ use serde::{Deserialize, Serialize};
 pub type Name = Arc<str>;
 
 /// Who owns a block, and which write made it so. Records are totally ordered by
-/// `(epoch, version, writer, owner)`; the highest wins.
+/// `(epoch, lineage, version, writer, owner)`; the highest wins.
 ///
 /// * `epoch` is raised only by a takeover (`transfer_dead`): a record of a newer epoch beats
 ///   anything written in an older one, which is how a removal wins over whatever the removed
 ///   node writes afterwards. A takeover writes version 0 of its epoch.
+/// * `lineage` names the heir whose takeover opened the epoch (empty for epoch 0), and is kept
+///   by every later write in it. Two heirs taking the same block at once open two lines of
+///   one epoch; the higher line wins with everything written in it, so even then every node
+///   ends with the same single owner.
 /// * `version` grows with every write by the owner (the writer takes the highest version it
 ///   has seen anywhere in the ring, plus one, so a donation of many blocks stays one run).
 /// * `writer` is the node that wrote the record (empty for the seed), `owner` the node it gives
@@ -21,15 +25,16 @@ pub type Name = Arc<str>;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Record {
     pub epoch: u32,
+    pub lineage: Name,
     pub version: u64,
     pub writer: Name,
     pub owner: Name,
 }
 
 impl Record {
-    /// A takeover record (version 0 of an epoch above 0).
+    /// A takeover record (version 0 of an epoch above 0, written by its line's heir).
     pub fn is_takeover(&self) -> bool {
-        self.epoch > 0 && self.version == 0
+        self.epoch > 0 && self.version == 0 && self.writer == self.lineage
     }
 }
 
@@ -174,7 +179,8 @@ mod tests {
     use super::*;
 
     fn rec(epoch: u32, version: u64, owner: &str) -> Record {
-        Record { epoch, version, writer: owner.into(), owner: owner.into() }
+        let lineage = if epoch == 0 { "" } else { owner };
+        Record { epoch, lineage: lineage.into(), version, writer: owner.into(), owner: owner.into() }
     }
 
     fn run(start: u32, end: u32, r: Record) -> Run {
@@ -199,8 +205,10 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_epoch_beats_any_version() {
+    fn a_newer_epoch_beats_any_version_and_the_higher_line_all_of_the_lower() {
         assert!(rec(1, 0, "heir") > rec(0, 99, "zz"));
+        let late = Record { owner: "x".into(), version: 7, ..rec(1, 0, "h1") };
+        assert!(rec(1, 0, "h2") > late, "h2's takeover beats what h1 wrote after its own");
         assert!(rec(1, 0, "heir").is_takeover());
         assert!(!rec(0, 0, "seed").is_takeover());
     }

@@ -8,10 +8,11 @@
 //! it answers (the same held-output pattern as the ring). Dueling proposers back off by their
 //! rank in the acceptor list, so one of them gets through.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::outbox::Outbox;
 use crate::ring::{Name, Seed};
 
 /// Base retry delay of a proposal that did not complete.
@@ -121,9 +122,7 @@ pub struct Seeder {
     proposal: Option<Seed>,
     phase: Phase,
     deadline: Option<u64>,
-    dirty: bool,
-    held: Vec<SeedOutput>,
-    out: VecDeque<SeedOutput>,
+    outbox: Outbox<SeedOutput>,
 }
 
 impl Seeder {
@@ -148,15 +147,7 @@ impl Seeder {
     }
 
     pub fn restore(d: SeederDurable) -> Self {
-        Seeder {
-            d,
-            proposal: None,
-            phase: Phase::Idle,
-            deadline: None,
-            dirty: false,
-            held: Vec::new(),
-            out: VecDeque::new(),
-        }
+        Seeder { d, proposal: None, phase: Phase::Idle, deadline: None, outbox: Outbox::default() }
     }
 
     pub fn acceptors(&self) -> &[Name] {
@@ -172,20 +163,25 @@ impl Seeder {
     }
 
     pub fn is_dirty(&self) -> bool {
-        self.dirty
+        self.outbox.is_dirty()
+    }
+
+    /// The generation of the state [`Seeder::durable`] shows now: read it before writing.
+    pub fn generation(&self) -> u64 {
+        self.outbox.generation()
     }
 
     pub fn durable(&self) -> &SeederDurable {
         &self.d
     }
 
-    pub fn persisted(&mut self) {
-        self.dirty = false;
-        self.out.extend(self.held.drain(..));
+    /// The state as of `generation` is on disk: answers that waited for it go out.
+    pub fn persisted(&mut self, generation: u64) {
+        self.outbox.persisted(generation);
     }
 
     pub fn poll_output(&mut self) -> Option<SeedOutput> {
-        self.out.pop_front()
+        self.outbox.poll()
     }
 
     /// When [`Seeder::tick`] next has work.
@@ -194,11 +190,7 @@ impl Seeder {
     }
 
     fn emit(&mut self, o: SeedOutput) {
-        if self.dirty {
-            self.held.push(o);
-        } else {
-            self.out.push_back(o);
-        }
+        self.outbox.emit(o);
     }
 
     /// The seed this node proposes: the space split among the acceptors.
@@ -206,12 +198,12 @@ impl Seeder {
         Seed { space, owners: self.d.acceptors.clone(), seeded_by: self.d.me.clone() }
     }
 
-    /// Starts proposing `value` (usually [`Seeder::seed_for`]) until a value is chosen.
-    pub fn propose(&mut self, value: Seed, now_ms: u64) {
+    /// Starts proposing a seed of `space` split among the acceptors, until a value is chosen.
+    pub fn propose(&mut self, space: crate::ring::Space, now_ms: u64) {
         if self.d.chosen.is_some() {
             return;
         }
-        self.proposal = Some(value);
+        self.proposal = Some(self.seed_for(space));
         self.start_round(now_ms);
     }
 
@@ -222,7 +214,7 @@ impl Seeder {
 
     fn start_round(&mut self, now_ms: u64) {
         self.d.max_round += 1;
-        self.dirty = true;
+        self.outbox.touch();
         let ballot = Ballot { round: self.d.max_round, proposer: self.d.me.clone() };
         self.phase = Phase::Preparing { ballot: ballot.clone(), promises: BTreeMap::new() };
         self.deadline = Some(now_ms + self.retry_delay());
@@ -251,10 +243,16 @@ impl Seeder {
         self.emit(SeedOutput::Send { to: to.clone(), msg });
     }
 
-    fn learn(&mut self, value: Seed) {
+    fn learn(&mut self, from: &Name, value: Seed) {
+        if value.owners != self.d.acceptors {
+            // A node with another acceptor set chose among its own; never learn that.
+            let (theirs, ours) = (value.owners, self.d.acceptors.clone());
+            self.outbox.event(SeedOutput::Mismatch { from: from.clone(), theirs, ours });
+            return;
+        }
         if self.d.chosen.is_none() {
             self.d.chosen = Some(value.clone());
-            self.dirty = true;
+            self.outbox.touch();
             self.phase = Phase::Idle;
             self.deadline = None;
             self.emit(SeedOutput::Chosen(value));
@@ -267,12 +265,12 @@ impl Seeder {
         }
         let ring = self.d.ring.clone();
         match msg {
-            PaxosMsg::Prepare { ballot, acceptors, .. } | PaxosMsg::Accept { ballot, acceptors, .. }
-                if *acceptors != self.d.acceptors =>
+            PaxosMsg::Prepare { acceptors, .. } | PaxosMsg::Accept { acceptors, .. }
+                if *acceptors != self.d.acceptors
+                    || matches!(msg, PaxosMsg::Accept { value, .. } if value.owners != self.d.acceptors) =>
             {
-                let _ = ballot;
                 let (theirs, ours) = (acceptors.clone(), self.d.acceptors.clone());
-                self.emit(SeedOutput::Mismatch { from: from.clone(), theirs, ours: ours.clone() });
+                self.outbox.event(SeedOutput::Mismatch { from: from.clone(), theirs, ours: ours.clone() });
                 self.reply(from, PaxosMsg::Mismatch { ring, ours });
             }
             _ if !self.d.acceptors.contains(&self.d.me)
@@ -284,7 +282,7 @@ impl Seeder {
                 } else if self.d.promised.as_ref().is_none_or(|p| ballot >= p) {
                     if self.d.promised.as_ref() != Some(ballot) {
                         self.d.promised = Some(ballot.clone());
-                        self.dirty = true;
+                        self.outbox.touch();
                     }
                     let accepted = self.d.accepted.clone();
                     self.reply(from, PaxosMsg::Promise { ring, ballot: ballot.clone(), accepted });
@@ -299,7 +297,7 @@ impl Seeder {
                     if self.d.accepted.as_ref().map(|(b, _)| b) != Some(ballot) {
                         self.d.promised = Some(ballot.clone());
                         self.d.accepted = Some((ballot.clone(), value.clone()));
-                        self.dirty = true;
+                        self.outbox.touch();
                     }
                     self.reply(from, PaxosMsg::Accepted { ring, ballot: ballot.clone() });
                 } else {
@@ -345,7 +343,8 @@ impl Seeder {
                 accepted.insert(from.clone());
                 if accepted.len() >= quorum {
                     let value = value.clone();
-                    self.learn(value.clone());
+                    let me = self.d.me.clone();
+                    self.learn(&me, value.clone());
                     for a in self.d.acceptors.clone() {
                         if a != self.d.me {
                             self.emit(SeedOutput::Send {
@@ -359,14 +358,14 @@ impl Seeder {
             PaxosMsg::Nack { promised, .. } => {
                 if promised.round > self.d.max_round {
                     self.d.max_round = promised.round;
-                    self.dirty = true;
+                    self.outbox.touch();
                 }
             }
-            PaxosMsg::Chosen { value, .. } => self.learn(value.clone()),
+            PaxosMsg::Chosen { value, .. } => self.learn(from, value.clone()),
             PaxosMsg::Mismatch { ours, .. } => {
                 let theirs = ours.clone();
                 let ours = self.d.acceptors.clone();
-                self.emit(SeedOutput::Mismatch { from: from.clone(), theirs, ours });
+                self.outbox.event(SeedOutput::Mismatch { from: from.clone(), theirs, ours });
             }
         }
     }

@@ -14,7 +14,8 @@ fn all_alive(_: &str) -> bool {
 
 /// Persists and returns what the ring released.
 fn flush(r: &mut Ring) -> Vec<Output> {
-    r.persisted();
+    let written = r.generation();
+    r.persisted(written);
     std::iter::from_fn(|| r.poll_output()).collect()
 }
 
@@ -228,7 +229,7 @@ fn records_that_break_ownership_are_refused_and_change_nothing() {
             runs: vec![Run {
                 start,
                 end,
-                rec: Record { epoch: 0, version: 9, writer: n(writer), owner: n(writer) },
+                rec: Record { epoch: 0, lineage: n(""), version: 9, writer: n(writer), owner: n(writer) },
             }],
             free_blocks: 0,
         })
@@ -287,11 +288,18 @@ fn a_removal_moves_a_dead_nodes_blocks_and_wins_over_what_it_writes_afterwards()
     c.handle_message(&n("b"), &grant, 0, &all_alive).unwrap();
     assert!(c.owned_blocks() > 0);
 
+    flush(&mut c);
     // Heal: everyone merges everything, in either order.
     for e in &from_a {
         c.merge(e).unwrap();
         b.merge(e).unwrap();
     }
+    let lost = flush(&mut c);
+    assert!(
+        lost.iter()
+            .any(|o| matches!(o, Output::Event(RingEvent::Lost { to, allocated: 0, .. }) if *to == n("a"))),
+        "c is told it lost b's late donation to a: {lost:?}"
+    );
     for e in publications(&from_b) {
         a.merge(&e).unwrap();
     }
@@ -299,7 +307,6 @@ fn a_removal_moves_a_dead_nodes_blocks_and_wins_over_what_it_writes_afterwards()
         a.merge(&e).unwrap();
     }
     assert_eq!(c.owned_blocks(), 0, "b's late donation lost to the removal");
-    assert!(flush(&mut c).iter().all(|o| !matches!(o, Output::Event(RingEvent::Lost { .. }))));
     assert_eq!(a.state().ownership(), vec![(0, 256, n("a"))]);
     assert_eq!(a.state().ownership(), c.state().ownership());
     assert_eq!(b.removed_by(), Some(&n("a")));
@@ -384,4 +391,148 @@ fn the_durable_form_round_trips_through_json() {
     let r = Ring::restore(back);
     assert_eq!(r.state(), a.state());
     assert!(r.is_allocated(1));
+}
+
+#[test]
+fn a_cluster_ring_installs_only_a_seed_split_among_its_acceptors() {
+    let space = Space::vnis();
+    let acceptors = [n("s1"), n("s2"), n("s3")];
+    let mut r = Ring::cluster(n("x"), space.clone(), [], acceptors.clone());
+    // A node configured with the seed list [rogue] chose among itself.
+    let rogue = Seed { space: space.clone(), owners: vec![n("rogue")], seeded_by: n("rogue") };
+    let e = r.merge(&RingEntry::Seed(rogue)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "ring vni: seed split among [\"rogue\"], but this node's acceptor set is [\"s1\", \"s2\", \"s3\"]; refused"
+    );
+    assert!(!r.is_seeded());
+    let good = Seed { space, owners: acceptors.to_vec(), seeded_by: n("s2") };
+    r.merge(&RingEntry::Seed(good)).unwrap();
+    assert!(r.is_seeded());
+}
+
+/// Everything `from` released, merged into each of `to`.
+fn gossip(from: &mut Ring, to: &mut [&mut Ring]) -> Vec<RingEntry> {
+    let out = publications(&flush(from));
+    for r in to.iter_mut() {
+        for e in &out {
+            r.merge(e).unwrap();
+        }
+    }
+    out
+}
+
+fn seeded(names: &[&str], owners: &[&str]) -> Vec<Ring> {
+    let seed = Seed { space: pool(), owners: owners.iter().map(|o| n(o)).collect(), seeded_by: n(owners[0]) };
+    names
+        .iter()
+        .map(|m| {
+            let mut r = Ring::new(n(m), pool(), [0, 255]);
+            r.install_seed(&seed).unwrap();
+            flush(&mut r);
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn two_heirs_removing_one_node_at_once_end_with_one_owner_everywhere() {
+    let mut rings = seeded(&["h1", "h2", "r", "x"], &["h1", "h2", "r"]);
+    let [h1, h2, _r, x] = &mut rings[..] else { unreachable!() };
+    // Both operators remove r before hearing of each other; h1 then gives r's old blocks to x
+    // and x allocates there.
+    h1.transfer_dead(&n("r"), false, false).unwrap();
+    h2.transfer_dead(&n("r"), false, false).unwrap();
+    let h1_out = gossip(h1, &mut [x]);
+    x.request_space(0, &|o| o == "h1").unwrap();
+    exchange(h1, x);
+    let slot = x.allocate(None).unwrap();
+    assert!(slot >= 170, "x allocates in what was r's: {slot}");
+    // Now everything meets: nobody refuses anything, and every node ends with the same owner
+    // per block: h2's line won.
+    let h2_out = gossip(h2, &mut [h1, x]);
+    for e in h1_out.iter().chain(publications(&flush(h1)).iter()).chain(publications(&flush(x)).iter()) {
+        h2.merge(e).unwrap();
+    }
+    for e in &h2_out {
+        h1.merge(e).unwrap();
+    }
+    gossip(h1, &mut [h2, x]);
+    gossip(x, &mut [h1, h2]);
+    assert_eq!(h1.state(), h2.state());
+    assert_eq!(h2.state(), x.state());
+    for b in 171u32..256 {
+        assert_eq!(h2.state().owner_of(b), Some(n("h2")), "block {b}");
+    }
+    assert_eq!(x.conflicts(), vec![slot], "x is told which of its allocations are now h2's");
+}
+
+#[test]
+fn an_operator_can_always_remove_again_even_after_a_removal_cycle() {
+    let mut rings = seeded(&["a", "b", "c"], &["a", "b"]);
+    let [a, b, c] = &mut rings[..] else { unreachable!() };
+    // Each side of a partition removed the other: nobody owns anything.
+    a.transfer_dead(&n("b"), false, true).unwrap();
+    b.transfer_dead(&n("a"), false, true).unwrap();
+    gossip(a, &mut [c]);
+    gossip(b, &mut [c]);
+    assert_eq!(c.state().ownership(), vec![], "a removal cycle leaves the blocks to nobody");
+    // c (lower name than both) removes a: the later removal wins, and c inherits.
+    assert_eq!(c.transfer_dead(&n("a"), false, false), Ok(256));
+    gossip(c, &mut [a, b]);
+    assert_eq!(c.state().ownership(), vec![(0, 256, n("c"))]);
+    assert_eq!(a.state().ownership(), c.state().ownership());
+}
+
+#[test]
+fn versions_beyond_any_honest_one_are_refused_and_do_not_move_the_clock() {
+    let mut a = created("a");
+    let mut c = joined("c", &mut a);
+    let huge = RingEntry::Claims(weft_ipam::ring::Claims {
+        ring: pool().ring,
+        writer: n("m"),
+        seq: 1,
+        runs: vec![Run {
+            start: 0,
+            end: 4,
+            rec: Record { epoch: 0, lineage: n(""), version: u64::MAX, writer: n("m"), owner: n("m") },
+        }],
+        free_blocks: 0,
+    });
+    let e = c.merge(&huge).unwrap_err();
+    assert!(e.to_string().contains("with a version or epoch beyond any honest one"), "{e}");
+    assert_eq!(c.durable().clock, 0);
+    assert_eq!(c.state().owner_of(0), Some(n("a")));
+}
+
+#[test]
+fn a_block_of_reserved_slots_only_is_never_counted_free_nor_given_alone() {
+    let mut a = created("a");
+    assert_eq!(a.free_blocks(), 254, "blocks 0 and 255 hold only a reserved slot");
+    let mut b = joined("b", &mut a);
+    b.request_space(0, &all_alive).unwrap();
+    exchange(&mut a, &mut b);
+    // b gets the top 127 free blocks and the reserved block above them; a stays contiguous.
+    assert_eq!(a.owned(), &[(0, 128)]);
+    assert_eq!(b.owned(), &[(128, 256)]);
+    assert_eq!(b.free_slots(), 127);
+}
+
+#[test]
+fn an_answer_waits_for_the_write_that_contains_its_change() {
+    let mut a = created("a");
+    let mut b = joined("b", &mut a);
+    b.request_space(0, &all_alive).unwrap();
+    let (_, req) = sends(&flush(&mut b)).pop().unwrap();
+    // The shell snapshots a, then a donates before that write completes.
+    let written = a.generation();
+    a.handle_message(&n("b"), &req, 0, &all_alive).unwrap();
+    a.persisted(written);
+    assert!(
+        sends(&std::iter::from_fn(|| a.poll_output()).collect::<Vec<_>>()).is_empty(),
+        "grant still held"
+    );
+    let now = a.generation();
+    a.persisted(now);
+    assert_eq!(sends(&std::iter::from_fn(|| a.poll_output()).collect::<Vec<_>>()).len(), 1);
 }
