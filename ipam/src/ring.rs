@@ -37,8 +37,8 @@ pub const MAX_BLOCKS: u128 = 1 << 16;
 pub const MAX_VERSION: u64 = 1 << 62;
 pub const MAX_EPOCH: u32 = 1 << 30;
 /// Requesters whose last donation a donor remembers (to answer duplicates without giving
-/// twice); beyond it the first by name is forgotten, and a late duplicate from it gets a
-/// second, harmless donation.
+/// twice); beyond it the one served longest ago is forgotten, and a late duplicate from it
+/// gets a second, harmless donation.
 pub const MAX_SERVED: usize = 1024;
 /// How long a donation request waits for its answer before the next owner is asked.
 pub const REQUEST_TIMEOUT_MS: u64 = 2_000;
@@ -99,7 +99,7 @@ impl Space {
     /// Slots of block `b`.
     pub fn slots(&self, b: u32) -> (u128, u128) {
         let s = u128::from(b) * self.block_size;
-        (s, (s + self.block_size).min(self.size))
+        (s, s.saturating_add(self.block_size).min(self.size))
     }
 
     pub fn block_of(&self, slot: u128) -> u32 {
@@ -368,8 +368,17 @@ pub struct RingDurable {
     pub clock: u64,
     pub removed_by: Option<Name>,
     pub next_request: u64,
-    /// Per requester: the last request id served and what it got.
-    pub served: BTreeMap<Name, (u64, Vec<Run>)>,
+    /// Per requester: the last request id served, what it got, and when (a counter).
+    pub served: BTreeMap<Name, Served>,
+    pub served_count: u64,
+}
+
+/// A donor's memory of its last answer to one requester.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Served {
+    pub id: u64,
+    pub runs: Vec<Run>,
+    pub at: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -411,6 +420,7 @@ impl Ring {
             removed_by: None,
             next_request: 1,
             served: BTreeMap::new(),
+            served_count: 0,
         };
         Ring::from_durable(d)
     }
@@ -623,6 +633,18 @@ impl Ring {
         match entry {
             RingEntry::Seed(s) => self.install_seed(s),
             RingEntry::Removal(r) => {
+                if r.generation >= MAX_VERSION {
+                    let v = Violation {
+                        ring: r.ring.clone(),
+                        writer: r.heir.clone(),
+                        start: 0,
+                        end: 0,
+                        epoch: 0,
+                        version: r.generation,
+                        why: "as a removal with a generation beyond any honest one",
+                    };
+                    return Err(RingError::Violations(vec![v]));
+                }
                 let new = (r.generation, r.heir.clone());
                 if self.d.state.removed.get(&r.node).is_none_or(|old| new > *old) {
                     self.d.state.removed.insert(r.node.clone(), new);
@@ -733,8 +755,9 @@ impl Ring {
     /// left were taken (not donated); `wrote`: this node wrote records, so its claims go out.
     fn refresh(&mut self, report_loss: bool, mut wrote: bool) {
         let me = self.d.me.clone();
-        if self.d.removed_by.is_none()
-            && let Some((_, by)) = self.d.state.removed.get(&me).cloned()
+        // Removed (or removed again, by a later or winning removal): say so, naming who.
+        if let Some((_, by)) = self.d.state.removed.get(&me).cloned()
+            && self.d.removed_by.as_ref() != Some(&by)
         {
             self.d.removed_by = Some(by.clone());
             self.outbox.touch();
@@ -848,10 +871,19 @@ impl Ring {
         self.d.alloc.count_in(s, e) == 0 && (e - s) > self.d.reserved.range(s..e).count() as u128
     }
 
-    /// Publishes this node's claims: the records it wrote that still win, and its free blocks.
+    /// Publishes this node's claims: the records it wrote or owns that still win, and its free
+    /// blocks. Carrying what it owns too means a grant spreads from its receiver as well, so a
+    /// donor dying right after donating does not leave the donation known to one node only.
     fn publish_claims(&mut self) {
         let me = self.d.me.clone();
-        let runs: Vec<Run> = self.d.state.blocks.iter().filter(|r| r.rec.writer == me).cloned().collect();
+        let runs: Vec<Run> = self
+            .d
+            .state
+            .blocks
+            .iter()
+            .filter(|r| r.rec.writer == me || (r.rec.owner == me && !r.rec.writer.is_empty()))
+            .cloned()
+            .collect();
         self.d.seq += 1;
         self.outbox.touch();
         self.published_free = Some(self.free_blocks);
@@ -1067,13 +1099,13 @@ impl Ring {
     fn donate(&mut self, from: &Name, id: u64, want: u32) {
         let ring = self.d.space.ring.clone();
         match self.d.served.get(from) {
-            Some((last, runs)) if *last == id => {
+            Some(last) if last.id == id => {
                 // A duplicate: the same answer again, no second donation.
-                let msg = RingMsg::Grant { ring, id, runs: runs.clone() };
+                let msg = RingMsg::Grant { ring, id, runs: last.runs.clone() };
                 self.emit(Output::Send { to: from.clone(), msg });
                 return;
             }
-            Some((last, _)) if *last > id => return,
+            Some(last) if last.id > id => return,
             _ => {}
         }
         let Some((s, e)) = self.pick_donation(want) else {
@@ -1091,9 +1123,15 @@ impl Ring {
             owner: from.clone(),
         });
         let runs: Vec<Run> = self.d.state.blocks.slice(s, e).collect();
-        self.d.served.insert(from.clone(), (id, runs.clone()));
-        while self.d.served.len() > MAX_SERVED {
-            self.d.served.pop_first();
+        self.d.served_count += 1;
+        let at = self.d.served_count;
+        self.d.served.insert(from.clone(), Served { id, runs: runs.clone(), at });
+        if self.d.served.len() > MAX_SERVED {
+            // Forget the requester served longest ago.
+            let oldest = self.d.served.iter().min_by_key(|(_, v)| v.at).map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.d.served.remove(&k);
+            }
         }
         self.outbox.touch();
         self.refresh(false, true);
@@ -1177,7 +1215,7 @@ impl Ring {
             return Err(RingError::RemoveAlive { ring, node: node.clone() });
         }
         let before = self.owned_blocks;
-        let generation = self.d.state.removed.get(node).map_or(1, |(g, _)| g + 1);
+        let generation = self.d.state.removed.get(node).map_or(1, |(g, _)| g + 1).min(MAX_VERSION - 1);
         let removal = Removal { ring, node: node.clone(), generation, heir: self.d.me.clone() };
         self.outbox.touch();
         self.emit(Output::Publish(RingEntry::Removal(removal.clone())));

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::outbox::Outbox;
 use crate::ring::{Name, Seed};
 
+/// Rounds at or above this are refused from the network (no honest proposer gets near), so a
+/// peer can neither pin an acceptor's promise out of reach nor overflow the round counter.
+pub const MAX_ROUND: u64 = 1 << 62;
 /// Base retry delay of a proposal that did not complete.
 pub const PAXOS_RETRY_MS: u64 = 500;
 
@@ -261,6 +264,17 @@ impl Seeder {
 
     pub fn handle(&mut self, from: &Name, msg: &PaxosMsg) {
         if msg.ring() != self.d.ring {
+            return;
+        }
+        let round = match msg {
+            PaxosMsg::Prepare { ballot, .. }
+            | PaxosMsg::Promise { ballot, .. }
+            | PaxosMsg::Accept { ballot, .. }
+            | PaxosMsg::Accepted { ballot, .. } => ballot.round,
+            PaxosMsg::Nack { ballot, promised, .. } => ballot.round.max(promised.round),
+            PaxosMsg::Chosen { .. } | PaxosMsg::Mismatch { .. } => 0,
+        };
+        if round >= MAX_ROUND {
             return;
         }
         let ring = self.d.ring.clone();

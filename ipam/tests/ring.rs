@@ -461,7 +461,7 @@ fn two_heirs_removing_one_node_at_once_end_with_one_owner_everywhere() {
     gossip(x, &mut [h1, h2]);
     assert_eq!(h1.state(), h2.state());
     assert_eq!(h2.state(), x.state());
-    for b in 171u32..256 {
+    for b in 170u32..256 {
         assert_eq!(h2.state().owner_of(b), Some(n("h2")), "block {b}");
     }
     assert_eq!(x.conflicts(), vec![slot], "x is told which of its allocations are now h2's");
@@ -535,4 +535,20 @@ fn an_answer_waits_for_the_write_that_contains_its_change() {
     let now = a.generation();
     a.persisted(now);
     assert_eq!(sends(&std::iter::from_fn(|| a.poll_output()).collect::<Vec<_>>()).len(), 1);
+}
+
+#[test]
+fn a_removal_generation_beyond_any_honest_one_is_refused_and_removing_again_still_works() {
+    let mut a = created("a");
+    let forged = RingEntry::Removal(weft_ipam::ring::Removal {
+        ring: pool().ring,
+        node: n("x"),
+        generation: u64::MAX,
+        heir: n("m"),
+    });
+    let e = a.merge(&forged).unwrap_err();
+    assert!(e.to_string().contains("a removal with a generation beyond any honest one"), "{e}");
+    assert!(a.state().removed.is_empty());
+    assert_eq!(a.transfer_dead(&n("x"), false, false), Ok(0));
+    assert_eq!(a.state().removed.get(&n("x")), Some(&(1, n("a"))));
 }

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngSeed};
 use weft_ipam::ring::{Name, Output, Record, RingDurable, Run, Runs};
-use weft_ipam::seeding::{PaxosMsg, SeedOutput, Seeder};
+use weft_ipam::seeding::{Ballot, PaxosMsg, SeedOutput, Seeder};
 use weft_ipam::{Ring, RingEntry, RingError, RingMsg, RingState, Seed, Space};
 
 fn env_or(key: &str, default: u64) -> u64 {
@@ -419,8 +419,11 @@ fn donation_run(seed: u64, n: usize, steps: usize) -> Result<(), String> {
             c.step()?;
         }
         c.converge()?;
-        if c.nodes[heir].ring.state().ownership().iter().any(|(_, _, o)| *o == name(dead)) {
-            return Err(c.err(format!("n{dead} still owns blocks after its removal")));
+        if let Some(r) = c.nodes[heir].ring.state().blocks.iter().find(|r| r.rec.owner == name(dead)) {
+            return Err(c.err(format!(
+                "n{dead} still has blocks {}..{} on record after its removal",
+                r.start, r.end
+            )));
         }
     }
     // Every slot is allocated, free at its owner, or reserved: none went missing.
@@ -674,6 +677,24 @@ fn an_acceptor_with_another_set_refuses_and_says_so() {
     assert_eq!(b.durable().promised, None, "nothing promised");
     a.handle(&name(1), msg);
     assert!(std::iter::from_fn(|| a.poll_output()).any(|o| matches!(o, SeedOutput::Mismatch { .. })));
+}
+
+#[test]
+fn a_round_beyond_any_honest_one_cannot_pin_an_acceptor() {
+    let acceptors = [name(0), name(1), name(2)];
+    let mut a = Seeder::new(name(0), "vni", acceptors.clone());
+    let huge = Ballot { round: u64::MAX, proposer: name(9) };
+    a.handle(
+        &name(9),
+        &PaxosMsg::Prepare { ring: "vni".into(), ballot: huge.clone(), acceptors: acceptors.to_vec() },
+    );
+    a.handle(&name(9), &PaxosMsg::Nack { ring: "vni".into(), ballot: huge.clone(), promised: huge });
+    assert_eq!(a.durable().promised, None);
+    assert_eq!(a.durable().max_round, 0);
+    a.persisted(a.generation());
+    assert!(a.poll_output().is_none(), "no answer to it");
+    a.propose(Space::vnis(), 0);
+    assert_eq!(a.durable().max_round, 1, "proposing still works");
 }
 
 proptest! {
