@@ -107,7 +107,7 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-fn mix(seed: u64, i: u64) -> u64 {
+pub fn mix(seed: u64, i: u64) -> u64 {
     // splitmix64 of (seed, i): independent per-node streams from one master seed.
     let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -1,7 +1,8 @@
 //! weft-sim: a deterministic simulator of whole weft clusters.
 //!
-//! Today it holds the in-memory cluster harness the gossip core is tested with ([`Cluster`])
-//! and the convergence measurements quoted in the gossip issue ([`scenarios`]).
+//! It holds the in-memory cluster harness the gossip core is tested with ([`Cluster`]), the
+//! scenarios measured on it ([`scenarios`]), and the `weft-sim` command line (so far
+//! `weft-sim convergence`).
 
 pub mod cluster;
 pub mod scenarios;

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use weft_gossip::Config;
+use weft_gossip::{Config, MemberState};
 
-use crate::cluster::{Cluster, NetModel};
+use crate::cluster::{Cluster, NetModel, Traffic};
 
 /// Virtual time from one write on node 0 until every node of a settled `n`-node cluster,
 /// all attached to one network, holds all `keys` entries; `None` if not within `limit`.
@@ -48,4 +48,133 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
     sorted[rank.min(sorted.len()) - 1]
+}
+
+/// One run of the convergence scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvergenceSample {
+    /// Virtual time until each node held the entry, in node order (writer included, at 0).
+    pub arrivals: Vec<Duration>,
+    /// Until the last node held it.
+    pub last: Duration,
+    /// Datagrams and stream frames per node per second over the measuring window.
+    pub msgs_per_node_per_s: f64,
+    pub bytes_per_node_per_s: f64,
+    /// Virtual time the cluster took to settle (everyone sees everyone, all attached).
+    pub settle: Duration,
+}
+
+/// Joins `n` nodes through node 0, attaches them all to one network and runs until every
+/// node sees every other (checked every 500 ms of virtual time, at most `limit`).
+pub fn settle(n: usize, seed: u64, net: NetModel, limit: Duration) -> Result<Cluster, Box<Cluster>> {
+    let mut c = Cluster::new(n, seed, Config::lan(n as u32), net);
+    let seeds = [c.nodes[0].addr];
+    // Hosts come up over time, not in one millisecond: 2 ms apart.
+    for i in 0..n {
+        c.with(i, |node, now| node.join(now, &seeds).expect("join"));
+        c.run_for(Duration::from_millis(2));
+    }
+    while c.elapsed() < limit {
+        c.run_for(Duration::from_millis(500));
+        if c.membership_converged() {
+            break;
+        }
+    }
+    if !c.membership_converged() {
+        return Err(Box::new(c));
+    }
+    for i in 0..n {
+        c.attach(i, "net1");
+    }
+    c.run_for(Duration::from_secs(3));
+    Ok(c)
+}
+
+/// One entry written on a random node of a settled `n`-node cluster: when each node has it,
+/// and what the cluster sends per node per second over `window` after the write.
+pub fn convergence(
+    n: usize,
+    seed: u64,
+    net: NetModel,
+    window: Duration,
+) -> Result<ConvergenceSample, String> {
+    let mut c = settle(n, seed, net, Duration::from_secs(120)).map_err(|c| {
+        let mut seen: Vec<usize> = (0..n)
+            .map(|i| {
+                c.node(i)
+                    .members()
+                    .iter()
+                    .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
+                    .count()
+            })
+            .collect();
+        seen.sort();
+        let mut why = String::new();
+        'outer: for i in 0..n {
+            let ms = c.node(i).members();
+            for j in 0..n {
+                let id = c.node(j).id();
+                if i != j && !ms.iter().any(|m| m.id == *id && matches!(m.state, MemberState::Alive | MemberState::Suspect)) {
+                    let held: Vec<String> = ms.iter().filter(|m| m.id.name == id.name).map(|m| format!("{:?} {}", m.id, m.state.as_str())).collect();
+                    why = format!("; node {i} lacks node {j}'s current {:?}, holds {:?}", id, held);
+                    break 'outer;
+                }
+            }
+        }
+        format!(
+            "seed {seed}: membership did not settle within 120 s of virtual time: members seen alive per node min {} median {} max {} of {}",
+            seen[0],
+            seen[n / 2],
+            seen[n - 1],
+            n - 1
+        ) + &why
+    })?;
+    let settle = c.elapsed();
+    let writer = (crate::cluster::mix(seed, 7) % n as u64) as usize;
+    let before: Vec<Traffic> = c.nodes.iter().map(|s| s.traffic).collect();
+    c.record = true;
+    c.arrivals.clear();
+    let start = c.now();
+    let start_elapsed = c.elapsed();
+    c.with(writer, |node, now| {
+        node.create_entry(now, "net1", "endpoints", "probe", Bytes::from_static(b"value")).expect("create")
+    });
+    let mut arrivals: Vec<Option<Duration>> = vec![None; n];
+    arrivals[writer] = Some(Duration::ZERO);
+    let mut seen = 1;
+    let mut consumed = 0;
+    let deadline = start + window.max(Duration::from_secs(60));
+    let done = c.run_until(deadline, |c| {
+        for (i, at, ev) in &c.arrivals[consumed..] {
+            if ev.key == "probe" && arrivals[*i].is_none() {
+                arrivals[*i] = Some(*at - start_elapsed);
+                seen += 1;
+            }
+        }
+        consumed = c.arrivals.len();
+        seen == n
+    });
+    if !done {
+        let missing = arrivals.iter().filter(|a| a.is_none()).count();
+        return Err(format!("seed {seed}: {missing} of {n} nodes still lack the entry after 60 s"));
+    }
+    let last = c.now() - start;
+    let measured_until = start + window;
+    if c.now() < measured_until {
+        c.record = false;
+        c.run_until(measured_until, |_| false);
+    }
+    let secs = window.as_secs_f64() * n as f64;
+    let (mut msgs, mut bytes) = (0u64, 0u64);
+    for (s, b) in c.nodes.iter().zip(&before) {
+        msgs += s.traffic.datagrams + s.traffic.streams - b.datagrams - b.streams;
+        bytes += s.traffic.datagram_bytes + s.traffic.stream_bytes - b.datagram_bytes - b.stream_bytes;
+    }
+    Ok(ConvergenceSample {
+        arrivals: arrivals.into_iter().map(|a| a.unwrap_or(last)).collect(),
+        last,
+        msgs_per_node_per_s: msgs as f64 / secs,
+        bytes_per_node_per_s: bytes as f64 / secs,
+        settle,
+    })
 }

@@ -1,0 +1,113 @@
+//! `weft-sim`: scenarios on simulated weft clusters (virtual time, a modelled network).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use weft_sim::NetModel;
+use weft_sim::scenarios::{ConvergenceSample, convergence, percentile};
+
+#[derive(Parser)]
+#[command(name = "weft-sim", about = "Deterministic simulations of weft clusters", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One entry written on a random node, over many seeds: when every node has it, and what
+    /// the cluster sends meanwhile.
+    Convergence {
+        #[arg(long, default_value_t = 25)]
+        nodes: usize,
+        /// Datagram loss, 0..1.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// First seed; seeds `seed..seed+seeds` run.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 20)]
+        seeds: u64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Run every seed twice and fail unless both runs are identical.
+        #[arg(long)]
+        check_determinism: bool,
+    },
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Convergence { nodes, loss, seed, seeds, json, check_determinism } => {
+            if nodes < 2 {
+                eprintln!("weft-sim: --nodes must be at least 2");
+                return ExitCode::from(2);
+            }
+            if !(0.0..1.0).contains(&loss) {
+                eprintln!("weft-sim: --loss must be in [0, 1), got {loss}");
+                return ExitCode::from(2);
+            }
+            let net = NetModel { loss, ..NetModel::default() };
+            let mut samples: Vec<ConvergenceSample> = Vec::new();
+            for s in seed..seed + seeds {
+                match convergence(nodes, s, net.clone(), Duration::from_secs(10)) {
+                    Ok(x) => {
+                        if check_determinism
+                            && convergence(nodes, s, net.clone(), Duration::from_secs(10)).as_ref() != Ok(&x)
+                        {
+                            eprintln!("weft-sim: seed {s}: two runs of the same seed differ");
+                            return ExitCode::FAILURE;
+                        }
+                        samples.push(x);
+                    }
+                    Err(e) => {
+                        eprintln!("weft-sim: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            let mut all: Vec<Duration> = samples.iter().flat_map(|x| x.arrivals.iter().copied()).collect();
+            all.sort();
+            let mut lasts: Vec<Duration> = samples.iter().map(|x| x.last).collect();
+            lasts.sort();
+            let k = samples.len() as f64;
+            let msgs = samples.iter().map(|x| x.msgs_per_node_per_s).sum::<f64>() / k;
+            let bytes = samples.iter().map(|x| x.bytes_per_node_per_s).sum::<f64>() / k;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "nodes": nodes, "seed": seed, "seeds": seeds, "loss": loss,
+                        "p50_ms": ms(percentile(&lasts, 50.0)), "p90_ms": ms(percentile(&lasts, 90.0)),
+                        "p99_ms": ms(percentile(&lasts, 99.0)), "max_ms": ms(*lasts.last().unwrap()),
+                        "node_p50_ms": ms(percentile(&all, 50.0)), "node_p99_ms": ms(percentile(&all, 99.0)),
+                        "msgs_per_node_per_s": msgs, "bytes_per_node_per_s": bytes,
+                    })
+                );
+            } else {
+                println!("convergence: {nodes} nodes, loss {loss}, seeds {seed}..{}", seed + seeds);
+                println!(
+                    "  until the last node has it: p50 {:.0} ms  p90 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
+                    ms(percentile(&lasts, 50.0)),
+                    ms(percentile(&lasts, 90.0)),
+                    ms(percentile(&lasts, 99.0)),
+                    ms(*lasts.last().unwrap())
+                );
+                println!(
+                    "  per node:                   p50 {:.0} ms  p99 {:.0} ms",
+                    ms(percentile(&all, 50.0)),
+                    ms(percentile(&all, 99.0))
+                );
+                println!("  traffic: {msgs:.1} msgs/node/s, {bytes:.0} bytes/node/s (10 s after the write)");
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The convergence scenario behind `weft-sim convergence`: every node gets the entry, the
+//! figures are consistent, and a seed replays exactly.
+
+use std::time::Duration;
+
+use weft_sim::NetModel;
+use weft_sim::scenarios::convergence;
+
+#[test]
+fn one_entry_reaches_every_node_and_a_seed_replays_exactly() {
+    let window = Duration::from_secs(10);
+    let a = convergence(12, 5, NetModel::default(), window).unwrap();
+    assert_eq!(a.arrivals.len(), 12);
+    assert_eq!(a.arrivals.iter().filter(|d| d.is_zero()).count(), 1, "only the writer has it at 0");
+    assert_eq!(a.arrivals.iter().max(), Some(&a.last));
+    assert!(a.last < Duration::from_secs(2), "{:?}", a.last);
+    assert!(a.msgs_per_node_per_s > 0.0 && a.bytes_per_node_per_s > a.msgs_per_node_per_s);
+    assert_eq!(convergence(12, 5, NetModel::default(), window), Ok(a.clone()), "same seed, same run");
+    assert_ne!(convergence(12, 6, NetModel::default(), window), Ok(a), "another seed, another run");
+}
