@@ -59,9 +59,13 @@ impl Config {
             frequency: Duration::from_secs(3),
             num_members: NonZeroUsize::new(2).expect("2"),
         });
+        // Announcing is how a member whose join update ran out of retransmissions before it
+        // reached everyone (a join storm) gets repaired: each answer carries about 30 members,
+        // so ask more members as the cluster grows, to keep the repair time flat.
+        let ask = (n.get() as usize / 50).clamp(1, 16);
         membership.periodic_announce = Some(foca::PeriodicParams {
             frequency: Duration::from_secs(10),
-            num_members: NonZeroUsize::new(1).expect("1"),
+            num_members: NonZeroUsize::new(ask).expect("at least 1"),
         });
         membership.remove_down_after = Some(Duration::from_secs(15 * 60));
         Config {

@@ -60,6 +60,8 @@ pub struct ConvergenceSample {
     /// Datagrams and stream frames per node per second over the measuring window.
     pub msgs_per_node_per_s: f64,
     pub bytes_per_node_per_s: f64,
+    /// Of those bytes, what went in stream frames (anti-entropy, large events).
+    pub stream_bytes_per_node_per_s: f64,
     /// Virtual time the cluster took to settle (everyone sees everyone, all attached).
     pub settle: Duration,
 }
@@ -165,8 +167,9 @@ pub fn convergence(
         c.run_until(measured_until, |_| false);
     }
     let secs = window.as_secs_f64() * n as f64;
-    let (mut msgs, mut bytes) = (0u64, 0u64);
+    let (mut msgs, mut bytes, mut stream) = (0u64, 0u64, 0u64);
     for (s, b) in c.nodes.iter().zip(&before) {
+        stream += s.traffic.stream_bytes - b.stream_bytes;
         msgs += s.traffic.datagrams + s.traffic.streams - b.datagrams - b.streams;
         bytes += s.traffic.datagram_bytes + s.traffic.stream_bytes - b.datagram_bytes - b.stream_bytes;
     }
@@ -175,6 +178,7 @@ pub fn convergence(
         last,
         msgs_per_node_per_s: msgs as f64 / secs,
         bytes_per_node_per_s: bytes as f64 / secs,
+        stream_bytes_per_node_per_s: stream as f64 / secs,
         settle,
     })
 }

@@ -80,6 +80,7 @@ fn main() -> ExitCode {
             let k = samples.len() as f64;
             let msgs = samples.iter().map(|x| x.msgs_per_node_per_s).sum::<f64>() / k;
             let bytes = samples.iter().map(|x| x.bytes_per_node_per_s).sum::<f64>() / k;
+            let stream = samples.iter().map(|x| x.stream_bytes_per_node_per_s).sum::<f64>() / k;
             if json {
                 println!(
                     "{}",
@@ -89,6 +90,7 @@ fn main() -> ExitCode {
                         "p99_ms": ms(percentile(&lasts, 99.0)), "max_ms": ms(*lasts.last().unwrap()),
                         "node_p50_ms": ms(percentile(&all, 50.0)), "node_p99_ms": ms(percentile(&all, 99.0)),
                         "msgs_per_node_per_s": msgs, "bytes_per_node_per_s": bytes,
+                        "stream_bytes_per_node_per_s": stream,
                     })
                 );
             } else {
@@ -105,7 +107,9 @@ fn main() -> ExitCode {
                     ms(percentile(&all, 50.0)),
                     ms(percentile(&all, 99.0))
                 );
-                println!("  traffic: {msgs:.1} msgs/node/s, {bytes:.0} bytes/node/s (10 s after the write)");
+                println!(
+                    "  traffic: {msgs:.1} msgs/node/s, {bytes:.0} bytes/node/s, of which {stream:.0} in streams (10 s after the write)"
+                );
             }
             ExitCode::SUCCESS
         }
