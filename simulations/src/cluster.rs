@@ -95,6 +95,8 @@ pub struct Cluster {
     pub messages: Vec<Vec<(String, Bytes)>>,
     /// `NameConflict` events per node.
     pub name_conflicts: Vec<u64>,
+    /// Every `MemberDown` any node reported: (observer, virtual time, who).
+    pub downs: Vec<(usize, Duration, NodeId)>,
     /// The largest datagram any node sent.
     pub max_datagram: usize,
     /// The largest stream frame any node sent.
@@ -145,6 +147,7 @@ impl Cluster {
             arrivals: Vec::new(),
             messages: vec![Vec::new(); n],
             name_conflicts: vec![0; n],
+            downs: Vec::new(),
             max_datagram: 0,
             max_stream_frame: 0,
         };
@@ -263,6 +266,10 @@ impl Cluster {
             }
             Event::NameConflict { .. } => {
                 self.name_conflicts[i] += 1;
+                return;
+            }
+            Event::MemberDown { id, .. } => {
+                self.downs.push((i, self.now - self.t0, id));
                 return;
             }
             _ => return,

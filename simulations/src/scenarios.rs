@@ -182,3 +182,46 @@ pub fn convergence(
         settle,
     })
 }
+
+/// One run of the failure-detection scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectionSample {
+    /// Virtual time from the crash until every live node reported the crashed node down.
+    pub detected: Duration,
+    /// Reports of a live node being down, from settling until the end of the run.
+    pub false_failures: usize,
+}
+
+/// Crashes one node of a settled `n`-node cluster (after 5 quiet seconds): when every live
+/// node has declared it down, and how often live nodes were wrongly declared down.
+pub fn failure_detection(n: usize, seed: u64, net: NetModel) -> Result<DetectionSample, String> {
+    let mut c = settle(n, seed, net, Duration::from_secs(120))
+        .map_err(|_| format!("seed {seed}: membership did not settle within 120 s of virtual time"))?;
+    c.downs.clear();
+    c.run_for(Duration::from_secs(5));
+    let victim = 1 + (crate::cluster::mix(seed, 9) % (n as u64 - 1)) as usize;
+    let gone = c.node(victim).id().clone();
+    let start = c.elapsed();
+    c.crash(victim);
+    let mut told = vec![false; n];
+    told[victim] = true;
+    let mut consumed = 0;
+    let limit = c.now() + Duration::from_secs(120);
+    let done = c.run_until(limit, |c| {
+        for (i, _, id) in &c.downs[consumed..] {
+            if *id == gone {
+                told[*i] = true;
+            }
+        }
+        consumed = c.downs.len();
+        told.iter().all(|t| *t)
+    });
+    if !done {
+        let missing = told.iter().filter(|t| !**t).count();
+        return Err(format!("seed {seed}: {missing} live nodes never declared the crashed node down"));
+    }
+    let detected = c.elapsed() - start;
+    c.run_for(Duration::from_secs(10));
+    let false_failures = c.downs.iter().filter(|(_, _, id)| *id != gone).count();
+    Ok(DetectionSample { detected, false_failures })
+}

@@ -18,3 +18,12 @@ fn one_entry_reaches_every_node_and_a_seed_replays_exactly() {
     assert_eq!(convergence(12, 5, NetModel::default(), window), Ok(a.clone()), "same seed, same run");
     assert_ne!(convergence(12, 6, NetModel::default(), window), Ok(a), "another seed, another run");
 }
+
+#[test]
+fn a_crashed_node_is_declared_down_by_every_live_node_and_no_live_one_is() {
+    let a = weft_sim::scenarios::failure_detection(10, 3, NetModel::default()).unwrap();
+    assert!(a.detected > Duration::from_millis(500), "not before a probe could fail: {:?}", a.detected);
+    assert!(a.detected < Duration::from_secs(60), "{:?}", a.detected);
+    assert_eq!(a.false_failures, 0);
+    assert_eq!(weft_sim::scenarios::failure_detection(10, 3, NetModel::default()), Ok(a), "a seed replays");
+}

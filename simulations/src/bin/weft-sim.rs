@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use weft_sim::NetModel;
-use weft_sim::scenarios::{ConvergenceSample, convergence, percentile};
+use weft_sim::scenarios::{ConvergenceSample, convergence, failure_detection, percentile};
 
 #[derive(Parser)]
 #[command(name = "weft-sim", about = "Deterministic simulations of weft clusters", version)]
@@ -27,7 +27,7 @@ enum Cmd {
         /// First seed; seeds `seed..seed+seeds` run.
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
         seeds: u64,
         /// Print one JSON object.
         #[arg(long)]
@@ -36,6 +36,31 @@ enum Cmd {
         #[arg(long)]
         check_determinism: bool,
     },
+    /// One node crashes: time until every live node declares it down (over seeds), and false
+    /// failures of live nodes.
+    FailureDetection {
+        #[arg(long, default_value_t = 25)]
+        nodes: usize,
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+        seeds: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The arguments every scenario shares, checked: one line naming the problem.
+fn check(nodes: usize, loss: f64) -> Result<NetModel, String> {
+    if nodes < 2 {
+        return Err("--nodes must be at least 2".into());
+    }
+    if !(0.0..1.0).contains(&loss) {
+        return Err(format!("--loss must be in [0, 1), got {loss}"));
+    }
+    Ok(NetModel { loss, ..NetModel::default() })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -45,16 +70,61 @@ fn ms(d: Duration) -> f64 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::FailureDetection { nodes, loss, seed, seeds, json } => {
+            let net = match check(nodes, loss) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("weft-sim: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let mut times = Vec::new();
+            let mut false_failures = 0;
+            for s in seed..seed + seeds {
+                match failure_detection(nodes, s, net.clone()) {
+                    Ok(x) => {
+                        times.push(x.detected);
+                        false_failures += x.false_failures;
+                    }
+                    Err(e) => {
+                        eprintln!("weft-sim: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            times.sort();
+            let (p50, p90, p99, max) = (
+                ms(percentile(&times, 50.0)),
+                ms(percentile(&times, 90.0)),
+                ms(percentile(&times, 99.0)),
+                ms(*times.last().expect("at least one seed")),
+            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "nodes": nodes, "seed": seed, "seeds": seeds, "loss": loss,
+                        "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
+                        "false_failures": false_failures,
+                    })
+                );
+            } else {
+                println!("failure-detection: {nodes} nodes, loss {loss}, seeds {seed}..{}", seed + seeds);
+                println!(
+                    "  until every live node declares the crashed one down: p50 {p50:.0} ms  p90 {p90:.0} ms  p99 {p99:.0} ms  max {max:.0} ms"
+                );
+                println!("  live nodes wrongly declared down: {false_failures} (over all seeds)");
+            }
+            ExitCode::SUCCESS
+        }
         Cmd::Convergence { nodes, loss, seed, seeds, json, check_determinism } => {
-            if nodes < 2 {
-                eprintln!("weft-sim: --nodes must be at least 2");
-                return ExitCode::from(2);
-            }
-            if !(0.0..1.0).contains(&loss) {
-                eprintln!("weft-sim: --loss must be in [0, 1), got {loss}");
-                return ExitCode::from(2);
-            }
-            let net = NetModel { loss, ..NetModel::default() };
+            let net = match check(nodes, loss) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("weft-sim: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let mut samples: Vec<ConvergenceSample> = Vec::new();
             for s in seed..seed + seeds {
                 match convergence(nodes, s, net.clone(), Duration::from_secs(10)) {
