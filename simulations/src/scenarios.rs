@@ -225,3 +225,58 @@ pub fn failure_detection(n: usize, seed: u64, net: NetModel) -> Result<Detection
     let false_failures = c.downs.iter().filter(|(_, _, id)| *id != gone).count();
     Ok(DetectionSample { detected, false_failures })
 }
+
+/// One run of the partition scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionSample {
+    /// Virtual time from the heal until every node holds both sides' writes.
+    pub reconverged: Duration,
+    /// Bytes all nodes sent from the heal until then, per node.
+    pub repair_bytes_per_node: f64,
+}
+
+/// Splits a settled `n`-node cluster in two halves for `split`, writes `writes` entries on a
+/// node of each side, heals, and measures the way back to one table.
+pub fn partition(
+    n: usize,
+    seed: u64,
+    net: NetModel,
+    split: Duration,
+    writes: usize,
+) -> Result<PartitionSample, String> {
+    let mut c = settle(n, seed, net, Duration::from_secs(120))
+        .map_err(|_| format!("seed {seed}: membership did not settle within 120 s of virtual time"))?;
+    let (left, right): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| i < n / 2);
+    c.partition(&[left.clone(), right.clone()]);
+    for (side, writer) in [("left", left[0]), ("right", right[0])] {
+        c.with(writer, |node, now| {
+            for k in 0..writes {
+                node.create_entry(now, "net1", "endpoints", &format!("{side}-{k}"), Bytes::from_static(b"v"))
+                    .expect("create");
+            }
+        });
+    }
+    c.run_for(split);
+    c.heal();
+    let before: u64 = c.nodes.iter().map(|s| s.traffic.datagram_bytes + s.traffic.stream_bytes).sum();
+    let start = c.elapsed();
+    let want = 2 * writes;
+    let limit = c.now() + Duration::from_secs(300);
+    let mut next_check = c.now();
+    let done = c.run_until(limit, |c| {
+        // Checking every node's table after every event would dominate: every 10 ms.
+        if c.now() < next_check {
+            return false;
+        }
+        next_check = c.now() + Duration::from_millis(10);
+        (0..c.nodes.len()).all(|i| c.node(i).table("net1", "endpoints").len() >= want)
+    });
+    if !done {
+        return Err(format!("seed {seed}: not reconverged 300 s after healing"));
+    }
+    let after: u64 = c.nodes.iter().map(|s| s.traffic.datagram_bytes + s.traffic.stream_bytes).sum();
+    Ok(PartitionSample {
+        reconverged: c.elapsed() - start,
+        repair_bytes_per_node: (after - before) as f64 / n as f64,
+    })
+}

@@ -27,3 +27,10 @@ fn a_crashed_node_is_declared_down_by_every_live_node_and_no_live_one_is() {
     assert_eq!(a.false_failures, 0);
     assert_eq!(weft_sim::scenarios::failure_detection(10, 3, NetModel::default()), Ok(a), "a seed replays");
 }
+
+#[test]
+fn after_a_split_with_writes_on_both_sides_every_node_ends_with_both() {
+    let p = weft_sim::scenarios::partition(10, 4, NetModel::default(), Duration::from_secs(20), 30).unwrap();
+    assert!(p.reconverged < Duration::from_secs(30), "{:?}", p.reconverged);
+    assert!(p.repair_bytes_per_node > 30.0 * 10.0, "each node fetched the other side's 30 entries");
+}

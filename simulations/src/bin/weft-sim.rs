@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use weft_sim::NetModel;
-use weft_sim::scenarios::{ConvergenceSample, convergence, failure_detection, percentile};
+use weft_sim::scenarios::{ConvergenceSample, convergence, failure_detection, partition, percentile};
 
 #[derive(Parser)]
 #[command(name = "weft-sim", about = "Deterministic simulations of weft clusters", version)]
@@ -50,6 +50,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Split the cluster in two halves, write on both sides, heal: time to reconverge and
+    /// bytes spent on the repair.
+    Partition {
+        #[arg(long, default_value_t = 25)]
+        nodes: usize,
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+        seeds: u64,
+        /// How long the split lasts, seconds.
+        #[arg(long, default_value_t = 30)]
+        split_s: u64,
+        /// Entries written on each side.
+        #[arg(long, default_value_t = 100)]
+        writes: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The arguments every scenario shares, checked: one line naming the problem.
@@ -70,6 +90,57 @@ fn ms(d: Duration) -> f64 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Partition { nodes, loss, seed, seeds, split_s, writes, json } => {
+            let net = match check(nodes, loss) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("weft-sim: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let mut times = Vec::new();
+            let mut bytes = 0.0;
+            for s in seed..seed + seeds {
+                match partition(nodes, s, net.clone(), Duration::from_secs(split_s), writes) {
+                    Ok(x) => {
+                        times.push(x.reconverged);
+                        bytes += x.repair_bytes_per_node;
+                    }
+                    Err(e) => {
+                        eprintln!("weft-sim: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            times.sort();
+            let bytes = bytes / seeds as f64;
+            let (p50, p90, p99, max) = (
+                ms(percentile(&times, 50.0)),
+                ms(percentile(&times, 90.0)),
+                ms(percentile(&times, 99.0)),
+                ms(*times.last().expect("at least one seed")),
+            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "nodes": nodes, "seed": seed, "seeds": seeds, "loss": loss, "split_s": split_s,
+                        "writes_per_side": writes, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99,
+                        "max_ms": max, "repair_bytes_per_node": bytes,
+                    })
+                );
+            } else {
+                println!(
+                    "partition: {nodes} nodes split in two for {split_s} s, {writes} writes per side, loss {loss}, seeds {seed}..{}",
+                    seed + seeds
+                );
+                println!(
+                    "  from the heal until every node has both sides' writes: p50 {p50:.0} ms  p90 {p90:.0} ms  p99 {p99:.0} ms  max {max:.0} ms"
+                );
+                println!("  bytes sent per node meanwhile: {bytes:.0}");
+            }
+            ExitCode::SUCCESS
+        }
         Cmd::FailureDetection { nodes, loss, seed, seeds, json } => {
             let net = match check(nodes, loss) {
                 Ok(n) => n,
