@@ -5,6 +5,7 @@
 //! `weft-sim convergence`).
 
 pub mod cluster;
+pub mod matrix;
 pub mod scenarios;
 
 pub use cluster::{Cluster, NetModel, SimNode, TABLES, Traffic};

@@ -34,3 +34,15 @@ fn after_a_split_with_writes_on_both_sides_every_node_ends_with_both() {
     assert!(p.reconverged < Duration::from_secs(30), "{:?}", p.reconverged);
     assert!(p.repair_bytes_per_node > 30.0 * 10.0, "each node fetched the other side's 30 entries");
 }
+
+#[test]
+fn every_networkdb_matrix_perturbation_converges_on_small_clusters() {
+    use weft_sim::matrix::{PERTURBATIONS, cell};
+    for p in PERTURBATIONS {
+        for n in [3, 5] {
+            let d = cell(p, n, 11).unwrap_or_else(|e| panic!("{e}"));
+            assert!(d < Duration::from_secs(2), "{p} on {n} nodes took {d:?}");
+        }
+    }
+    assert!(cell("no-such-change", 3, 1).unwrap_err().contains("unknown perturbation"));
+}

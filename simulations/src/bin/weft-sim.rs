@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use weft_sim::NetModel;
+use weft_sim::matrix::{PERTURBATIONS, cell, needs_joiner};
 use weft_sim::scenarios::{ConvergenceSample, convergence, failure_detection, partition, percentile};
 
 #[derive(Parser)]
@@ -70,6 +71,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// networkdb's convergence matrix (quiet cells): each perturbation on each cluster size,
+    /// over many seeds, as a table in the layout of networkdb's own figures.
+    NetworkdbMatrix {
+        /// Cluster sizes (join and leave cells start at 3).
+        #[arg(long, value_delimiter = ',', default_value = "2,3,5,10,25")]
+        sizes: Vec<usize>,
+        /// Samples (seeds) per cell.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+        samples: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 /// The arguments every scenario shares, checked: one line naming the problem.
@@ -90,6 +103,39 @@ fn ms(d: Duration) -> f64 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::NetworkdbMatrix { sizes, samples, seed } => {
+            if let Some(bad) = sizes.iter().find(|&&n| n < 2) {
+                eprintln!("weft-sim: --sizes: a cluster needs at least 2 nodes, got {bad}");
+                return ExitCode::from(2);
+            }
+            println!("| test | perturbation | nodes | n | p50 ms | p90 ms | p99 ms | max ms | n >2 s |");
+            println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+            for p in PERTURBATIONS {
+                for &n in sizes.iter().filter(|&&n| n >= 3 || !needs_joiner(p)) {
+                    let mut times = Vec::new();
+                    for s in seed..seed + samples {
+                        match cell(p, n, s) {
+                            Ok(d) => times.push(d),
+                            Err(e) => {
+                                eprintln!("weft-sim: {e}");
+                                return ExitCode::FAILURE;
+                            }
+                        }
+                    }
+                    times.sort();
+                    let slow = times.iter().filter(|d| **d > Duration::from_secs(2)).count();
+                    println!(
+                        "| quiet | {p} | {n} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {slow} |",
+                        times.len(),
+                        ms(percentile(&times, 50.0)),
+                        ms(percentile(&times, 90.0)),
+                        ms(percentile(&times, 99.0)),
+                        ms(*times.last().expect("at least one sample")),
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Cmd::Partition { nodes, loss, seed, seeds, split_s, writes, json } => {
             let net = match check(nodes, loss) {
                 Ok(n) => n,
