@@ -928,6 +928,11 @@ impl GossipNode {
         }
         self.networks.insert(network.to_string(), NetState::new(self.cfg.join_sync_peers));
         self.write_attachment(now, network, true);
+        // Catch up at once, not at the next gossip round: a node joining a populated network
+        // has its tables one round trip later (peers answer a sync whoever asks).
+        if !self.left {
+            self.initial_syncs(now, network);
+        }
         Ok(())
     }
 
@@ -1457,22 +1462,27 @@ impl GossipNode {
         }
         // Syncs owed to a network just attached (or a cluster just joined).
         for nid in &nets {
-            let want = self.networks[nid].initial_syncs as usize;
-            if want == 0 {
-                continue;
-            }
-            let peers = self.pick_peers(nid, want);
-            if peers.is_empty() {
-                continue;
-            }
-            let mut started = 0u8;
-            for p in peers {
-                started += u8::from(self.start_sync(now, nid, &p));
-            }
-            // What could not start (the sync table was full) is tried next round.
-            let net = self.networks.get_mut(nid).expect("listed");
-            net.initial_syncs = if started > 0 { 0 } else { net.initial_syncs };
+            self.initial_syncs(now, nid);
         }
+    }
+
+    /// Starts the syncs owed to `nid` (attached just now, or a cluster just joined) with that
+    /// many attached peers; what cannot start yet is tried again next round.
+    fn initial_syncs(&mut self, now: Instant, nid: &str) {
+        let want = self.networks[nid].initial_syncs as usize;
+        if want == 0 {
+            return;
+        }
+        let peers = self.pick_peers(nid, want);
+        if peers.is_empty() {
+            return;
+        }
+        let mut started = 0u8;
+        for p in peers {
+            started += u8::from(self.start_sync(now, nid, &p));
+        }
+        let net = self.networks.get_mut(nid).expect("listed");
+        net.initial_syncs = if started > 0 { 0 } else { net.initial_syncs };
     }
 
     fn detach_stale_self_attachments(&mut self, now: Instant) {
