@@ -5,19 +5,11 @@
 use std::time::Duration;
 
 use weft_sim::NetModel;
-use weft_sim::scenarios::{burst_convergence, percentile};
+use weft_sim::scenarios::{Percentiles, burst_convergence};
 
-fn report(label: &str, mut samples: Vec<Duration>, failed: usize) {
-    samples.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!(
-        "{label:<34} runs {:>4}  p50 {:>7.1} ms  p90 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  not converged {failed}",
-        samples.len(),
-        ms(percentile(&samples, 50.0)),
-        ms(percentile(&samples, 90.0)),
-        ms(percentile(&samples, 99.0)),
-        ms(*samples.last().unwrap_or(&Duration::ZERO)),
-    );
+fn report(label: &str, samples: Vec<Duration>, failed: usize) {
+    let runs = samples.len();
+    println!("{label:<34} runs {runs:>4}  {}  not converged {failed}", Percentiles::of(samples));
 }
 
 fn run(label: &str, nodes: usize, keys: usize, seeds: u64, net: &NetModel) {

@@ -456,13 +456,21 @@ impl Cluster {
 
     /// Whether every up node sees every other up node alive.
     pub fn membership_converged(&self) -> bool {
+        self.membership_gap().is_none()
+    }
+
+    /// The first up node `i` that does not see up node `j`'s current identity alive.
+    pub fn membership_gap(&self) -> Option<(usize, usize)> {
         let up: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.is_up(i)).collect();
-        up.iter().all(|&i| {
+        up.iter().find_map(|&i| {
             let ms = self.node(i).members();
-            up.iter().all(|&j| {
-                let id = self.node(j).id();
-                ms.iter().any(|m| m.id == *id && matches!(m.state, MemberState::Alive | MemberState::Suspect))
-            })
+            up.iter()
+                .find(|&&j| {
+                    let id = self.node(j).id();
+                    !ms.iter()
+                        .any(|m| m.id == *id && matches!(m.state, MemberState::Alive | MemberState::Suspect))
+                })
+                .map(|&j| (i, j))
         })
     }
 

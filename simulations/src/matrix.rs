@@ -47,8 +47,7 @@ fn sample_until(
 /// One sample of one cell: virtual time until the perturbation converged on `n` nodes.
 pub fn cell(perturbation: &str, n: usize, seed: u64) -> Result<Duration, String> {
     let fail = |what: &str| format!("{perturbation}, {n} nodes, seed {seed}: {what}");
-    let mut c = settle(n, seed, NetModel::default(), Duration::from_secs(120))
-        .map_err(|_| fail("membership did not settle"))?;
+    let mut c = settle(n, seed, NetModel::default(), Duration::from_secs(120)).map_err(|e| fail(&e))?;
     let pick = |k: u64, of: usize| (mix(seed, k) % of as u64) as usize;
     let limit = Duration::from_secs(120);
     // Join perturbations use net2, which every node but the joiner (the last) is attached to.

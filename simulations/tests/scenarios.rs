@@ -46,3 +46,14 @@ fn every_networkdb_matrix_perturbation_converges_on_small_clusters() {
     }
     assert!(cell("no-such-change", 3, 1).unwrap_err().contains("unknown perturbation"));
 }
+
+#[test]
+fn percentiles_are_nearest_rank_in_milliseconds() {
+    use weft_sim::scenarios::Percentiles;
+    let samples: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
+    let p = Percentiles::of(samples);
+    assert_eq!((p.p50, p.p90, p.p99, p.max), (50.0, 90.0, 99.0, 100.0));
+    assert_eq!(p.to_string(), "p50 50 ms  p90 90 ms  p99 99 ms  max 100 ms");
+    let one = Percentiles::of(vec![Duration::from_millis(7)]);
+    assert_eq!((one.p50, one.p99, one.max), (7.0, 7.0, 7.0));
+}
