@@ -179,6 +179,28 @@ fn ring_merge(c: &mut Criterion) {
             criterion::BatchSize::LargeInput,
         )
     });
+    // A node owning 32,768 blocks (every other one allocated) merges claims over the other
+    // half (about 8,000 ranges), where its own blocks are untouched: what it pays per claim.
+    let half = |runs: Vec<Run>| runs.into_iter().filter(|r| r.end <= 32_768).collect::<Vec<_>>();
+    let space = Space::new("bench", 1 << 16).unwrap();
+    let mut owner = Ring::new("observer", space.clone(), []);
+    let seed = Seed { space, owners: vec!["n00".into(), "observer".into()], seeded_by: "n00".into() };
+    owner.install_seed(&seed).unwrap();
+    owner.merge(&claims(half(ranges(0, 0)))).unwrap();
+    for slot in (32_768..65_536).step_by(2) {
+        owner.allocate(Some(slot)).unwrap();
+    }
+    let incoming = claims(half(ranges(2, 1)));
+    g.bench_function("ring_validating_merge_by_an_owner", |bench| {
+        bench.iter_batched(
+            || owner.clone(),
+            |mut r| {
+                r.merge(&incoming).unwrap();
+                black_box(r)
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
     g.finish();
 }
 

@@ -837,31 +837,33 @@ impl Ring {
         true
     }
 
+    /// Recomputes the slot ranges this node owns; block counts are recounted only when those
+    /// ranges changed (allocation keeps `free_blocks` up to date on its own), so merging a claim
+    /// that leaves this node's ownership alone costs nothing per owned block.
     fn rebuild_owned(&mut self) {
-        self.owned.clear();
-        self.owned_blocks = 0;
-        self.free_blocks = 0;
-        if self.d.removed_by.is_some() {
-            return;
-        }
-        let me = self.d.me.clone();
-        let sp = self.d.space.clone();
-        for (s, e, o) in self.d.state.ownership() {
-            if o != me {
-                continue;
-            }
-            self.owned_blocks += u64::from(e - s);
-            for b in s..e {
-                if self.block_is_free(b) {
-                    self.free_blocks += 1;
+        let mut owned: Vec<(u128, u128)> = Vec::new();
+        let mut blocks = Vec::new();
+        if self.d.removed_by.is_none() {
+            let sp = &self.d.space;
+            for (s, e, o) in self.d.state.ownership() {
+                if o != self.d.me {
+                    continue;
+                }
+                blocks.push((s, e));
+                let (lo, hi) = (sp.slots(s).0, sp.slots(e - 1).1);
+                match owned.last_mut() {
+                    Some(last) if last.1 == lo => last.1 = hi,
+                    _ => owned.push((lo, hi)),
                 }
             }
-            let (lo, hi) = (sp.slots(s).0, sp.slots(e - 1).1);
-            match self.owned.last_mut() {
-                Some(last) if last.1 == lo => last.1 = hi,
-                _ => self.owned.push((lo, hi)),
-            }
         }
+        if owned == self.owned {
+            return;
+        }
+        self.owned = owned;
+        self.owned_blocks = blocks.iter().map(|&(s, e)| u64::from(e - s)).sum();
+        self.free_blocks =
+            blocks.iter().flat_map(|&(s, e)| s..e).filter(|&b| self.block_is_free(b)).count() as u64;
     }
 
     /// Nothing allocated, and something to allocate (a block of reserved slots only is
@@ -1201,8 +1203,8 @@ impl Ring {
     // ---- removal ----
 
     /// Removes `node` from the ring: its blocks go to this node (the operator's `weft node rm`).
-    /// Refused for a node membership sees alive, unless `force`. Returns the removal record to
-    /// publish (it is also queued as an output); the takeover records follow it.
+    /// Refused for a node membership sees alive, unless `force`. Returns how many blocks this
+    /// node gained; the removal record and then the takeover records are queued as outputs.
     pub fn transfer_dead(&mut self, node: &Name, alive: bool, force: bool) -> Result<u64, RingError> {
         let ring = self.d.space.ring.clone();
         if *node == self.d.me {
