@@ -5,10 +5,12 @@
 //! socket, a clock or OS entropy; see [`GossipNode`] for the calling contract.
 
 mod config;
+mod discovery;
 mod error;
 mod event;
 mod identity;
 mod node;
+mod peers;
 mod queue;
 mod store;
 mod timers;
@@ -16,6 +18,7 @@ mod watcher;
 pub mod wire;
 
 pub use config::Config;
+pub use discovery::AttachRecord;
 pub use error::Error;
 pub use event::{
     DownReason, Event, MemberInfo, MemberState, Stats, TableEvent, TableEventKind, Transmit, TransmitKind,

@@ -12,11 +12,13 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
 use crate::config::Config;
+use crate::discovery::{AttachRecord, Discovery};
 use crate::error::Error;
 use crate::event::{
     DownReason, Event, MemberInfo, MemberState, Stats, TableEvent, TableEventKind, Transmit, TransmitKind,
 };
 use crate::identity::NodeId;
+use crate::peers::{PeerSet, Peers};
 use crate::queue::{Pushed, Take};
 use crate::store::{
     DIGEST_BUCKETS, Entry, MergeRule, NetState, TableKind, TableSpec, VersionRef, bucket_of,
@@ -26,7 +28,7 @@ use crate::timers::{TimerKind, Timers};
 use crate::watcher::ObjectType;
 use crate::wire::{
     self, Body, EventsPacketBuilder, FLAG_CLUSTER, FLAG_DELETED, FLAG_HIDDEN, FrameType, Head, MAX_LTIME,
-    Packet, WireEntry, WireError,
+    Packet, WireEntry, WireEntryRef, WireError,
 };
 
 /// The reserved network every node is attached to; it carries cluster-wide tables.
@@ -43,6 +45,8 @@ const SELF_DETACH_GRACE: Duration = Duration::from_secs(10);
 /// How far ahead of this node's clock a remote Lamport time may be.
 pub const MAX_LTIME_JUMP: u64 = 1 << 40;
 const MAX_KEY_LEN: usize = 1024;
+/// Unseen members announced to per gossip round (see [`crate::discovery`]).
+const DISCOVERY_PER_ROUND: usize = 4;
 
 /// Buckets and their items, for one `SyncSummary` frame.
 type SummaryFrame = (Vec<u32>, Vec<wire::SummaryItem>);
@@ -65,7 +69,7 @@ struct AttachRule;
 impl MergeRule for AttachRule {
     fn compare(&self, a: &VersionRef<'_>, b: &VersionRef<'_>) -> Ordering {
         let generation =
-            |v: &VersionRef<'_>| wire::decode::<(u64, bool)>(v.value).map(|(g, _)| g).unwrap_or(0);
+            |v: &VersionRef<'_>| AttachRecord::decode(v.value).map(|r| r.generation).unwrap_or(0);
         generation(a).cmp(&generation(b))
     }
 }
@@ -182,12 +186,19 @@ pub struct GossipNode {
     /// Networks a previous life of this node attached and this one did not, with when to
     /// detach them (see `on_attachment`).
     stale_self_attachments: BTreeMap<String, Instant>,
+    /// Members named in the attachment table that membership has not seen yet.
+    discovery: Discovery,
+    /// Seeds the hashing of per-network version indexes.
+    hash_seed: u64,
     /// Another node claimed this node's name: records of "our" previous lives may be its.
     name_contested: bool,
-    /// Alive members other than this node (kept current; read on every relayed event).
-    alive_count: usize,
+    /// Alive attached peers per network (the cluster's: every alive member), kept current.
+    peers: Peers,
     /// Nodes attached per network, this one included when attached.
     attached_count: BTreeMap<String, usize>,
+    /// Owners that may have hidden entries here (a superset: cleared when a restore finds
+    /// none), so a member coming up costs a table scan only if it has something to restore.
+    hidden_owners: HashSet<Arc<str>>,
     connected: bool,
     left: bool,
     stats: Stats,
@@ -282,8 +293,11 @@ impl GossipNode {
             syncs: BTreeMap::new(),
             stale_self_attachments: BTreeMap::new(),
             name_contested: false,
-            alive_count: 0,
+            hash_seed: seed.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15,
+            discovery: Discovery::default(),
+            peers: Peers::default(),
             attached_count: BTreeMap::new(),
+            hidden_owners: HashSet::new(),
             connected: false,
             left: false,
             stats: Stats::default(),
@@ -293,7 +307,8 @@ impl GossipNode {
             ATTACH_TABLE.to_string(),
             TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(AttachRule)),
         );
-        node.networks.insert(CLUSTER_NETWORK.to_string(), NetState::new(node.cfg.join_sync_peers));
+        node.networks
+            .insert(CLUSTER_NETWORK.to_string(), NetState::new(node.cfg.join_sync_peers, node.hash_seed));
         node.write_attachment(now, CLUSTER_NETWORK, true);
         // Spread the periodic work over the first interval so nodes built together do not
         // tick in lockstep.
@@ -347,6 +362,11 @@ impl GossipNode {
     /// not live).
     pub fn get_entry(&self, network: &str, table: &str, key: &str) -> Option<Bytes> {
         self.networks.get(network)?.get(table, key)?.visible().cloned()
+    }
+
+    /// Membership updates (SWIM) still to be piggybacked on outgoing messages.
+    pub fn membership_backlog(&self) -> usize {
+        self.foca.updates_backlog()
     }
 
     /// Events queued for dissemination in `network`.
@@ -463,22 +483,40 @@ impl GossipNode {
 
     /// Alive members attached to `network`, other than this node, sorted by name.
     pub fn network_peers(&self, network: &str) -> Vec<NodeId> {
-        self.peer_candidates(network).into_iter().cloned().collect()
+        self.peers.of(network, CLUSTER_NETWORK).map(PeerSet::sorted).unwrap_or_default()
     }
 
-    fn peer_candidates(&self, network: &str) -> Vec<&NodeId> {
-        peer_candidates(&self.members, &self.attachments, network)
+    /// How many alive members are attached to `network`, other than this node (for
+    /// [`CLUSTER_NETWORK`]: alive members); the length of [`network_peers`](Self::network_peers)
+    /// without building it.
+    pub fn network_peer_count(&self, network: &str) -> usize {
+        self.peers.of(network, CLUSTER_NETWORK).map_or(0, PeerSet::len)
     }
 
+    /// Up to `k` distinct alive peers of `network`, chosen at random.
     fn pick_peers(&mut self, network: &str, k: usize) -> Vec<NodeId> {
-        let mut c = peer_candidates(&self.members, &self.attachments, network);
-        let k = k.min(c.len());
-        for i in 0..k {
-            let j = self.rng.random_range(i..c.len());
-            c.swap(i, j);
+        match self.peers.of(network, CLUSTER_NETWORK) {
+            Some(set) => set.pick(&mut self.rng, k),
+            None => Vec::new(),
         }
-        c.truncate(k);
-        c.into_iter().cloned().collect()
+    }
+
+    /// Brings every peer set up to date with `name`'s member state and attachments; called
+    /// after anything changes either.
+    fn refresh_peer(&mut self, name: &Arc<str>) {
+        if **name == *self.id.name {
+            return;
+        }
+        let alive = self.members.get(name).filter(|m| m.state == MemberState::Alive).map(|m| &m.id);
+        self.peers.cluster.set(name, alive);
+        for (network, by) in &self.attachments {
+            if network == CLUSTER_NETWORK {
+                continue;
+            }
+            let attached = by.get(name).is_some_and(|a| a.attached);
+            let set = self.peers.networks.entry(network.clone()).or_default();
+            set.set(name, alive.filter(|_| attached));
+        }
     }
 
     fn member_state(&self, name: &str) -> Option<MemberState> {
@@ -547,8 +585,12 @@ impl GossipNode {
                 }
                 self.process_notes(now);
             }
-            Ok((FrameType::Gossip, payload)) => match wire::decode::<Packet>(payload) {
-                Ok(p) => self.handle_packet(now, p),
+            Ok((FrameType::Gossip, payload)) => match wire::decode_events(payload) {
+                Ok(Some((head, network, events))) => self.handle_events(now, head, network, &events),
+                Ok(None) => match wire::decode::<Packet>(payload) {
+                    Ok(p) => self.handle_packet(now, p),
+                    Err(e) => self.reject(from, e),
+                },
                 Err(e) => self.reject(from, e),
             },
             Err(e) => self.reject(from, e),
@@ -804,10 +846,11 @@ impl GossipNode {
         if self.left_generation(&id.name).is_some_and(|g| g >= id.generation) {
             return;
         }
+        self.discovery.forget(&id.name);
         let was = self
             .members
             .insert(id.name.clone(), Member { id: id.clone(), state: MemberState::Alive, since: now });
-        self.recount_alive();
+        self.refresh_peer(&id.name);
         tracing::info!(member = %id, "member up");
         if !matches!(was, Some(Member { state: MemberState::Alive, .. })) {
             self.set_hidden(now, &id.name, false);
@@ -842,8 +885,9 @@ impl GossipNode {
         }
         let left = self.left_generation(&id.name).is_some_and(|g| g >= id.generation);
         let state = if left { MemberState::Left } else { MemberState::Failed };
+        self.discovery.forget(&id.name);
         self.members.insert(id.name.clone(), Member { id: id.clone(), state, since: now });
-        self.recount_alive();
+        self.refresh_peer(&id.name);
         if !left {
             self.set_hidden(now, &id.name, true);
         }
@@ -863,7 +907,7 @@ impl GossipNode {
         let reason = if left { DownReason::Left } else { DownReason::Failed };
         m.state = if left { MemberState::Left } else { MemberState::Failed };
         m.since = now;
-        self.recount_alive();
+        self.refresh_peer(&id.name);
         tracing::info!(member = %id, ?reason, "member down");
         if !left {
             self.set_hidden(now, &id.name, true);
@@ -880,6 +924,12 @@ impl GossipNode {
 
     /// Hides (owner failed) or restores (owner back) every node-owned entry of `owner`.
     fn set_hidden(&mut self, now: Instant, owner: &str, hidden: bool) {
+        if !hidden && !self.hidden_owners.remove(owner) {
+            return;
+        }
+        if hidden {
+            self.hidden_owners.insert(Arc::from(owner));
+        }
         let specs = &self.specs;
         for (nid, net) in &mut self.networks {
             for (table, entries) in &mut net.tables {
@@ -926,7 +976,7 @@ impl GossipNode {
         if self.networks.contains_key(network) {
             return Ok(());
         }
-        self.networks.insert(network.to_string(), NetState::new(self.cfg.join_sync_peers));
+        self.networks.insert(network.to_string(), NetState::new(self.cfg.join_sync_peers, self.hash_seed));
         self.write_attachment(now, network, true);
         // Catch up at once, not at the next gossip round: a node joining a populated network
         // has its tables one round trip later (peers answer a sync whoever asks).
@@ -969,7 +1019,7 @@ impl GossipNode {
     }
 
     fn write_attachment(&mut self, now: Instant, network: &str, attached: bool) {
-        let value = Bytes::from(wire::encode(&(self.id.generation, attached)).expect("tuple encodes"));
+        let value = AttachRecord { generation: self.id.generation, attached, addr: self.id.addr }.encode();
         let key = attach_key(network, &self.id.name);
         let _ = self.write_local(now, CLUSTER_NETWORK, ATTACH_TABLE, &key, Some(value));
     }
@@ -977,13 +1027,20 @@ impl GossipNode {
     /// Applies an attachment record (own or remote) to the index and its consequences.
     fn on_attachment(&mut self, now: Instant, key: &str, e: &Entry) {
         let Some((network, node)) = key.split_once(' ') else { return };
-        let Ok((generation, attached)) = wire::decode::<(u64, bool)>(&e.value) else { return };
+        let Ok(AttachRecord { generation, attached, addr }) = AttachRecord::decode(&e.value) else { return };
         let rec = Attachment { generation, ltime: e.ltime, attached: attached && !e.deleted };
-        let node: Arc<str> = Arc::from(node);
-        let by = self.attachments.entry(network.to_string()).or_default();
+        let by = match self.attachments.get_mut(network) {
+            Some(by) => by,
+            None => self.attachments.entry(network.to_string()).or_default(),
+        };
+        let node: Arc<str> = by.get_key_value(node).map_or_else(|| Arc::from(node), |(k, _)| k.clone());
         let prev = by.insert(node.clone(), rec);
-        let count = by.values().filter(|a| a.attached).count();
-        self.attached_count.insert(network.to_string(), count);
+        let was_attached = prev.is_some_and(|p| p.attached);
+        if was_attached != rec.attached {
+            let count = self.attached_count.entry(network.to_string()).or_default();
+            *count = if rec.attached { *count + 1 } else { count.saturating_sub(1) };
+        }
+        self.refresh_peer(&node);
         if *node == *self.id.name {
             // A previous life of this node attached a network this life has not: say it left,
             // or peers would keep it (and its old entries) attached forever.
@@ -997,6 +1054,14 @@ impl GossipNode {
                 self.stale_self_attachments.entry(network.to_string()).or_insert(now + SELF_DETACH_GRACE);
             }
             return;
+        }
+        if network == CLUSTER_NETWORK {
+            // A member the table knows and membership has never seen: go and find it.
+            if rec.attached && !self.members.contains_key(&node) && !self.left {
+                self.discovery.want(&node, addr, now);
+            } else if !rec.attached {
+                self.discovery.forget(&node);
+            }
         }
         if prev.map(|p| p.attached) != Some(rec.attached) {
             self.events.push_back(Event::NetworkPeer {
@@ -1027,7 +1092,7 @@ impl GossipNode {
             m.state = MemberState::Left;
             m.since = now;
             let id = m.id.clone();
-            self.recount_alive();
+            self.refresh_peer(&node);
             tracing::info!(member = %id, "member left");
             self.events.push_back(Event::MemberDown { id, reason: DownReason::Left });
         }
@@ -1320,6 +1385,9 @@ impl GossipNode {
             keyhash,
         };
         let new_visible = entry.visible().cloned();
+        if hidden {
+            self.hidden_owners.insert(entry.owner.clone());
+        }
         let old = net.put(&w.table, &w.key, entry);
         if origin != Origin::Local {
             self.stats.entries_applied += 1;
@@ -1403,13 +1471,9 @@ impl GossipNode {
     /// Other nodes of `network`, for the retransmit count.
     fn peer_count(&self, network: &str) -> usize {
         if network == CLUSTER_NETWORK {
-            return self.alive_count;
+            return self.peers.cluster.len();
         }
         self.attached_count.get(network).map_or(0, |n| n.saturating_sub(1))
-    }
-
-    fn recount_alive(&mut self) {
-        self.alive_count = self.members.values().filter(|m| m.state == MemberState::Alive).count();
     }
 
     fn reap(&mut self, now: Instant) {
@@ -1459,6 +1523,10 @@ impl GossipNode {
         }
         if self.left {
             return;
+        }
+        if self.connected && self.discovery.len() > 0 {
+            let targets = self.discovery.due(now, DISCOVERY_PER_ROUND);
+            self.announce_to(now, targets);
         }
         // Syncs owed to a network just attached (or a cluster just joined).
         for nid in &nets {
@@ -1617,17 +1685,56 @@ impl GossipNode {
         }
     }
 
-    fn handle_packet(&mut self, now: Instant, p: Packet) {
-        let Packet { head, body } = p;
+    /// Checks a packet's head and witnesses its clock; false (counted) if the packet must go.
+    fn accept_head(&mut self, head: &Head) -> bool {
         if head.from.name == self.id.name || head.from.name.is_empty() || !self.plausible_ltime(head.ltime) {
             self.stats.decode_errors += 1;
-            return;
+            return false;
         }
         self.clock = self.clock.max(head.ltime);
+        true
+    }
+
+    /// A datagram of table events, decoded in place. Most of what gossip delivers is a version
+    /// this node already holds; those are counted and skipped before anything is allocated.
+    fn handle_events(&mut self, now: Instant, head: Head, network: &str, events: &[WireEntryRef<'_>]) {
+        if !self.accept_head(&head) {
+            return;
+        }
+        for e in events {
+            if !valid_entry(e.ltime, e.table, e.key, e.owner) || !self.plausible_ltime(e.ltime) {
+                self.stats.decode_errors += 1;
+                continue;
+            }
+            if let Some(kh) = self.holds_exactly(network, e) {
+                self.stats.entries_stale += 1;
+                if let Some(net) = self.networks.get_mut(network) {
+                    net.queue.heard(kh);
+                }
+                continue;
+            }
+            self.apply(now, network, e.to_owned(), Origin::Gossip);
+        }
+    }
+
+    /// The key hash, if this node stores exactly this version (same Lamport time, owner,
+    /// deletion and value, by fingerprint): `apply` would find it equal, hence stale.
+    fn holds_exactly(&self, network: &str, e: &WireEntryRef<'_>) -> Option<u64> {
+        let net = self.networks.get(network)?;
+        let kh = keyhash(e.table, e.key);
+        net.holds_version(kh, fingerprint(kh, e.ltime, e.owner, e.flags & FLAG_DELETED != 0, e.value))
+            .then_some(kh)
+    }
+
+    fn handle_packet(&mut self, now: Instant, p: Packet) {
+        let Packet { head, body } = p;
+        if !self.accept_head(&head) {
+            return;
+        }
         match body {
             Body::Events { network, events } => {
                 for e in events {
-                    if !valid_entry(&e) || !self.plausible_ltime(e.ltime) {
+                    if !valid_entry(e.ltime, &e.table, &e.key, &e.owner) || !self.plausible_ltime(e.ltime) {
                         self.stats.decode_errors += 1;
                         continue;
                     }
@@ -1810,7 +1917,7 @@ impl GossipNode {
         }
         let mut relayed = 0;
         for e in entries {
-            if !valid_entry(&e) || !self.plausible_ltime(e.ltime) {
+            if !valid_entry(e.ltime, &e.table, &e.key, &e.owner) || !self.plausible_ltime(e.ltime) {
                 self.stats.decode_errors += 1;
                 continue;
             }
@@ -1888,27 +1995,14 @@ fn wire_size(e: &WireEntry) -> usize {
     e.value.len() + e.key.len() + e.table.len() + e.owner.len() + 48
 }
 
-fn peer_candidates<'a>(
-    members: &'a BTreeMap<Arc<str>, Member>,
-    attachments: &BTreeMap<String, BTreeMap<Arc<str>, Attachment>>,
-    network: &str,
-) -> Vec<&'a NodeId> {
-    let alive = members.values().filter(|m| m.state == MemberState::Alive);
-    if network == CLUSTER_NETWORK {
-        return alive.map(|m| &m.id).collect();
-    }
-    let Some(by) = attachments.get(network) else { return Vec::new() };
-    alive.filter(|m| by.get(&m.id.name).is_some_and(|a| a.attached)).map(|m| &m.id).collect()
-}
-
-fn valid_entry(e: &WireEntry) -> bool {
-    e.ltime < MAX_LTIME
-        && !e.table.is_empty()
-        && e.table.len() <= MAX_NAME_LEN
-        && !e.key.is_empty()
-        && e.key.len() <= MAX_KEY_LEN
-        && !e.owner.is_empty()
-        && e.owner.len() <= MAX_NAME_LEN
+fn valid_entry(ltime: u64, table: &str, key: &str, owner: &str) -> bool {
+    ltime < MAX_LTIME
+        && !table.is_empty()
+        && table.len() <= MAX_NAME_LEN
+        && !key.is_empty()
+        && key.len() <= MAX_KEY_LEN
+        && !owner.is_empty()
+        && owner.len() <= MAX_NAME_LEN
 }
 
 #[cfg(test)]

@@ -122,6 +122,20 @@ impl BroadcastQueue {
         self.bytes
     }
 
+    /// A peer sent this node the version it has queued under `key`: the rumour is spreading
+    /// without it, so it has one transmission fewer to make (Demers et al.'s blind counter).
+    /// Returns whether the event was queued.
+    pub(crate) fn heard(&mut self, key: u64) -> bool {
+        let Some(slot) = self.slots.get_mut(&key) else { return false };
+        slot.left -= 1;
+        if slot.left == 0 {
+            let slot = self.slots.remove(&key).expect("live");
+            self.bytes -= slot.encoded.len();
+            self.compact();
+        }
+        true
+    }
+
     /// Drops the order lists' stale references once they outnumber live events.
     fn compact(&mut self) {
         if self.own.len() + self.relayed.len() > 2 * self.slots.len() + 64 {

@@ -1,12 +1,13 @@
 //! Replicated table state of one network: entries, version order, merge rules, bucket digest.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 use crate::queue::BroadcastQueue;
 use crate::watcher::ObjectType;
@@ -128,24 +129,76 @@ impl Entry {
     }
 }
 
-pub(crate) fn keyhash(table: &str, key: &str) -> u64 {
+/// xxh3 of the concatenation of `parts`: one-shot over a stack buffer when they fit (the
+/// common case, several times faster than the streaming state), streaming otherwise. Both give
+/// the same hash.
+fn xxh3_concat(parts: &[&[u8]]) -> u64 {
+    // Small enough that zeroing it costs nothing next to the hash; a 64-hex endpoint id with
+    // its table name fits.
+    const BUF: usize = 128;
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    if total <= BUF {
+        let mut buf = [0u8; BUF];
+        let mut at = 0;
+        for p in parts {
+            buf[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        return xxh3_64(&buf[..at]);
+    }
     let mut h = Xxh3::new();
-    h.update(table.as_bytes());
-    h.update(&[0]);
-    h.update(key.as_bytes());
+    for p in parts {
+        h.update(p);
+    }
     h.digest()
+}
+
+pub(crate) fn keyhash(table: &str, key: &str) -> u64 {
+    xxh3_concat(&[table.as_bytes(), &[0], key.as_bytes()])
 }
 
 /// Identifies one version: everything the version order looks at, value included (merge rules
 /// and the last tie-break read it), so two different versions never share a digest.
 pub(crate) fn fingerprint(keyhash: u64, ltime: u64, owner: &str, deleted: bool, value: &[u8]) -> u64 {
-    let mut h = Xxh3::new();
-    h.update(&keyhash.to_le_bytes());
-    h.update(&ltime.to_le_bytes());
-    h.update(&[deleted as u8]);
-    h.update(&xxhash_rust::xxh3::xxh3_64(value).to_le_bytes());
-    h.update(owner.as_bytes());
-    h.digest()
+    xxh3_concat(&[
+        &keyhash.to_le_bytes(),
+        &ltime.to_le_bytes(),
+        &[deleted as u8],
+        &xxh3_64(value).to_le_bytes(),
+        owner.as_bytes(),
+    ])
+}
+
+/// Hashes key hashes (already uniform) for the version index: one multiply-xorshift with a
+/// per-node seed, so nobody can aim keys at one slot of every node's index.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SeededMix(u64);
+
+impl BuildHasher for SeededMix {
+    type Hasher = MixHasher;
+    fn build_hasher(&self) -> MixHasher {
+        MixHasher(self.0)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).rotate_left(8);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 ^= x;
+    }
 }
 
 pub(crate) fn bucket_of(keyhash: u64) -> usize {
@@ -156,6 +209,10 @@ pub(crate) fn bucket_of(keyhash: u64) -> usize {
 #[derive(Debug)]
 pub(crate) struct NetState {
     pub tables: BTreeMap<String, BTreeMap<String, Entry>>,
+    /// Key hash -> fingerprint of the stored version, for telling a duplicate from news in one
+    /// lookup. A cache: two keys sharing a key hash leave one of them out (the slow path then
+    /// decides), and a fingerprint match is the same test anti-entropy already trusts.
+    versions: HashMap<u64, u64, SeededMix>,
     pub digest: Vec<u64>,
     pub queue: BroadcastQueue,
     /// Own events waiting for their immediate push.
@@ -165,9 +222,10 @@ pub(crate) struct NetState {
 }
 
 impl NetState {
-    pub fn new(initial_syncs: u8) -> Self {
+    pub fn new(initial_syncs: u8, hash_seed: u64) -> Self {
         NetState {
             tables: BTreeMap::new(),
+            versions: HashMap::with_hasher(SeededMix(hash_seed)),
             digest: vec![0; DIGEST_BUCKETS],
             queue: BroadcastQueue::default(),
             push_now: false,
@@ -179,10 +237,17 @@ impl NetState {
         self.tables.get(table)?.get(key)
     }
 
+    /// Whether the version with this key hash and fingerprint is the one stored (see
+    /// `versions`).
+    pub fn holds_version(&self, keyhash: u64, fp: u64) -> bool {
+        self.versions.get(&keyhash) == Some(&fp)
+    }
+
     /// Stores `entry`, keeping the digest current; returns the replaced version.
     pub fn put(&mut self, table: &str, key: &str, entry: Entry) -> Option<Entry> {
         let b = bucket_of(entry.keyhash);
         self.digest[b] = self.digest[b].wrapping_add(entry.fp);
+        self.versions.insert(entry.keyhash, entry.fp);
         let t = match self.tables.get_mut(table) {
             Some(t) => t,
             None => self.tables.entry(table.to_string()).or_default(),
@@ -206,6 +271,9 @@ impl NetState {
         let old = t.remove(key)?;
         if t.is_empty() {
             self.tables.remove(table);
+        }
+        if self.versions.get(&old.keyhash) == Some(&old.fp) {
+            self.versions.remove(&old.keyhash);
         }
         let b = bucket_of(old.keyhash);
         self.digest[b] = self.digest[b].wrapping_sub(old.fp);
@@ -312,10 +380,50 @@ mod tests {
     }
 
     #[test]
+    fn one_shot_hashes_match_the_streaming_definition() {
+        let stream = |parts: &[&[u8]]| {
+            let mut h = Xxh3::new();
+            for p in parts {
+                h.update(p);
+            }
+            h.digest()
+        };
+        let long = "k".repeat(400);
+        for (t, k) in [("endpoints", "ep1"), ("t", long.as_str()), ("", "")] {
+            assert_eq!(keyhash(t, k), stream(&[t.as_bytes(), &[0], k.as_bytes()]));
+        }
+        let v = vec![9u8; 1000];
+        let fp = stream(&[
+            &7u64.to_le_bytes(),
+            &3u64.to_le_bytes(),
+            &[1],
+            &xxh3_64(&v).to_le_bytes(),
+            long.as_bytes(),
+        ]);
+        assert_eq!(fingerprint(7, 3, &long, true, &v), fp);
+    }
+
+    #[test]
+    fn the_version_index_follows_puts_and_removes() {
+        let now = Instant::now();
+        let mut a = NetState::new(0, 9);
+        let e1 = entry("t", "k", 1, now);
+        let (kh, fp1) = (e1.keyhash, e1.fp);
+        a.put("t", "k", e1);
+        assert!(a.holds_version(kh, fp1));
+        let e2 = entry("t", "k", 2, now);
+        let fp2 = e2.fp;
+        a.put("t", "k", e2);
+        assert!(!a.holds_version(kh, fp1) && a.holds_version(kh, fp2));
+        a.remove("t", "k");
+        assert!(!a.holds_version(kh, fp2));
+    }
+
+    #[test]
     fn incremental_digest_matches_a_rebuild() {
         let now = Instant::now();
-        let mut a = NetState::new(0);
-        let mut b = NetState::new(0);
+        let mut a = NetState::new(0, 1);
+        let mut b = NetState::new(0, 1);
         for i in 0..500 {
             a.put("t", &format!("k{i}"), entry("t", &format!("k{i}"), 1, now));
         }

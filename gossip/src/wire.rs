@@ -133,6 +133,34 @@ pub struct WireEntry {
     pub value: Bytes,
 }
 
+/// A [`WireEntry`] borrowed from the datagram it arrived in: decoding it allocates nothing, so
+/// the duplicates gossip delivers (every event reaches a node many times) cost a lookup, not
+/// four allocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct WireEntryRef<'a> {
+    pub table: &'a str,
+    pub key: &'a str,
+    pub owner: &'a str,
+    pub ltime: u64,
+    pub flags: u8,
+    pub reap_in_ms: u32,
+    pub value: &'a [u8],
+}
+
+impl WireEntryRef<'_> {
+    pub fn to_owned(&self) -> WireEntry {
+        WireEntry {
+            table: self.table.to_string(),
+            key: self.key.to_string(),
+            owner: self.owner.to_string(),
+            ltime: self.ltime,
+            flags: self.flags,
+            reap_in_ms: self.reap_in_ms,
+            value: Bytes::copy_from_slice(self.value),
+        }
+    }
+}
+
 /// What every gossip packet starts with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Head {
@@ -266,6 +294,42 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
         return Err(WireError::Trailing(bytes.len() - used));
     }
     Ok(v)
+}
+
+/// A `Body::Events` packet decoded in place: its head, network and borrowed entries.
+pub type EventsRef<'a> = (Head, &'a str, Vec<WireEntryRef<'a>>);
+
+/// Decodes a gossip payload (envelope removed) if it is a `Body::Events` packet, borrowing the
+/// entries from `payload`; `Ok(None)` for any other body, which [`decode`] then reads whole.
+pub fn decode_events(payload: &[u8]) -> Result<Option<EventsRef<'_>>, WireError> {
+    // In bincode a `Packet` is its head, then the body's variant index (Events is 0).
+    const LIMIT: usize = 4 << 20;
+    if payload.len() > LIMIT / 16 {
+        return Err(WireError::TooLarge { len: payload.len(), max: LIMIT / 16 });
+    }
+    let cfg = config().with_limit::<LIMIT>();
+    let dec = |e: bincode::error::DecodeError| WireError::Decode(e.to_string());
+    let ((head, variant), used): ((Head, u32), usize) =
+        bincode::serde::borrow_decode_from_slice(payload, cfg).map_err(dec)?;
+    if variant != 0 {
+        return Ok(None);
+    }
+    let rest = &payload[used..];
+    let ((network, Cautious(events)), used): ((&str, Cautious<WireEntryRef<'_>>), usize) =
+        bincode::serde::borrow_decode_from_slice(rest, cfg).map_err(dec)?;
+    if used != rest.len() {
+        return Err(WireError::Trailing(rest.len() - used));
+    }
+    Ok(Some((head, network, events)))
+}
+
+/// A sequence decoded with [`cautious_vec`].
+struct Cautious<T>(Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Cautious<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        cautious_vec(d).map(Cautious)
+    }
 }
 
 /// Decodes a whole gossip frame (envelope included).
@@ -430,7 +494,19 @@ mod tests {
         assert!(bytes.len() <= 1400, "packet is {} bytes", bytes.len());
         let p = decode_packet(&bytes).unwrap();
         assert_eq!(p.head, head());
-        assert_eq!(p.body, Body::Events { network: "net1".into(), events: pushed });
+        assert_eq!(p.body, Body::Events { network: "net1".into(), events: pushed.clone() });
+        // The same packet decoded in place.
+        let (h, network, events) = decode_events(&bytes[ENVELOPE_LEN..]).unwrap().unwrap();
+        assert_eq!((h, network), (head(), "net1"));
+        assert_eq!(events.iter().map(WireEntryRef::to_owned).collect::<Vec<_>>(), pushed);
+        // Other bodies are left to the full decoder; truncation and trailing bytes are errors.
+        let msg =
+            encode_packet(&Packet { head: head(), body: Body::Message { data: Bytes::new() } }).unwrap();
+        assert_eq!(decode_events(&msg[ENVELOPE_LEN..]), Ok(None));
+        assert!(decode_events(&bytes[ENVELOPE_LEN..bytes.len() - 1]).is_err());
+        let mut long = bytes.to_vec();
+        long.push(0);
+        assert_eq!(decode_events(&long[ENVELOPE_LEN..]), Err(WireError::Trailing(1)));
     }
 
     #[test]
