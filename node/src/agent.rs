@@ -11,8 +11,8 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use weft_gossip::{
-    ATTACH_TABLE, CLUSTER_NETWORK, Config as GossipConfig, EntryState, Event, GossipNode, MemberInfo, NodeId,
-    ObjectType, TableEventKind, TableSpec, TableWatcher, Transmit, Watchers, wire,
+    ATTACH_TABLE, AttachRecord, CLUSTER_NETWORK, Config as GossipConfig, EntryState, Event, GossipNode,
+    MemberInfo, NodeId, ObjectType, TableEventKind, TableSpec, TableWatcher, Transmit, Watchers,
 };
 
 use crate::error::AgentError;
@@ -122,12 +122,13 @@ impl TableWatcher for NetworkDefs {
 /// Decodes the gossip core's own attachment records for dumps.
 fn decode_attachment(key: &str, value: &[u8], names: &BTreeMap<String, String>) -> Option<Decoded> {
     let (network, node) = key.split_once(' ')?;
-    let (generation, attached) = wire::decode::<(u64, bool)>(value).ok()?;
+    let r = AttachRecord::decode(value).ok()?;
     let mut fields = BTreeMap::new();
     let network = names.get(network).cloned().unwrap_or_else(|| network.chars().take(12).collect());
     fields.insert("network".into(), network);
-    fields.insert("generation".into(), generation.to_string());
-    fields.insert("state".into(), if attached { "attached" } else { "detached" }.into());
+    fields.insert("generation".into(), r.generation.to_string());
+    fields.insert("state".into(), if r.attached { "attached" } else { "detached" }.into());
+    fields.insert("address".into(), r.addr.to_string());
     Some(Decoded { object_id: node.to_string(), fields })
 }
 
@@ -183,6 +184,23 @@ impl Agent {
 
     pub fn gossip(&self) -> &GossipNode {
         &self.gossip
+    }
+
+    /// Registers a driver's table: how it behaves, and the watcher its events go to (and that
+    /// decodes its values in dumps). Registering replays every live entry as a create.
+    pub fn register_table(
+        &mut self,
+        table: &str,
+        spec: TableSpec,
+        watcher: Box<dyn TableWatcher + Send>,
+    ) -> Result<(), AgentError> {
+        if table == NETWORKS_TABLE {
+            return Err(AgentError::Reserved(table.to_string()));
+        }
+        let object_type = spec.object_type;
+        self.gossip.register_table(table, spec)?;
+        self.watchers.register(table, object_type, watcher);
+        Ok(())
     }
 
     pub fn id(&self) -> &NodeId {
@@ -280,6 +298,15 @@ impl Agent {
     /// Re-attaches a network by id after a restart (its definition may not have arrived yet).
     pub fn reattach(&mut self, now: Instant, id: &str) -> Result<(), AgentError> {
         Ok(self.gossip.join_network(now, id)?)
+    }
+
+    /// Detaches a network by id, whether or not its definition has arrived (the counterpart of
+    /// [`reattach`](Self::reattach)).
+    pub fn detach_id(&mut self, now: Instant, id: &str) -> Result<(), AgentError> {
+        if !self.gossip.is_attached(id) {
+            return Err(AgentError::NotAttached(id.to_string()));
+        }
+        Ok(self.gossip.leave_network(now, id)?)
     }
 
     pub fn members(&self) -> Vec<MemberInfo> {
@@ -444,7 +471,8 @@ impl Agent {
 
     /// The gossip network id a client's network reference means (`cluster` is itself).
     fn table_network(&self, r: &str) -> Result<String, AgentError> {
-        if r == CLUSTER_NETWORK {
+        // `cluster`, or a network attached by id whose definition has not arrived yet.
+        if r == CLUSTER_NETWORK || (is_network_id(r) && self.gossip.is_attached(r)) {
             return Ok(r.to_string());
         }
         Ok(self.resolve(r)?.def.id)
