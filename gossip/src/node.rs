@@ -2077,6 +2077,86 @@ mod tests {
         }
     }
 
+    /// The datagrams `n` has to send, drained.
+    fn sent(n: &mut GossipNode) -> Vec<Transmit> {
+        std::iter::from_fn(|| n.poll_transmit()).collect()
+    }
+
+    #[test]
+    fn a_member_only_the_attachment_table_names_is_announced_to_with_backoff() {
+        let mut p = Pair::new(Config::default());
+        // b tells a of "ghost", a node a's membership never heard of.
+        let ghost = addr(9);
+        let rec = AttachRecord { generation: 1, attached: true, addr: ghost };
+        let head = Head { from: p.b.id.clone(), ltime: p.b.clock };
+        let w = WireEntry {
+            table: ATTACH_TABLE.into(),
+            key: attach_key(CLUSTER_NETWORK, "ghost"),
+            owner: "ghost".into(),
+            ltime: 5,
+            flags: FLAG_CLUSTER,
+            reap_in_ms: 0,
+            value: rec.encode(),
+        };
+        let bytes = wire::encode_packet(&Packet {
+            head,
+            body: Body::Events { network: CLUSTER_NETWORK.into(), events: vec![w] },
+        })
+        .unwrap();
+        p.a.handle_datagram(p.now, addr(2), &bytes);
+        let announces = |ts: &[Transmit]| {
+            ts.iter()
+                .filter(|t| {
+                    t.dst == ghost && wire::open_envelope(&t.bytes).is_ok_and(|(ty, _)| ty == FrameType::Swim)
+                })
+                .count()
+        };
+        let mut at = Vec::new();
+        for step in 0..400 {
+            let now = p.now + Duration::from_millis(10 * step);
+            p.a.handle_timeout(now);
+            if announces(&sent(&mut p.a)) > 0 {
+                at.push(step * 10);
+            }
+        }
+        assert!(!at.is_empty() && at[0] <= 200, "announced within a gossip round: {at:?}");
+        assert!(at.len() >= 2, "retried while unanswered: {at:?}");
+        assert!(at[1] - at[0] >= 2000, "backed off: {at:?}");
+        // Once membership has seen it, discovery stops.
+        p.a.member_up(p.now, NodeId::new("ghost", ghost, 1));
+        assert_eq!(p.a.discovery.len(), 0);
+    }
+
+    #[test]
+    fn a_duplicate_costs_its_receiver_one_retransmission() {
+        let mut p = Pair::new(Config::default());
+        let now = p.now;
+        p.a.join_network(now, "net1").unwrap();
+        p.b.join_network(now, "net1").unwrap();
+        p.run(Duration::from_secs(1));
+        p.b.create_entry(now, "net1", "t", "k", Bytes::from_static(b"v")).unwrap();
+        // b's immediate push reaches a, which queues the event to relay.
+        let pushed = sent(&mut p.b);
+        for t in &pushed {
+            p.a.handle_datagram(now, addr(2), &t.bytes);
+        }
+        let left = |n: &GossipNode| n.networks["net1"].queue.len();
+        assert_eq!(left(&p.a), 1);
+        let before = p.a.networks["net1"].queue.transmissions_left();
+        // Hearing it again from b burns one of a's transmissions, never a's copy of the entry.
+        for t in &pushed {
+            p.a.handle_datagram(now, addr(2), &t.bytes);
+        }
+        assert_eq!(p.a.networks["net1"].queue.transmissions_left(), before - 1);
+        assert_eq!(p.a.get_entry("net1", "t", "k"), Some(Bytes::from_static(b"v")));
+        for _ in 0..before {
+            for t in &pushed {
+                p.a.handle_datagram(now, addr(2), &t.bytes);
+            }
+        }
+        assert_eq!(left(&p.a), 0, "a rumour everyone repeats is dropped");
+    }
+
     #[test]
     fn a_large_summary_is_split_by_bucket_within_the_frame_limit() {
         let mut p = Pair::new(Config { max_stream_frame: 64 << 10, ..Config::default() });

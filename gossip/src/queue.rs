@@ -122,6 +122,12 @@ impl BroadcastQueue {
         self.bytes
     }
 
+    /// Transmissions the queued events have left, in all.
+    #[cfg(test)]
+    pub(crate) fn transmissions_left(&self) -> u32 {
+        self.slots.values().map(|s| s.left).sum()
+    }
+
     /// A peer sent this node the version it has queued under `key`: the rumour is spreading
     /// without it, so it has one transmission fewer to make (Demers et al.'s blind counter).
     /// Returns whether the event was queued.
