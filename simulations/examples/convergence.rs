@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use weft_node::Agent;
 use weft_sim::NetModel;
 use weft_sim::scenarios::{Percentiles, burst_convergence};
 
@@ -16,9 +17,13 @@ fn run(label: &str, nodes: usize, keys: usize, seeds: u64, net: &NetModel) {
     let mut samples = Vec::new();
     let mut failed = 0;
     for seed in 0..seeds {
-        match burst_convergence(nodes, keys, seed, net.clone(), Duration::from_secs(60)) {
-            Some(d) => samples.push(d),
-            None => {
+        match burst_convergence::<Agent>(nodes, keys, seed, net.clone(), Duration::from_secs(60)) {
+            Ok(Some(d)) => samples.push(d),
+            Err(e) => {
+                eprintln!("{label}: {e}");
+                failed += 1;
+            }
+            Ok(None) => {
                 eprintln!("{label}: seed {seed} did not converge within 60 s");
                 failed += 1;
             }

@@ -1,12 +1,14 @@
-//! A deterministic in-memory cluster: many `GossipNode`s, virtual time, a modelled network.
+//! A deterministic in-memory cluster: many sans-IO hosts, virtual time, a modelled network.
 //!
 //! One event queue ordered by (virtual time, sequence); every node's RNG seed derives from one
-//! master seed; no wall clock. The network delivers datagrams after a random latency, drops
-//! them with the configured loss, and drops everything (datagrams and streams) across a
-//! partition. Streams model TCP: reliable and ordered per pair, unless partitioned.
+//! master seed; no wall clock. The network delivers datagrams after a random latency, loses,
+//! duplicates and delays some of them as configured, and drops everything (datagrams and
+//! streams) across a partition. Streams model TCP: reliable and ordered per pair, unless
+//! partitioned. Each node may run its clock at its own rate. Every delivery and timer is folded
+//! into a trace hash, so two runs can be compared byte for byte.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -14,22 +16,45 @@ use bytes::Bytes;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use weft_gossip::{
-    Config, Event, GossipNode, MemberState, NodeId, ObjectType, TableEvent, TableEventKind, TableSpec,
-    Transmit, TransmitKind,
+    CLUSTER_NETWORK, Config, Event, GossipNode, NodeId, TableEvent, TableEventKind, Transmit, TransmitKind,
 };
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::host::{Host, TABLES};
 
 /// The network model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NetModel {
+    /// Datagram and stream latency, uniform in `latency_min..=latency_max`.
     pub latency_min: Duration,
     pub latency_max: Duration,
     /// Probability that a datagram is lost.
     pub loss: f64,
+    /// Probability that a datagram is delivered twice (the copy after its own latency).
+    pub duplicate: f64,
+    /// Probability that a datagram is held back by up to `reorder_delay` more, so it arrives
+    /// behind later ones (uniform latency already reorders a little).
+    pub reorder: f64,
+    pub reorder_delay: Duration,
 }
 
 impl Default for NetModel {
     fn default() -> Self {
-        NetModel { latency_min: Duration::from_micros(200), latency_max: Duration::from_millis(2), loss: 0.0 }
+        NetModel {
+            latency_min: Duration::from_micros(200),
+            latency_max: Duration::from_millis(2),
+            loss: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            reorder_delay: Duration::from_millis(20),
+        }
+    }
+}
+
+impl NetModel {
+    /// The default LAN with datagram loss `loss`.
+    pub fn lossy(loss: f64) -> Self {
+        NetModel { loss, ..NetModel::default() }
     }
 }
 
@@ -37,6 +62,34 @@ impl Default for NetModel {
 enum Ev {
     Deliver { from: usize, to: usize, kind: TransmitKind, bytes: Bytes },
     Timer { node: usize, at: Instant },
+}
+
+/// One queued event, ordered by (time, sequence) only.
+#[derive(Debug)]
+struct Scheduled {
+    at: Instant,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Scheduled {}
+
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
 }
 
 /// Bytes and datagrams a node sent.
@@ -48,15 +101,63 @@ pub struct Traffic {
     pub stream_bytes: u64,
 }
 
-/// A simulated host: its node (None while crashed) and what it persists across restarts.
+impl Traffic {
+    fn add(&mut self, kind: TransmitKind, len: usize) {
+        match kind {
+            TransmitKind::Datagram => {
+                self.datagrams += 1;
+                self.datagram_bytes += len as u64;
+            }
+            TransmitKind::Stream => {
+                self.streams += 1;
+                self.stream_bytes += len as u64;
+            }
+        }
+    }
+
+    pub fn messages(&self) -> u64 {
+        self.datagrams + self.streams
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.datagram_bytes + self.stream_bytes
+    }
+
+    /// What was sent between `earlier` and this reading.
+    pub fn since(&self, earlier: &Traffic) -> Traffic {
+        Traffic {
+            datagrams: self.datagrams - earlier.datagrams,
+            datagram_bytes: self.datagram_bytes - earlier.datagram_bytes,
+            streams: self.streams - earlier.streams,
+            stream_bytes: self.stream_bytes - earlier.stream_bytes,
+        }
+    }
+}
+
+/// What the engine processed, by kind (for cost breakdowns).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    pub swim_datagrams: u64,
+    pub gossip_datagrams: u64,
+    pub stream_frames: u64,
+    pub timers: u64,
+    /// Datagrams the network model lost, duplicated, or dropped across a partition.
+    pub lost: u64,
+    pub duplicated: u64,
+    pub blocked: u64,
+}
+
+/// A simulated host: its sans-IO host (None while crashed) and what it persists across
+/// restarts.
 #[derive(Debug)]
-pub struct SimNode {
+pub struct SimNode<H> {
     pub name: String,
     pub addr: SocketAddr,
-    pub node: Option<GossipNode>,
+    pub node: Option<H>,
     pub generation: u64,
     /// The Lamport high-water mark the agent would persist.
     pub persisted_ltime: u64,
+    /// Global virtual time of the timer armed on the queue.
     armed: Option<Instant>,
     /// What this node's watcher has seen: (network, table, key) -> value.
     pub watched: BTreeMap<(String, String, String), Bytes>,
@@ -64,26 +165,25 @@ pub struct SimNode {
     pub networks: BTreeSet<String>,
     pub traffic: Traffic,
     pub left: bool,
+    /// This node's clock: it read `clock.1` at virtual time `clock.0` and runs at `clock.2`
+    /// times virtual time (1.0: exactly).
+    clock: (Instant, Instant, f64),
 }
 
-/// The tables every simulated node registers.
-pub const TABLES: [&str; 2] = ["endpoints", "defs"];
-
-/// A cluster under test.
-pub struct Cluster {
+/// A cluster under test, generic over what runs on each host.
+pub struct Sim<H> {
     pub seed: u64,
     pub cfg: Config,
     pub net: NetModel,
-    pub nodes: Vec<SimNode>,
+    pub nodes: Vec<SimNode<H>>,
     t0: Instant,
     now: Instant,
-    queue: BinaryHeap<Reverse<(Instant, u64, usize)>>,
-    pending: HashMap<usize, Ev>,
+    queue: BinaryHeap<Reverse<Scheduled>>,
     seq: u64,
     rng: Xoshiro256PlusPlus,
     by_addr: HashMap<SocketAddr, usize>,
     /// Ordered pairs (from, to) whose traffic is dropped.
-    blocked: BTreeSet<(usize, usize)>,
+    blocked: HashSet<(usize, usize)>,
     /// Per ordered pair, the time the last stream frame arrives (TCP keeps order).
     stream_tail: HashMap<(usize, usize), Instant>,
     /// A violation of the watcher contract, if one happened.
@@ -101,34 +201,49 @@ pub struct Cluster {
     pub max_datagram: usize,
     /// The largest stream frame any node sent.
     pub max_stream_frame: usize,
+    /// Bytes sent per second of virtual time, cluster-wide: (datagram bytes, stream bytes,
+    /// messages), indexed by second.
+    pub per_second: Vec<(u64, u64, u64)>,
+    pub work: Work,
+    /// Networks defined through [`define_network`](Self::define_network): name -> id.
+    pub nets: BTreeMap<String, String>,
+    trace: u64,
 }
 
-impl std::fmt::Debug for Cluster {
+/// The gossip core on every host: the core's own cross-node tests.
+pub type Cluster = Sim<GossipNode>;
+/// The agent that ships on every host: the scenarios.
+pub type AgentCluster = Sim<weft_node::Agent>;
+
+impl<H> std::fmt::Debug for Sim<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("seed", &self.seed).field("nodes", &self.nodes.len()).finish()
+        f.debug_struct("Sim").field("seed", &self.seed).field("nodes", &self.nodes.len()).finish()
     }
 }
 
+/// splitmix64 of (seed, i): independent per-node streams from one master seed.
 pub fn mix(seed: u64, i: u64) -> u64 {
-    // splitmix64 of (seed, i): independent per-node streams from one master seed.
     let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
+/// The gossip address of simulated node `i`: loopback-range identifiers nothing is sent to.
 pub fn sim_addr(i: usize) -> SocketAddr {
-    // Loopback-range identifiers; nothing is ever sent to them.
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 1, (i >> 8) as u8, (i & 0xff) as u8), 7946))
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::new(127, (1 + (i >> 16)) as u8, (i >> 8) as u8, i as u8),
+        7946,
+    ))
 }
 
-impl Cluster {
+impl<H: Host> Sim<H> {
     /// `n` nodes, not yet joined.
     pub fn new(n: usize, seed: u64, cfg: Config, net: NetModel) -> Self {
         // A fixed origin: virtual time is `t0 + offset`, never read from a clock after this.
         #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
-        let mut c = Cluster {
+        let mut c = Sim {
             seed,
             cfg,
             net,
@@ -136,11 +251,10 @@ impl Cluster {
             t0,
             now: t0,
             queue: BinaryHeap::new(),
-            pending: HashMap::new(),
             seq: 0,
             rng: Xoshiro256PlusPlus::seed_from_u64(mix(seed, u64::MAX)),
             by_addr: HashMap::new(),
-            blocked: BTreeSet::new(),
+            blocked: HashSet::new(),
             stream_tail: HashMap::new(),
             watcher_violation: None,
             record: false,
@@ -150,6 +264,10 @@ impl Cluster {
             downs: Vec::new(),
             max_datagram: 0,
             max_stream_frame: 0,
+            per_second: Vec::new(),
+            work: Work::default(),
+            nets: BTreeMap::new(),
+            trace: seed,
         };
         for i in 0..n {
             let addr = sim_addr(i);
@@ -165,18 +283,19 @@ impl Cluster {
                 networks: BTreeSet::new(),
                 traffic: Traffic::default(),
                 left: false,
+                clock: (t0, t0, 1.0),
             });
             c.boot(i);
         }
         c
     }
 
-    /// A cluster of `n` nodes that all joined through node 0 and settled.
+    /// A cluster of `n` nodes that all joined through node 0, run for 5 s.
     pub fn settled(n: usize, seed: u64, cfg: Config, net: NetModel) -> Self {
-        let mut c = Cluster::new(n, seed, cfg, net);
+        let mut c = Self::new(n, seed, cfg, net);
         let seeds = [c.nodes[0].addr];
         for i in 0..n {
-            c.with(i, |node, now| node.join(now, &seeds).expect("join"));
+            c.join(i, &seeds);
         }
         c.run_for(Duration::from_secs(5));
         c
@@ -190,38 +309,92 @@ impl Cluster {
         self.now - self.t0
     }
 
+    /// Datagrams sent and not delivered yet.
+    pub fn in_flight_datagrams(&self) -> u64 {
+        self.queue
+            .iter()
+            .filter(|Reverse(s)| matches!(s.ev, Ev::Deliver { kind: TransmitKind::Datagram, .. }))
+            .count() as u64
+    }
+
+    /// A hash of everything delivered and every timer fired so far, in order.
+    pub fn trace_hash(&self) -> u64 {
+        self.trace
+    }
+
+    fn fold(&mut self, x: u64) {
+        self.trace = mix(self.trace, x);
+    }
+
+    /// Node `i`'s clock reading at virtual time `t`.
+    fn local_at(&self, i: usize, t: Instant) -> Instant {
+        let (g0, l0, rate) = self.nodes[i].clock;
+        if rate == 1.0 { l0 + (t - g0) } else { l0 + (t - g0).mul_f64(rate) }
+    }
+
+    /// Node `i`'s clock reading now.
+    fn local(&self, i: usize) -> Instant {
+        self.local_at(i, self.now)
+    }
+
+    /// The virtual time at which node `i`'s clock reads `at` (never before it does).
+    fn global(&self, i: usize, at: Instant) -> Instant {
+        let (g0, l0, rate) = self.nodes[i].clock;
+        if rate == 1.0 {
+            return g0 + at.saturating_duration_since(l0);
+        }
+        let mut g = g0 + at.saturating_duration_since(l0).div_f64(rate);
+        while self.local_at(i, g) < at {
+            g += Duration::from_nanos(1);
+        }
+        g
+    }
+
+    /// Makes node `i`'s clock run at `rate` times virtual time from now on. Its reading stays
+    /// continuous, so a change never moves it backwards.
+    pub fn set_clock_rate(&mut self, i: usize, rate: f64) {
+        assert!(rate > 0.1 && rate < 10.0, "clock rate {rate} out of range");
+        let reading = self.local(i);
+        self.nodes[i].clock = (self.now, reading, rate);
+        // The armed timer's virtual time moved with the rate.
+        self.nodes[i].armed = None;
+        self.flush(i);
+    }
+
+    /// Node `i`'s clock rate against virtual time.
+    pub fn clock_rate(&self, i: usize) -> f64 {
+        self.nodes[i].clock.2
+    }
+
     fn boot(&mut self, i: usize) {
+        let now = self.local(i);
         let s = &mut self.nodes[i];
         s.generation += 1;
         let id = NodeId::new(s.name.as_str(), s.addr, s.generation);
         let seed = mix(self.seed, i as u64 ^ (s.generation << 32));
-        let mut node =
-            GossipNode::new(self.cfg.clone(), id, seed, s.persisted_ltime, self.now).expect("config");
-        for t in TABLES {
-            let spec = if t == "defs" {
-                TableSpec::cluster(ObjectType::Network)
-            } else {
-                TableSpec::node_owned(ObjectType::Endpoint)
-            };
-            node.register_table(t, spec).expect("register");
-        }
-        s.node = Some(node);
+        s.node = Some(H::boot(&self.cfg, id, seed, s.persisted_ltime, now));
         s.left = false;
         s.armed = None;
         s.watched.clear();
         self.flush(i);
     }
 
-    /// Runs `f` on node `i` at the current virtual time, then sends what it produced.
-    pub fn with<R>(&mut self, i: usize, f: impl FnOnce(&mut GossipNode, Instant) -> R) -> R {
-        let now = self.now;
+    /// Runs `f` on node `i` at its clock's current reading, then sends what it produced.
+    pub fn with<R>(&mut self, i: usize, f: impl FnOnce(&mut H, Instant) -> R) -> R {
+        let now = self.local(i);
         let r = f(self.nodes[i].node.as_mut().expect("node is up"), now);
         self.flush(i);
         r
     }
 
-    pub fn node(&self, i: usize) -> &GossipNode {
+    /// Node `i`'s host.
+    pub fn host(&self, i: usize) -> &H {
         self.nodes[i].node.as_ref().expect("node is up")
+    }
+
+    /// Node `i`'s gossip core, for reads.
+    pub fn node(&self, i: usize) -> &GossipNode {
+        self.host(i).core()
     }
 
     pub fn is_up(&self, i: usize) -> bool {
@@ -230,8 +403,7 @@ impl Cluster {
 
     fn schedule(&mut self, at: Instant, ev: Ev) {
         self.seq += 1;
-        self.pending.insert(self.seq as usize, ev);
-        self.queue.push(Reverse((at, self.seq, self.seq as usize)));
+        self.queue.push(Reverse(Scheduled { at, seq: self.seq, ev }));
     }
 
     /// Drains node `i`'s outputs: transmits onto the network, events into its watcher model,
@@ -239,16 +411,17 @@ impl Cluster {
     fn flush(&mut self, i: usize) {
         loop {
             let Some(node) = self.nodes[i].node.as_mut() else { return };
-            let t = node.poll_transmit();
-            let Some(t) = t else { break };
+            let Some(t) = node.poll_transmit() else { break };
             self.send(i, t);
         }
-        while let Some(ev) = self.nodes[i].node.as_mut().and_then(GossipNode::poll_event) {
+        let now = self.local(i);
+        while let Some(ev) = self.nodes[i].node.as_mut().and_then(|n| n.poll_event(now)) {
             self.observe(i, ev);
         }
         let Some(node) = self.nodes[i].node.as_ref() else { return };
-        let (ltime, next) = (node.ltime(), node.poll_timeout());
+        let (ltime, next) = (node.core().ltime(), node.poll_timeout());
         self.nodes[i].persisted_ltime = ltime;
+        let next = next.map(|at| self.global(i, at));
         if next != self.nodes[i].armed
             && let Some(at) = next
         {
@@ -275,16 +448,16 @@ impl Cluster {
             _ => return,
         };
         let k = (t.network.clone(), t.table.clone(), t.key.clone());
-        let seen = self.nodes[i].watched.get(&k).cloned();
+        let seen = self.nodes[i].watched.get(&k);
         let ok = match t.kind {
             TableEventKind::Create => seen.is_none() && t.prev.is_none() && t.value.is_some(),
-            TableEventKind::Update => seen.is_some() && t.prev == seen && t.value.is_some(),
-            TableEventKind::Delete => seen.is_some() && t.prev == seen && t.value.is_none(),
+            TableEventKind::Update => seen.is_some() && t.prev.as_ref() == seen && t.value.is_some(),
+            TableEventKind::Delete => seen.is_some() && t.prev.as_ref() == seen && t.value.is_none(),
         };
         if !ok && self.watcher_violation.is_none() {
             self.watcher_violation = Some(format!(
-                "node {i}: {:?} {k:?} prev={:?} but the watcher last saw {:?}",
-                t.kind, t.prev, seen
+                "seed {}: node {i}: {:?} {k:?} prev={:?} but the watcher last saw {:?}",
+                self.seed, t.kind, t.prev, seen
             ));
         }
         match &t.value {
@@ -296,25 +469,31 @@ impl Cluster {
         }
     }
 
-    fn send(&mut self, from: usize, t: Transmit) {
-        let tr = &mut self.nodes[from].traffic;
-        match t.kind {
+    fn account(&mut self, from: usize, kind: TransmitKind, len: usize) {
+        self.nodes[from].traffic.add(kind, len);
+        let sec = (self.now - self.t0).as_secs() as usize;
+        if self.per_second.len() <= sec {
+            self.per_second.resize(sec + 1, (0, 0, 0));
+        }
+        let slot = &mut self.per_second[sec];
+        match kind {
             TransmitKind::Datagram => {
-                tr.datagrams += 1;
-                tr.datagram_bytes += t.bytes.len() as u64;
-                self.max_datagram = self.max_datagram.max(t.bytes.len());
+                slot.0 += len as u64;
+                self.max_datagram = self.max_datagram.max(len);
             }
             TransmitKind::Stream => {
-                tr.streams += 1;
-                tr.stream_bytes += t.bytes.len() as u64;
-                self.max_stream_frame = self.max_stream_frame.max(t.bytes.len());
+                slot.1 += len as u64;
+                self.max_stream_frame = self.max_stream_frame.max(len);
             }
         }
+        slot.2 += 1;
+    }
+
+    fn send(&mut self, from: usize, t: Transmit) {
+        self.account(from, t.kind, t.bytes.len());
         let Some(&to) = self.by_addr.get(&t.dst) else { return };
         if self.blocked.contains(&(from, to)) {
-            return;
-        }
-        if t.kind == TransmitKind::Datagram && self.net.loss > 0.0 && self.rng.random_bool(self.net.loss) {
+            self.work.blocked += 1;
             return;
         }
         let lat = self.rng.random_range(self.net.latency_min..=self.net.latency_max);
@@ -323,6 +502,20 @@ impl Cluster {
             let tail = self.stream_tail.entry((from, to)).or_insert(at);
             at = at.max(*tail);
             *tail = at;
+            self.schedule(at, Ev::Deliver { from, to, kind: t.kind, bytes: t.bytes });
+            return;
+        }
+        if self.net.loss > 0.0 && self.rng.random_bool(self.net.loss) {
+            self.work.lost += 1;
+            return;
+        }
+        if self.net.reorder > 0.0 && self.rng.random_bool(self.net.reorder) {
+            at += self.rng.random_range(Duration::ZERO..=self.net.reorder_delay);
+        }
+        if self.net.duplicate > 0.0 && self.rng.random_bool(self.net.duplicate) {
+            self.work.duplicated += 1;
+            let again = self.now + self.rng.random_range(self.net.latency_min..=self.net.latency_max);
+            self.schedule(again, Ev::Deliver { from, to, kind: t.kind, bytes: t.bytes.clone() });
         }
         self.schedule(at, Ev::Deliver { from, to, kind: t.kind, bytes: t.bytes });
     }
@@ -335,25 +528,35 @@ impl Cluster {
 
     /// Runs until `stop(self)` holds (checked after every event) or `end`; returns whether
     /// `stop` held.
-    pub fn run_until(&mut self, end: Instant, mut stop: impl FnMut(&Cluster) -> bool) -> bool {
-        while let Some(Reverse((at, _, key))) = self.queue.peek().copied() {
-            if at > end {
-                break;
-            }
-            self.queue.pop();
+    pub fn run_until(&mut self, end: Instant, mut stop: impl FnMut(&Self) -> bool) -> bool {
+        while self.queue.peek().is_some_and(|Reverse(s)| s.at <= end) {
+            let Some(Reverse(Scheduled { at, ev, .. })) = self.queue.pop() else { break };
             self.now = self.now.max(at);
-            let ev = self.pending.remove(&key).expect("scheduled");
+            let stamp = (self.now - self.t0).as_nanos() as u64;
             match ev {
                 Ev::Deliver { from, to, kind, bytes } => {
                     if self.blocked.contains(&(from, to)) {
+                        self.work.blocked += 1;
                         continue;
                     }
+                    self.fold(stamp ^ ((from as u64) << 32) ^ to as u64);
+                    self.fold(xxh3_64(&bytes));
                     let src = self.nodes[from].addr;
-                    let now = self.now;
+                    let now = self.local(to);
                     let Some(node) = self.nodes[to].node.as_mut() else { continue };
                     match kind {
-                        TransmitKind::Datagram => node.handle_datagram(now, src, &bytes),
-                        TransmitKind::Stream => node.handle_stream(now, src, &bytes),
+                        TransmitKind::Datagram => {
+                            if bytes.get(3) == Some(&1) {
+                                self.work.swim_datagrams += 1;
+                            } else {
+                                self.work.gossip_datagrams += 1;
+                            }
+                            node.handle_datagram(now, src, &bytes)
+                        }
+                        TransmitKind::Stream => {
+                            self.work.stream_frames += 1;
+                            node.handle_stream(now, src, &bytes)
+                        }
                     }
                     self.flush(to);
                 }
@@ -362,7 +565,9 @@ impl Cluster {
                         continue;
                     }
                     self.nodes[i].armed = None;
-                    let now = self.now;
+                    self.fold(stamp ^ (i as u64) << 40);
+                    self.work.timers += 1;
+                    let now = self.local(i);
                     let Some(node) = self.nodes[i].node.as_mut() else { continue };
                     node.handle_timeout(now);
                     self.flush(i);
@@ -376,7 +581,56 @@ impl Cluster {
         stop(self)
     }
 
-    // ----- faults --------------------------------------------------------------------------
+    // ----- commands --------------------------------------------------------------------------
+
+    /// Node `i` joins through `seeds` (gossip addresses).
+    pub fn join(&mut self, i: usize, seeds: &[SocketAddr]) {
+        self.with(i, |n, now| n.join(now, seeds)).expect("join");
+    }
+
+    /// Node `i` leaves cleanly.
+    pub fn leave(&mut self, i: usize) {
+        self.with(i, |n, now| n.leave(now)).expect("leave");
+        self.nodes[i].left = true;
+    }
+
+    /// Node `i` defines network `name` (and attaches to it); returns its id, also kept in
+    /// [`nets`](Self::nets).
+    pub fn define_network(&mut self, i: usize, name: &str) -> String {
+        let id = self.with(i, |n, now| n.define_network(now, name)).expect("define network");
+        self.nodes[i].networks.insert(id.clone());
+        self.nets.insert(name.to_string(), id.clone());
+        id
+    }
+
+    /// The id of a network defined with [`define_network`](Self::define_network).
+    pub fn net(&self, name: &str) -> String {
+        self.nets.get(name).cloned().unwrap_or_else(|| panic!("network {name} was never defined"))
+    }
+
+    pub fn attach(&mut self, i: usize, network: &str) {
+        self.nodes[i].networks.insert(network.to_string());
+        self.with(i, |n, now| n.attach(now, network)).expect("attach");
+    }
+
+    pub fn detach(&mut self, i: usize, network: &str) {
+        self.nodes[i].networks.remove(network);
+        self.with(i, |n, now| n.detach(now, network)).expect("detach");
+    }
+
+    /// Node `i` writes `value` under `key` (create or update; `None` deletes).
+    pub fn write(
+        &mut self,
+        i: usize,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: Option<Bytes>,
+    ) -> Result<(), String> {
+        self.with(i, |n, now| n.write(now, network, table, key, value))
+    }
+
+    // ----- faults ----------------------------------------------------------------------------
 
     /// Drops all traffic between the groups (two-way).
     pub fn partition(&mut self, groups: &[Vec<usize>]) {
@@ -413,31 +667,17 @@ impl Cluster {
         self.boot(i);
         let seeds: Vec<SocketAddr> = seeds.iter().map(|&s| self.nodes[s].addr).collect();
         let nets: Vec<String> = self.nodes[i].networks.iter().cloned().collect();
-        self.with(i, |n, now| {
-            n.join(now, &seeds).expect("join");
+        self.with(i, |n, now| -> Result<(), String> {
+            n.join(now, &seeds)?;
             for net in &nets {
-                n.join_network(now, net).expect("attach");
+                n.attach(now, net)?;
             }
-        });
+            Ok(())
+        })
+        .expect("restart");
     }
 
-    /// Node `i` leaves cleanly.
-    pub fn leave(&mut self, i: usize) {
-        self.with(i, |n, now| n.leave(now).expect("leave"));
-        self.nodes[i].left = true;
-    }
-
-    pub fn attach(&mut self, i: usize, network: &str) {
-        self.nodes[i].networks.insert(network.to_string());
-        self.with(i, |n, now| n.join_network(now, network).expect("attach"));
-    }
-
-    pub fn detach(&mut self, i: usize, network: &str) {
-        self.nodes[i].networks.remove(network);
-        self.with(i, |n, now| n.leave_network(now, network).expect("detach"));
-    }
-
-    // ----- views ---------------------------------------------------------------------------
+    // ----- views -----------------------------------------------------------------------------
 
     /// Live entries of a table as node `i` holds them: key -> (value, owner).
     pub fn live(&self, i: usize, network: &str, table: &str) -> BTreeMap<String, (Bytes, String)> {
@@ -454,6 +694,14 @@ impl Cluster {
         (0..self.nodes.len()).filter(|&i| self.is_up(i) && self.node(i).is_attached(network)).collect()
     }
 
+    /// Whether no up node has table events or membership updates left to disseminate.
+    pub fn quiet(&self) -> bool {
+        (0..self.nodes.len()).filter(|&i| self.is_up(i)).all(|i| {
+            let n = self.node(i);
+            n.membership_backlog() == 0 && n.networks().all(|net| n.queue_len(net) == 0)
+        })
+    }
+
     /// Whether every up node sees every other up node alive.
     pub fn membership_converged(&self) -> bool {
         self.membership_gap().is_none()
@@ -462,16 +710,40 @@ impl Cluster {
     /// The first up node `i` that does not see up node `j`'s current identity alive.
     pub fn membership_gap(&self) -> Option<(usize, usize)> {
         let up: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.is_up(i)).collect();
-        up.iter().find_map(|&i| {
-            let ms = self.node(i).members();
-            up.iter()
-                .find(|&&j| {
-                    let id = self.node(j).id();
-                    !ms.iter()
-                        .any(|m| m.id == *id && matches!(m.state, MemberState::Alive | MemberState::Suspect))
-                })
-                .map(|&j| (i, j))
+        // A node that counts fewer alive members than there are up nodes has a gap: look
+        // only at it (the full check is O(n^2)).
+        let short =
+            up.iter().copied().find(|&i| self.node(i).network_peer_count(CLUSTER_NETWORK) + 1 < up.len());
+        let candidates: Vec<usize> = match short {
+            Some(i) => vec![i],
+            None => up.clone(),
+        };
+        candidates.iter().find_map(|&i| {
+            // Alive and suspect members: foca's suspicion does not change the core's view.
+            let alive: HashSet<NodeId> = self.node(i).network_peers(CLUSTER_NETWORK).into_iter().collect();
+            up.iter().find(|&&j| j != i && !alive.contains(self.node(j).id())).map(|&j| (i, j))
         })
+    }
+
+    /// The membership gap in words: which node lacks which member, what it holds under that
+    /// member's name, and how many nodes see fewer members than are up.
+    pub fn membership_gap_report(&self) -> Option<String> {
+        let (i, j) = self.membership_gap()?;
+        let id = self.node(j).id().clone();
+        let held: Vec<String> = self
+            .node(i)
+            .members()
+            .iter()
+            .filter(|m| m.id.name == id.name)
+            .map(|m| format!("{:?} {}", m.id, m.state.as_str()))
+            .collect();
+        let up = (0..self.nodes.len()).filter(|&k| self.is_up(k)).count();
+        let short = (0..self.nodes.len())
+            .filter(|&k| self.is_up(k) && self.node(k).network_peer_count(CLUSTER_NETWORK) + 1 < up)
+            .count();
+        Some(format!(
+            "node {i} lacks node {j}'s current {id:?}, holds {held:?}; {short} of {up} up nodes see too few members"
+        ))
     }
 
     /// Each up node's view of the members, for failure messages.

@@ -1,45 +1,13 @@
-//! Measurements on simulated clusters.
+//! Measurements on simulated clusters: convergence of one entry, failure detection, a healed
+//! partition, and the scale run. Each takes a seed and replays exactly from it.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use weft_gossip::Config;
 
-use crate::cluster::{Cluster, NetModel, Traffic};
-
-/// Virtual time from one write on node 0 until every node of a settled `n`-node cluster,
-/// all attached to one network, holds all `keys` entries; `None` if not within `limit`.
-pub fn burst_convergence(
-    n: usize,
-    keys: usize,
-    seed: u64,
-    net: NetModel,
-    limit: Duration,
-) -> Option<Duration> {
-    let mut c = Cluster::settled(n, seed, Config::lan(n as u32), net);
-    for i in 0..n {
-        c.attach(i, "net1");
-    }
-    c.run_for(Duration::from_secs(3));
-    let writer = (seed as usize) % n;
-    let start = c.now();
-    c.with(writer, |node, now| {
-        for k in 0..keys {
-            node.create_entry(
-                now,
-                "net1",
-                "endpoints",
-                &format!("key-{k:05}"),
-                Bytes::from(format!("value-{k}")),
-            )
-            .expect("create");
-        }
-    });
-    let done = c.run_until(start + limit, |c| {
-        (0..c.nodes.len()).all(|i| c.node(i).table("net1", "endpoints").len() >= keys)
-    });
-    done.then(|| c.now() - start)
-}
+use crate::cluster::{NetModel, Sim, Traffic, mix};
+use crate::host::Host;
 
 /// Nearest-rank percentile of sorted samples.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -82,6 +50,76 @@ impl std::fmt::Display for Percentiles {
     }
 }
 
+/// The network every scenario's nodes attach to.
+pub const NET: &str = "net1";
+/// The node-owned table scenarios write.
+pub const T: &str = "endpoints";
+
+/// Runs until no node has table events left to send (checked every 100 ms), at most `limit`.
+pub fn run_until_quiet<H: Host>(c: &mut Sim<H>, limit: Duration) -> bool {
+    let end = c.now() + limit;
+    while c.now() < end {
+        if c.quiet() {
+            return true;
+        }
+        c.run_for(Duration::from_millis(100));
+    }
+    c.quiet()
+}
+
+/// Joins `n` nodes through node 0, 2 ms apart (hosts come up over time, not in one
+/// millisecond), runs until every node sees every other (checked every 500 ms of virtual
+/// time, at most `limit`); then node 0 defines [`NET`], every node attaches to it, and the
+/// cluster runs until the attachments have spread and nothing is left to send. The error names
+/// a node whose view still lacks a member, and what it holds under that member's name.
+pub fn settle<H: Host>(n: usize, seed: u64, net: NetModel, limit: Duration) -> Result<Sim<H>, String> {
+    let mut c = Sim::<H>::new(n, seed, Config::lan(n as u32), net);
+    let seeds = [c.nodes[0].addr];
+    for i in 0..n {
+        c.join(i, &seeds);
+        c.run_for(Duration::from_millis(2));
+    }
+    while c.elapsed() < limit && !c.membership_converged() {
+        c.run_for(Duration::from_millis(500));
+    }
+    if let Some(gap) = c.membership_gap_report() {
+        return Err(format!(
+            "seed {seed}: membership did not settle within {limit:?} of virtual time: {gap}"
+        ));
+    }
+    let id = c.define_network(0, NET);
+    for i in 1..n {
+        c.attach(i, &id);
+    }
+    if !run_until_quiet(&mut c, Duration::from_secs(60)) {
+        return Err(format!("seed {seed}: attachments still spreading 60 s after attaching"));
+    }
+    c.run_for(Duration::from_secs(1));
+    Ok(c)
+}
+
+/// Virtual time from a burst of `keys` writes on one node until every node of a settled
+/// `n`-node cluster holds them all; `None` if not within `limit`.
+pub fn burst_convergence<H: Host>(
+    n: usize,
+    keys: usize,
+    seed: u64,
+    net: NetModel,
+    limit: Duration,
+) -> Result<Option<Duration>, String> {
+    let mut c = settle::<H>(n, seed, net, Duration::from_secs(120))?;
+    let id = c.net(NET);
+    let writer = (seed as usize) % n;
+    let start = c.now();
+    for k in 0..keys {
+        let v = Bytes::from(format!("value-{k}"));
+        c.write(writer, &id, T, &format!("key-{k:05}"), Some(v))?;
+    }
+    let done =
+        c.run_until(start + limit, |c| (0..c.nodes.len()).all(|i| c.node(i).table_len(&id, T) >= keys));
+    Ok(done.then(|| c.now() - start))
+}
+
 /// One run of the convergence scenario.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConvergenceSample {
@@ -94,60 +132,27 @@ pub struct ConvergenceSample {
     pub bytes_per_node_per_s: f64,
     /// Of those bytes, what went in stream frames (anti-entropy, large events).
     pub stream_bytes_per_node_per_s: f64,
+    /// The trace hash at the end of the run.
+    pub trace: u64,
 }
 
-/// Joins `n` nodes through node 0 (2 ms apart: hosts come up over time, not in one
-/// millisecond), runs until every node sees every other (checked every 500 ms of virtual
-/// time, at most `limit`), then attaches them all to `net1`. The error names a node whose
-/// view is still missing a member, and what it holds under that member's name.
-pub fn settle(n: usize, seed: u64, net: NetModel, limit: Duration) -> Result<Cluster, String> {
-    let mut c = Cluster::new(n, seed, Config::lan(n as u32), net);
-    let seeds = [c.nodes[0].addr];
-    for i in 0..n {
-        c.with(i, |node, now| node.join(now, &seeds).expect("join"));
-        c.run_for(Duration::from_millis(2));
-    }
-    while c.elapsed() < limit && !c.membership_converged() {
-        c.run_for(Duration::from_millis(500));
-    }
-    if let Some((i, j)) = c.membership_gap() {
-        let id = c.node(j).id().clone();
-        let held: Vec<String> = c
-            .node(i)
-            .members()
-            .iter()
-            .filter(|m| m.id.name == id.name)
-            .map(|m| format!("{:?} {}", m.id, m.state.as_str()))
-            .collect();
-        return Err(format!(
-            "seed {seed}: membership did not settle within {limit:?} of virtual time: node {i} lacks node {j}'s current {id:?}, holds {held:?}"
-        ));
-    }
-    for i in 0..n {
-        c.attach(i, "net1");
-    }
-    c.run_for(Duration::from_secs(3));
-    Ok(c)
-}
-
-/// One entry written on a random node of a settled `n`-node cluster: when each node has it,
-/// and what the cluster sends per node per second over `window` after the write.
-pub fn convergence(
+/// One entry written on a random node of a settled, quiet `n`-node cluster: when each node
+/// has it, and what the cluster sends per node per second over `window` after the write.
+pub fn convergence<H: Host>(
     n: usize,
     seed: u64,
     net: NetModel,
     window: Duration,
 ) -> Result<ConvergenceSample, String> {
-    let mut c = settle(n, seed, net, Duration::from_secs(120))?;
-    let writer = (crate::cluster::mix(seed, 7) % n as u64) as usize;
+    let mut c = settle::<H>(n, seed, net, Duration::from_secs(120))?;
+    let id = c.net(NET);
+    let writer = (mix(seed, 7) % n as u64) as usize;
     let before: Vec<Traffic> = c.nodes.iter().map(|s| s.traffic).collect();
     c.record = true;
     c.arrivals.clear();
     let start = c.now();
     let start_elapsed = c.elapsed();
-    c.with(writer, |node, now| {
-        node.create_entry(now, "net1", "endpoints", "probe", Bytes::from_static(b"value")).expect("create")
-    });
+    c.write(writer, &id, T, "probe", Some(Bytes::from_static(b"value")))?;
     let mut arrivals: Vec<Option<Duration>> = vec![None; n];
     arrivals[writer] = Some(Duration::ZERO);
     let mut seen = 1;
@@ -169,23 +174,26 @@ pub fn convergence(
     }
     let last = c.now() - start;
     let measured_until = start + window;
+    c.record = false;
     if c.now() < measured_until {
-        c.record = false;
         c.run_until(measured_until, |_| false);
     }
     let secs = window.as_secs_f64() * n as f64;
-    let (mut msgs, mut bytes, mut stream) = (0u64, 0u64, 0u64);
+    let mut sent = Traffic::default();
     for (s, b) in c.nodes.iter().zip(&before) {
-        stream += s.traffic.stream_bytes - b.stream_bytes;
-        msgs += s.traffic.datagrams + s.traffic.streams - b.datagrams - b.streams;
-        bytes += s.traffic.datagram_bytes + s.traffic.stream_bytes - b.datagram_bytes - b.stream_bytes;
+        let d = s.traffic.since(b);
+        sent.datagrams += d.datagrams;
+        sent.streams += d.streams;
+        sent.datagram_bytes += d.datagram_bytes;
+        sent.stream_bytes += d.stream_bytes;
     }
     Ok(ConvergenceSample {
         arrivals: arrivals.into_iter().map(|a| a.unwrap_or(last)).collect(),
         last,
-        msgs_per_node_per_s: msgs as f64 / secs,
-        bytes_per_node_per_s: bytes as f64 / secs,
-        stream_bytes_per_node_per_s: stream as f64 / secs,
+        msgs_per_node_per_s: sent.messages() as f64 / secs,
+        bytes_per_node_per_s: sent.bytes() as f64 / secs,
+        stream_bytes_per_node_per_s: sent.stream_bytes as f64 / secs,
+        trace: c.trace_hash(),
     })
 }
 
@@ -194,41 +202,49 @@ pub fn convergence(
 pub struct DetectionSample {
     /// Virtual time from the crash until every live node reported the crashed node down.
     pub detected: Duration,
+    /// When each live node reported it, from the crash.
+    pub per_node: Vec<Duration>,
     /// Reports of a live node being down, from settling until the end of the run.
     pub false_failures: usize,
 }
 
 /// Crashes one node of a settled `n`-node cluster (after 5 quiet seconds): when every live
 /// node has declared it down, and how often live nodes were wrongly declared down.
-pub fn failure_detection(n: usize, seed: u64, net: NetModel) -> Result<DetectionSample, String> {
-    let mut c = settle(n, seed, net, Duration::from_secs(120))?;
+pub fn failure_detection<H: Host>(n: usize, seed: u64, net: NetModel) -> Result<DetectionSample, String> {
+    let mut c = settle::<H>(n, seed, net, Duration::from_secs(120))?;
     c.downs.clear();
     c.run_for(Duration::from_secs(5));
-    let victim = 1 + (crate::cluster::mix(seed, 9) % (n as u64 - 1)) as usize;
+    let victim = 1 + (mix(seed, 9) % (n as u64 - 1)) as usize;
     let gone = c.node(victim).id().clone();
     let start = c.elapsed();
     c.crash(victim);
-    let mut told = vec![false; n];
-    told[victim] = true;
+    let mut told: Vec<Option<Duration>> = vec![None; n];
+    told[victim] = Some(Duration::ZERO);
     let mut consumed = 0;
     let limit = c.now() + Duration::from_secs(120);
     let done = c.run_until(limit, |c| {
-        for (i, _, id) in &c.downs[consumed..] {
-            if *id == gone {
-                told[*i] = true;
+        for (i, at, id) in &c.downs[consumed..] {
+            if *id == gone && told[*i].is_none() {
+                told[*i] = Some(*at - start);
             }
         }
         consumed = c.downs.len();
-        told.iter().all(|t| *t)
+        told.iter().all(Option::is_some)
     });
     if !done {
-        let missing = told.iter().filter(|t| !**t).count();
+        let missing = told.iter().filter(|t| t.is_none()).count();
         return Err(format!("seed {seed}: {missing} live nodes never declared the crashed node down"));
     }
     let detected = c.elapsed() - start;
     c.run_for(Duration::from_secs(10));
     let false_failures = c.downs.iter().filter(|(_, _, id)| *id != gone).count();
-    Ok(DetectionSample { detected, false_failures })
+    let per_node = told
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, t)| t.unwrap_or_default())
+        .collect();
+    Ok(DetectionSample { detected, per_node, false_failures })
 }
 
 /// One run of the partition scenario.
@@ -242,27 +258,25 @@ pub struct PartitionSample {
 
 /// Splits a settled `n`-node cluster in two halves for `split`, writes `writes` entries on a
 /// node of each side, heals, and measures the way back to one table.
-pub fn partition(
+pub fn partition<H: Host>(
     n: usize,
     seed: u64,
     net: NetModel,
     split: Duration,
     writes: usize,
 ) -> Result<PartitionSample, String> {
-    let mut c = settle(n, seed, net, Duration::from_secs(120))?;
+    let mut c = settle::<H>(n, seed, net, Duration::from_secs(120))?;
+    let id = c.net(NET);
     let (left, right): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| i < n / 2);
     c.partition(&[left.clone(), right.clone()]);
     for (side, writer) in [("left", left[0]), ("right", right[0])] {
-        c.with(writer, |node, now| {
-            for k in 0..writes {
-                node.create_entry(now, "net1", "endpoints", &format!("{side}-{k}"), Bytes::from_static(b"v"))
-                    .expect("create");
-            }
-        });
+        for k in 0..writes {
+            c.write(writer, &id, T, &format!("{side}-{k}"), Some(Bytes::from_static(b"v")))?;
+        }
     }
     c.run_for(split);
     c.heal();
-    let before: u64 = c.nodes.iter().map(|s| s.traffic.datagram_bytes + s.traffic.stream_bytes).sum();
+    let before: u64 = c.nodes.iter().map(|s| s.traffic.bytes()).sum();
     let start = c.elapsed();
     let want = 2 * writes;
     let limit = c.now() + Duration::from_secs(300);
@@ -273,12 +287,12 @@ pub fn partition(
             return false;
         }
         next_check = c.now() + Duration::from_millis(10);
-        (0..c.nodes.len()).all(|i| c.node(i).table("net1", "endpoints").len() >= want)
+        (0..c.nodes.len()).all(|i| c.node(i).table_len(&id, T) >= want)
     });
     if !done {
         return Err(format!("seed {seed}: not reconverged 300 s after healing"));
     }
-    let after: u64 = c.nodes.iter().map(|s| s.traffic.datagram_bytes + s.traffic.stream_bytes).sum();
+    let after: u64 = c.nodes.iter().map(|s| s.traffic.bytes()).sum();
     Ok(PartitionSample {
         reconverged: c.elapsed() - start,
         repair_bytes_per_node: (after - before) as f64 / n as f64,

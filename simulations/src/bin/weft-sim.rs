@@ -1,14 +1,20 @@
-//! `weft-sim`: scenarios on simulated weft clusters (virtual time, a modelled network).
+//! `weft-sim`: scenarios on simulated weft clusters (virtual time, a modelled network). Every
+//! scenario runs the agent that ships (`weft_node::Agent`) on every simulated host.
 
 use std::io::Write;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use weft_node::Agent;
 use weft_sim::NetModel;
-use weft_sim::matrix::{PERTURBATIONS, cell, needs_joiner};
-use weft_sim::scenarios::{Percentiles, convergence, failure_detection, partition};
+use weft_sim::matrix::{CHURN, PERTURBATIONS, cell, needs_joiner};
+use weft_sim::plot::{Chart, Series, cdf, csv, svg};
+use weft_sim::scale::{ScaleOptions, scale};
+use weft_sim::scenarios::{ConvergenceSample, Percentiles, convergence, failure_detection, partition};
+use weft_sim::soak::{SoakOptions, soak};
 
 /// `println!` that ends the program quietly when stdout is gone (`weft-sim ... | head`).
 macro_rules! out {
@@ -29,8 +35,9 @@ struct Cli {
 /// What every scenario over a range of seeds takes.
 #[derive(Args)]
 struct Common {
-    #[arg(long, default_value_t = 25)]
-    nodes: usize,
+    /// Cluster sizes, comma-separated: each is run over every seed.
+    #[arg(long, value_delimiter = ',', default_value = "25")]
+    nodes: Vec<usize>,
     /// Datagram loss, 0..1.
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
@@ -39,35 +46,44 @@ struct Common {
     seed: u64,
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     seeds: u64,
-    /// Print one JSON object.
+    /// Print one JSON object per cluster size.
     #[arg(long)]
     json: bool,
+    /// Write the samples as CSV.
+    #[arg(long, value_name = "FILE.csv")]
+    csv: Option<PathBuf>,
+    /// Draw the scenario's chart as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 impl Common {
     /// The network model, or one line naming the bad argument.
     fn net(&self) -> Result<NetModel, Failure> {
-        if self.nodes < 2 {
-            return Err(Failure::Usage("--nodes must be at least 2".into()));
+        if let Some(bad) = self.nodes.iter().find(|&&n| n < 2) {
+            return Err(Failure::Usage(format!("--nodes: a cluster needs at least 2 nodes, got {bad}")));
+        }
+        if self.nodes.iter().any(|&n| n > 60_000) {
+            return Err(Failure::Usage("--nodes: at most 60000 (simulated addresses run out)".into()));
         }
         if !(0.0..1.0).contains(&self.loss) {
             return Err(Failure::Usage(format!("--loss must be in [0, 1), got {}", self.loss)));
         }
-        Ok(NetModel { loss: self.loss, ..NetModel::default() })
+        Ok(NetModel::lossy(self.loss))
     }
 
     fn seeds(&self) -> Range<u64> {
         self.seed..self.seed + self.seeds
     }
 
-    fn describe(&self) -> String {
-        format!("{} nodes, loss {}, seeds {}..{}", self.nodes, self.loss, self.seed, self.seed + self.seeds)
+    fn describe(&self, n: usize) -> String {
+        format!("{n} nodes, loss {}, seeds {}..{}", self.loss, self.seed, self.seed + self.seeds)
     }
 
     /// The JSON fields every scenario reports, with the scenario's percentiles.
-    fn json(&self, p: Percentiles) -> serde_json::Map<String, serde_json::Value> {
+    fn json(&self, n: usize, p: Percentiles) -> serde_json::Map<String, serde_json::Value> {
         let v = serde_json::json!({
-            "nodes": self.nodes, "seed": self.seed, "seeds": self.seeds, "loss": self.loss,
+            "nodes": n, "seed": self.seed, "seeds": self.seeds, "loss": self.loss,
             "p50_ms": p.p50, "p90_ms": p.p90, "p99_ms": p.p99, "max_ms": p.max,
         });
         let serde_json::Value::Object(m) = v else { unreachable!("an object literal") };
@@ -78,16 +94,20 @@ impl Common {
 #[derive(Subcommand)]
 enum Cmd {
     /// One entry written on a random node, over many seeds: when every node has it, and what
-    /// the cluster sends meanwhile.
+    /// the cluster sends meanwhile. `--plot` draws the fraction of nodes holding the entry
+    /// against time, one curve per cluster size.
     Convergence {
         #[command(flatten)]
         common: Common,
-        /// Run every seed twice and fail unless both runs are identical.
+        /// Run every seed twice and fail unless both runs' traces are identical.
         #[arg(long)]
         check_determinism: bool,
+        /// Draw bytes per node per second against cluster size as SVG.
+        #[arg(long, value_name = "FILE.svg")]
+        plot_bandwidth: Option<PathBuf>,
     },
     /// One node crashes: time until every live node declares it down (over seeds), and false
-    /// failures of live nodes.
+    /// failures of live nodes. `--plot` draws the CDF of detection times.
     FailureDetection {
         #[command(flatten)]
         common: Common,
@@ -104,17 +124,71 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         writes: usize,
     },
-    /// networkdb's convergence matrix (quiet cells): each perturbation on each cluster size,
-    /// over many seeds, as a table in the layout of networkdb's own figures.
+    /// networkdb's convergence matrix: each perturbation on each cluster size, over many seeds,
+    /// and the churn cells, as a table in the layout of networkdb's own figures.
     NetworkdbMatrix {
         /// Cluster sizes (join and leave cells start at 3).
-        #[arg(long, value_delimiter = ',', default_value = "2,3,5,10,25")]
+        #[arg(long, value_delimiter = ',', default_value = "2,3,5,10,25,100,1000")]
         sizes: Vec<usize>,
-        /// Samples (seeds) per cell.
+        /// Cluster sizes of the churn cells.
+        #[arg(long, value_delimiter = ',', default_value = "5,10,25")]
+        churn_sizes: Vec<usize>,
+        /// Samples (seeds) per cell up to 25 nodes.
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
         samples: u64,
+        /// Samples per cell above 25 nodes (each settles a whole cluster).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+        large_samples: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Only these perturbations (comma-separated names).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Write every sample as CSV.
+        #[arg(long, value_name = "FILE.csv")]
+        csv: Option<PathBuf>,
+    },
+    /// A whole cluster forms (joins spread over a window), attaches to a network, publishes
+    /// endpoints and runs to a fixed virtual time: wall time, peak memory, where the work went.
+    Scale {
+        /// Cluster sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "2000")]
+        nodes: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Virtual seconds simulated in all.
+        #[arg(long, default_value_t = 60)]
+        duration_s: u64,
+        /// Joins are spread over this many virtual seconds.
+        #[arg(long, default_value_t = 10)]
+        join_over_s: u64,
+        /// Endpoints each node publishes.
+        #[arg(long, default_value_t = 1)]
+        writes: usize,
+        /// Stop a run early (and report it) when the process passes this resident memory.
+        #[arg(long, value_name = "MiB")]
+        max_rss_mib: Option<u64>,
+        /// Print one JSON object per cluster size.
+        #[arg(long)]
+        json: bool,
+        /// Print progress every 5 s of virtual time to stderr.
+        #[arg(long)]
+        progress: bool,
+    },
+    /// Random mixed load and faults with every checker on, over many seeds: how many pass.
+    Soak {
+        #[arg(long, default_value_t = 8)]
+        nodes: usize,
+        /// Virtual seconds of load and faults per seed.
+        #[arg(long, default_value_t = 60)]
+        duration_s: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        seeds: u64,
+        /// Networks the nodes attach to and detach from.
+        #[arg(long, default_value_t = 2)]
+        networks: usize,
     },
 }
 
@@ -144,112 +218,378 @@ fn main() -> ExitCode {
     }
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 fn run(cmd: Cmd) -> Result<(), Failure> {
     match cmd {
-        Cmd::Convergence { common, check_determinism } => {
-            let net = common.net()?;
-            let window = Duration::from_secs(10);
-            let mut samples = Vec::new();
-            for s in common.seeds() {
-                let x = convergence(common.nodes, s, net.clone(), window)?;
-                if check_determinism && convergence(common.nodes, s, net.clone(), window).as_ref() != Ok(&x) {
-                    return Err(Failure::Run(format!("seed {s}: two runs of the same seed differ")));
-                }
-                samples.push(x);
-            }
-            let last = Percentiles::of(samples.iter().map(|x| x.last).collect());
-            let per_node = Percentiles::of(samples.iter().flat_map(|x| x.arrivals.iter().copied()).collect());
-            let mean = |f: fn(&weft_sim::scenarios::ConvergenceSample) -> f64| {
-                samples.iter().map(f).sum::<f64>() / samples.len() as f64
-            };
-            let msgs = mean(|x| x.msgs_per_node_per_s);
-            let bytes = mean(|x| x.bytes_per_node_per_s);
-            let stream = mean(|x| x.stream_bytes_per_node_per_s);
-            if common.json {
-                let mut m = common.json(last);
-                m.insert("node_p50_ms".into(), per_node.p50.into());
-                m.insert("node_p99_ms".into(), per_node.p99.into());
-                m.insert("msgs_per_node_per_s".into(), msgs.into());
-                m.insert("bytes_per_node_per_s".into(), bytes.into());
-                m.insert("stream_bytes_per_node_per_s".into(), stream.into());
-                out!("{}", serde_json::Value::Object(m));
-            } else {
-                out!("convergence: {}", common.describe());
-                out!("  until the last node has it: {last}");
-                out!("  per node:                   p50 {:.0} ms  p99 {:.0} ms", per_node.p50, per_node.p99);
-                out!(
-                    "  traffic: {msgs:.1} msgs/node/s, {bytes:.0} bytes/node/s, of which {stream:.0} in streams (10 s after the write)"
-                );
-            }
+        Cmd::Convergence { common, check_determinism, plot_bandwidth } => {
+            run_convergence(&common, check_determinism, plot_bandwidth)?
         }
         Cmd::FailureDetection { common } => {
             let net = common.net()?;
-            let mut times = Vec::new();
-            let mut false_failures = 0;
-            for s in common.seeds() {
-                let x = failure_detection(common.nodes, s, net.clone())?;
-                times.push(x.detected);
-                false_failures += x.false_failures;
+            let (mut rows, mut curves) = (Vec::new(), Vec::new());
+            for &n in &common.nodes {
+                let (mut times, mut per_node, mut false_failures) = (Vec::new(), Vec::new(), 0);
+                for s in common.seeds() {
+                    let x = failure_detection::<Agent>(n, s, net.clone())?;
+                    rows.push(vec![
+                        n.to_string(),
+                        s.to_string(),
+                        format!("{:.1}", ms(x.detected)),
+                        x.false_failures.to_string(),
+                    ]);
+                    times.push(x.detected);
+                    per_node.extend(x.per_node.iter().map(|d| d.as_secs_f64()));
+                    false_failures += x.false_failures;
+                }
+                curves.push(Series { label: format!("{n} nodes"), points: cdf(per_node) });
+                let p = Percentiles::of(times);
+                if common.json {
+                    let mut m = common.json(n, p);
+                    m.insert("false_failures".into(), false_failures.into());
+                    out!("{}", serde_json::Value::Object(m));
+                } else {
+                    out!("failure-detection: {}", common.describe(n));
+                    out!("  until every live node declares the crashed one down: {p}");
+                    out!("  live nodes wrongly declared down: {false_failures} (over all seeds)");
+                }
             }
-            let p = Percentiles::of(times);
-            if common.json {
-                let mut m = common.json(p);
-                m.insert("false_failures".into(), false_failures.into());
-                out!("{}", serde_json::Value::Object(m));
-            } else {
-                out!("failure-detection: {}", common.describe());
-                out!("  until every live node declares the crashed one down: {p}");
-                out!("  live nodes wrongly declared down: {false_failures} (over all seeds)");
+            if let Some(path) = &common.csv {
+                csv(path, &["nodes", "seed", "detected_ms", "false_failures"], &rows)?;
+            }
+            if let Some(path) = &common.plot {
+                let chart = Chart {
+                    title: "Failure detection: when each live node declares a crashed node down",
+                    x_label: "seconds after the crash",
+                    y_label: "fraction of (seed, node) reports",
+                    log_x: false,
+                    series: &curves,
+                };
+                svg(path, &chart)?;
             }
         }
         Cmd::Partition { common, split_s, writes } => {
             let net = common.net()?;
-            let mut times = Vec::new();
-            let mut bytes = 0.0;
-            for s in common.seeds() {
-                let x = partition(common.nodes, s, net.clone(), Duration::from_secs(split_s), writes)?;
-                times.push(x.reconverged);
-                bytes += x.repair_bytes_per_node;
+            let mut rows = Vec::new();
+            for &n in &common.nodes {
+                let mut times = Vec::new();
+                let mut bytes = 0.0;
+                for s in common.seeds() {
+                    let x = partition::<Agent>(n, s, net.clone(), Duration::from_secs(split_s), writes)?;
+                    rows.push(vec![
+                        n.to_string(),
+                        s.to_string(),
+                        format!("{:.1}", ms(x.reconverged)),
+                        format!("{:.0}", x.repair_bytes_per_node),
+                    ]);
+                    times.push(x.reconverged);
+                    bytes += x.repair_bytes_per_node;
+                }
+                let bytes = bytes / common.seeds as f64;
+                let p = Percentiles::of(times);
+                if common.json {
+                    let mut m = common.json(n, p);
+                    m.insert("split_s".into(), split_s.into());
+                    m.insert("writes_per_side".into(), writes.into());
+                    m.insert("repair_bytes_per_node".into(), bytes.into());
+                    out!("{}", serde_json::Value::Object(m));
+                } else {
+                    out!(
+                        "partition: {}, split in two for {split_s} s, {writes} writes per side",
+                        common.describe(n)
+                    );
+                    out!("  from the heal until every node has both sides' writes: {p}");
+                    out!("  bytes sent per node meanwhile: {bytes:.0}");
+                }
             }
-            let bytes = bytes / common.seeds as f64;
-            let p = Percentiles::of(times);
-            if common.json {
-                let mut m = common.json(p);
-                m.insert("split_s".into(), split_s.into());
-                m.insert("writes_per_side".into(), writes.into());
-                m.insert("repair_bytes_per_node".into(), bytes.into());
-                out!("{}", serde_json::Value::Object(m));
-            } else {
-                out!(
-                    "partition: {}, split in two for {split_s} s, {writes} writes per side",
-                    common.describe()
-                );
-                out!("  from the heal until every node has both sides' writes: {p}");
-                out!("  bytes sent per node meanwhile: {bytes:.0}");
+            if let Some(path) = &common.csv {
+                csv(path, &["nodes", "seed", "reconverged_ms", "repair_bytes_per_node"], &rows)?;
             }
         }
-        Cmd::NetworkdbMatrix { sizes, samples, seed } => {
+        Cmd::NetworkdbMatrix { sizes, churn_sizes, samples, large_samples, seed, only, csv: csv_path } => {
             if let Some(bad) = sizes.iter().find(|&&n| n < 2) {
                 return Err(Failure::Usage(format!("--sizes: a cluster needs at least 2 nodes, got {bad}")));
             }
-            out!("| test | perturbation | nodes | n | p50 ms | p90 ms | p99 ms | max ms | n >2 s |");
-            out!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
-            for p in PERTURBATIONS {
+            if let Some(bad) = churn_sizes.iter().find(|&&n| n < 3) {
+                return Err(Failure::Usage(format!(
+                    "--churn-sizes: churn needs at least 3 nodes, got {bad}"
+                )));
+            }
+            let known: Vec<&str> = PERTURBATIONS.iter().copied().chain([CHURN]).collect();
+            if let Some(bad) = only.iter().find(|p| !known.contains(&p.as_str())) {
+                return Err(Failure::Usage(format!(
+                    "--only: unknown perturbation {bad:?} (known: {})",
+                    known.join(", ")
+                )));
+            }
+            let wanted = |p: &str| only.is_empty() || only.iter().any(|o| o == p);
+            let mut cells: Vec<(&str, &str, usize, String)> = Vec::new();
+            for p in PERTURBATIONS.iter().copied().filter(|p| wanted(p)) {
                 for &n in sizes.iter().filter(|&&n| n >= 3 || !needs_joiner(p)) {
-                    let times =
-                        (seed..seed + samples).map(|s| cell(p, n, s)).collect::<Result<Vec<_>, _>>()?;
-                    let slow = times.iter().filter(|d| **d > Duration::from_secs(2)).count();
-                    let q = Percentiles::of(times);
+                    cells.push(("quiet", p, n, n.to_string()));
+                }
+            }
+            if wanted(CHURN) {
+                for &n in &churn_sizes {
+                    cells.push(("churn", CHURN, n, format!("{n} ({})", n - 1)));
+                }
+            }
+            out!(
+                "| test | perturbation | nodes (converged) | n | p50 ms | p90 ms | p99 ms | max ms | n >2 s |"
+            );
+            out!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+            let mut rows = Vec::new();
+            for (test, p, n, label) in cells {
+                let k = if n > 25 { large_samples } else { samples };
+                let mut times = Vec::new();
+                for s in seed..seed + k {
+                    let d = cell::<Agent>(p, n, s)?;
+                    rows.push(vec![
+                        test.to_string(),
+                        p.to_string(),
+                        n.to_string(),
+                        s.to_string(),
+                        format!("{:.0}", ms(d)),
+                    ]);
+                    times.push(d);
+                }
+                let slow = times.iter().filter(|d| **d > Duration::from_secs(2)).count();
+                let q = Percentiles::of(times);
+                out!(
+                    "| {test} | {p} | {label} | {k} | {:.0} | {:.0} | {:.0} | {:.0} | {slow} |",
+                    q.p50,
+                    q.p90,
+                    q.p99,
+                    q.max
+                );
+            }
+            if let Some(path) = &csv_path {
+                csv(path, &["test", "perturbation", "nodes", "seed", "ms"], &rows)?;
+            }
+        }
+        Cmd::Scale { nodes, seed, duration_s, join_over_s, writes, max_rss_mib, json, progress } => {
+            if let Some(bad) = nodes.iter().find(|&&n| !(2..=60_000).contains(&n)) {
+                return Err(Failure::Usage(format!("--nodes: from 2 to 60000 nodes, got {bad}")));
+            }
+            if join_over_s >= duration_s {
+                return Err(Failure::Usage(format!(
+                    "--join-over-s ({join_over_s}) must be shorter than --duration-s ({duration_s})"
+                )));
+            }
+            for &n in &nodes {
+                let o = ScaleOptions {
+                    nodes: n,
+                    seed,
+                    duration: Duration::from_secs(duration_s),
+                    join_over: Duration::from_secs(join_over_s),
+                    seeds: 3,
+                    writes_per_node: writes,
+                    net: NetModel::default(),
+                    max_rss: max_rss_mib.map(|m| m << 20),
+                };
+                let r = scale::<Agent>(&o, |s| {
+                    if progress {
+                        eprintln!(
+                            "  {n} nodes: virtual {:>4.0} s  wall {:>6.1} s  rss {:>6} MiB  datagrams {}",
+                            s.virtual_time.as_secs_f64(),
+                            s.wall.as_secs_f64(),
+                            s.rss.unwrap_or(0) >> 20,
+                            s.work.swim_datagrams + s.work.gossip_datagrams
+                        );
+                    }
+                })?;
+                let mib = |b: Option<u64>| b.map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64);
+                let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+                if json {
+                    let v = serde_json::json!({
+                        "nodes": n, "seed": seed, "virtual_s": r.virtual_time.as_secs_f64(),
+                        "wall_s": r.wall.as_secs_f64(), "peak_rss_mib": mib(r.peak_rss),
+                        "membership_converged_s": secs(r.membership_converged),
+                        "tables_converged_s": secs(r.tables_converged),
+                        "swim_datagrams": r.work.swim_datagrams, "gossip_datagrams": r.work.gossip_datagrams,
+                        "stream_frames": r.work.stream_frames, "timers": r.work.timers,
+                        "steady_msgs_per_node_per_s": r.steady_msgs_per_node_per_s,
+                        "steady_bytes_per_node_per_s": r.steady_bytes_per_node_per_s,
+                        "stopped": r.stopped, "membership_gap": r.membership_gap,
+                    });
+                    out!("{v}");
+                } else {
                     out!(
-                        "| quiet | {p} | {n} | {samples} | {:.0} | {:.0} | {:.0} | {:.0} | {slow} |",
-                        q.p50,
-                        q.p90,
-                        q.p99,
-                        q.max
+                        "scale: {n} nodes, seed {seed}, joins over {join_over_s} s, {duration_s} s of virtual time"
                     );
+                    out!(
+                        "  wall {:.1} s, peak resident {:.0} MiB ({:.1} KiB per node)",
+                        r.wall.as_secs_f64(),
+                        mib(r.peak_rss),
+                        mib(r.peak_rss) * 1024.0 / n as f64
+                    );
+                    let at = |d: Option<Duration>| {
+                        d.map_or("not within the run".to_string(), |d| format!("at {:.1} s", d.as_secs_f64()))
+                    };
+                    out!(
+                        "  membership converged {}, every endpoint everywhere {}",
+                        at(r.membership_converged),
+                        at(r.tables_converged)
+                    );
+                    out!(
+                        "  work: {} SWIM datagrams, {} gossip datagrams, {} stream frames, {} timers",
+                        r.work.swim_datagrams,
+                        r.work.gossip_datagrams,
+                        r.work.stream_frames,
+                        r.work.timers
+                    );
+                    out!(
+                        "  steady traffic (last 10 s): {:.1} msgs/node/s, {:.0} bytes/node/s",
+                        r.steady_msgs_per_node_per_s,
+                        r.steady_bytes_per_node_per_s
+                    );
+                    if let Some(gap) = &r.membership_gap {
+                        out!("  membership at the end: {gap}");
+                    }
+                    if let Some(why) = &r.stopped {
+                        out!(
+                            "  stopped early at {:.0} s of virtual time: {why}",
+                            r.virtual_time.as_secs_f64()
+                        );
+                    }
                 }
             }
         }
+        Cmd::Soak { nodes, duration_s, seed, seeds, networks } => {
+            if nodes < 2 {
+                return Err(Failure::Usage(format!(
+                    "--nodes: a cluster needs at least 2 nodes, got {nodes}"
+                )));
+            }
+            if networks == 0 {
+                return Err(Failure::Usage("--networks must be at least 1".into()));
+            }
+            let mut failed = Vec::new();
+            for s in seed..seed + seeds {
+                let o = SoakOptions { nodes, seed: s, duration: Duration::from_secs(duration_s), networks };
+                match soak::<Agent>(&o) {
+                    Ok(r) => out!(
+                        "seed {s}: pass ({} writes, {} deletes, {} attaches, {} detaches, {} crashes, {} leaves, {} partitions; converged {:.1} s after the faults)",
+                        r.writes,
+                        r.deletes,
+                        r.attaches,
+                        r.detaches,
+                        r.crashes,
+                        r.leaves,
+                        r.partitions,
+                        r.converged_after.as_secs_f64()
+                    ),
+                    Err(e) => {
+                        out!("seed {s}: FAIL {e}");
+                        failed.push(s);
+                    }
+                }
+            }
+            out!(
+                "soak: {} of {seeds} seeds passed ({nodes} nodes, {duration_s} s each)",
+                seeds - failed.len() as u64
+            );
+            if !failed.is_empty() {
+                return Err(Failure::Run(format!("soak failed for seeds {failed:?}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_convergence(
+    common: &Common,
+    check_determinism: bool,
+    plot_bandwidth: Option<PathBuf>,
+) -> Result<(), Failure> {
+    let net = common.net()?;
+    let window = Duration::from_secs(10);
+    let (mut rows, mut curves, mut bandwidth) = (Vec::new(), Vec::new(), Vec::new());
+    for &n in &common.nodes {
+        let mut samples: Vec<ConvergenceSample> = Vec::new();
+        for s in common.seeds() {
+            let x = convergence::<Agent>(n, s, net.clone(), window)?;
+            if check_determinism {
+                let again = convergence::<Agent>(n, s, net.clone(), window)?;
+                if again.trace != x.trace || again != x {
+                    return Err(Failure::Run(format!(
+                        "seed {s}: two runs of the same seed differ (trace {:016x} vs {:016x})",
+                        x.trace, again.trace
+                    )));
+                }
+            }
+            rows.push(vec![
+                n.to_string(),
+                s.to_string(),
+                format!("{:.1}", ms(x.last)),
+                format!("{:.2}", x.msgs_per_node_per_s),
+                format!("{:.0}", x.bytes_per_node_per_s),
+                format!("{:016x}", x.trace),
+            ]);
+            samples.push(x);
+        }
+        let last = Percentiles::of(samples.iter().map(|x| x.last).collect());
+        let per_node = Percentiles::of(samples.iter().flat_map(|x| x.arrivals.iter().copied()).collect());
+        let mean =
+            |f: fn(&ConvergenceSample) -> f64| samples.iter().map(f).sum::<f64>() / samples.len() as f64;
+        let msgs = mean(|x| x.msgs_per_node_per_s);
+        let bytes = mean(|x| x.bytes_per_node_per_s);
+        let stream = mean(|x| x.stream_bytes_per_node_per_s);
+        curves.push(Series {
+            label: format!("{n} nodes"),
+            points: cdf(samples.iter().flat_map(|x| x.arrivals.iter().map(|d| ms(*d))).collect()),
+        });
+        bandwidth.push((n as f64, bytes));
+        if common.json {
+            let mut m = common.json(n, last);
+            m.insert("node_p50_ms".into(), per_node.p50.into());
+            m.insert("node_p99_ms".into(), per_node.p99.into());
+            m.insert("msgs_per_node_per_s".into(), msgs.into());
+            m.insert("bytes_per_node_per_s".into(), bytes.into());
+            m.insert("stream_bytes_per_node_per_s".into(), stream.into());
+            if check_determinism {
+                m.insert("deterministic".into(), true.into());
+            }
+            out!("{}", serde_json::Value::Object(m));
+        } else {
+            out!("convergence: {}", common.describe(n));
+            out!("  until the last node has it: {last}");
+            out!("  per node:                   p50 {:.0} ms  p99 {:.0} ms", per_node.p50, per_node.p99);
+            out!(
+                "  traffic: {msgs:.1} msgs/node/s, {bytes:.0} bytes/node/s, of which {stream:.0} in streams (10 s after the write)"
+            );
+            if check_determinism {
+                out!("  every seed ran twice with identical traces");
+            }
+        }
+    }
+    if let Some(path) = &common.csv {
+        csv(
+            path,
+            &["nodes", "seed", "last_ms", "msgs_per_node_per_s", "bytes_per_node_per_s", "trace"],
+            &rows,
+        )?;
+    }
+    let loss = if common.loss > 0.0 { format!(", {:.0}% loss", common.loss * 100.0) } else { String::new() };
+    if let Some(path) = &common.plot {
+        let title = format!("One entry reaching every node (weft, {} seeds{loss})", common.seeds);
+        let chart = Chart {
+            title: &title,
+            x_label: "virtual ms after the write",
+            y_label: "fraction of nodes holding the entry",
+            log_x: false,
+            series: &curves,
+        };
+        svg(path, &chart)?;
+    }
+    if let Some(path) = &plot_bandwidth {
+        let title = format!("Traffic per node in the 10 s after one write{loss}");
+        let series = [Series { label: "bytes per node per second".into(), points: bandwidth }];
+        let chart =
+            Chart { title: &title, x_label: "nodes", y_label: "bytes/node/s", log_x: true, series: &series };
+        svg(path, &chart)?;
     }
     Ok(())
 }

@@ -1,0 +1,230 @@
+//! What the simulator drives on each host: the agent that ships (`weft_node::Agent`), or the
+//! bare gossip core (`GossipNode`) for the core's own cross-node tests. Both are sans-IO state
+//! machines with the same calling contract; this trait is that contract plus the few commands
+//! scenarios issue.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+use weft_gossip::{Config, Event, GossipNode, NodeId, ObjectType, TableSpec, TableWatcher, Transmit};
+use weft_node::Agent;
+
+/// The tables every simulated host registers: a node-owned table of endpoints and a cluster
+/// table of definitions.
+pub const TABLES: [&str; 2] = ["endpoints", "defs"];
+
+fn spec(table: &str) -> TableSpec {
+    if table == "defs" {
+        TableSpec::cluster(ObjectType::Network)
+    } else {
+        TableSpec::node_owned(ObjectType::Endpoint)
+    }
+}
+
+/// A sans-IO host the simulator can run.
+pub trait Host: Sized {
+    /// Builds the host for `id` at `now`, its Lamport clock starting at the persisted `ltime`,
+    /// with [`TABLES`] registered.
+    fn boot(cfg: &Config, id: NodeId, seed: u64, ltime: u64, now: Instant) -> Self;
+    /// The gossip core, for reads.
+    fn core(&self) -> &GossipNode;
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]);
+    fn handle_stream(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]);
+    fn handle_timeout(&mut self, now: Instant);
+    fn poll_transmit(&mut self) -> Option<Transmit>;
+    fn poll_event(&mut self, now: Instant) -> Option<Event>;
+    fn poll_timeout(&self) -> Option<Instant>;
+    fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), String>;
+    fn leave(&mut self, now: Instant) -> Result<(), String>;
+    /// Defines a network cluster-wide (and attaches this host); returns its id.
+    fn define_network(&mut self, now: Instant, name: &str) -> Result<String, String>;
+    /// Attaches to the network with this id.
+    fn attach(&mut self, now: Instant, network: &str) -> Result<(), String>;
+    fn detach(&mut self, now: Instant, network: &str) -> Result<(), String>;
+    /// Writes `value` under `key` (create or update), or deletes it with `None`.
+    fn write(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: Option<Bytes>,
+    ) -> Result<(), String>;
+}
+
+impl Host for GossipNode {
+    fn boot(cfg: &Config, id: NodeId, seed: u64, ltime: u64, now: Instant) -> Self {
+        let mut node = GossipNode::new(cfg.clone(), id, seed, ltime, now).expect("a valid config");
+        for t in TABLES {
+            node.register_table(t, spec(t)).expect("register");
+        }
+        node
+    }
+
+    fn core(&self) -> &GossipNode {
+        self
+    }
+
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        GossipNode::handle_datagram(self, now, from, bytes);
+    }
+
+    fn handle_stream(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        GossipNode::handle_stream(self, now, from, bytes);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        GossipNode::handle_timeout(self, now);
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        GossipNode::poll_transmit(self)
+    }
+
+    fn poll_event(&mut self, _now: Instant) -> Option<Event> {
+        GossipNode::poll_event(self)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        GossipNode::poll_timeout(self)
+    }
+
+    fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), String> {
+        GossipNode::join(self, now, seeds).map_err(|e| e.to_string())
+    }
+
+    fn leave(&mut self, now: Instant) -> Result<(), String> {
+        GossipNode::leave(self, now).map_err(|e| e.to_string())
+    }
+
+    fn define_network(&mut self, now: Instant, name: &str) -> Result<String, String> {
+        self.join_network(now, name).map_err(|e| e.to_string())?;
+        Ok(name.to_string())
+    }
+
+    fn attach(&mut self, now: Instant, network: &str) -> Result<(), String> {
+        self.join_network(now, network).map_err(|e| e.to_string())
+    }
+
+    fn detach(&mut self, now: Instant, network: &str) -> Result<(), String> {
+        self.leave_network(now, network).map_err(|e| e.to_string())
+    }
+
+    fn write(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: Option<Bytes>,
+    ) -> Result<(), String> {
+        let r = match value {
+            Some(v) if self.get_entry(network, table, key).is_some() => {
+                self.update_entry(now, network, table, key, v)
+            }
+            Some(v) => self.create_entry(now, network, table, key, v),
+            None => self.delete_entry(now, network, table, key),
+        };
+        r.map_err(|e| e.to_string())
+    }
+}
+
+/// The simulator records table events itself; the agent's watchers only need to exist.
+struct Quiet;
+
+impl TableWatcher for Quiet {
+    fn event_notify(&mut self, _: &str, _: &str, _: &str, _: Option<&[u8]>, _: Option<&[u8]>) {}
+
+    fn decode_table_entry(
+        &self,
+        _: &str,
+        key: &str,
+        _: &[u8],
+    ) -> (String, std::collections::BTreeMap<String, String>) {
+        (key.to_string(), Default::default())
+    }
+}
+
+impl Host for Agent {
+    fn boot(cfg: &Config, id: NodeId, seed: u64, ltime: u64, now: Instant) -> Self {
+        let mut agent = Agent::new(cfg.clone(), id, seed, ltime, now).expect("a valid config");
+        for t in TABLES {
+            agent.register_table(t, spec(t), Box::new(Quiet)).expect("register");
+        }
+        agent
+    }
+
+    fn core(&self) -> &GossipNode {
+        self.gossip()
+    }
+
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        Agent::handle_datagram(self, now, from, bytes);
+    }
+
+    fn handle_stream(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        Agent::handle_stream(self, now, from, bytes);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        Agent::handle_timeout(self, now);
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        Agent::poll_transmit(self)
+    }
+
+    fn poll_event(&mut self, now: Instant) -> Option<Event> {
+        Agent::poll_event(self, now)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        Agent::poll_timeout(self)
+    }
+
+    fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), String> {
+        Agent::join(self, now, seeds).map_err(|e| e.to_string())
+    }
+
+    fn leave(&mut self, now: Instant) -> Result<(), String> {
+        Agent::leave(self, now).map_err(|e| e.to_string())
+    }
+
+    fn define_network(&mut self, now: Instant, name: &str) -> Result<String, String> {
+        let def = self.create_network(now, name, "overlay", &[], None).map_err(|e| e.to_string())?;
+        Ok(def.id)
+    }
+
+    fn attach(&mut self, now: Instant, network: &str) -> Result<(), String> {
+        // By definition when it has arrived, as `weft network attach` does; by id otherwise, as
+        // a restarted agent re-attaches before the definitions reach it.
+        match Agent::attach(self, now, network) {
+            Ok(_) => Ok(()),
+            Err(weft_node::AgentError::NoSuchNetwork(_)) => {
+                self.reattach(now, network).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn detach(&mut self, now: Instant, network: &str) -> Result<(), String> {
+        self.detach_id(now, network).map_err(|e| e.to_string())
+    }
+
+    fn write(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: Option<Bytes>,
+    ) -> Result<(), String> {
+        // The simulator writes driver tables, as a driver would: past the CLI's protection.
+        let r = match value {
+            Some(v) => self.table_put(now, network, table, key, v, true),
+            None => self.table_rm(now, network, table, key, true),
+        };
+        r.map_err(|e| e.to_string())
+    }
+}

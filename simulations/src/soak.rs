@@ -1,0 +1,247 @@
+//! The soak: random mixed load and faults on a cluster, with every checker on.
+//!
+//! For `duration` of virtual time a seeded schedule writes, updates and deletes entries,
+//! attaches and detaches networks, crashes and restarts nodes, makes them leave and come back,
+//! partitions the cluster (both ways and one way), raises loss, duplication and reordering,
+//! and skews clocks. Then the faults stop and the checkers must pass within a bound derived
+//! from the configuration:
+//!
+//! * **watcher contract** (all along): every node's table events form create, updates,
+//!   delete, with `prev` equal to what the node reported last;
+//! * **durability** (all along): a node always holds the writes it acknowledged;
+//! * **membership**: every up node sees every other up node alive;
+//! * **convergence**: every node attached to a network holds the same live entries;
+//! * **no lost entry**: every acknowledged write whose owner has been up since is held, as
+//!   written, by every node attached to its network.
+//!
+//! (No address or VNI checker yet: the IPAM ring is not wired into the agent.)
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+use weft_gossip::Config;
+
+use crate::cluster::{NetModel, Sim, mix};
+use crate::host::Host;
+use crate::scenarios::T;
+
+/// What the soak does.
+#[derive(Debug, Clone)]
+pub struct SoakOptions {
+    pub nodes: usize,
+    pub seed: u64,
+    /// Virtual time of load and faults.
+    pub duration: Duration,
+    /// Networks defined (each node attaches to a random subset).
+    pub networks: usize,
+}
+
+/// What a passing soak did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SoakReport {
+    pub seed: u64,
+    pub writes: usize,
+    pub deletes: usize,
+    pub attaches: usize,
+    pub detaches: usize,
+    pub crashes: usize,
+    pub leaves: usize,
+    pub partitions: usize,
+    /// Virtual time from the end of the faults until every checker passed.
+    pub converged_after: Duration,
+    pub trace: u64,
+}
+
+/// What an owner's acknowledged writes say a key must hold: the owner, the life (generation)
+/// that wrote it, and Some(value) or None (deleted).
+type Expected = BTreeMap<(String, String), (usize, u64, Option<Bytes>)>;
+
+/// How long after the faults stop every checker must pass: failure detection and the
+/// rejoin of a healed partition, then a few anti-entropy rounds.
+pub fn bound(cfg: &Config) -> Duration {
+    let m = &cfg.membership;
+    let down_announce = m.periodic_announce_to_down_members.as_ref().map_or(Duration::ZERO, |p| p.frequency);
+    m.suspect_to_down_after + m.probe_period * 2 + cfg.rejoin_interval + down_announce + cfg.sync_interval * 4
+}
+
+/// Runs one soak; the error names the seed and the first checker that failed.
+pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
+    let n = o.nodes;
+    let seed = o.seed;
+    let fail = |what: String| format!("soak seed {seed}, {n} nodes: {what}");
+    if n < 2 || o.networks == 0 {
+        return Err(fail("needs at least 2 nodes and 1 network".into()));
+    }
+    let cfg = Config::lan(n as u32);
+    let limit = bound(&cfg);
+    let mut c = Sim::<H>::new(n, seed, cfg, NetModel::default());
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(mix(seed, 0x50a4));
+    let seeds: Vec<usize> = (0..n.min(3)).collect();
+    let seed_addrs: Vec<_> = seeds.iter().map(|&i| c.nodes[i].addr).collect();
+    for i in 0..n {
+        c.join(i, &seed_addrs);
+    }
+    c.run_for(Duration::from_secs(3));
+    let nets: Vec<String> = (0..o.networks).map(|k| c.define_network(0, &format!("net{k}"))).collect();
+    let mut report = SoakReport { seed, ..SoakReport::default() };
+    let mut expected = Expected::new();
+    // Nodes down (crashed or left) and when they come back.
+    let mut down: BTreeMap<usize, Duration> = BTreeMap::new();
+    // When the current partition or network fault ends.
+    let mut heal_at: Option<Duration> = None;
+    let mut calm_at: Option<Duration> = None;
+    let mut seq = 0u64;
+    let end = c.elapsed() + o.duration;
+    while c.elapsed() < end {
+        c.run_for(Duration::from_millis(rng.random_range(20..400)));
+        let now = c.elapsed();
+        if heal_at.is_some_and(|t| now >= t) {
+            c.heal();
+            heal_at = None;
+        }
+        if calm_at.is_some_and(|t| now >= t) {
+            c.net = NetModel::default();
+            calm_at = None;
+        }
+        let back: Vec<usize> = down.iter().filter(|(_, t)| now >= **t).map(|(i, _)| *i).collect();
+        for i in back {
+            down.remove(&i);
+            c.restart(i, &seeds);
+        }
+        let i = rng.random_range(0..n);
+        if !c.is_up(i) {
+            continue;
+        }
+        match rng.random_range(0..100) {
+            0..45 => {
+                // Write, update or delete one of the node's own keys on a network it is on.
+                let mine: Vec<&String> = nets.iter().filter(|id| c.node(i).is_attached(id)).collect();
+                let Some(&net) = mine.get(rng.random_range(0..mine.len().max(1))) else { continue };
+                let net = net.clone();
+                let key = format!("{}/k{}", c.nodes[i].name, rng.random_range(0..6));
+                seq += 1;
+                let live = c.node(i).get_entry(&net, T, &key).is_some();
+                let value = (!live || !seq.is_multiple_of(3)).then(|| Bytes::from(format!("v{seq}")));
+                c.write(i, &net, T, &key, value.clone()).map_err(|e| fail(format!("write refused: {e}")))?;
+                if value.is_some() {
+                    report.writes += 1;
+                } else {
+                    report.deletes += 1;
+                }
+                expected.insert((net, key), (i, c.nodes[i].generation, value));
+            }
+            45..60 => {
+                let net = nets[rng.random_range(0..nets.len())].clone();
+                if c.node(i).is_attached(&net) {
+                    if rng.random_bool(0.4) {
+                        c.detach(i, &net);
+                        report.detaches += 1;
+                        let owner = format!("{}/", c.nodes[i].name);
+                        expected.retain(|(nt, k), _| !(*nt == net && k.starts_with(&owner)));
+                    }
+                } else {
+                    c.attach(i, &net);
+                    report.attaches += 1;
+                }
+            }
+            60..68 if down.len() + 1 < n / 2 + 1 && !seeds.contains(&i) => {
+                // A crash, or a clean leave; back after 1-20 s under a new generation.
+                if rng.random_bool(0.7) {
+                    c.crash(i);
+                    report.crashes += 1;
+                } else {
+                    c.leave(i);
+                    report.leaves += 1;
+                }
+                down.insert(i, now + Duration::from_millis(rng.random_range(1000..20_000)));
+            }
+            68..76 if heal_at.is_none() => {
+                let cut = rng.random_range(1..n);
+                let mut order: Vec<usize> = (0..n).collect();
+                for k in (1..n).rev() {
+                    order.swap(k, rng.random_range(0..=k));
+                }
+                let (a, b) = (order[..cut].to_vec(), order[cut..].to_vec());
+                if rng.random_bool(0.5) {
+                    c.partition(&[a, b]);
+                } else {
+                    let (from, to) = (rng.random_range(0..n), rng.random_range(0..n));
+                    c.block_one_way(from, to);
+                }
+                report.partitions += 1;
+                heal_at = Some(now + Duration::from_millis(rng.random_range(500..8000)));
+            }
+            76..84 if calm_at.is_none() => {
+                c.net = NetModel {
+                    loss: rng.random_range(0.0..0.3),
+                    duplicate: rng.random_range(0.0..0.1),
+                    reorder: rng.random_range(0.0..0.2),
+                    ..NetModel::default()
+                };
+                calm_at = Some(now + Duration::from_millis(rng.random_range(500..10_000)));
+            }
+            84..88 => c.set_clock_rate(i, rng.random_range(0.95..1.05)),
+            _ => {}
+        }
+        // Durability, all along: an owner holds what it acknowledged.
+        for ((net, key), (owner, life, want)) in &expected {
+            if c.is_up(*owner) && c.nodes[*owner].generation == *life {
+                let got = c.node(*owner).get_entry(net, T, key);
+                if got != *want {
+                    return Err(fail(format!(
+                        "owner {owner} lost its own write {net}/{key}: holds {got:?}, acknowledged {want:?}"
+                    )));
+                }
+            }
+        }
+        if let Some(v) = &c.watcher_violation {
+            return Err(fail(format!("watcher contract broken: {v}")));
+        }
+    }
+    // The faults stop: heal, calm the network, bring every node back.
+    c.heal();
+    c.net = NetModel::default();
+    for i in std::mem::take(&mut down).into_keys() {
+        c.restart(i, &seeds);
+    }
+    let stop = c.elapsed();
+    let converged = c.run_until(c.now() + limit, |c| {
+        c.membership_converged() && c.divergence(&nets).is_none() && missing(c, &expected).is_none()
+    });
+    if !converged {
+        return Err(fail(format!(
+            "not converged {limit:?} after the faults stopped: membership gap {:?}, divergence {:?}, lost {:?}",
+            c.membership_gap(),
+            c.divergence(&nets),
+            missing(&c, &expected)
+        )));
+    }
+    if let Some(v) = &c.watcher_violation {
+        return Err(fail(format!("watcher contract broken: {v}")));
+    }
+    report.converged_after = c.elapsed() - stop;
+    report.trace = c.trace_hash();
+    Ok(report)
+}
+
+/// The first acknowledged write (of an owner up since it wrote it) that an attached node does
+/// not hold as written.
+fn missing<H: Host>(c: &Sim<H>, expected: &Expected) -> Option<String> {
+    for ((net, key), (owner, life, want)) in expected {
+        if !c.is_up(*owner) || c.nodes[*owner].generation != *life {
+            continue;
+        }
+        for i in c.attached(net) {
+            let got = c.node(i).get_entry(net, T, key);
+            if got != *want {
+                return Some(format!(
+                    "node {i} has {net}/{key} = {got:?}, owner {owner} acknowledged {want:?}"
+                ));
+            }
+        }
+    }
+    None
+}
