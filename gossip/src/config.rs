@@ -10,6 +10,10 @@ pub struct Config {
     pub gossip_interval: Duration,
     /// Random peers of a network each round (and each immediate push) goes to.
     pub gossip_fanout: usize,
+    /// News learned from a peer is relayed this long after it arrived, with whatever else
+    /// arrived meanwhile, instead of at the next gossip round: an event crosses a hop in a
+    /// network round trip plus this, and a storm still goes out in full packets.
+    pub relay_delay: Duration,
     /// Multiplier `m` in the retransmit count `m * ceil(log10(n + 1))`.
     pub retransmit_mult: u32,
     /// Datagrams of table events one network may send to each chosen peer per round. A backlog
@@ -72,6 +76,7 @@ impl Config {
         Config {
             gossip_interval: Duration::from_millis(200),
             gossip_fanout: 3,
+            relay_delay: Duration::from_millis(10),
             retransmit_mult: 4,
             max_packets_per_round: 32,
             max_queue_len: 65_536,

@@ -217,6 +217,11 @@ pub(crate) struct NetState {
     pub queue: BroadcastQueue,
     /// Own events waiting for their immediate push.
     pub push_now: bool,
+    /// News to relay when the relay timer fires.
+    pub relay_pending: bool,
+    /// When news was last relayed early (at most once per gossip interval, so a storm goes
+    /// out in the rounds' full packets).
+    pub relayed_at: Option<Instant>,
     /// Peers still to sync with right after attaching.
     pub initial_syncs: u8,
 }
@@ -229,6 +234,8 @@ impl NetState {
             digest: vec![0; DIGEST_BUCKETS],
             queue: BroadcastQueue::default(),
             push_now: false,
+            relay_pending: false,
+            relayed_at: None,
             initial_syncs,
         }
     }

@@ -13,6 +13,8 @@ pub(crate) enum TimerKind {
     Sync,
     Reap,
     Rejoin,
+    /// Relay the news learned since the last relay (see `Config::relay_delay`).
+    Relay,
 }
 
 #[derive(Debug, Default)]

@@ -40,10 +40,7 @@ fn create_update_delete_reach_every_attached_node() {
     c.run_for(Duration::from_secs(1));
     for i in 0..5 {
         assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep1"), Some(b("v1")), "node {i}");
-        assert_eq!(
-            c.nodes[i].watched.get(&("net1".into(), "endpoints".into(), "ep1".into())),
-            Some(&b("v1"))
-        );
+        assert!(c.nodes[i].watched.holds("net1", "endpoints", "ep1", b"v1"), "node {i}");
     }
     c.with(2, |n, now| n.update_entry(now, "net1", "endpoints", "ep1", b("v2")).unwrap());
     c.run_for(Duration::from_secs(1));
@@ -104,8 +101,7 @@ fn a_failed_owner_hides_its_entries_and_its_return_restores_them() {
     c.with(3, |n, now| n.create_entry(now, "net1", "endpoints", "ep3", b("three")).unwrap());
     c.with(1, |n, now| n.create_entry(now, "net1", "defs", "net-def", b("def")).unwrap());
     c.run_for(Duration::from_secs(1));
-    let key = ("net1".to_string(), "endpoints".to_string(), "ep3".to_string());
-    assert!(c.nodes[0].watched.contains_key(&key));
+    assert!(c.nodes[0].watched.saw("net1", "endpoints", "ep3"));
 
     c.crash(3);
     c.crash(1);
@@ -113,7 +109,7 @@ fn a_failed_owner_hides_its_entries_and_its_return_restores_them() {
     assert_eq!(state_of(&c, 0, 3), MemberState::Failed);
     // Hidden, not deleted: watchers saw a delete; the entry is still held.
     assert_eq!(c.node(0).get_entry("net1", "endpoints", "ep3"), None);
-    assert!(!c.nodes[0].watched.contains_key(&key));
+    assert!(!c.nodes[0].watched.saw("net1", "endpoints", "ep3"));
     let t = c.node(0).table("net1", "endpoints");
     assert!(matches!(t[0].state, EntryState::Hidden { .. }), "{t:?}");
     // Cluster entries outlive their writer.
@@ -124,7 +120,7 @@ fn a_failed_owner_hides_its_entries_and_its_return_restores_them() {
     assert_eq!(state_of(&c, 0, 3), MemberState::Alive);
     for i in [0, 2, 3, 4] {
         assert_eq!(c.node(i).get_entry("net1", "endpoints", "ep3"), Some(b("three")), "node {i}");
-        assert!(c.nodes[i].watched.contains_key(&key), "node {i} saw the create");
+        assert!(c.nodes[i].watched.saw("net1", "endpoints", "ep3"), "node {i} saw the create");
     }
     // The restarted node owns its entry again.
     c.with(3, |n, now| n.update_entry(now, "net1", "endpoints", "ep3", b("three-b")).unwrap());
@@ -610,5 +606,28 @@ fn an_impostor_of_a_name_does_not_hide_the_holders_entries() {
     c.run_for(Duration::from_secs(30));
     assert_eq!(state_of(&c, 0, 1), MemberState::Alive);
     assert_eq!(c.node(0).get_entry("net1", "endpoints", "ep1"), Some(b("holder")));
-    assert!(c.nodes[0].watched.contains_key(&("net1".into(), "endpoints".into(), "ep1".into())));
+    assert!(c.nodes[0].watched.saw("net1", "endpoints", "ep1"));
+}
+
+#[test]
+fn news_is_relayed_within_the_relay_delay_once_per_gossip_interval() {
+    // Rounds every 10 s: only the early relay can carry news on within a second.
+    let cfg = Config { gossip_interval: Duration::from_secs(10), ..Config::lan(3) };
+    let mut c = Cluster::settled(3, 4, cfg, NetModel::default());
+    for i in 0..3 {
+        c.attach(i, "net1");
+    }
+    c.run_for(Duration::from_secs(12));
+    // Node 0 cannot reach node 2: what node 2 gets, node 1 relays.
+    c.block_one_way(0, 2);
+    c.write(0, "net1", "endpoints", "first", Some(b("1"))).unwrap();
+    c.run_for(Duration::from_millis(30));
+    assert!(c.node(2).get_entry("net1", "endpoints", "first").is_some(), "relayed early");
+    // More news within the same interval waits for the round: a storm goes out in rounds.
+    c.write(0, "net1", "endpoints", "second", Some(b("2"))).unwrap();
+    c.run_for(Duration::from_millis(500));
+    assert!(c.node(1).get_entry("net1", "endpoints", "second").is_some());
+    assert!(c.node(2).get_entry("net1", "endpoints", "second").is_none(), "not relayed early twice");
+    c.run_for(Duration::from_secs(10));
+    assert!(c.node(2).get_entry("net1", "endpoints", "second").is_some(), "the round carries it");
 }
