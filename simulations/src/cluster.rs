@@ -147,6 +147,40 @@ pub struct Work {
     pub blocked: u64,
 }
 
+/// The watcher model of one node: for each (network, table, key) it saw a live value for, a
+/// hash of that value. Hashes, not copies: a 2,000-node run holds millions of them.
+#[derive(Debug, Default)]
+pub struct Watched(HashMap<u64, u64>);
+
+impl Watched {
+    fn key(network: &str, table: &str, key: &str) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for part in [network, table, key] {
+            h.update(part.as_bytes());
+            h.update(&[0]);
+        }
+        h.digest()
+    }
+
+    /// Whether the watcher holds a live value for the key.
+    pub fn saw(&self, network: &str, table: &str, key: &str) -> bool {
+        self.0.contains_key(&Self::key(network, table, key))
+    }
+
+    /// Whether the live value the watcher holds for the key is `value`.
+    pub fn holds(&self, network: &str, table: &str, key: &str, value: &[u8]) -> bool {
+        self.0.get(&Self::key(network, table, key)) == Some(&xxh3_64(value))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// A simulated host: its sans-IO host (None while crashed) and what it persists across
 /// restarts.
 #[derive(Debug)]
@@ -159,8 +193,8 @@ pub struct SimNode<H> {
     pub persisted_ltime: u64,
     /// Global virtual time of the timer armed on the queue.
     armed: Option<Instant>,
-    /// What this node's watcher has seen: (network, table, key) -> value.
-    pub watched: BTreeMap<(String, String, String), Bytes>,
+    /// What this node's watcher has seen.
+    pub watched: Watched,
     /// Networks the test attached this node to (re-attached after a restart).
     pub networks: BTreeSet<String>,
     pub traffic: Traffic,
@@ -279,7 +313,7 @@ impl<H: Host> Sim<H> {
                 generation: 0,
                 persisted_ltime: 0,
                 armed: None,
-                watched: BTreeMap::new(),
+                watched: Watched::default(),
                 networks: BTreeSet::new(),
                 traffic: Traffic::default(),
                 left: false,
@@ -375,7 +409,7 @@ impl<H: Host> Sim<H> {
         s.node = Some(H::boot(&self.cfg, id, seed, s.persisted_ltime, now));
         s.left = false;
         s.armed = None;
-        s.watched.clear();
+        s.watched.0.clear();
         self.flush(i);
     }
 
@@ -447,22 +481,24 @@ impl<H: Host> Sim<H> {
             }
             _ => return,
         };
-        let k = (t.network.clone(), t.table.clone(), t.key.clone());
-        let seen = self.nodes[i].watched.get(&k);
+        let k = Watched::key(&t.network, &t.table, &t.key);
+        let seen = self.nodes[i].watched.0.get(&k).copied();
+        let prev = t.prev.as_deref().map(xxh3_64);
         let ok = match t.kind {
-            TableEventKind::Create => seen.is_none() && t.prev.is_none() && t.value.is_some(),
-            TableEventKind::Update => seen.is_some() && t.prev.as_ref() == seen && t.value.is_some(),
-            TableEventKind::Delete => seen.is_some() && t.prev.as_ref() == seen && t.value.is_none(),
+            TableEventKind::Create => seen.is_none() && prev.is_none() && t.value.is_some(),
+            TableEventKind::Update => seen.is_some() && prev == seen && t.value.is_some(),
+            TableEventKind::Delete => seen.is_some() && prev == seen && t.value.is_none(),
         };
         if !ok && self.watcher_violation.is_none() {
+            let what = if seen.is_some() { "another value" } else { "nothing" };
             self.watcher_violation = Some(format!(
-                "seed {}: node {i}: {:?} {k:?} prev={:?} but the watcher last saw {:?}",
-                self.seed, t.kind, t.prev, seen
+                "seed {}: node {i}: {:?} {}/{}/{} prev={:?} but the watcher last saw {what}",
+                self.seed, t.kind, t.network, t.table, t.key, t.prev
             ));
         }
         match &t.value {
-            Some(v) => self.nodes[i].watched.insert(k, v.clone()),
-            None => self.nodes[i].watched.remove(&k),
+            Some(v) => self.nodes[i].watched.0.insert(k, xxh3_64(v)),
+            None => self.nodes[i].watched.0.remove(&k),
         };
         if self.record {
             self.arrivals.push((i, self.now - self.t0, t));

@@ -12,7 +12,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::cluster::{NetModel, Sim, mix};
 use crate::host::Host;
-use crate::scenarios::{NET, T, run_until_quiet, settle};
+use crate::scenarios::{NET, T, settle};
 
 /// The quiet perturbations, in the anchor table's order.
 pub const PERTURBATIONS: [&str; 7] = [
@@ -49,6 +49,19 @@ fn sample_until<H: Host>(
     None
 }
 
+/// Runs until `done` holds (checked every 100 ms) and nothing is left to send, at most 60 s:
+/// the state a perturbation starts from.
+fn prepare<H: Host>(c: &mut Sim<H>, mut done: impl FnMut(&Sim<H>) -> bool) -> bool {
+    let end = c.now() + Duration::from_secs(60);
+    while c.now() < end {
+        if done(c) && c.quiet() {
+            return true;
+        }
+        c.run_for(Duration::from_millis(100));
+    }
+    false
+}
+
 /// One sample of one quiet cell: virtual time until the perturbation converged on `n` nodes.
 pub fn cell<H: Host>(perturbation: &str, n: usize, seed: u64) -> Result<Duration, String> {
     if perturbation == CHURN {
@@ -67,8 +80,10 @@ pub fn cell<H: Host>(perturbation: &str, n: usize, seed: u64) -> Result<Duration
         for i in 1..n - 1 {
             c.attach(i, &net2);
         }
-        run_until_quiet(&mut c, Duration::from_secs(30));
-        c.run_for(Duration::from_secs(1));
+        let others = n - 2;
+        if !prepare(&mut c, |c| (0..n - 1).all(|i| c.node(i).network_peer_count(&net2) == others)) {
+            return Err(fail("the attachments to net2 did not settle"));
+        }
     }
     let v = |s: &'static str| Some(Bytes::from_static(s.as_bytes()));
     let got = match perturbation {
@@ -79,9 +94,7 @@ pub fn cell<H: Host>(perturbation: &str, n: usize, seed: u64) -> Result<Duration
         "update-entry" | "delete-entry" => {
             let w = pick(1, n);
             c.write(w, &net1, T, "k", v("v1"))?;
-            run_until_quiet(&mut c, Duration::from_secs(30));
-            c.run_for(Duration::from_secs(1));
-            if !(0..n).all(|i| c.node(i).get_entry(&net1, T, "k").is_some()) {
+            if !prepare(&mut c, |c| (0..n).all(|i| c.node(i).get_entry(&net1, T, "k").is_some())) {
                 return Err(fail("the entry to change did not settle"));
             }
             if perturbation == "update-entry" {
@@ -110,9 +123,7 @@ pub fn cell<H: Host>(perturbation: &str, n: usize, seed: u64) -> Result<Duration
             for k in 0..1000 {
                 c.write(0, &net2, T, &format!("k{k:04}"), v("v"))?;
             }
-            run_until_quiet(&mut c, Duration::from_secs(60));
-            c.run_for(Duration::from_secs(1));
-            if !(0..n - 1).all(|i| c.node(i).table_len(&net2, T) == 1000) {
+            if !prepare(&mut c, |c| (0..n - 1).all(|i| c.node(i).table_len(&net2, T) == 1000)) {
                 return Err(fail("the 1,000 entries did not settle"));
             }
             c.attach(joiner, &net2);
@@ -121,8 +132,9 @@ pub fn cell<H: Host>(perturbation: &str, n: usize, seed: u64) -> Result<Duration
         "leave-network" => {
             let leaver = pick(2, n - 1);
             c.write(leaver, &net2, T, "mine", v("v"))?;
-            run_until_quiet(&mut c, Duration::from_secs(30));
-            c.run_for(Duration::from_secs(1));
+            if !prepare(&mut c, |c| (0..n - 1).all(|i| c.node(i).get_entry(&net2, T, "mine").is_some())) {
+                return Err(fail("the entry to remove did not settle"));
+            }
             c.detach(leaver, &net2);
             let name = c.nodes[leaver].name.clone();
             sample_until(&mut c, limit, |c| {

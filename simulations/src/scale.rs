@@ -37,6 +37,8 @@ pub struct ScaleOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScaleSample {
     pub virtual_time: Duration,
+    /// Nodes that have joined so far.
+    pub joined: usize,
     pub wall: Duration,
     pub rss: Option<u64>,
     pub work: Work,
@@ -49,6 +51,8 @@ pub struct ScaleReport {
     pub seed: u64,
     /// Virtual time simulated (less than asked if the memory cap stopped it).
     pub virtual_time: Duration,
+    /// Nodes that joined (all, unless the memory cap stopped the run during the joins).
+    pub joined: usize,
     pub wall: Duration,
     pub peak_rss: Option<u64>,
     /// When every node saw every other alive, and when every node held every endpoint.
@@ -103,8 +107,10 @@ pub fn scale<H: Host>(
     let mut samples = Vec::new();
     let mut next_sample = Duration::from_secs(5);
     let mut stopped = None;
-    let mut sample = |c: &Sim<H>, samples: &mut Vec<ScaleSample>| -> Option<String> {
-        let s = ScaleSample { virtual_time: c.elapsed(), wall: wall(), rss: current_rss(), work: c.work };
+    let mut joined = 0;
+    let mut sample = |c: &Sim<H>, joined: usize, samples: &mut Vec<ScaleSample>| -> Option<String> {
+        let s =
+            ScaleSample { virtual_time: c.elapsed(), joined, wall: wall(), rss: current_rss(), work: c.work };
         progress(&s);
         let over = o.max_rss.zip(s.rss).filter(|(max, rss)| rss > max);
         samples.push(s);
@@ -123,10 +129,11 @@ pub fn scale<H: Host>(
         for k in 0..o.writes_per_node {
             c.write(i, &id, T, &format!("{}-ep{k}", c.nodes[i].name), Some(value.clone()))?;
         }
+        joined = i + 1;
         c.run_for(spacing);
         if c.elapsed() >= next_sample {
             next_sample += Duration::from_secs(5);
-            if let Some(why) = sample(&c, &mut samples) {
+            if let Some(why) = sample(&c, joined, &mut samples) {
                 stopped = Some(why);
                 break;
             }
@@ -150,7 +157,7 @@ pub fn scale<H: Host>(
         }
         if c.elapsed() >= next_sample {
             next_sample += Duration::from_secs(5);
-            stopped = sample(&c, &mut samples);
+            stopped = sample(&c, joined, &mut samples);
         }
     }
     let (mut msgs, mut bytes) = (0.0, 0.0);
@@ -171,6 +178,7 @@ pub fn scale<H: Host>(
         nodes: n,
         seed: o.seed,
         virtual_time: c.elapsed(),
+        joined,
         wall: wall(),
         peak_rss: peak_rss(),
         membership_converged: membership,

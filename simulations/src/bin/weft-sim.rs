@@ -151,9 +151,9 @@ enum Cmd {
     /// A whole cluster forms (joins spread over a window), attaches to a network, publishes
     /// endpoints and runs to a fixed virtual time: wall time, peak memory, where the work went.
     Scale {
-        /// Cluster sizes, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "2000")]
-        nodes: Vec<usize>,
+        /// Cluster size (one per process: peak memory is the process's).
+        #[arg(long, default_value_t = 2000)]
+        nodes: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Virtual seconds simulated in all.
@@ -168,7 +168,7 @@ enum Cmd {
         /// Stop a run early (and report it) when the process passes this resident memory.
         #[arg(long, value_name = "MiB")]
         max_rss_mib: Option<u64>,
-        /// Print one JSON object per cluster size.
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
         /// Print progress every 5 s of virtual time to stderr.
@@ -370,92 +370,25 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             }
         }
         Cmd::Scale { nodes, seed, duration_s, join_over_s, writes, max_rss_mib, json, progress } => {
-            if let Some(bad) = nodes.iter().find(|&&n| !(2..=60_000).contains(&n)) {
-                return Err(Failure::Usage(format!("--nodes: from 2 to 60000 nodes, got {bad}")));
+            if !(2..=60_000).contains(&nodes) {
+                return Err(Failure::Usage(format!("--nodes: from 2 to 60000 nodes, got {nodes}")));
             }
             if join_over_s >= duration_s {
                 return Err(Failure::Usage(format!(
                     "--join-over-s ({join_over_s}) must be shorter than --duration-s ({duration_s})"
                 )));
             }
-            for &n in &nodes {
-                let o = ScaleOptions {
-                    nodes: n,
-                    seed,
-                    duration: Duration::from_secs(duration_s),
-                    join_over: Duration::from_secs(join_over_s),
-                    seeds: 3,
-                    writes_per_node: writes,
-                    net: NetModel::default(),
-                    max_rss: max_rss_mib.map(|m| m << 20),
-                };
-                let r = scale::<Agent>(&o, |s| {
-                    if progress {
-                        eprintln!(
-                            "  {n} nodes: virtual {:>4.0} s  wall {:>6.1} s  rss {:>6} MiB  datagrams {}",
-                            s.virtual_time.as_secs_f64(),
-                            s.wall.as_secs_f64(),
-                            s.rss.unwrap_or(0) >> 20,
-                            s.work.swim_datagrams + s.work.gossip_datagrams
-                        );
-                    }
-                })?;
-                let mib = |b: Option<u64>| b.map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64);
-                let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
-                if json {
-                    let v = serde_json::json!({
-                        "nodes": n, "seed": seed, "virtual_s": r.virtual_time.as_secs_f64(),
-                        "wall_s": r.wall.as_secs_f64(), "peak_rss_mib": mib(r.peak_rss),
-                        "membership_converged_s": secs(r.membership_converged),
-                        "tables_converged_s": secs(r.tables_converged),
-                        "swim_datagrams": r.work.swim_datagrams, "gossip_datagrams": r.work.gossip_datagrams,
-                        "stream_frames": r.work.stream_frames, "timers": r.work.timers,
-                        "steady_msgs_per_node_per_s": r.steady_msgs_per_node_per_s,
-                        "steady_bytes_per_node_per_s": r.steady_bytes_per_node_per_s,
-                        "stopped": r.stopped, "membership_gap": r.membership_gap,
-                    });
-                    out!("{v}");
-                } else {
-                    out!(
-                        "scale: {n} nodes, seed {seed}, joins over {join_over_s} s, {duration_s} s of virtual time"
-                    );
-                    out!(
-                        "  wall {:.1} s, peak resident {:.0} MiB ({:.1} KiB per node)",
-                        r.wall.as_secs_f64(),
-                        mib(r.peak_rss),
-                        mib(r.peak_rss) * 1024.0 / n as f64
-                    );
-                    let at = |d: Option<Duration>| {
-                        d.map_or("not within the run".to_string(), |d| format!("at {:.1} s", d.as_secs_f64()))
-                    };
-                    out!(
-                        "  membership converged {}, every endpoint everywhere {}",
-                        at(r.membership_converged),
-                        at(r.tables_converged)
-                    );
-                    out!(
-                        "  work: {} SWIM datagrams, {} gossip datagrams, {} stream frames, {} timers",
-                        r.work.swim_datagrams,
-                        r.work.gossip_datagrams,
-                        r.work.stream_frames,
-                        r.work.timers
-                    );
-                    out!(
-                        "  steady traffic (last 10 s): {:.1} msgs/node/s, {:.0} bytes/node/s",
-                        r.steady_msgs_per_node_per_s,
-                        r.steady_bytes_per_node_per_s
-                    );
-                    if let Some(gap) = &r.membership_gap {
-                        out!("  membership at the end: {gap}");
-                    }
-                    if let Some(why) = &r.stopped {
-                        out!(
-                            "  stopped early at {:.0} s of virtual time: {why}",
-                            r.virtual_time.as_secs_f64()
-                        );
-                    }
-                }
-            }
+            let o = ScaleOptions {
+                nodes,
+                seed,
+                duration: Duration::from_secs(duration_s),
+                join_over: Duration::from_secs(join_over_s),
+                seeds: 3,
+                writes_per_node: writes,
+                net: NetModel::default(),
+                max_rss: max_rss_mib.map(|m| m << 20),
+            };
+            run_scale(&o, json, progress)?;
         }
         Cmd::Soak { nodes, duration_s, seed, seeds, networks } => {
             if nodes < 2 {
@@ -495,6 +428,82 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 return Err(Failure::Run(format!("soak failed for seeds {failed:?}")));
             }
         }
+    }
+    Ok(())
+}
+
+fn run_scale(o: &ScaleOptions, json: bool, progress: bool) -> Result<(), Failure> {
+    let n = o.nodes;
+    let r = scale::<Agent>(o, |s| {
+        if progress {
+            eprintln!(
+                "  {n} nodes: virtual {:>4.0} s  wall {:>6.1} s  rss {:>6} MiB  joined {:>5}  datagrams {}",
+                s.virtual_time.as_secs_f64(),
+                s.wall.as_secs_f64(),
+                s.rss.unwrap_or(0) >> 20,
+                s.joined,
+                s.work.swim_datagrams + s.work.gossip_datagrams
+            );
+        }
+    })?;
+    let mib = |b: Option<u64>| b.map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64);
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    if json {
+        let v = serde_json::json!({
+            "nodes": n, "seed": o.seed, "virtual_s": r.virtual_time.as_secs_f64(), "joined": r.joined,
+            "wall_s": r.wall.as_secs_f64(), "peak_rss_mib": mib(r.peak_rss),
+            "membership_converged_s": secs(r.membership_converged),
+            "tables_converged_s": secs(r.tables_converged),
+            "swim_datagrams": r.work.swim_datagrams, "gossip_datagrams": r.work.gossip_datagrams,
+            "stream_frames": r.work.stream_frames, "timers": r.work.timers,
+            "steady_msgs_per_node_per_s": r.steady_msgs_per_node_per_s,
+            "steady_bytes_per_node_per_s": r.steady_bytes_per_node_per_s,
+            "stopped": r.stopped, "membership_gap": r.membership_gap,
+        });
+        out!("{v}");
+        return Ok(());
+    }
+    out!(
+        "scale: {n} nodes, seed {}, joins over {:.0} s, {:.0} s of virtual time",
+        o.seed,
+        o.join_over.as_secs_f64(),
+        o.duration.as_secs_f64()
+    );
+    out!(
+        "  wall {:.1} s, peak resident {:.0} MiB ({:.1} KiB per node)",
+        r.wall.as_secs_f64(),
+        mib(r.peak_rss),
+        mib(r.peak_rss) * 1024.0 / n as f64
+    );
+    let at = |d: Option<Duration>| {
+        d.map_or("not within the run".to_string(), |d| format!("at {:.1} s", d.as_secs_f64()))
+    };
+    out!(
+        "  membership converged {}, every endpoint everywhere {}",
+        at(r.membership_converged),
+        at(r.tables_converged)
+    );
+    out!(
+        "  work: {} SWIM datagrams, {} gossip datagrams, {} stream frames, {} timers",
+        r.work.swim_datagrams,
+        r.work.gossip_datagrams,
+        r.work.stream_frames,
+        r.work.timers
+    );
+    out!(
+        "  steady traffic (last 10 s): {:.1} msgs/node/s, {:.0} bytes/node/s",
+        r.steady_msgs_per_node_per_s,
+        r.steady_bytes_per_node_per_s
+    );
+    if let Some(gap) = &r.membership_gap {
+        out!("  membership at the end: {gap}");
+    }
+    if let Some(why) = &r.stopped {
+        out!(
+            "  stopped early at {:.0} s of virtual time with {} of {n} nodes joined: {why}",
+            r.virtual_time.as_secs_f64(),
+            r.joined
+        );
     }
     Ok(())
 }
