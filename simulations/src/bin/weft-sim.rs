@@ -60,6 +60,7 @@ struct Common {
 impl Common {
     /// The network model, or one line naming the bad argument.
     fn net(&self) -> Result<NetModel, Failure> {
+        check_outputs(&[("--csv", &self.csv), ("--plot", &self.plot)])?;
         if let Some(bad) = self.nodes.iter().find(|&&n| n < 2) {
             return Err(Failure::Usage(format!("--nodes: a cluster needs at least 2 nodes, got {bad}")));
         }
@@ -147,6 +148,9 @@ enum Cmd {
         /// Write every sample as CSV.
         #[arg(long, value_name = "FILE.csv")]
         csv: Option<PathBuf>,
+        /// Draw p99 against cluster size, one line per perturbation, as SVG.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// A whole cluster forms (joins spread over a window), attaches to a network, publishes
     /// endpoints and runs to a fixed virtual time: wall time, peak memory, where the work went.
@@ -174,6 +178,12 @@ enum Cmd {
         /// Print progress every 5 s of virtual time to stderr.
         #[arg(long)]
         progress: bool,
+        /// Write the progress samples (virtual time, wall time, memory, work) as CSV.
+        #[arg(long, value_name = "FILE.csv")]
+        csv: Option<PathBuf>,
+        /// Draw wall time against virtual time as SVG.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// Random mixed load and faults with every checker on, over many seeds: how many pass.
     Soak {
@@ -189,6 +199,9 @@ enum Cmd {
         /// Networks the nodes attach to and detach from.
         #[arg(long, default_value_t = 2)]
         networks: usize,
+        /// Write one row per seed as CSV.
+        #[arg(long, value_name = "FILE.csv")]
+        csv: Option<PathBuf>,
     },
 }
 
@@ -216,6 +229,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Refuses, before anything runs, an output file whose directory does not exist.
+fn check_outputs(outputs: &[(&str, &Option<PathBuf>)]) -> Result<(), Failure> {
+    for (flag, path) in outputs {
+        let Some(path) = path else { continue };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            return Err(Failure::Usage(format!("{flag} {}: no directory {}", path.display(), dir.display())));
+        }
+    }
+    Ok(())
 }
 
 fn ms(d: Duration) -> f64 {
@@ -272,7 +297,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
         }
         Cmd::Partition { common, split_s, writes } => {
             let net = common.net()?;
-            let mut rows = Vec::new();
+            let (mut rows, mut curves) = (Vec::new(), Vec::new());
             for &n in &common.nodes {
                 let mut times = Vec::new();
                 let mut bytes = 0.0;
@@ -288,6 +313,10 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                     bytes += x.repair_bytes_per_node;
                 }
                 let bytes = bytes / common.seeds as f64;
+                curves.push(Series {
+                    label: format!("{n} nodes"),
+                    points: cdf(times.iter().map(|d| d.as_secs_f64()).collect()),
+                });
                 let p = Percentiles::of(times);
                 if common.json {
                     let mut m = common.json(n, p);
@@ -307,8 +336,29 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             if let Some(path) = &common.csv {
                 csv(path, &["nodes", "seed", "reconverged_ms", "repair_bytes_per_node"], &rows)?;
             }
+            if let Some(path) = &common.plot {
+                let title = format!("Back to one table after a {split_s} s split, {writes} writes per side");
+                let chart = Chart {
+                    title: &title,
+                    x_label: "seconds after the heal",
+                    y_label: "fraction of seeds reconverged",
+                    log_x: false,
+                    series: &curves,
+                };
+                svg(path, &chart)?;
+            }
         }
-        Cmd::NetworkdbMatrix { sizes, churn_sizes, samples, large_samples, seed, only, csv: csv_path } => {
+        Cmd::NetworkdbMatrix {
+            sizes,
+            churn_sizes,
+            samples,
+            large_samples,
+            seed,
+            only,
+            csv: csv_path,
+            plot,
+        } => {
+            check_outputs(&[("--csv", &csv_path), ("--plot", &plot)])?;
             if let Some(bad) = sizes.iter().find(|&&n| n < 2) {
                 return Err(Failure::Usage(format!("--sizes: a cluster needs at least 2 nodes, got {bad}")));
             }
@@ -341,6 +391,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             );
             out!("|---|---|---|---:|---:|---:|---:|---:|---:|");
             let mut rows = Vec::new();
+            let mut lines: Vec<Series> = Vec::new();
             for (test, p, n, label) in cells {
                 let k = if n > 25 { large_samples } else { samples };
                 let mut times = Vec::new();
@@ -357,6 +408,10 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 }
                 let slow = times.iter().filter(|d| **d > Duration::from_secs(2)).count();
                 let q = Percentiles::of(times);
+                match lines.iter_mut().find(|l| l.label == p) {
+                    Some(l) => l.points.push((n as f64, q.p99)),
+                    None => lines.push(Series { label: p.to_string(), points: vec![(n as f64, q.p99)] }),
+                }
                 out!(
                     "| {test} | {p} | {label} | {k} | {:.0} | {:.0} | {:.0} | {:.0} | {slow} |",
                     q.p50,
@@ -368,8 +423,30 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             if let Some(path) = &csv_path {
                 csv(path, &["test", "perturbation", "nodes", "seed", "ms"], &rows)?;
             }
+            if let Some(path) = &plot {
+                let chart = Chart {
+                    title: "networkdb's perturbations on weft: p99 until every node agrees",
+                    x_label: "nodes",
+                    y_label: "p99, virtual ms",
+                    log_x: true,
+                    series: &lines,
+                };
+                svg(path, &chart)?;
+            }
         }
-        Cmd::Scale { nodes, seed, duration_s, join_over_s, writes, max_rss_mib, json, progress } => {
+        Cmd::Scale {
+            nodes,
+            seed,
+            duration_s,
+            join_over_s,
+            writes,
+            max_rss_mib,
+            json,
+            progress,
+            csv,
+            plot,
+        } => {
+            check_outputs(&[("--csv", &csv), ("--plot", &plot)])?;
             if !(2..=60_000).contains(&nodes) {
                 return Err(Failure::Usage(format!("--nodes: from 2 to 60000 nodes, got {nodes}")));
             }
@@ -388,9 +465,10 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 net: NetModel::default(),
                 max_rss: max_rss_mib.map(|m| m << 20),
             };
-            run_scale(&o, json, progress)?;
+            run_scale(&o, json, progress, csv, plot)?;
         }
-        Cmd::Soak { nodes, duration_s, seed, seeds, networks } => {
+        Cmd::Soak { nodes, duration_s, seed, seeds, networks, csv: csv_path } => {
+            check_outputs(&[("--csv", &csv_path)])?;
             if nodes < 2 {
                 return Err(Failure::Usage(format!(
                     "--nodes: a cluster needs at least 2 nodes, got {nodes}"
@@ -399,26 +477,52 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             if networks == 0 {
                 return Err(Failure::Usage("--networks must be at least 1".into()));
             }
-            let mut failed = Vec::new();
+            let (mut failed, mut rows) = (Vec::new(), Vec::new());
             for s in seed..seed + seeds {
                 let o = SoakOptions { nodes, seed: s, duration: Duration::from_secs(duration_s), networks };
                 match soak::<Agent>(&o) {
-                    Ok(r) => out!(
-                        "seed {s}: pass ({} writes, {} deletes, {} attaches, {} detaches, {} crashes, {} leaves, {} partitions; converged {:.1} s after the faults)",
-                        r.writes,
-                        r.deletes,
-                        r.attaches,
-                        r.detaches,
-                        r.crashes,
-                        r.leaves,
-                        r.partitions,
-                        r.converged_after.as_secs_f64()
-                    ),
+                    Ok(r) => {
+                        out!(
+                            "seed {s}: pass ({} writes, {} deletes, {} attaches, {} detaches, {} crashes, {} leaves, {} partitions; converged {:.1} s after the faults)",
+                            r.writes,
+                            r.deletes,
+                            r.attaches,
+                            r.detaches,
+                            r.crashes,
+                            r.leaves,
+                            r.partitions,
+                            r.converged_after.as_secs_f64()
+                        );
+                        let counts =
+                            [r.writes, r.deletes, r.attaches, r.detaches, r.crashes, r.leaves, r.partitions];
+                        let mut row = vec![s.to_string(), "pass".into()];
+                        row.extend(counts.iter().map(ToString::to_string));
+                        row.push(format!("{:.0}", ms(r.converged_after)));
+                        rows.push(row);
+                    }
                     Err(e) => {
                         out!("seed {s}: FAIL {e}");
                         failed.push(s);
+                        let mut row = vec![s.to_string(), "fail".into()];
+                        row.extend(std::iter::repeat_n(String::new(), 8));
+                        rows.push(row);
                     }
                 }
+            }
+            if let Some(path) = &csv_path {
+                let header = [
+                    "seed",
+                    "result",
+                    "writes",
+                    "deletes",
+                    "attaches",
+                    "detaches",
+                    "crashes",
+                    "leaves",
+                    "partitions",
+                    "converged_ms",
+                ];
+                csv(path, &header, &rows)?;
             }
             out!(
                 "soak: {} of {seeds} seeds passed ({nodes} nodes, {duration_s} s each)",
@@ -432,7 +536,13 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
     Ok(())
 }
 
-fn run_scale(o: &ScaleOptions, json: bool, progress: bool) -> Result<(), Failure> {
+fn run_scale(
+    o: &ScaleOptions,
+    json: bool,
+    progress: bool,
+    csv_path: Option<PathBuf>,
+    plot: Option<PathBuf>,
+) -> Result<(), Failure> {
     let n = o.nodes;
     let r = scale::<Agent>(o, |s| {
         if progress {
@@ -448,6 +558,34 @@ fn run_scale(o: &ScaleOptions, json: bool, progress: bool) -> Result<(), Failure
     })?;
     let mib = |b: Option<u64>| b.map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64);
     let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    if let Some(path) = &csv_path {
+        let rows: Vec<Vec<String>> = r
+            .samples
+            .iter()
+            .map(|s| {
+                vec![
+                    format!("{:.0}", s.virtual_time.as_secs_f64()),
+                    format!("{:.2}", s.wall.as_secs_f64()),
+                    format!("{:.0}", mib(s.rss)),
+                    s.joined.to_string(),
+                    s.work.swim_datagrams.to_string(),
+                    s.work.gossip_datagrams.to_string(),
+                    s.work.stream_frames.to_string(),
+                    s.work.timers.to_string(),
+                ]
+            })
+            .collect();
+        let header = ["virtual_s", "wall_s", "rss_mib", "joined", "swim", "gossip", "streams", "timers"];
+        csv(path, &header, &rows)?;
+    }
+    if let Some(path) = &plot {
+        let title = format!("Simulating {n} nodes: wall time against virtual time");
+        let points = r.samples.iter().map(|s| (s.virtual_time.as_secs_f64(), s.wall.as_secs_f64())).collect();
+        let series = [Series { label: format!("{n} nodes"), points }];
+        let chart =
+            Chart { title: &title, x_label: "virtual s", y_label: "wall s", log_x: false, series: &series };
+        svg(path, &chart)?;
+    }
     if json {
         let v = serde_json::json!({
             "nodes": n, "seed": o.seed, "virtual_s": r.virtual_time.as_secs_f64(), "joined": r.joined,
@@ -514,6 +652,7 @@ fn run_convergence(
     plot_bandwidth: Option<PathBuf>,
 ) -> Result<(), Failure> {
     let net = common.net()?;
+    check_outputs(&[("--plot-bandwidth", &plot_bandwidth)])?;
     let window = Duration::from_secs(10);
     let (mut rows, mut curves, mut bandwidth) = (Vec::new(), Vec::new(), Vec::new());
     for &n in &common.nodes {
