@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 /// One line of a chart: its legend and its points.
@@ -56,33 +58,51 @@ fn draw(path: &Path, chart: &Chart<'_>) -> Result<(), Box<dyn std::error::Error>
     let mut builder = ChartBuilder::on(&root);
     builder.caption(chart.title, ("sans-serif", 22)).margin(16).x_label_area_size(48).y_label_area_size(72);
     if chart.log_x {
-        let mut c = builder.build_cartesian_2d((x0.max(1e-9)..x1).log_scale(), 0.0..y1)?;
-        c.configure_mesh().x_desc(chart.x_label).y_desc(chart.y_label).draw()?;
-        for (i, s) in chart.series.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
-            c.draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))?
-                .label(s.label.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-            c.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
-        }
-        c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        let c = builder.build_cartesian_2d((x0.max(1e-9)..x1).log_scale(), 0.0..y1)?;
+        lines(c, chart, true, SeriesLabelPosition::UpperRight)?;
     } else {
-        let mut c = builder.build_cartesian_2d(x0.min(0.0)..x1, 0.0..y1)?;
-        c.configure_mesh().x_desc(chart.x_label).y_desc(chart.y_label).draw()?;
-        for (i, s) in chart.series.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
-            c.draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))?
-                .label(s.label.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        }
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        let c = builder.build_cartesian_2d(x0.min(0.0)..x1, 0.0..y1)?;
+        lines(c, chart, false, SeriesLabelPosition::LowerRight)?;
     }
     root.present()?;
     Ok(())
+}
+
+/// Draws the mesh, one line per series (with a dot at each point if `dots`) and the legend.
+fn lines<'a, X>(
+    mut c: ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, RangedCoordf64>>,
+    chart: &Chart<'_>,
+    dots: bool,
+    legend: SeriesLabelPosition,
+) -> Result<(), String>
+where
+    X: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let e = |e: DrawingAreaErrorKind<std::io::Error>| e.to_string();
+    let whole = |v: &f64| format!("{v:.0}");
+    let mut mesh = c.configure_mesh();
+    mesh.x_desc(chart.x_label).y_desc(chart.y_label);
+    if chart.log_x {
+        // Cluster sizes: whole numbers, few enough not to run into each other.
+        mesh.x_labels(6).x_label_formatter(&whole);
+    }
+    mesh.draw().map_err(e)?;
+    for (i, s) in chart.series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        c.draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+            .map_err(e)?
+            .label(s.label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        if dots {
+            c.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(e)?;
+        }
+    }
+    c.configure_series_labels()
+        .position(legend)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)
 }
 
 /// The empirical CDF of `samples` (milliseconds or seconds), as a step curve starting at
