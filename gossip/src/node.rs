@@ -48,6 +48,17 @@ const MAX_KEY_LEN: usize = 1024;
 /// Unseen members announced to per gossip round (see [`crate::discovery`]).
 const DISCOVERY_PER_ROUND: usize = 4;
 
+/// Which of a network's queued events a send carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Push {
+    /// Right after a write: own events and news not relayed yet, with the round's budget.
+    Own,
+    /// `relay_delay` after news arrived: own events and news not relayed yet, one packet.
+    Relay,
+    /// The gossip round: everything queued, within the round's budget.
+    Round,
+}
+
 /// Buckets and their items, for one `SyncSummary` frame.
 type SummaryFrame = (Vec<u32>, Vec<wire::SummaryItem>);
 
@@ -541,7 +552,7 @@ impl GossipNode {
                 if let Some(n) = self.networks.get_mut(&nid) {
                     n.push_now = false;
                 }
-                self.send_queue(&nid, true);
+                self.send_queue(&nid, Push::Own);
             }
         }
         self.transmits.pop_front()
@@ -680,7 +691,7 @@ impl GossipNode {
                             n.relay_pending = false;
                             n.relayed_at = Some(now);
                         }
-                        self.send_queue(&nid, true);
+                        self.send_queue(&nid, Push::Relay);
                     }
                 }
             }
@@ -769,7 +780,7 @@ impl GossipNode {
         // Send the leave records to more peers than usual: this node will not relay them.
         let mut peers = self.pick_peers(CLUSTER_NETWORK, 2 * self.cfg.gossip_fanout);
         peers.sort();
-        self.send_queue_to(CLUSTER_NETWORK, true, &peers);
+        self.send_queue_to(CLUSTER_NETWORK, Push::Own, &peers);
         let result = {
             let mut rt = Outbox {
                 now,
@@ -1553,7 +1564,7 @@ impl GossipNode {
         let nets: Vec<String> = self.networks.keys().cloned().collect();
         for nid in &nets {
             if !self.networks[nid].queue.is_empty() {
-                self.send_queue(nid, false);
+                self.send_queue(nid, Push::Round);
             }
         }
         if self.left {
@@ -1615,20 +1626,21 @@ impl GossipNode {
         }
     }
 
-    fn send_queue(&mut self, network: &str, immediate: bool) {
+    fn send_queue(&mut self, network: &str, push: Push) {
         let peers = self.pick_peers(network, self.cfg.gossip_fanout);
-        self.send_queue_to(network, immediate, &peers);
+        self.send_queue_to(network, push, &peers);
     }
 
     /// One round of a network's queue to `peers`: as many datagrams as the budget allows, the
     /// same datagrams to each peer; events too large for a datagram go by stream.
-    fn send_queue_to(&mut self, network: &str, immediate: bool, peers: &[NodeId]) {
+    fn send_queue_to(&mut self, network: &str, push: Push, peers: &[NodeId]) {
         if peers.is_empty() {
             return;
         }
         let head = self.head();
         let max_packet = self.cfg.max_packet_size;
-        let max_packets = self.cfg.max_packets_per_round;
+        // An early relay sends one packet: a storm's news waits for the round's full packets.
+        let max_packets = if push == Push::Relay { 1 } else { self.cfg.max_packets_per_round };
         let Ok(mut builder) = EventsPacketBuilder::new(&head, network, max_packet) else { return };
         let prefix = builder.prefix_len();
         let empty_room = builder.room();
@@ -1640,7 +1652,7 @@ impl GossipNode {
         let mut big_bytes = 0usize;
         let mut frame_bytes = 0usize;
         let Some(net) = self.networks.get_mut(network) else { return };
-        net.queue.drain(immediate, |enc| {
+        net.queue.drain(push != Push::Round, |enc| {
             if enc.len() > empty_room {
                 if big_bytes > 0 && big_bytes + enc.len() > frame_budget {
                     return Take::Full;
