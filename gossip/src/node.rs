@@ -528,7 +528,10 @@ impl GossipNode {
                 continue;
             }
             let attached = by.get(name).is_some_and(|a| a.attached);
-            let set = self.peers.networks.entry(network.clone()).or_default();
+            let set = match self.peers.networks.get_mut(network) {
+                Some(set) => set,
+                None => self.peers.networks.entry(network.clone()).or_default(),
+            };
             set.set(name, alive.filter(|_| attached));
         }
     }

@@ -631,3 +631,31 @@ fn news_is_relayed_within_the_relay_delay_once_per_gossip_interval() {
     c.run_for(Duration::from_secs(10));
     assert!(c.node(2).get_entry("net1", "endpoints", "second").is_some(), "the round carries it");
 }
+
+#[test]
+fn a_node_that_never_saw_an_owner_restores_its_entries_when_it_returns() {
+    let mut c = Cluster::new(5, 21, Config::lan(5), NetModel::default());
+    let seeds = [c.nodes[0].addr];
+    for i in 0..4 {
+        c.join(i, &seeds);
+    }
+    c.run_for(Duration::from_secs(3));
+    for i in 0..4 {
+        c.attach(i, "net1");
+    }
+    c.write(3, "net1", "endpoints", "ep3", Some(b("three"))).unwrap();
+    c.run_for(Duration::from_secs(2));
+    c.crash(3);
+    c.run_for(Duration::from_secs(20));
+    // Node 4 arrives after node 3 failed: it learns ep3 only as hidden.
+    c.join(4, &seeds);
+    c.attach(4, "net1");
+    c.run_for(Duration::from_secs(12));
+    assert_eq!(c.node(4).get_entry("net1", "endpoints", "ep3"), None);
+    assert!(matches!(c.node(4).table("net1", "endpoints")[0].state, EntryState::Hidden { .. }));
+    c.restart(3, &[0]);
+    c.run_for(Duration::from_secs(10));
+    assert_eq!(c.node(4).get_entry("net1", "endpoints", "ep3"), Some(b("three")), "restored");
+    assert!(c.nodes[4].watched.saw("net1", "endpoints", "ep3"), "and its watcher saw the create");
+    no_violation(&c);
+}
