@@ -78,7 +78,7 @@ impl Common {
     }
 
     fn describe(&self, n: usize) -> String {
-        format!("{n} nodes, loss {}, seeds {}..{}", self.loss, self.seed, self.seed + self.seeds)
+        format!("{n} nodes, loss {}, seeds {} to {}", self.loss, self.seed, self.seed + self.seeds - 1)
     }
 
     /// The JSON fields every scenario reports, with the scenario's percentiles.
