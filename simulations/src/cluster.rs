@@ -823,3 +823,29 @@ impl<H: Host> Sim<H> {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_leave_the_queue_by_time_then_by_the_order_they_were_scheduled() {
+        #[allow(clippy::disallowed_methods)] // an arbitrary origin for virtual time
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut q = BinaryHeap::new();
+        for (seq, ms) in [(1, 5), (2, 1), (3, 5), (4, 0), (5, 1)] {
+            q.push(Reverse(Scheduled { at: at(ms), seq, ev: Ev::Timer { node: 0, at: at(ms) } }));
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop().map(|Reverse(s)| s.seq)).collect();
+        assert_eq!(order, vec![4, 2, 5, 1, 3]);
+    }
+
+    #[test]
+    fn node_seeds_and_addresses_are_distinct() {
+        let seeds: HashSet<u64> = (0..10_000).map(|i| mix(7, i)).collect();
+        assert_eq!(seeds.len(), 10_000);
+        let addrs: HashSet<SocketAddr> = (0..60_000).map(sim_addr).collect();
+        assert_eq!(addrs.len(), 60_000);
+    }
+}
