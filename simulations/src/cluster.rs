@@ -732,10 +732,19 @@ impl<H: Host> Sim<H> {
 
     /// Whether no up node has table events or membership updates left to disseminate.
     pub fn quiet(&self) -> bool {
-        (0..self.nodes.len()).filter(|&i| self.is_up(i)).all(|i| {
+        self.tables_quiet() && self.up().all(|i| self.node(i).membership_backlog() == 0)
+    }
+
+    /// Whether no up node has table events left to disseminate.
+    pub fn tables_quiet(&self) -> bool {
+        self.up().all(|i| {
             let n = self.node(i);
-            n.membership_backlog() == 0 && n.networks().all(|net| n.queue_len(net) == 0)
+            n.networks().all(|net| n.queue_len(net) == 0)
         })
+    }
+
+    fn up(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.nodes.len()).filter(|&i| self.is_up(i))
     }
 
     /// Whether every up node sees every other up node alive.
