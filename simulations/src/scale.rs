@@ -61,6 +61,12 @@ pub struct ScaleReport {
     /// At the end, the first node whose view lacks a member, if any (see
     /// [`Sim::membership_gap_report`]).
     pub membership_gap: Option<String>,
+    /// Wall time spent until membership and the tables had both converged: the cost of
+    /// forming the cluster.
+    pub formed_wall: Option<Duration>,
+    /// Wall seconds per virtual second over the last 10 s of the run (the window of the
+    /// steady traffic figures): the cost of running a formed cluster.
+    pub steady_wall_per_virtual_s: Option<f64>,
     pub work: Work,
     /// Messages and bytes sent per node per second over the last 10 s of the run.
     pub steady_msgs_per_node_per_s: f64,
@@ -151,6 +157,7 @@ pub fn scale<H: Host>(
     let (mut membership, mut tables) = (None, None);
     let before_steady = o.duration.saturating_sub(Duration::from_secs(10));
     let mut steady_from = None;
+    let mut formed = None;
     let mut step_no = 0u64;
     while stopped.is_none() && c.elapsed() < o.duration {
         let step = check_every.min(o.duration - c.elapsed());
@@ -165,17 +172,24 @@ pub fn scale<H: Host>(
             if tables.is_none() && (0..n).all(|i| c.node(i).table_len(&id, T) == want) {
                 tables = Some(c.elapsed());
             }
+            if formed.is_none() && membership.is_some() && tables.is_some() {
+                formed = Some(wall());
+            }
         }
         if steady_from.is_none() && c.elapsed() >= before_steady {
-            steady_from = Some((c.elapsed(), c.nodes.iter().map(|s| s.traffic).collect::<Vec<_>>()));
+            steady_from = Some((c.elapsed(), wall(), c.nodes.iter().map(|s| s.traffic).collect::<Vec<_>>()));
         }
         if c.elapsed() >= next_sample {
             next_sample += Duration::from_secs(5);
             sample(&c, joined, &mut samples);
         }
     }
-    let (mut msgs, mut bytes) = (0.0, 0.0);
-    if let Some((from, before)) = steady_from {
+    let (mut msgs, mut bytes, mut steady_wall_per_virtual_s) = (0.0, 0.0, None);
+    let end_wall = wall();
+    if let Some((from, from_wall, before)) = steady_from {
+        let virt = c.elapsed().saturating_sub(from).as_secs_f64();
+        steady_wall_per_virtual_s =
+            (virt > 0.0).then(|| end_wall.saturating_sub(from_wall).as_secs_f64() / virt);
         let secs = (c.elapsed() - from).as_secs_f64().max(1e-9) * n as f64;
         let (m, b) = c
             .nodes
@@ -193,11 +207,13 @@ pub fn scale<H: Host>(
         seed: o.seed,
         virtual_time: c.elapsed(),
         joined,
-        wall: wall(),
+        wall: end_wall,
         peak_rss: peak_rss(),
         membership_converged: membership,
         tables_converged: tables,
         membership_gap: c.membership_gap_report(),
+        formed_wall: formed,
+        steady_wall_per_virtual_s,
         work: c.work,
         steady_msgs_per_node_per_s: msgs,
         steady_bytes_per_node_per_s: bytes,

@@ -41,7 +41,7 @@ struct Common {
     /// Datagram loss, 0..1.
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
-    /// First seed; seeds `seed..seed+seeds` run.
+    /// First seed: seeds `seed`, `seed+1`, ... up to `seed+seeds-1` run.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
@@ -161,7 +161,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Virtual seconds simulated in all.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, visible_alias = "duration", default_value_t = 60)]
         duration_s: u64,
         /// Joins are spread over this many virtual seconds.
         #[arg(long, default_value_t = 10)]
@@ -190,7 +190,7 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         nodes: usize,
         /// Virtual seconds of load and faults per seed.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, visible_alias = "duration", default_value_t = 60)]
         duration_s: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -592,6 +592,8 @@ fn run_scale(
             "wall_s": r.wall.as_secs_f64(), "peak_rss_mib": mib(r.peak_rss),
             "membership_converged_s": secs(r.membership_converged),
             "tables_converged_s": secs(r.tables_converged),
+            "formed_wall_s": secs(r.formed_wall),
+            "steady_wall_per_virtual_s": r.steady_wall_per_virtual_s,
             "swim_datagrams": r.work.swim_datagrams, "gossip_datagrams": r.work.gossip_datagrams,
             "stream_frames": r.work.stream_frames, "timers": r.work.timers,
             "steady_msgs_per_node_per_s": r.steady_msgs_per_node_per_s,
@@ -621,6 +623,16 @@ fn run_scale(
         at(r.membership_converged),
         at(r.tables_converged)
     );
+    if let Some(w) = r.formed_wall {
+        out!("  until both had converged: {:.1} s of wall time", w.as_secs_f64());
+    }
+    if let Some(per) = r.steady_wall_per_virtual_s {
+        out!(
+            "  the last 10 s: {:.3} s of wall time per virtual second ({:.1} s per virtual minute)",
+            per,
+            per * 60.0
+        );
+    }
     out!(
         "  work: {} SWIM datagrams, {} gossip datagrams, {} stream frames, {} timers",
         r.work.swim_datagrams,
