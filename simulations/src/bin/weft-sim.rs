@@ -395,7 +395,12 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             for (test, p, n, label) in cells {
                 let k = if n > 25 { large_samples } else { samples };
                 let mut times = Vec::new();
-                for s in seed..seed + k {
+                for (i, s) in (seed..seed + k).enumerate() {
+                    // A large cell settles a whole cluster per sample (minutes at 1,000 nodes):
+                    // say where the run is, on stderr so the table stays clean.
+                    if n > 25 {
+                        eprintln!("weft-sim: {p}, {n} nodes: sample {} of {k} (seed {s})", i + 1);
+                    }
                     let d = cell::<Agent>(p, n, s)?;
                     rows.push(vec![
                         test.to_string(),
