@@ -24,6 +24,11 @@ fn bad_arguments_name_the_problem() {
     one_line_error(&sim(&["networkdb-matrix", "--churn-sizes", "2"]), "--churn-sizes");
     one_line_error(&sim(&["scale", "--nodes", "10", "--join-over-s", "60"]), "--join-over-s");
     one_line_error(&sim(&["soak", "--networks", "0"]), "--networks");
+    one_line_error(&sim(&["soak", "--duration", "0"]), "--duration-s");
+    // Clap's own errors, one line too.
+    one_line_error(&sim(&["convergence", "--seeds", "0"]), "--seeds");
+    one_line_error(&sim(&["convergence", "--nodes", "ten"]), "--nodes");
+    one_line_error(&sim(&["frobnicate"]), "frobnicate");
 }
 
 #[test]

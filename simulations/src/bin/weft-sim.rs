@@ -44,7 +44,7 @@ struct Common {
     /// First seed: seeds `seed`, `seed+1`, ... up to `seed+seeds-1` run.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     seeds: u64,
     /// Print one JSON object per cluster size.
     #[arg(long)]
@@ -135,10 +135,10 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "5,10,25")]
         churn_sizes: Vec<usize>,
         /// Samples (seeds) per cell up to 25 nodes.
-        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         samples: u64,
         /// Samples per cell above 25 nodes (each settles a whole cluster).
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         large_samples: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -194,7 +194,7 @@ enum Cmd {
         duration_s: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         seeds: u64,
         /// Networks the nodes attach to and detach from.
         #[arg(long, default_value_t = 2)]
@@ -218,7 +218,21 @@ impl From<String> for Failure {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse().cmd) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print to stdout and succeed.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // No subcommand: the help, as clap prints it.
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        // Clap's own errors add usage and tips; one line names the problem.
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or_default();
+            eprintln!("weft-sim: {} (see --help)", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(e)) => {
             eprintln!("weft-sim: {e}");
@@ -478,6 +492,9 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 return Err(Failure::Usage(format!(
                     "--nodes: a cluster needs at least 2 nodes, got {nodes}"
                 )));
+            }
+            if duration_s == 0 {
+                return Err(Failure::Usage("--duration-s must be at least 1".into()));
             }
             if networks == 0 {
                 return Err(Failure::Usage("--networks must be at least 1".into()));
