@@ -204,6 +204,23 @@ pub struct SimNode<H> {
     clock: (Instant, Instant, f64),
 }
 
+/// The last write a node acknowledged on one key, as the durability checker keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Acked {
+    pub owner: usize,
+    /// The owner's life ([`SimNode::generation`]) when it acknowledged the write: a crash
+    /// loses what the node did not persist, so only the same life is held to it.
+    pub generation: u64,
+    /// What was written; `None` for a delete.
+    pub value: Option<Bytes>,
+    /// Written by more than one node: which version wins is the merge order's business, not
+    /// durability's, so the key is no longer checked.
+    pub contested: bool,
+    /// The owner detached from the network since: its entries went with it until it writes
+    /// again.
+    pub detached: bool,
+}
+
 /// A cluster under test, generic over what runs on each host.
 pub struct Sim<H> {
     pub seed: u64,
@@ -222,6 +239,9 @@ pub struct Sim<H> {
     stream_tail: HashMap<(usize, usize), Instant>,
     /// A violation of the watcher contract, if one happened.
     pub watcher_violation: Option<String>,
+    /// The durability checker's ledger: per (network, table, key), the last write a node
+    /// acknowledged (see [`check`](Self::check)).
+    pub acked: BTreeMap<(String, String, String), Acked>,
     /// Table events seen, per node, with their virtual arrival time (when recording).
     pub record: bool,
     pub arrivals: Vec<(usize, Duration, TableEvent)>,
@@ -291,6 +311,7 @@ impl<H: Host> Sim<H> {
             blocked: HashSet::new(),
             stream_tail: HashMap::new(),
             watcher_violation: None,
+            acked: BTreeMap::new(),
             record: false,
             arrivals: Vec::new(),
             messages: vec![Vec::new(); n],
@@ -424,6 +445,17 @@ impl<H: Host> Sim<H> {
     /// Node `i`'s host.
     pub fn host(&self, i: usize) -> &H {
         self.nodes[i].node.as_ref().expect("node is up")
+    }
+
+    /// Live entries of a table at node `i`: what its reads and watchers see (not tombstones,
+    /// not entries hidden while their owner is failed).
+    pub fn live_len(&self, i: usize, network: &str, table: &str) -> usize {
+        let mut n = 0;
+        self.node(i).walk(network, table, |_, _, _| {
+            n += 1;
+            true
+        });
+        n
     }
 
     /// Node `i`'s gossip core, for reads.
@@ -652,6 +684,11 @@ impl<H: Host> Sim<H> {
     pub fn detach(&mut self, i: usize, network: &str) {
         self.nodes[i].networks.remove(network);
         self.with(i, |n, now| n.detach(now, network)).expect("detach");
+        for ((net, _, _), a) in self.acked.iter_mut() {
+            if a.owner == i && net == network {
+                a.detached = true;
+            }
+        }
     }
 
     /// Node `i` writes `value` under `key` (create or update; `None` deletes).
@@ -663,7 +700,68 @@ impl<H: Host> Sim<H> {
         key: &str,
         value: Option<Bytes>,
     ) -> Result<(), String> {
-        self.with(i, |n, now| n.write(now, network, table, key, value))
+        let written = value.clone();
+        self.with(i, |n, now| n.write(now, network, table, key, value))?;
+        let generation = self.nodes[i].generation;
+        let k = (network.to_string(), table.to_string(), key.to_string());
+        let fresh = Acked { owner: i, generation, value: written, contested: false, detached: false };
+        match self.acked.get_mut(&k) {
+            Some(a) => *a = Acked { contested: a.contested || a.owner != i, ..fresh },
+            None => {
+                self.acked.insert(k, fresh);
+            }
+        }
+        Ok(())
+    }
+
+    /// The acknowledged writes the checkers hold nodes to: not contested, not detached from,
+    /// and written by an owner that is up in the same life.
+    fn checkable(&self) -> impl Iterator<Item = (&(String, String, String), &Acked)> + '_ {
+        self.acked.iter().filter(|(_, a)| {
+            !a.contested
+                && !a.detached
+                && self.is_up(a.owner)
+                && self.nodes[a.owner].generation == a.generation
+        })
+    }
+
+    /// The checkers every scenario runs alongside: the watcher contract (every node's table
+    /// events form create, updates, delete, `prev` being what it reported last) and
+    /// durability (an owner, up since, holds every write it acknowledged, as written). The
+    /// error names the seed.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(v) = &self.watcher_violation {
+            return Err(format!("watcher contract broken: {v}"));
+        }
+        for ((net, table, key), a) in self.checkable() {
+            let got = self.node(a.owner).get_entry(net, table, key);
+            if got != a.value {
+                return Err(format!(
+                    "seed {}: durability: node {} lost its own write {net}/{table}/{key}: holds {got:?}, \
+                     acknowledged {:?}",
+                    self.seed, a.owner, a.value
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// No lost entry: the first acknowledged write (see [`check`](Self::check)) that a node
+    /// attached to its network does not hold as written. Holds once the cluster has
+    /// converged.
+    pub fn lost_entry(&self) -> Option<String> {
+        for ((net, table, key), a) in self.checkable() {
+            for i in self.attached(net) {
+                let got = self.node(i).get_entry(net, table, key);
+                if got != a.value {
+                    return Some(format!(
+                        "node {i} has {net}/{table}/{key} = {got:?}, owner {} acknowledged {:?}",
+                        a.owner, a.value
+                    ));
+                }
+            }
+        }
+        None
     }
 
     // ----- faults ----------------------------------------------------------------------------

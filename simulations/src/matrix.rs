@@ -123,11 +123,11 @@ pub fn cell<H: Host>(perturbation: &str, n: usize, seed: u64) -> Result<Duration
             for k in 0..1000 {
                 c.write(0, &net2, T, &format!("k{k:04}"), v("v"))?;
             }
-            if !prepare(&mut c, |c| (0..n - 1).all(|i| c.node(i).table_len(&net2, T) == 1000)) {
+            if !prepare(&mut c, |c| (0..n - 1).all(|i| c.live_len(i, &net2, T) == 1000)) {
                 return Err(fail("the 1,000 entries did not settle"));
             }
             c.attach(joiner, &net2);
-            sample_until(&mut c, limit, |c| c.node(joiner).table_len(&net2, T) == 1000)
+            sample_until(&mut c, limit, |c| c.live_len(joiner, &net2, T) == 1000)
         }
         "leave-network" => {
             let leaver = pick(2, n - 1);
@@ -146,7 +146,9 @@ pub fn cell<H: Host>(perturbation: &str, n: usize, seed: u64) -> Result<Duration
         }
         other => return Err(format!("unknown perturbation {other:?}")),
     };
-    got.ok_or_else(|| fail("did not converge within 120 s"))
+    let got = got.ok_or_else(|| fail("did not converge within 120 s"))?;
+    c.check().map_err(|e| fail(&e))?;
+    Ok(got)
 }
 
 /// Steps of the churn cell: every 20 ms, 8 junk writes (up to 2,000 in all), and every fifth
@@ -202,6 +204,7 @@ pub fn churn_cell<H: Host>(n: usize, seed: u64) -> Result<Duration, String> {
     let mut next_step = c.elapsed() + STEP;
     loop {
         if steady.iter().all(|&i| c.node(i).get_entry(&net, T, "probe").is_some()) {
+            c.check().map_err(|e| fail(&e))?;
             return Ok(c.elapsed() - start);
         }
         if c.elapsed() - start > limit {

@@ -169,7 +169,7 @@ pub fn scale<H: Host>(
             if membership.is_none() && c.membership_converged() {
                 membership = Some(c.elapsed());
             }
-            if tables.is_none() && (0..n).all(|i| c.node(i).table_len(&id, T) == want) {
+            if tables.is_none() && (0..n).all(|i| c.live_len(i, &id, T) == want) {
                 tables = Some(c.elapsed());
             }
             if formed.is_none() && membership.is_some() && tables.is_some() {
@@ -199,9 +199,7 @@ pub fn scale<H: Host>(
             .fold((0u64, 0u64), |(m, b), t| (m + t.messages(), b + t.bytes()));
         (msgs, bytes) = (m as f64 / secs, b as f64 / secs);
     }
-    if let Some(v) = &c.watcher_violation {
-        return Err(v.clone());
-    }
+    c.check()?;
     Ok(ScaleReport {
         nodes: n,
         seed: o.seed,

@@ -119,8 +119,8 @@ pub fn burst_convergence<H: Host>(
         let v = Bytes::from(format!("value-{k}"));
         c.write(writer, &id, T, &format!("key-{k:05}"), Some(v))?;
     }
-    let done =
-        c.run_until(start + limit, |c| (0..c.nodes.len()).all(|i| c.node(i).table_len(&id, T) >= keys));
+    let done = c.run_until(start + limit, |c| (0..c.nodes.len()).all(|i| c.live_len(i, &id, T) >= keys));
+    c.check()?;
     Ok(done.then(|| c.now() - start))
 }
 
@@ -191,6 +191,7 @@ pub fn convergence<H: Host>(
         sent.datagram_bytes += d.datagram_bytes;
         sent.stream_bytes += d.stream_bytes;
     }
+    c.check()?;
     Ok(ConvergenceSample {
         arrivals: arrivals.into_iter().map(|a| a.unwrap_or(last)).collect(),
         last,
@@ -248,6 +249,7 @@ pub fn failure_detection<H: Host>(n: usize, seed: u64, net: NetModel) -> Result<
         .filter(|(i, _)| *i != victim)
         .map(|(_, t)| t.unwrap_or_default())
         .collect();
+    c.check()?;
     Ok(DetectionSample { detected, per_node, false_failures })
 }
 
@@ -291,12 +293,17 @@ pub fn partition<H: Host>(
             return false;
         }
         next_check = c.now() + Duration::from_millis(10);
-        (0..c.nodes.len()).all(|i| c.node(i).table_len(&id, T) >= want)
+        // Live entries: one hidden while its owner is still thought failed is not there yet.
+        (0..c.nodes.len()).all(|i| c.live_len(i, &id, T) == want)
     });
     if !done {
         return Err(format!("seed {seed}: not reconverged 300 s after healing"));
     }
     let after: u64 = c.nodes.iter().map(|s| s.traffic.bytes()).sum();
+    c.check()?;
+    if let Some(lost) = c.lost_entry() {
+        return Err(format!("seed {seed}: a write made during the partition is lost: {lost}"));
+    }
     Ok(PartitionSample {
         reconverged: c.elapsed() - start,
         repair_bytes_per_node: (after - before) as f64 / n as f64,

@@ -57,8 +57,6 @@ pub struct SoakReport {
 
 /// What an owner's acknowledged writes say a key must hold: the owner, the life (generation)
 /// that wrote it, and Some(value) or None (deleted).
-type Expected = BTreeMap<(String, String), (usize, u64, Option<Bytes>)>;
-
 /// How long after the faults stop every checker must pass: failure detection and the
 /// rejoin of a healed partition, then a few anti-entropy rounds.
 pub fn bound(cfg: &Config) -> Duration {
@@ -87,7 +85,6 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
     c.run_for(Duration::from_secs(3));
     let nets: Vec<String> = (0..o.networks).map(|k| c.define_network(0, &format!("net{k}"))).collect();
     let mut report = SoakReport { seed, ..SoakReport::default() };
-    let mut expected = Expected::new();
     // Nodes down (crashed or left) and when they come back.
     let mut down: BTreeMap<usize, Duration> = BTreeMap::new();
     // When the current partition or network fault ends.
@@ -131,7 +128,6 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
                 } else {
                     report.deletes += 1;
                 }
-                expected.insert((net, key), (i, c.nodes[i].generation, value));
             }
             45..60 => {
                 let net = nets[rng.random_range(0..nets.len())].clone();
@@ -139,8 +135,6 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
                     if rng.random_bool(0.4) {
                         c.detach(i, &net);
                         report.detaches += 1;
-                        let owner = format!("{}/", c.nodes[i].name);
-                        expected.retain(|(nt, k), _| !(*nt == net && k.starts_with(&owner)));
                     }
                 } else {
                     c.attach(i, &net);
@@ -186,20 +180,8 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
             84..88 => c.set_clock_rate(i, rng.random_range(0.95..1.05)),
             _ => {}
         }
-        // Durability, all along: an owner holds what it acknowledged.
-        for ((net, key), (owner, life, want)) in &expected {
-            if c.is_up(*owner) && c.nodes[*owner].generation == *life {
-                let got = c.node(*owner).get_entry(net, T, key);
-                if got != *want {
-                    return Err(fail(format!(
-                        "owner {owner} lost its own write {net}/{key}: holds {got:?}, acknowledged {want:?}"
-                    )));
-                }
-            }
-        }
-        if let Some(v) = &c.watcher_violation {
-            return Err(fail(format!("watcher contract broken: {v}")));
-        }
+        // The watcher contract and durability, all along.
+        c.check().map_err(fail)?;
     }
     // The faults stop: heal, calm the network, bring every node back.
     c.heal();
@@ -209,39 +191,18 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
     }
     let stop = c.elapsed();
     let converged = c.run_until(c.now() + limit, |c| {
-        c.membership_converged() && c.divergence(&nets).is_none() && missing(c, &expected).is_none()
+        c.membership_converged() && c.divergence(&nets).is_none() && c.lost_entry().is_none()
     });
     if !converged {
         return Err(fail(format!(
             "not converged {limit:?} after the faults stopped: membership gap {:?}, divergence {:?}, lost {:?}",
             c.membership_gap(),
             c.divergence(&nets),
-            missing(&c, &expected)
+            c.lost_entry()
         )));
     }
-    if let Some(v) = &c.watcher_violation {
-        return Err(fail(format!("watcher contract broken: {v}")));
-    }
+    c.check().map_err(fail)?;
     report.converged_after = c.elapsed() - stop;
     report.trace = c.trace_hash();
     Ok(report)
-}
-
-/// The first acknowledged write (of an owner up since it wrote it) that an attached node does
-/// not hold as written.
-fn missing<H: Host>(c: &Sim<H>, expected: &Expected) -> Option<String> {
-    for ((net, key), (owner, life, want)) in expected {
-        if !c.is_up(*owner) || c.nodes[*owner].generation != *life {
-            continue;
-        }
-        for i in c.attached(net) {
-            let got = c.node(i).get_entry(net, T, key);
-            if got != *want {
-                return Some(format!(
-                    "node {i} has {net}/{key} = {got:?}, owner {owner} acknowledged {want:?}"
-                ));
-            }
-        }
-    }
-    None
 }

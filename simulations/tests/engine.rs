@@ -114,3 +114,46 @@ fn the_per_second_series_adds_up_to_the_totals() {
     assert_eq!((dg, st, msgs), total);
     assert!(c.per_second.len() >= 16, "one slot per virtual second: {}", c.per_second.len());
 }
+
+#[test]
+fn the_durability_checker_catches_an_owner_losing_its_own_write_and_only_that() {
+    let v = |s: &str| Some(Bytes::from(s.to_string()));
+    let mut c = formed(4, 11, NetModel::default());
+    c.write(0, "net1", "endpoints", "mine", v("a")).unwrap();
+    c.write(1, "net1", "endpoints", "shared", v("b")).unwrap();
+    c.write(2, "net1", "endpoints", "shared", v("c")).unwrap();
+    c.write(3, "net1", "endpoints", "gone", v("d")).unwrap();
+    c.run_for(Duration::from_secs(2));
+    c.check().unwrap();
+    assert_eq!(c.lost_entry(), None);
+    // Two writers of one key: whichever the merge order picks, nobody lost anything.
+    assert!(c.acked[&("net1".into(), "endpoints".into(), "shared".into())].contested);
+    // An owner that detached, or crashed and came back, is no longer held to its writes.
+    c.detach(3, "net1");
+    c.crash(1);
+    c.run_for(Duration::from_secs(1));
+    c.restart(1, &[0]);
+    c.run_for(Duration::from_secs(5));
+    c.check().unwrap();
+    // A delete the checker never saw acknowledged: to it, node 0 lost its own write.
+    c.with(0, |n, now| n.delete_entry(now, "net1", "endpoints", "mine")).unwrap();
+    let err = c.check().unwrap_err();
+    assert!(
+        err.contains("seed 11") && err.contains("node 0 lost its own write net1/endpoints/mine"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_lost_entry_checker_names_a_node_without_a_write_until_it_arrives() {
+    let mut c = formed(3, 12, NetModel::default());
+    c.run_for(Duration::from_secs(2));
+    c.partition(&[vec![0, 1], vec![2]]);
+    c.write(0, "net1", "endpoints", "k", Some(Bytes::from_static(b"v"))).unwrap();
+    c.run_for(Duration::from_secs(1));
+    let lost = c.lost_entry().expect("node 2 is cut off");
+    assert!(lost.starts_with("node 2 has net1/endpoints/k = None"), "{lost}");
+    c.heal();
+    assert!(c.run_until(c.now() + Duration::from_secs(60), |c| c.lost_entry().is_none()));
+    c.check().unwrap();
+}
