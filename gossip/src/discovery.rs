@@ -9,7 +9,7 @@
 //! hundreds of others join learns the rest only from random 30-member feeds: minutes at 2,000
 //! nodes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,7 +56,7 @@ struct Pending {
 /// Names to announce to, ordered by when.
 #[derive(Debug, Default)]
 pub(crate) struct Discovery {
-    queue: BTreeMap<(Instant, Arc<str>), ()>,
+    queue: BTreeSet<(Instant, Arc<str>)>,
     by_name: HashMap<Arc<str>, Pending>,
 }
 
@@ -75,7 +75,7 @@ impl Discovery {
             self.queue.remove(&(p.due, name.clone()));
         }
         self.by_name.insert(name.clone(), Pending { due: now, attempts: 0, addr });
-        self.queue.insert((now, name.clone()), ());
+        self.queue.insert((now, name.clone()));
     }
 
     /// Membership has seen `name` (or it left): stop announcing to it.
@@ -90,11 +90,10 @@ impl Discovery {
     pub fn due(&mut self, now: Instant, k: usize) -> Vec<SocketAddr> {
         let mut out = Vec::new();
         while out.len() < k {
-            let Some(entry) = self.queue.first_entry() else { break };
-            if entry.key().0 > now {
+            if self.queue.first().is_none_or(|(due, _)| *due > now) {
                 break;
             }
-            let (_, name) = entry.remove_entry().0;
+            let Some((_, name)) = self.queue.pop_first() else { break };
             let Some(p) = self.by_name.get_mut(&name) else { continue };
             out.push(p.addr);
             p.attempts += 1;
@@ -104,7 +103,7 @@ impl Discovery {
             }
             let backoff = FIRST_BACKOFF.saturating_mul(1 << (p.attempts - 1).min(5)).min(MAX_BACKOFF);
             p.due = now + backoff;
-            self.queue.insert((p.due, name), ());
+            self.queue.insert((p.due, name));
         }
         out
     }

@@ -1745,14 +1745,19 @@ impl GossipNode {
         true
     }
 
-    /// A datagram of table events, decoded in place. Most of what gossip delivers is a version
-    /// this node already holds; those are counted and skipped before anything is allocated.
+    /// A datagram of table events, decoded in place.
     fn handle_events(&mut self, now: Instant, head: Head, network: &str, events: &[WireEntryRef<'_>]) {
-        if !self.accept_head(&head) {
-            return;
+        if self.accept_head(&head) {
+            self.apply_events(now, network, events);
         }
+    }
+
+    /// Applies gossiped events (from a datagram or, when too large for one, a stream). Most of
+    /// what gossip delivers is a version this node already holds; those are counted, credited
+    /// to the queue's blind counter, and skipped before anything is allocated.
+    fn apply_events(&mut self, now: Instant, network: &str, events: &[WireEntryRef<'_>]) {
         for e in events {
-            if !valid_entry(e.ltime, e.table, e.key, e.owner) || !self.plausible_ltime(e.ltime) {
+            if !valid_entry(e) || !self.plausible_ltime(e.ltime) {
                 self.stats.decode_errors += 1;
                 continue;
             }
@@ -1783,13 +1788,8 @@ impl GossipNode {
         }
         match body {
             Body::Events { network, events } => {
-                for e in events {
-                    if !valid_entry(e.ltime, &e.table, &e.key, &e.owner) || !self.plausible_ltime(e.ltime) {
-                        self.stats.decode_errors += 1;
-                        continue;
-                    }
-                    self.apply(now, &network, e, Origin::Gossip);
-                }
+                let events: Vec<WireEntryRef<'_>> = events.iter().map(WireEntry::borrowed).collect();
+                self.apply_events(now, &network, &events);
             }
             Body::SyncDigest { network, sync_id, buckets } => {
                 self.on_sync_digest(&head.from, network, sync_id, buckets)
@@ -1967,7 +1967,7 @@ impl GossipNode {
         }
         let mut relayed = 0;
         for e in entries {
-            if !valid_entry(e.ltime, &e.table, &e.key, &e.owner) || !self.plausible_ltime(e.ltime) {
+            if !valid_entry(&e.borrowed()) || !self.plausible_ltime(e.ltime) {
                 self.stats.decode_errors += 1;
                 continue;
             }
@@ -2045,14 +2045,14 @@ fn wire_size(e: &WireEntry) -> usize {
     e.value.len() + e.key.len() + e.table.len() + e.owner.len() + 48
 }
 
-fn valid_entry(ltime: u64, table: &str, key: &str, owner: &str) -> bool {
-    ltime < MAX_LTIME
-        && !table.is_empty()
-        && table.len() <= MAX_NAME_LEN
-        && !key.is_empty()
-        && key.len() <= MAX_KEY_LEN
-        && !owner.is_empty()
-        && owner.len() <= MAX_NAME_LEN
+fn valid_entry(e: &WireEntryRef<'_>) -> bool {
+    e.ltime < MAX_LTIME
+        && !e.table.is_empty()
+        && e.table.len() <= MAX_NAME_LEN
+        && !e.key.is_empty()
+        && e.key.len() <= MAX_KEY_LEN
+        && !e.owner.is_empty()
+        && e.owner.len() <= MAX_NAME_LEN
 }
 
 #[cfg(test)]
@@ -2207,6 +2207,28 @@ mod tests {
         // Duplicates cancel at most a quarter: the rest still go out.
         assert_eq!(left(&p.a), 1, "a rumour everyone repeats keeps most of its transmissions");
         assert_eq!(p.a.networks["net1"].queue.transmissions_left(), before - before / 4);
+    }
+
+    #[test]
+    fn a_duplicate_that_arrives_by_stream_counts_like_one_by_datagram() {
+        let mut p = Pair::new(Config::default());
+        let now = p.now;
+        p.a.join_network(now, "net1").unwrap();
+        p.b.join_network(now, "net1").unwrap();
+        p.run(Duration::from_secs(1));
+        p.b.create_entry(now, "net1", "t", "k", Bytes::from_static(b"v")).unwrap();
+        let pushed = sent(&mut p.b);
+        for t in &pushed {
+            p.a.handle_datagram(now, addr(2), &t.bytes);
+        }
+        let before = p.a.networks["net1"].queue.transmissions_left();
+        let stale = p.a.stats().entries_stale;
+        // Events too large for a datagram travel in the same frame over a stream.
+        for t in &pushed {
+            p.a.handle_stream(now, addr(2), &t.bytes);
+        }
+        assert_eq!(p.a.stats().entries_stale, stale + 1);
+        assert_eq!(p.a.networks["net1"].queue.transmissions_left(), before - 1);
     }
 
     #[test]

@@ -133,6 +133,21 @@ pub struct WireEntry {
     pub value: Bytes,
 }
 
+impl WireEntry {
+    /// This entry as a [`WireEntryRef`], borrowing its fields.
+    pub fn borrowed(&self) -> WireEntryRef<'_> {
+        WireEntryRef {
+            table: &self.table,
+            key: &self.key,
+            owner: &self.owner,
+            ltime: self.ltime,
+            flags: self.flags,
+            reap_in_ms: self.reap_in_ms,
+            value: &self.value,
+        }
+    }
+}
+
 /// A [`WireEntry`] borrowed from the datagram it arrived in: decoding it allocates nothing, so
 /// the duplicates gossip delivers (every event reaches a node many times) cost a lookup, not
 /// four allocations.

@@ -814,6 +814,49 @@ mod tests {
         }
     }
 
+    /// A driver's watcher that ignores everything (the tests read the tables directly).
+    struct Ignore;
+
+    impl TableWatcher for Ignore {
+        fn event_notify(&mut self, _: &str, _: &str, _: &str, _: Option<&[u8]>, _: Option<&[u8]>) {}
+
+        fn decode_table_entry(&self, _: &str, key: &str, _: &[u8]) -> (String, BTreeMap<String, String>) {
+            (key.to_string(), BTreeMap::new())
+        }
+    }
+
+    #[test]
+    fn a_network_attached_by_id_before_its_definition_arrives_takes_driver_writes() {
+        let mut net = Net::new(2);
+        let v = Bytes::from_static(b"10.0.0.2");
+        for a in &mut net.agents {
+            let spec = TableSpec::node_owned(ObjectType::Endpoint);
+            a.register_table("eps", spec, Box::new(Ignore)).unwrap();
+            let refused =
+                a.register_table(NETWORKS_TABLE, TableSpec::cluster(ObjectType::Network), Box::new(Ignore));
+            assert!(matches!(refused, Err(AgentError::Reserved(_))), "{refused:?}");
+        }
+        // a2 is restarting: it re-attaches by id before the definition reaches it.
+        net.cut = true;
+        let now = net.now;
+        let def = net.agents[0].create_network(now, "green", "overlay", &[], None).unwrap();
+        let a2 = &mut net.agents[1];
+        assert!(a2.resolve("green").is_err(), "the definition has not arrived");
+        a2.reattach(now, &def.id).unwrap();
+        a2.table_put(now, &def.id, "eps", "ep2", v.clone(), true).unwrap();
+        assert_eq!(a2.table_get(&def.id, "eps", "ep2").unwrap(), Some(v.clone()));
+        net.cut = false;
+        net.run(Duration::from_secs(5));
+        assert_eq!(net.agents[0].table_get("green", "eps", "ep2").unwrap(), Some(v), "it replicated");
+        // Detaching by id works whatever a2 knows of the definition, and only once.
+        let now = net.now;
+        let a2 = &mut net.agents[1];
+        a2.detach_id(now, &def.id).unwrap();
+        assert!(matches!(a2.detach_id(now, &def.id), Err(AgentError::NotAttached(_))));
+        net.run(Duration::from_secs(5));
+        assert_eq!(net.agents[0].table_get("green", "eps", "ep2").unwrap(), None, "its entries went with it");
+    }
+
     #[test]
     fn network_definitions_are_cluster_wide_and_validated() {
         let mut net = Net::new(3);

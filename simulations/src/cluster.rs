@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
+use weft_gossip::wire::{self, FrameType};
 use weft_gossip::{
     CLUSTER_NETWORK, Config, Event, GossipNode, NodeId, TableEvent, TableEventKind, Transmit, TransmitKind,
 };
@@ -614,7 +615,7 @@ impl<H: Host> Sim<H> {
                     let Some(node) = self.nodes[to].node.as_mut() else { continue };
                     match kind {
                         TransmitKind::Datagram => {
-                            if bytes.get(3) == Some(&1) {
+                            if wire::open_envelope(&bytes).is_ok_and(|(ty, _)| ty == FrameType::Swim) {
                                 self.work.swim_datagrams += 1;
                             } else {
                                 self.work.gossip_datagrams += 1;
@@ -825,7 +826,7 @@ impl<H: Host> Sim<H> {
 
     /// Nodes up and attached to `network`.
     pub fn attached(&self, network: &str) -> Vec<usize> {
-        (0..self.nodes.len()).filter(|&i| self.is_up(i) && self.node(i).is_attached(network)).collect()
+        self.up().filter(|&i| self.node(i).is_attached(network)).collect()
     }
 
     /// Whether no up node has table events or membership updates left to disseminate.
@@ -852,7 +853,7 @@ impl<H: Host> Sim<H> {
 
     /// The first up node `i` that does not see up node `j`'s current identity alive.
     pub fn membership_gap(&self) -> Option<(usize, usize)> {
-        let up: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.is_up(i)).collect();
+        let up: Vec<usize> = self.up().collect();
         // A node that counts fewer alive members than there are up nodes has a gap: look
         // only at it (the full check is O(n^2)).
         let short =
@@ -880,10 +881,8 @@ impl<H: Host> Sim<H> {
             .filter(|m| m.id.name == id.name)
             .map(|m| format!("{:?} {}", m.id, m.state.as_str()))
             .collect();
-        let up = (0..self.nodes.len()).filter(|&k| self.is_up(k)).count();
-        let short = (0..self.nodes.len())
-            .filter(|&k| self.is_up(k) && self.node(k).network_peer_count(CLUSTER_NETWORK) + 1 < up)
-            .count();
+        let up = self.up().count();
+        let short = self.up().filter(|&k| self.node(k).network_peer_count(CLUSTER_NETWORK) + 1 < up).count();
         Some(format!(
             "node {i} lacks node {j}'s current {id:?}, holds {held:?}; {short} of {up} up nodes see too few members"
         ))
@@ -892,7 +891,7 @@ impl<H: Host> Sim<H> {
     /// Each up node's view of the members, for failure messages.
     pub fn membership_report(&self) -> String {
         let mut out = String::new();
-        for i in (0..self.nodes.len()).filter(|&i| self.is_up(i)) {
+        for i in self.up() {
             let n = self.node(i);
             let view: Vec<String> =
                 n.members().iter().map(|m| format!("{:?}={}", m.id, m.state.as_str())).collect();

@@ -12,7 +12,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::cluster::{NetModel, Sim, mix};
 use crate::host::Host;
-use crate::scenarios::{NET, T, settle};
+use crate::scenarios::{NET, T, run_until_holds, settle};
 
 /// The quiet perturbations, in the anchor table's order.
 pub const PERTURBATIONS: [&str; 7] = [
@@ -52,14 +52,7 @@ fn sample_until<H: Host>(
 /// Runs until `done` holds (checked every 100 ms) and nothing is left to send, at most 60 s:
 /// the state a perturbation starts from.
 fn prepare<H: Host>(c: &mut Sim<H>, mut done: impl FnMut(&Sim<H>) -> bool) -> bool {
-    let end = c.now() + Duration::from_secs(60);
-    while c.now() < end {
-        if done(c) && c.quiet() {
-            return true;
-        }
-        c.run_for(Duration::from_millis(100));
-    }
-    false
+    run_until_holds(c, Duration::from_secs(60), |c| done(c) && c.quiet())
 }
 
 /// One sample of one quiet cell: virtual time until the perturbation converged on `n` nodes.

@@ -56,7 +56,11 @@ pub const NET: &str = "net1";
 pub const T: &str = "endpoints";
 
 /// Runs until `done` holds (checked every 100 ms), at most `limit`; whether it did.
-pub fn run_until_holds<H: Host>(c: &mut Sim<H>, limit: Duration, done: impl Fn(&Sim<H>) -> bool) -> bool {
+pub fn run_until_holds<H: Host>(
+    c: &mut Sim<H>,
+    limit: Duration,
+    mut done: impl FnMut(&Sim<H>) -> bool,
+) -> bool {
     let end = c.now() + limit;
     while c.now() < end {
         if done(c) {
