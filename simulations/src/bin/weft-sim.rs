@@ -199,6 +199,9 @@ enum Cmd {
         /// Networks the nodes attach to and detach from.
         #[arg(long, default_value_t = 2)]
         networks: usize,
+        /// Run every seed twice and fail unless both runs' traces are identical.
+        #[arg(long)]
+        check_determinism: bool,
         /// Write one row per seed as CSV.
         #[arg(long, value_name = "FILE.csv")]
         csv: Option<PathBuf>,
@@ -486,7 +489,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             };
             run_scale(&o, json, progress, csv, plot)?;
         }
-        Cmd::Soak { nodes, duration_s, seed, seeds, networks, csv: csv_path } => {
+        Cmd::Soak { nodes, duration_s, seed, seeds, networks, check_determinism, csv: csv_path } => {
             check_outputs(&[("--csv", &csv_path)])?;
             if nodes < 2 {
                 return Err(Failure::Usage(format!(
@@ -502,10 +505,24 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             let (mut failed, mut rows) = (Vec::new(), Vec::new());
             for s in seed..seed + seeds {
                 let o = SoakOptions { nodes, seed: s, duration: Duration::from_secs(duration_s), networks };
-                match soak::<Agent>(&o) {
+                let run = soak::<Agent>(&o).and_then(|r| {
+                    if !check_determinism {
+                        return Ok(r);
+                    }
+                    let again = soak::<Agent>(&o)?;
+                    if again.trace != r.trace {
+                        return Err(format!(
+                            "two runs of the same seed differ (trace {:016x} vs {:016x})",
+                            r.trace, again.trace
+                        ));
+                    }
+                    Ok(r)
+                });
+                match run {
                     Ok(r) => {
                         out!(
-                            "seed {s}: pass ({} writes, {} deletes, {} attaches, {} detaches, {} crashes, {} leaves, {} partitions; converged {:.1} s after the faults)",
+                            "seed {s}: pass, trace {:016x} ({} writes, {} deletes, {} attaches, {} detaches, {} crashes, {} leaves, {} partitions; converged {:.1} s after the faults)",
+                            r.trace,
                             r.writes,
                             r.deletes,
                             r.attaches,
@@ -520,13 +537,14 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                         let mut row = vec![s.to_string(), "pass".into()];
                         row.extend(counts.iter().map(ToString::to_string));
                         row.push(format!("{:.0}", ms(r.converged_after)));
+                        row.push(format!("{:016x}", r.trace));
                         rows.push(row);
                     }
                     Err(e) => {
                         out!("seed {s}: FAIL {e}");
                         failed.push(s);
                         let mut row = vec![s.to_string(), "fail".into()];
-                        row.extend(std::iter::repeat_n(String::new(), 8));
+                        row.extend(std::iter::repeat_n(String::new(), 9));
                         rows.push(row);
                     }
                 }
@@ -543,6 +561,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                     "leaves",
                     "partitions",
                     "converged_ms",
+                    "trace",
                 ];
                 csv(path, &header, &rows)?;
             }
