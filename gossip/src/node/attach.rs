@@ -1,0 +1,266 @@
+//! Network attachments: attaching and detaching this node, and the index of every node's
+//! attachment records (the [`ATTACH_TABLE`]) with its consequences.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::discovery::AttachRecord;
+use crate::error::Error;
+use crate::event::{DownReason, Event, MemberState, TableEvent, TableEventKind};
+use crate::store::{MergeRule, NetState, TableKind, VersionRef, fingerprint};
+
+use super::{ATTACH_TABLE, CLUSTER_NETWORK, GossipNode, MAX_NAME_LEN, check_name};
+
+/// How long a restarted node waits before detaching networks only a previous life attached.
+const SELF_DETACH_GRACE: Duration = Duration::from_secs(10);
+
+/// The index of attachment records and what derives from it.
+#[derive(Debug, Default)]
+pub(super) struct Attachments {
+    /// Per network, per node: the latest attachment record.
+    pub(super) index: BTreeMap<String, BTreeMap<Arc<str>, Attachment>>,
+    /// Nodes attached per network, this one included when attached.
+    pub(super) attached_count: BTreeMap<String, usize>,
+    /// Networks a previous life of this node attached and this one did not, with when to
+    /// detach them (see `on_attachment`).
+    pub(super) stale_self: BTreeMap<String, Instant>,
+}
+
+/// A network attachment record, as indexed from [`ATTACH_TABLE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Attachment {
+    pub(super) generation: u64,
+    pub(super) ltime: u64,
+    pub(super) attached: bool,
+}
+
+/// Attachment records order by the writer's generation first, so a restarted node that lost its
+/// Lamport clock still re-attaches.
+#[derive(Debug)]
+pub(super) struct AttachRule;
+
+impl MergeRule for AttachRule {
+    fn compare(&self, a: &VersionRef<'_>, b: &VersionRef<'_>) -> Ordering {
+        let generation =
+            |v: &VersionRef<'_>| AttachRecord::decode(v.value).map(|r| r.generation).unwrap_or(0);
+        generation(a).cmp(&generation(b))
+    }
+}
+
+pub(super) fn attach_key(network: &str, node: &str) -> String {
+    format!("{network} {node}")
+}
+
+impl GossipNode {
+    /// Attaches this node to `network`: peers learn it cluster-wide, and the node syncs the
+    /// network's tables with a few attached peers at once. Attaching twice is a no-op.
+    pub fn join_network(&mut self, now: Instant, network: &str) -> Result<(), Error> {
+        self.tick(now);
+        self.check_live()?;
+        check_name("network id", network, MAX_NAME_LEN)?;
+        if self.networks.contains_key(network) {
+            return Ok(());
+        }
+        self.networks.insert(network.to_string(), NetState::new(self.cfg.join_sync_peers, self.hash_seed));
+        self.write_attachment(now, network, true);
+        // Catch up at once, not at the next gossip round: a node joining a populated network
+        // has its tables one round trip later (peers answer a sync whoever asks).
+        if !self.membership.left {
+            self.initial_syncs(now, network);
+        }
+        Ok(())
+    }
+
+    /// Detaches from `network`: peers remove this node's entries there, and this node forgets
+    /// the network's tables (watchers see a delete for every live entry).
+    pub fn leave_network(&mut self, now: Instant, network: &str) -> Result<(), Error> {
+        self.tick(now);
+        self.check_live()?;
+        if network == CLUSTER_NETWORK {
+            return Err(Error::ReservedNetwork(network.to_string()));
+        }
+        let Some(net) = self.networks.remove(network) else {
+            return Err(Error::NotAttached(network.to_string()));
+        };
+        for (table, entries) in net.tables {
+            for (key, e) in entries {
+                if let Some(v) = e.visible() {
+                    let ev = TableEvent {
+                        kind: TableEventKind::Delete,
+                        network: network.to_string(),
+                        table: table.clone(),
+                        key,
+                        owner: e.owner.to_string(),
+                        prev: Some(v.clone()),
+                        value: None,
+                    };
+                    self.emit(ev);
+                }
+            }
+        }
+        self.syncs.retain(|_, s| s.network != network);
+        self.write_attachment(now, network, false);
+        Ok(())
+    }
+
+    pub(super) fn write_attachment(&mut self, now: Instant, network: &str, attached: bool) {
+        let value = AttachRecord { generation: self.id.generation, attached, addr: self.id.addr }.encode();
+        let key = attach_key(network, &self.id.name);
+        let _ = self.write_local(now, CLUSTER_NETWORK, ATTACH_TABLE, &key, Some(value));
+    }
+
+    /// Applies a stored attachment record (own or remote; `deleted` if it is a tombstone) to
+    /// the index and its consequences.
+    pub(super) fn on_attachment(
+        &mut self,
+        now: Instant,
+        key: &str,
+        ltime: u64,
+        deleted: bool,
+        r: AttachRecord,
+    ) {
+        let Some((network, node)) = key.split_once(' ') else { return };
+        let AttachRecord { generation, attached, addr } = r;
+        let rec = Attachment { generation, ltime, attached: attached && !deleted };
+        let by = match self.attach.index.get_mut(network) {
+            Some(by) => by,
+            None => self.attach.index.entry(network.to_string()).or_default(),
+        };
+        let node: Arc<str> = by.get_key_value(node).map_or_else(|| Arc::from(node), |(k, _)| k.clone());
+        let prev = by.insert(node.clone(), rec);
+        let was_attached = prev.is_some_and(|p| p.attached);
+        if was_attached != rec.attached {
+            let count = self.attach.attached_count.entry(network.to_string()).or_default();
+            *count = if rec.attached { *count + 1 } else { count.saturating_sub(1) };
+        }
+        self.refresh_peer(&node);
+        if *node == *self.id.name {
+            // A previous life of this node attached a network this life has not: say it left,
+            // or peers would keep it (and its old entries) attached forever.
+            // Not at once: until a grace period has passed without anyone else claiming this
+            // node's name, the record may be another node's (a misconfigured twin).
+            if rec.attached
+                && generation < self.id.generation
+                && !self.networks.contains_key(network)
+                && !self.membership.left
+            {
+                self.attach.stale_self.entry(network.to_string()).or_insert(now + SELF_DETACH_GRACE);
+            }
+            return;
+        }
+        if network == CLUSTER_NETWORK {
+            // A member the table knows and membership has never seen: go and find it.
+            if rec.attached && !self.membership.members.contains_key(&node) && !self.membership.left {
+                self.membership.discovery.want(&node, addr, now);
+            } else if !rec.attached {
+                self.membership.discovery.forget(&node);
+            }
+        }
+        if prev.map(|p| p.attached) != Some(rec.attached) {
+            self.events.push_back(Event::NetworkPeer {
+                network: network.to_string(),
+                node: node.to_string(),
+                attached: rec.attached,
+            });
+        }
+        if rec.attached {
+            return;
+        }
+        // Detached (or left the cluster): its node-owned entries written before go.
+        let nets: Vec<String> = if network == CLUSTER_NETWORK {
+            self.networks.keys().cloned().collect()
+        } else if self.networks.contains_key(network) {
+            vec![network.to_string()]
+        } else {
+            Vec::new()
+        };
+        for nid in nets {
+            self.remove_owned_before(now, &nid, &node, rec.ltime);
+        }
+        if network == CLUSTER_NETWORK
+            && let Some(m) = self.membership.members.get_mut(&node)
+            && m.id.generation <= generation
+            && m.state != MemberState::Left
+        {
+            m.state = MemberState::Left;
+            m.since = now;
+            let id = m.id.clone();
+            self.refresh_peer(&node);
+            tracing::info!(member = %id, "member left");
+            self.events.push_back(Event::MemberDown { id, reason: DownReason::Left });
+        }
+    }
+
+    /// Turns every node-owned entry of `owner` in `network` written before `ltime` into a
+    /// tombstone (the owner detached or left after writing it).
+    fn remove_owned_before(&mut self, now: Instant, network: &str, owner: &str, ltime: u64) {
+        let Some(net) = self.networks.get(network) else { return };
+        let mut doomed = Vec::new();
+        for (table, entries) in &net.tables {
+            if self.table_kind(table, None) == TableKind::Cluster {
+                continue;
+            }
+            for (key, e) in entries {
+                if *e.owner == *owner && !e.deleted && !e.cluster && e.ltime < ltime {
+                    doomed.push((table.clone(), key.clone()));
+                }
+            }
+        }
+        for (table, key) in doomed {
+            let net = self.networks.get_mut(network).expect("checked");
+            let Some(old) = net.get(&table, &key).cloned() else { continue };
+            let mut e = old.clone();
+            e.deleted = true;
+            e.hidden = false;
+            e.reap_at = Some(now + self.cfg.reap_after);
+            e.updated = now;
+            e.fp = fingerprint(e.keyhash, e.ltime, &e.owner, true, &e.value);
+            net.put(&table, &key, e);
+            if let Some(v) = old.visible() {
+                let ev = TableEvent {
+                    kind: TableEventKind::Delete,
+                    network: network.to_string(),
+                    table,
+                    key,
+                    owner: owner.to_string(),
+                    prev: Some(v.clone()),
+                    value: None,
+                };
+                self.emit(ev);
+            }
+        }
+    }
+
+    /// The Lamport time after which `owner` is gone from `network` (detached, or left the
+    /// cluster), if it is.
+    pub(super) fn detached_since(&self, network: &str, owner: &str) -> Option<u64> {
+        let gone = |n: &str| self.attach.index.get(n)?.get(owner).filter(|a| !a.attached).map(|a| a.ltime);
+        gone(network).max(gone(CLUSTER_NETWORK))
+    }
+
+    pub(super) fn detach_stale_self_attachments(&mut self, now: Instant) {
+        if self.attach.stale_self.is_empty() || self.membership.left {
+            return;
+        }
+        if self.membership.name_contested {
+            self.attach.stale_self.clear();
+            return;
+        }
+        let due: Vec<String> =
+            self.attach.stale_self.iter().filter(|(_, at)| **at <= now).map(|(n, _)| n.clone()).collect();
+        for network in due {
+            self.attach.stale_self.remove(&network);
+            let still = self
+                .attach
+                .index
+                .get(&network)
+                .and_then(|by| by.get(&self.id.name))
+                .is_some_and(|a| a.attached && a.generation < self.id.generation);
+            if still && !self.networks.contains_key(&network) {
+                self.write_attachment(now, &network, false);
+            }
+        }
+    }
+}

@@ -1,0 +1,344 @@
+use super::attach::attach_key;
+use super::*;
+use crate::discovery::AttachRecord;
+use crate::event::TransmitKind;
+use crate::watcher::{TableWatcher, Watchers};
+use crate::wire::{Body, FLAG_CLUSTER, Head, WireEntry};
+use bytes::Bytes;
+use std::sync::Mutex;
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, i], 7946))
+}
+
+fn node(i: u8, cfg: Config, now: Instant) -> GossipNode {
+    GossipNode::new(cfg, NodeId::new(format!("n{i}"), addr(i), 1), i as u64, 0, now).unwrap()
+}
+
+/// Two nodes wired back to back; every transmit is delivered at once.
+struct Pair {
+    a: GossipNode,
+    b: GossipNode,
+    now: Instant,
+    /// Stream frames sent, per sender (0 = a), with their body's kind.
+    frames: Vec<(usize, Transmit)>,
+}
+
+impl Pair {
+    fn new(cfg: Config) -> Self {
+        let now = Instant::now();
+        let mut p = Pair { a: node(1, cfg.clone(), now), b: node(2, cfg, now), now, frames: Vec::new() };
+        p.a.join(now, &[addr(2)]).unwrap();
+        p.run(Duration::from_secs(2));
+        assert!(p.a.is_connected() && p.b.is_connected());
+        p
+    }
+
+    fn pump(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(t) = self.a.poll_transmit() {
+                moved = true;
+                if t.kind == TransmitKind::Stream {
+                    self.frames.push((0, t.clone()));
+                    self.b.handle_stream(self.now, addr(1), &t.bytes);
+                } else {
+                    self.b.handle_datagram(self.now, addr(1), &t.bytes);
+                }
+            }
+            while let Some(t) = self.b.poll_transmit() {
+                moved = true;
+                if t.kind == TransmitKind::Stream {
+                    self.frames.push((1, t.clone()));
+                    self.a.handle_stream(self.now, addr(2), &t.bytes);
+                } else {
+                    self.a.handle_datagram(self.now, addr(2), &t.bytes);
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += Duration::from_millis(10);
+            self.a.handle_timeout(self.now);
+            self.b.handle_timeout(self.now);
+            self.pump();
+        }
+    }
+}
+
+/// The datagrams `n` has to send, drained.
+fn sent(n: &mut GossipNode) -> Vec<Transmit> {
+    std::iter::from_fn(|| n.poll_transmit()).collect()
+}
+
+#[test]
+fn a_member_only_the_attachment_table_names_is_announced_to_with_backoff() {
+    let mut p = Pair::new(Config::default());
+    // b tells a of "ghost", a node a's membership never heard of.
+    let ghost = addr(9);
+    let rec = AttachRecord { generation: 1, attached: true, addr: ghost };
+    let head = Head { from: p.b.id.clone(), ltime: p.b.clock };
+    let w = WireEntry {
+        table: ATTACH_TABLE.into(),
+        key: attach_key(CLUSTER_NETWORK, "ghost"),
+        owner: "ghost".into(),
+        ltime: 5,
+        flags: FLAG_CLUSTER,
+        reap_in_ms: 0,
+        value: rec.encode(),
+    };
+    let bytes = wire::encode_packet(&Packet {
+        head,
+        body: Body::Events { network: CLUSTER_NETWORK.into(), events: vec![w] },
+    })
+    .unwrap();
+    p.a.handle_datagram(p.now, addr(2), &bytes);
+    let announces = |ts: &[Transmit]| {
+        ts.iter()
+            .filter(|t| {
+                t.dst == ghost && wire::open_envelope(&t.bytes).is_ok_and(|(ty, _)| ty == FrameType::Swim)
+            })
+            .count()
+    };
+    let mut at = Vec::new();
+    for step in 0..400 {
+        let now = p.now + Duration::from_millis(10 * step);
+        p.a.handle_timeout(now);
+        if announces(&sent(&mut p.a)) > 0 {
+            at.push(step * 10);
+        }
+    }
+    assert!(!at.is_empty() && at[0] <= 200, "announced within a gossip round: {at:?}");
+    assert!(at.len() >= 2, "retried while unanswered: {at:?}");
+    assert!(at[1] - at[0] >= 2000, "backed off: {at:?}");
+    // Once membership has seen it, discovery stops.
+    p.a.member_up(p.now, NodeId::new("ghost", ghost, 1));
+    assert_eq!(p.a.membership.discovery.len(), 0);
+}
+
+#[test]
+fn a_duplicate_costs_its_receiver_one_retransmission() {
+    let mut p = Pair::new(Config::default());
+    let now = p.now;
+    p.a.join_network(now, "net1").unwrap();
+    p.b.join_network(now, "net1").unwrap();
+    p.run(Duration::from_secs(1));
+    p.b.create_entry(now, "net1", "t", "k", Bytes::from_static(b"v")).unwrap();
+    // b's immediate push reaches a, which queues the event to relay.
+    let pushed = sent(&mut p.b);
+    for t in &pushed {
+        p.a.handle_datagram(now, addr(2), &t.bytes);
+    }
+    let left = |n: &GossipNode| n.networks["net1"].queue.len();
+    assert_eq!(left(&p.a), 1);
+    let before = p.a.networks["net1"].queue.transmissions_left();
+    // Hearing it again from b burns one of a's transmissions, never a's copy of the entry.
+    for t in &pushed {
+        p.a.handle_datagram(now, addr(2), &t.bytes);
+    }
+    assert_eq!(p.a.networks["net1"].queue.transmissions_left(), before - 1);
+    assert_eq!(p.a.get_entry("net1", "t", "k"), Some(Bytes::from_static(b"v")));
+    for _ in 0..before {
+        for t in &pushed {
+            p.a.handle_datagram(now, addr(2), &t.bytes);
+        }
+    }
+    // Duplicates cancel at most a quarter: the rest still go out.
+    assert_eq!(left(&p.a), 1, "a rumour everyone repeats keeps most of its transmissions");
+    assert_eq!(p.a.networks["net1"].queue.transmissions_left(), before - before / 4);
+}
+
+#[test]
+fn a_duplicate_that_arrives_by_stream_counts_like_one_by_datagram() {
+    let mut p = Pair::new(Config::default());
+    let now = p.now;
+    p.a.join_network(now, "net1").unwrap();
+    p.b.join_network(now, "net1").unwrap();
+    p.run(Duration::from_secs(1));
+    p.b.create_entry(now, "net1", "t", "k", Bytes::from_static(b"v")).unwrap();
+    let pushed = sent(&mut p.b);
+    for t in &pushed {
+        p.a.handle_datagram(now, addr(2), &t.bytes);
+    }
+    let before = p.a.networks["net1"].queue.transmissions_left();
+    let stale = p.a.stats().entries_stale;
+    // Events too large for a datagram travel in the same frame over a stream.
+    for t in &pushed {
+        p.a.handle_stream(now, addr(2), &t.bytes);
+    }
+    assert_eq!(p.a.stats().entries_stale, stale + 1);
+    assert_eq!(p.a.networks["net1"].queue.transmissions_left(), before - 1);
+}
+
+#[test]
+fn a_large_summary_is_split_by_bucket_within_the_frame_limit() {
+    let mut p = Pair::new(Config { max_stream_frame: 64 << 10, ..Config::default() });
+    let now = p.now;
+    p.a.join_network(now, "net1").unwrap();
+    // b attaches but hears nothing of a's writes: drop a's transmits.
+    for k in 0..6000 {
+        p.a.create_entry(now, "net1", "t", &format!("k{k:05}"), Bytes::from_static(b"v")).unwrap();
+    }
+    while p.a.poll_transmit().is_some() {}
+    p.a.networks.get_mut("net1").unwrap().queue = Default::default();
+    // Only b may start syncs, so a is the one answering with a summary.
+    p.a.cfg.max_concurrent_syncs = 0;
+    p.b.join_network(now, "net1").unwrap();
+    p.frames.clear();
+    // b asks (it syncs on attach); a answers with its summary.
+    p.run(Duration::from_millis(500));
+    let summaries: Vec<Packet> = p
+        .frames
+        .iter()
+        .filter(|(from, _)| *from == 0)
+        .map(|(_, t)| wire::decode_packet(&t.bytes).unwrap())
+        .filter(|pk| matches!(&pk.body, Body::SyncSummary { network, .. } if network == "net1"))
+        .collect();
+    assert!(summaries.len() >= 2, "{} summary frames", summaries.len());
+    let lasts: Vec<bool> =
+        summaries.iter().map(|pk| matches!(pk.body, Body::SyncSummary { last, .. } if last)).collect();
+    assert_eq!(lasts.iter().filter(|l| **l).count(), 1);
+    assert!(*lasts.last().unwrap());
+    assert!(p.frames.iter().all(|(_, t)| t.bytes.len() <= 64 << 10));
+    assert_eq!(p.b.entry_count("net1"), 6000);
+    assert_eq!(p.b.stats().decode_errors, 0);
+}
+
+#[test]
+fn syncs_of_many_networks_complete_and_none_starves() {
+    let mut p = Pair::new(Config::default());
+    let now = p.now;
+    for k in 0..40 {
+        p.a.join_network(now, &format!("net{k:02}")).unwrap();
+        p.b.join_network(now, &format!("net{k:02}")).unwrap();
+    }
+    p.run(Duration::from_secs(3));
+    // A write on the network that sorts last, whose gossip is lost.
+    p.b.create_entry(p.now, "net39", "t", "k", Bytes::from_static(b"v")).unwrap();
+    while p.b.poll_transmit().is_some() {}
+    p.b.networks.get_mut("net39").unwrap().queue = Default::default();
+    p.run(Duration::from_secs(30));
+    assert_eq!(p.a.get_entry("net39", "t", "k"), Some(Bytes::from_static(b"v")), "repaired");
+    // Identical digests are answered, so requests do not sit in the table until they time out.
+    assert!(
+        p.a.syncs.len() <= 4 && p.b.syncs.len() <= 4,
+        "{} / {} syncs open",
+        p.a.syncs.len(),
+        p.b.syncs.len()
+    );
+    assert!(p.a.stats().syncs_started > 41 * 4, "every network synced: {}", p.a.stats().syncs_started);
+}
+
+#[test]
+fn a_clock_near_overflow_from_a_peer_is_refused() {
+    let now = Instant::now();
+    let mut n = node(1, Config::default(), now);
+    let before = n.ltime();
+    let entry = |ltime| WireEntry {
+        table: "t".into(),
+        key: "k".into(),
+        owner: "n9".into(),
+        ltime,
+        flags: 0,
+        reap_in_ms: 0,
+        value: Bytes::from_static(b"x"),
+    };
+    let far = before + MAX_LTIME_JUMP + 1;
+    for (head_ltime, entry_ltime) in [(u64::MAX, 1), (1, u64::MAX), (MAX_LTIME, 1), (far, 1), (1, far)] {
+        let head = Head { from: NodeId::new("n9", addr(9), 1), ltime: head_ltime };
+        let body = Body::Events { network: "cluster".into(), events: vec![entry(entry_ltime)] };
+        n.handle_datagram(now, addr(9), &wire::encode_packet(&Packet { head, body }).unwrap());
+    }
+    assert_eq!(n.ltime(), before, "the clock did not move");
+    assert_eq!(n.stats().decode_errors, 5);
+    n.create_entry(now, "cluster", "t", "mine", Bytes::from_static(b"ok")).unwrap();
+    assert!(GossipNode::new(Config::default(), NodeId::new("x", addr(3), 1), 0, MAX_LTIME, now).is_err());
+}
+
+#[derive(Default)]
+struct Recorder(Arc<Mutex<Vec<String>>>);
+
+impl TableWatcher for Recorder {
+    fn event_notify(&mut self, nid: &str, table: &str, key: &str, prev: Option<&[u8]>, value: Option<&[u8]>) {
+        let s = |v: Option<&[u8]>| v.map(|b| String::from_utf8_lossy(b).into_owned());
+        self.0.lock().unwrap().push(format!("{nid}/{table}/{key} {:?}->{:?}", s(prev), s(value)));
+    }
+
+    fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
+        let mut m = BTreeMap::new();
+        m.insert("Host IP".to_string(), String::from_utf8_lossy(value).into_owned());
+        (key.to_string(), m)
+    }
+}
+
+#[test]
+fn watchers_see_registered_tables_only_with_prev_values() {
+    let now = Instant::now();
+    let mut n = node(1, Config::default(), now);
+    n.create_entry(now, "cluster", "peers", "ep0", Bytes::from_static(b"10.0.0.0")).unwrap();
+    n.create_entry(now, "cluster", "other", "x", Bytes::from_static(b"y")).unwrap();
+    assert!(std::iter::from_fn(|| n.poll_event()).all(|e| !matches!(e, Event::Table(_))), "unregistered");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut w = Watchers::new();
+    w.register("peers", ObjectType::Endpoint, Box::new(Recorder(log.clone())));
+    n.register_table("peers", TableSpec::node_owned(ObjectType::Endpoint)).unwrap();
+    n.update_entry(now, "cluster", "peers", "ep0", Bytes::from_static(b"10.0.0.1")).unwrap();
+    n.delete_entry(now, "cluster", "peers", "ep0").unwrap();
+    n.update_entry(now, "cluster", "other", "x", Bytes::from_static(b"z")).unwrap();
+    while let Some(e) = n.poll_event() {
+        if let Event::Table(t) = e {
+            assert!(w.dispatch(&t), "only registered tables produce events");
+        }
+    }
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![
+            "cluster/peers/ep0 None->Some(\"10.0.0.0\")".to_string(),
+            "cluster/peers/ep0 Some(\"10.0.0.0\")->Some(\"10.0.0.1\")".to_string(),
+            "cluster/peers/ep0 Some(\"10.0.0.1\")->None".to_string(),
+        ]
+    );
+    let (id, fields) = w.decode("peers", "ep7", b"192.0.2.1").unwrap();
+    assert_eq!(id, "ep7");
+    assert_eq!(fields["Host IP"], "192.0.2.1");
+    assert!(w.decode("other", "x", b"z").is_none());
+    assert!(n.register_table("weft:mine", TableSpec::cluster(ObjectType::Opaque)).is_err());
+}
+
+#[test]
+fn a_write_always_wins_over_the_version_it_replaces() {
+    let now = Instant::now();
+    let mut n = node(1, Config::default(), now);
+    // A peer's version with a far higher clock arrives first.
+    let head = Head { from: NodeId::new("n9", addr(9), 1), ltime: 1 };
+    let e = WireEntry {
+        table: "t".into(),
+        key: "k".into(),
+        owner: "n9".into(),
+        ltime: 1_000,
+        flags: 0,
+        reap_in_ms: 0,
+        value: Bytes::from_static(b"theirs"),
+    };
+    let frame = wire::encode_packet(&Packet {
+        head,
+        body: Body::Events { network: "cluster".into(), events: vec![e] },
+    })
+    .unwrap();
+    n.handle_datagram(now, addr(9), &frame);
+    assert_eq!(n.get_entry("cluster", "t", "k"), Some(Bytes::from_static(b"theirs")));
+    assert!(n.ltime() >= 1_000, "the clock witnessed the peer's");
+    n.update_entry(now, "cluster", "t", "k", Bytes::from_static(b"mine")).unwrap();
+    let v = n.table("cluster", "t");
+    assert_eq!((v[0].owner.as_str(), v[0].ltime), ("n1", 1_001));
+    // A stale copy of the old version changes nothing and is counted.
+    n.handle_datagram(now, addr(9), &frame);
+    assert_eq!(n.get_entry("cluster", "t", "k"), Some(Bytes::from_static(b"mine")));
+    assert_eq!(n.stats().entries_stale, 1);
+}
