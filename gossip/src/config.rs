@@ -38,6 +38,9 @@ pub struct Config {
     pub max_sync_relays: usize,
     /// Tombstones, and entries hidden because their owner failed, are kept this long.
     pub reap_after: Duration,
+    /// A member that stopped for a restart (announced) keeps its entries live this long; then
+    /// they are hidden like a failed member's, unless a new life of it came up first.
+    pub restart_grace: Duration,
     /// Largest datagram the node sends or accepts.
     pub max_packet_size: usize,
     /// Largest stream frame the node sends or accepts.
@@ -87,6 +90,7 @@ impl Config {
             join_sync_peers: 3,
             max_sync_relays: 256,
             reap_after: Duration::from_secs(30 * 60),
+            restart_grace: Duration::from_secs(60),
             max_packet_size: 1400,
             max_stream_frame: 16 << 20,
             max_entries_per_frame: 8192,
@@ -100,6 +104,16 @@ impl Config {
     pub fn retransmits(&self, n: usize) -> u32 {
         let digits = ((n + 1) as f64).log10().ceil() as u32;
         self.retransmit_mult * digits.max(1)
+    }
+
+    /// How long entries of an owner that membership does not know at all stay live, counted
+    /// from the first of its entries: the time SWIM takes to declare a member down (its
+    /// suspicion timeout) plus the longest gap between two discovery announces to it
+    /// ([`crate::discovery::MAX_BACKOFF`]). A live owner is known well before that; an owner
+    /// this node has only heard of through its entries (it failed before this node joined) is
+    /// hidden after it.
+    pub fn unknown_owner_grace(&self) -> Duration {
+        self.membership.suspect_to_down_after + crate::discovery::MAX_BACKOFF
     }
 
     pub(crate) fn validate(&self) -> Result<(), crate::Error> {

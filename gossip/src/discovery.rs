@@ -1,7 +1,8 @@
-//! Member discovery through the replicated attachment table.
+//! Node records, attachment records, and member discovery through them.
 //!
-//! Every node writes a record to the cluster network's attachment table when it starts: its
-//! generation, and its gossip address. The table is repaired by anti-entropy like any other,
+//! Every node writes one record, `weft:nodes/<name>` in the cluster network, when it starts: its
+//! instance, generation, gossip address and data-plane address, and whether it is up, stopped
+//! for a restart, or left (a tombstone). The table is repaired by anti-entropy like any other,
 //! so each node learns of every other within a few sync rounds, whatever SWIM's piggybacked
 //! updates missed. A node named in the table that membership has never seen is announced to
 //! (foca answers an announce with the target's view and learns the announcer), a few per
@@ -10,7 +11,7 @@
 //! nodes.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,9 +40,42 @@ impl AttachRecord {
     }
 }
 
+/// What a node's record says of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeStatus {
+    Up,
+    /// Stopped for a restart: peers keep its entries live for `Config::restart_grace`.
+    Restarting,
+    /// Left the cluster for good (the record is a tombstone): peers delete its entries.
+    Left,
+}
+
+/// The value of a node record (table `weft:nodes`, key: the node's name). Records of one name
+/// order by generation first, so a newer life's record wins whatever its Lamport time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub instance: u64,
+    pub generation: u64,
+    /// Gossip address.
+    pub addr: SocketAddr,
+    /// Data-plane (VTEP) address.
+    pub data_addr: IpAddr,
+    pub status: NodeStatus,
+}
+
+impl NodeRecord {
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(wire::encode(self).expect("a record encodes"))
+    }
+
+    pub fn decode(value: &[u8]) -> Result<Self, WireError> {
+        wire::decode(value)
+    }
+}
+
 /// First retry after an unanswered announce; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(2);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Announces to one name before giving up until its record changes (a node that crashed before
 /// anyone saw it stays in the table; it is not worth a datagram a minute forever).
 const MAX_ATTEMPTS: u32 = 8;
@@ -123,6 +157,15 @@ mod tests {
         let r = AttachRecord { generation: 7, attached: true, addr: a(1) };
         assert_eq!(AttachRecord::decode(&r.encode()), Ok(r));
         assert!(AttachRecord::decode(b"\x07").is_err());
+        let n = NodeRecord {
+            instance: 9,
+            generation: 1_700_000_000_000,
+            addr: a(2),
+            data_addr: a(3).ip(),
+            status: NodeStatus::Restarting,
+        };
+        assert_eq!(NodeRecord::decode(&n.encode()), Ok(n));
+        assert!(NodeRecord::decode(&r.encode()).is_err());
     }
 
     #[test]

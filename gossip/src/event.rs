@@ -1,6 +1,6 @@
 //! What the core hands its caller: events, transmissions, member views.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
 
@@ -35,6 +35,8 @@ pub enum DownReason {
     Failed,
     /// It left cleanly: its entries are deleted.
     Left,
+    /// It stopped for a restart: its entries stay live for `restart_grace`.
+    Restarting,
 }
 
 /// Outputs of [`GossipNode::poll_event`](crate::GossipNode::poll_event).
@@ -57,7 +59,9 @@ pub enum Event {
         from: NodeId,
         data: Bytes,
     },
-    /// Another node claims this node's name from another address.
+    /// Another live node answered a direct probe under this node's name: another instance
+    /// (two hosts given one `--name`), or this instance's data dir copied to another host.
+    /// Earlier lives that do not answer are not a clash.
     NameConflict {
         other: NodeId,
     },
@@ -92,12 +96,16 @@ pub struct MemberInfo {
     pub incarnation: u16,
     /// Networks the member is attached to, as far as this node knows (sorted).
     pub networks: Vec<String>,
+    /// Its data-plane (VTEP) address, from its node record, once that has arrived.
+    pub data_addr: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum MemberState {
     Alive,
     Suspect,
+    /// Stopped for a restart (SIGTERM): its entries stay live for `restart_grace`.
+    Restarting,
     Failed,
     Left,
 }
@@ -107,6 +115,7 @@ impl MemberState {
         match self {
             MemberState::Alive => "alive",
             MemberState::Suspect => "suspect",
+            MemberState::Restarting => "restarting",
             MemberState::Failed => "failed",
             MemberState::Left => "left",
         }
@@ -143,4 +152,18 @@ pub struct Stats {
     /// Syncs whose digests matched: nothing but the digest crossed.
     pub syncs_identical: u64,
     pub tombstones_reaped: u64,
+    /// Owners whose entries were hidden because membership declared them down (restarting
+    /// members past their grace included).
+    pub owners_hidden_failed: u64,
+    /// Owners whose entries were hidden because membership never knew them (for longer than
+    /// `Config::unknown_owner_grace`) or knew them only as down.
+    pub owners_hidden_unknown: u64,
+    /// Times this node moved its generation above an earlier life of its name.
+    pub identity_moves: u64,
+    /// Entries of earlier lives of this node's name that this life tombstoned.
+    pub old_life_entries_removed: u64,
+    /// Node and attachment records of members gone longer than `reap_after`, dropped locally.
+    pub records_expired: u64,
+    /// Records and entries of expired members refused on receipt.
+    pub records_refused: u64,
 }

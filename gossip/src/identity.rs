@@ -1,4 +1,5 @@
-//! Node identity: the unique name, the gossip address and the restart generation, as foca sees it.
+//! Node identity: the unique name, the gossip address, the instance and the restart generation,
+//! as foca sees it.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -10,8 +11,12 @@ use serde::{Deserialize, Serialize};
 ///
 /// * `name` is unique in the cluster and is what owns table entries; it survives restarts.
 /// * `addr` is the gossip address (UDP and TCP, same port).
-/// * `generation` is persisted by the agent and bumped at every start, so a restarted node is a
-///   new SWIM identity that wins over its previous life.
+/// * `instance` is random and created with the agent's data dir: a host reinstalled with an
+///   empty data dir comes back under its name as a new instance.
+/// * `generation` orders the lives of a name: the agent starts at `max(persisted + 1, wall-clock
+///   ms)`, so a restarted or reinstalled node is a new SWIM identity that wins over its previous
+///   life; a life that learns of an earlier one at or above it moves above it (see
+///   `GossipNode`).
 /// * `renewal` counts in-process rejoins (foca declared us down and we came back) within one
 ///   generation; it is not persisted because the next start bumps `generation` instead.
 ///
@@ -21,13 +26,26 @@ use serde::{Deserialize, Serialize};
 pub struct NodeId {
     pub name: Arc<str>,
     pub addr: SocketAddr,
+    pub instance: u64,
     pub generation: u64,
     pub renewal: u32,
 }
 
 impl NodeId {
+    /// An identity of instance 0 (tests and simulations that model no reinstalls); see
+    /// [`with_instance`](Self::with_instance).
     pub fn new(name: impl Into<Arc<str>>, addr: SocketAddr, generation: u64) -> Self {
-        NodeId { name: name.into(), addr, generation, renewal: 0 }
+        NodeId { name: name.into(), addr, instance: 0, generation, renewal: 0 }
+    }
+
+    pub fn with_instance(mut self, instance: u64) -> Self {
+        self.instance = instance;
+        self
+    }
+
+    /// The instance id as printed (`NAME@INSTANCE` names one instance of a node).
+    pub fn instance_hex(&self) -> String {
+        format!("{:016x}", self.instance)
     }
 
     /// `(generation, renewal)`: which of two lives of a node is the newer.
@@ -38,13 +56,21 @@ impl NodeId {
     /// The identity used to announce to a seed whose name we do not know yet. Foca accepts an
     /// announce addressed to any identity with the receiver's address.
     pub(crate) fn seed(addr: SocketAddr) -> Self {
-        NodeId { name: Arc::from(""), addr, generation: 0, renewal: 0 }
+        NodeId { name: Arc::from(""), addr, instance: 0, generation: 0, renewal: 0 }
     }
 }
 
 impl fmt::Debug for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}#{}.{}", self.name, self.addr, self.generation, self.renewal)
+        write!(
+            f,
+            "{}@{}#{:08x}.{}.{}",
+            self.name,
+            self.addr,
+            self.instance >> 32,
+            self.generation,
+            self.renewal
+        )
     }
 }
 

@@ -18,13 +18,15 @@ mod watcher;
 pub mod wire;
 
 pub use config::Config;
-pub use discovery::AttachRecord;
+pub use discovery::{AttachRecord, NodeRecord, NodeStatus};
 pub use error::Error;
 pub use event::{
     DownReason, Event, MemberInfo, MemberState, Stats, TableEvent, TableEventKind, Transmit, TransmitKind,
 };
 pub use identity::NodeId;
-pub use node::{ATTACH_TABLE, CLUSTER_NETWORK, EntryState, EntryView, GossipNode, RESERVED_TABLE_PREFIX};
+pub use node::{
+    ATTACH_TABLE, CLUSTER_NETWORK, EntryState, EntryView, GossipNode, NODES_TABLE, RESERVED_TABLE_PREFIX,
+};
 pub use store::{
     DIGEST_BUCKETS, MergeRule, TableKind, TableSpec, VersionRef, compare_versions, diff_buckets,
 };

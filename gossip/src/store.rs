@@ -1,7 +1,7 @@
 //! Replicated table state of one network: entries, version order, merge rules, bucket digest.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 use crate::queue::BroadcastQueue;
 use crate::watcher::ObjectType;
-use crate::wire::{FLAG_CLUSTER, FLAG_DELETED, FLAG_HIDDEN, WireEntry};
+use crate::wire::{FLAG_CLUSTER, FLAG_DELETED, WireEntry};
 
 /// Buckets of the anti-entropy digest. 128 x 8 bytes: a digest costs 1 KiB whatever the size
 /// of the tables.
@@ -109,9 +109,6 @@ impl Entry {
         }
         if self.cluster {
             flags |= FLAG_CLUSTER;
-        }
-        if self.hidden {
-            flags |= FLAG_HIDDEN;
         }
         let reap_in_ms = match self.reap_at {
             Some(at) => at.saturating_duration_since(now).as_millis().min(u32::MAX as u128) as u32,
@@ -224,6 +221,15 @@ pub(crate) struct NetState {
     pub relayed_at: Option<Instant>,
     /// Peers still to sync with right after attaching.
     pub initial_syncs: u8,
+    /// Key hashes this life of the node wrote (its own versions, which an earlier life's
+    /// version must never replace).
+    pub own_written: HashSet<u64>,
+    /// A sync of this network completed since this node attached it: what peers hold of it
+    /// has been seen at least once.
+    pub synced: bool,
+    /// An earlier instance's entries under this node's name were deleted here (see
+    /// `lifecycle`).
+    pub swept: bool,
 }
 
 impl NetState {
@@ -237,6 +243,9 @@ impl NetState {
             relay_pending: false,
             relayed_at: None,
             initial_syncs,
+            own_written: HashSet::new(),
+            synced: false,
+            swept: false,
         }
     }
 

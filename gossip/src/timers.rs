@@ -2,6 +2,7 @@
 //! insertion order.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::identity::NodeId;
@@ -15,6 +16,8 @@ pub(crate) enum TimerKind {
     Rejoin,
     /// Relay the news learned since the last relay (see `Config::relay_delay`).
     Relay,
+    /// The restart grace of this member is over (see `Config::restart_grace`).
+    Grace(Arc<str>),
 }
 
 #[derive(Debug, Default)]

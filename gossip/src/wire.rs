@@ -22,10 +22,11 @@ use crate::identity::NodeId;
 
 pub const MAGIC: [u8; 2] = *b"WF";
 /// The wire version this build speaks.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// The oldest wire version this build still accepts (its own and the previous one, for rolling
-/// upgrades). Version 1 is the first, so today that is only 1.
-pub const MIN_WIRE_VERSION: u8 = 1;
+/// upgrades). Version 2 added the instance to every node identity, which version 1 cannot
+/// decode, so today that is only 2.
+pub const MIN_WIRE_VERSION: u8 = 2;
 /// Envelope bytes before the payload.
 pub const ENVELOPE_LEN: usize = 4;
 /// Length prefix of a stream frame.
@@ -226,6 +227,14 @@ pub enum Body {
     },
     /// A point-to-point message for a protocol built on top.
     Message { data: Bytes },
+    /// "Are you alive under this name?": sent to another life of the sender's own name.
+    Probe { nonce: u64 },
+    /// The answer to a [`Body::Probe`]; the head says who answered (instance, generation).
+    ProbeAck { nonce: u64 },
+    /// "Another instance of your name lived at this generation, above yours": sent to a life
+    /// of a name that membership refuses (an older life, by generation, of a reinstalled host
+    /// whose clock stepped back), so it moves above.
+    NewerLife { instance: u64, generation: u64 },
 }
 
 /// A gossip packet: sender and body.
@@ -487,9 +496,9 @@ mod tests {
         assert_eq!(open_envelope(b"WF"), Err(WireError::Truncated(2)));
         assert_eq!(open_envelope(b"XX\x01\x02"), Err(WireError::BadMagic(*b"XX")));
         assert_eq!(open_envelope(b"WF\x09\x02"), Err(WireError::NewerVersion(9)));
-        assert_eq!(open_envelope(b"WF\x00\x02"), Err(WireError::OlderVersion(0)));
-        assert_eq!(open_envelope(b"WF\x01\x07"), Err(WireError::UnknownType(7)));
-        assert_eq!(open_envelope(b"WF\x01\x02xyz").unwrap(), (FrameType::Gossip, &b"xyz"[..]));
+        assert_eq!(open_envelope(b"WF\x01\x02"), Err(WireError::OlderVersion(1)));
+        assert_eq!(open_envelope(b"WF\x02\x07"), Err(WireError::UnknownType(7)));
+        assert_eq!(open_envelope(b"WF\x02\x02xyz").unwrap(), (FrameType::Gossip, &b"xyz"[..]));
     }
 
     #[test]

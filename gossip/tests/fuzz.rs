@@ -149,7 +149,7 @@ proptest! {
 
     #[test]
     fn arbitrary_payloads_behind_a_valid_envelope_never_panic(ty in 1u8..=2, bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
-        let mut frame = b"WF\x01".to_vec();
+        let mut frame = vec![b'W', b'F', weft_gossip::wire::WIRE_VERSION];
         frame.push(ty);
         frame.extend(bytes);
         feed(&frame);
@@ -171,7 +171,7 @@ fn garbage_is_counted_as_decode_errors() {
     let t0 = Instant::now();
     let mut n = node(1, t0);
     n.handle_datagram(t0, addr(9), b"definitely not weft");
-    n.handle_stream(t0, addr(9), b"WF\x01\x02\xff\xff\xff\xff\xff");
+    n.handle_stream(t0, addr(9), b"WF\x02\x02\xff\xff\xff\xff\xff");
     n.handle_datagram(t0, addr(9), b"WF\x07\x02");
     assert_eq!(n.stats().decode_errors, 3);
     assert_eq!(n.stats().newer_version_frames, 1);

@@ -12,7 +12,8 @@ use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use weft_gossip::{
     ATTACH_TABLE, AttachRecord, CLUSTER_NETWORK, Config as GossipConfig, EntryState, Event, GossipNode,
-    MemberInfo, NodeId, ObjectType, TableEventKind, TableSpec, TableWatcher, Transmit, Watchers,
+    MemberInfo, NODES_TABLE, NodeId, NodeRecord, ObjectType, TableEventKind, TableSpec, TableWatcher,
+    Transmit, Watchers,
 };
 
 use crate::error::AgentError;
@@ -22,6 +23,8 @@ pub const NETWORKS_TABLE: &str = "networks";
 /// How long after first connecting a clash of this node's name still makes it refuse to run:
 /// the newcomer refuses, the established holder only warns.
 pub const NAME_CHECK_WINDOW: Duration = Duration::from_secs(10);
+/// How often the agent checks the networks it is attached to against their definitions.
+const DEFINITION_CHECK: Duration = Duration::from_secs(1);
 
 /// A network as the cluster knows it: a cluster entry that outlives the node that created it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +55,11 @@ pub struct NetworkInfo {
     pub attached: bool,
     pub peers: Vec<String>,
     pub name_clash: bool,
+    /// Attached here, but the cluster holds no definition of it (removed while this node was
+    /// down long enough for the tombstone to be reaped, or not arrived yet): `weft network
+    /// detach ID` detaches it.
+    #[serde(default)]
+    pub missing_definition: bool,
 }
 
 /// One entry in a dump.
@@ -132,6 +140,18 @@ fn decode_attachment(key: &str, value: &[u8], names: &BTreeMap<String, String>) 
     Some(Decoded { object_id: node.to_string(), fields })
 }
 
+/// Decodes the gossip core's node records for dumps.
+fn decode_node_record(key: &str, value: &[u8]) -> Option<Decoded> {
+    let r = NodeRecord::decode(value).ok()?;
+    let mut fields = BTreeMap::new();
+    fields.insert("instance".into(), format!("{:016x}", r.instance));
+    fields.insert("generation".into(), r.generation.to_string());
+    fields.insert("address".into(), r.addr.to_string());
+    fields.insert("data address".into(), r.data_addr.to_string());
+    fields.insert("status".into(), format!("{:?}", r.status).to_lowercase());
+    Some(Decoded { object_id: key.to_string(), fields })
+}
+
 /// The sans-IO agent.
 pub struct Agent {
     gossip: GossipNode,
@@ -141,8 +161,11 @@ pub struct Agent {
     /// Whether this node joins through seeds (a node started without seeds founds a cluster and
     /// is never the newcomer of a name clash).
     has_seeds: bool,
-    /// Set when another node holds this node's name and this node is the newcomer.
-    refused: Option<NodeId>,
+    /// Why this node must not run: another live node holds its name and this one is the
+    /// newcomer, or its data dir was copied and this is the newer copy.
+    refused: Option<String>,
+    /// When attached networks were last checked against their definitions.
+    defs_checked_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -177,6 +200,7 @@ impl Agent {
             connected_at: None,
             has_seeds: false,
             refused: None,
+            defs_checked_at: None,
         };
         let _ = now;
         Ok(agent)
@@ -213,10 +237,21 @@ impl Agent {
         self.gossip.ltime()
     }
 
-    /// Another node is alive under this node's name and this node is the newcomer: it must not
-    /// run.
-    pub fn refused(&self) -> Option<&NodeId> {
-        self.refused.as_ref()
+    /// Another node is alive under this node's name and this node is the newcomer (or the
+    /// newer copy of a copied data dir): it must not run. The reason, in one line.
+    pub fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+
+    /// Whether entries under this node's name that it did not write are an earlier instance's
+    /// to delete (persisted by the caller until done; see `GossipNode::set_predecessor_sweep`).
+    pub fn set_predecessor_sweep(&mut self, pending: bool) {
+        self.gossip.set_predecessor_sweep(pending);
+    }
+
+    /// The data-plane (VTEP) address this node publishes in its node record.
+    pub fn set_data_addr(&mut self, now: Instant, addr: std::net::IpAddr) {
+        self.gossip.set_data_addr(now, addr);
     }
 
     // ----- I/O passthrough -----------------------------------------------------------------
@@ -231,6 +266,38 @@ impl Agent {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.gossip.handle_timeout(now);
+        if self.defs_checked_at.is_none_or(|t| now.saturating_duration_since(t) >= DEFINITION_CHECK) {
+            self.defs_checked_at = Some(now);
+            self.detach_removed_networks(now);
+        }
+    }
+
+    /// Detaches every attached network whose definition is a tombstone here. A network removed
+    /// while this node was down produces no delete event when its tombstone arrives (this node
+    /// never held the definition in this life), so the tombstone itself is the signal.
+    fn detach_removed_networks(&mut self, now: Instant) {
+        let removed: Vec<String> = self
+            .attached_networks()
+            .into_iter()
+            .filter(|id| {
+                self.gossip
+                    .entry(CLUSTER_NETWORK, NETWORKS_TABLE, id)
+                    .is_some_and(|e| matches!(e.state, EntryState::Tombstone { .. }))
+            })
+            .collect();
+        for id in removed {
+            tracing::info!(network = %id, "network was removed while this node was away; detaching");
+            let _ = self.gossip.leave_network(now, &id);
+        }
+    }
+
+    /// Networks attached here with no live definition in the cluster table (see
+    /// [`NetworkInfo::missing_definition`]).
+    pub fn attached_without_definition(&self) -> Vec<String> {
+        self.attached_networks()
+            .into_iter()
+            .filter(|id| self.gossip.get_entry(CLUSTER_NETWORK, NETWORKS_TABLE, id).is_none())
+            .collect()
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -264,12 +331,32 @@ impl Agent {
             }
             Event::Connected(true) if self.connected_at.is_none() => self.connected_at = Some(now),
             Event::NameConflict { other } => {
+                let me = self.gossip.id();
+                if other.instance == me.instance {
+                    // One data dir running twice (a cloned VM): the newer life stops.
+                    if other.generation < me.generation {
+                        self.refused = Some(format!(
+                            "another agent at {} runs with this data dir's identity ({} instance {}): the data dir was copied; give this host its own data dir (never copy one)",
+                            other.addr,
+                            other.name,
+                            other.instance_hex()
+                        ));
+                    } else {
+                        tracing::error!(other = %other, "a copy of this node's data dir runs at another address; the newer copy stops");
+                    }
+                    return;
+                }
                 let newcomer = self.has_seeds
                     && self
                         .connected_at
                         .is_none_or(|at| now.saturating_duration_since(at) < NAME_CHECK_WINDOW);
                 if newcomer {
-                    self.refused = Some(other.clone());
+                    self.refused = Some(format!(
+                        "node name {:?} is already in use by {} (alive at another address, instance {}): give this node another --name",
+                        other.name,
+                        other.addr,
+                        other.instance_hex()
+                    ));
                 } else {
                     tracing::warn!(other = %other, "another node claims this node's name");
                 }
@@ -285,8 +372,14 @@ impl Agent {
         Ok(self.gossip.join(now, seeds)?)
     }
 
+    /// Leaves the cluster for good: peers delete this node's entries at once.
     pub fn leave(&mut self, now: Instant) -> Result<(), AgentError> {
         Ok(self.gossip.leave(now)?)
+    }
+
+    /// Stops for a restart: peers keep this node's entries live for their `restart_grace`.
+    pub fn stop_restarting(&mut self, now: Instant) -> Result<(), AgentError> {
+        Ok(self.gossip.stop_restarting(now)?)
     }
 
     /// Networks this node is attached to, other than `cluster`: what the caller persists so a
@@ -343,6 +436,7 @@ impl Agent {
                 attached: self.gossip.is_attached(&d.id),
                 peers: self.gossip.network_peers(&d.id).iter().map(|p| p.name.to_string()).collect(),
                 name_clash: names[d.name.as_str()] > 1,
+                missing_definition: false,
                 def: d.clone(),
             })
             .collect();
@@ -458,8 +552,23 @@ impl Agent {
         Ok(n.def)
     }
 
+    /// Detaches this node from a network, by reference; a network attached by id whose
+    /// definition is gone (see [`NetworkInfo::missing_definition`]) is detached by its id.
     pub fn detach(&mut self, now: Instant, r: &str) -> Result<NetworkDef, AgentError> {
-        let n = self.resolve(r)?;
+        let n = match self.resolve(r) {
+            Err(AgentError::NoSuchNetwork(_)) if is_network_id(r) && self.gossip.is_attached(r) => {
+                self.detach_id(now, r)?;
+                return Ok(NetworkDef {
+                    id: r.to_string(),
+                    name: String::new(),
+                    driver: String::new(),
+                    subnets: Vec::new(),
+                    gateway: None,
+                    created_by: String::new(),
+                });
+            }
+            other => other?,
+        };
         if !n.attached {
             return Err(AgentError::NotAttached(n.def.name));
         }
@@ -620,6 +729,8 @@ impl Agent {
         };
         let decoded = if table == ATTACH_TABLE {
             decode_attachment(&e.key, &e.value, names)
+        } else if table == NODES_TABLE {
+            decode_node_record(&e.key, &e.value)
         } else if e.state == EntryState::Live || matches!(e.state, EntryState::Hidden { .. }) {
             self.watchers
                 .decode(table, &e.key, &e.value)
@@ -644,7 +755,7 @@ impl Agent {
         use std::fmt::Write;
         let mut out = String::new();
         let mut by_state: BTreeMap<&str, usize> =
-            ["alive", "suspect", "failed", "left"].iter().map(|s| (*s, 0)).collect();
+            ["alive", "suspect", "restarting", "failed", "left"].iter().map(|s| (*s, 0)).collect();
         for m in self.members() {
             *by_state.entry(m.state.as_str()).or_default() += 1;
         }
@@ -669,7 +780,7 @@ impl Agent {
             let _ = writeln!(out, "weft_queue_length{{network=\"{nid}\"}} {n}");
         }
         let s = self.gossip.stats();
-        let counters: [(&str, &str, u64); 17] = [
+        let counters: [(&str, &str, u64); 23] = [
             ("weft_datagrams_in_total", "Datagrams received.", s.datagrams_in),
             ("weft_datagrams_out_total", "Datagrams sent.", s.datagrams_out),
             ("weft_datagram_bytes_in_total", "Datagram bytes received.", s.bytes_in),
@@ -695,6 +806,32 @@ impl Agent {
                 "Anti-entropy rounds that found identical state.",
                 s.syncs_identical,
             ),
+            (
+                "weft_owners_hidden_failed_total",
+                "Owners whose entries were hidden because membership declared them down.",
+                s.owners_hidden_failed,
+            ),
+            (
+                "weft_owners_hidden_unknown_total",
+                "Owners whose entries were hidden because membership never knew them alive.",
+                s.owners_hidden_unknown,
+            ),
+            (
+                "weft_identity_moves_total",
+                "Times this node moved its generation above an earlier life of its name.",
+                s.identity_moves,
+            ),
+            (
+                "weft_old_life_entries_removed_total",
+                "Entries of earlier lives of this node's name that it deleted.",
+                s.old_life_entries_removed,
+            ),
+            (
+                "weft_records_expired_total",
+                "Node and attachment records of long-gone members dropped.",
+                s.records_expired,
+            ),
+            ("weft_records_refused_total", "Records of expired members refused.", s.records_refused),
         ];
         for (name, help, v) in counters {
             write_counter(&mut out, name, help, v);
@@ -704,6 +841,12 @@ impl Agent {
             "# HELP weft_lamport_time The node's Lamport clock.\n# TYPE weft_lamport_time gauge"
         );
         let _ = writeln!(out, "weft_lamport_time {}", self.ltime());
+        let _ = writeln!(
+            out,
+            "# HELP weft_networks_without_definition Networks attached here with no live definition in the cluster.\n# TYPE weft_networks_without_definition gauge"
+        );
+        let _ =
+            writeln!(out, "weft_networks_without_definition {}", self.attached_without_definition().len());
         out
     }
 }
@@ -855,6 +998,35 @@ mod tests {
         assert!(matches!(a2.detach_id(now, &def.id), Err(AgentError::NotAttached(_))));
         net.run(Duration::from_secs(5));
         assert_eq!(net.agents[0].table_get("green", "eps", "ep2").unwrap(), None, "its entries went with it");
+    }
+
+    #[test]
+    fn a_network_removed_while_a_node_was_down_is_detached_when_it_returns() {
+        let mut net = Net::new(2);
+        let now = net.now;
+        let def = net.agents[0].create_network(now, "green", "overlay", &[], None).unwrap();
+        net.run(Duration::from_secs(1));
+        let now = net.now;
+        net.agents[1].attach(now, "green").unwrap();
+        net.run(Duration::from_secs(2));
+        // a2 goes down; meanwhile a1 removes the network.
+        net.cut = true;
+        let ltime = net.agents[1].ltime();
+        let now = net.now;
+        net.agents[0].remove_network(now, "green", true).unwrap();
+        net.run(Duration::from_secs(5));
+        // a2 restarts: a new life re-attaches the network by id, before any definition
+        // (or its tombstone) reaches it, as the shell does from its persisted state.
+        let id = NodeId::new("a2", addr(2), 2);
+        let mut a2 = Agent::new(GossipConfig::lan(8), id, 22, ltime, net.now).unwrap();
+        a2.reattach(net.now, &def.id).unwrap();
+        a2.join(net.now, &[addr(1)]).unwrap();
+        assert_eq!(a2.attached_without_definition(), vec![def.id.clone()], "flagged until it hears");
+        net.agents[1] = a2;
+        net.cut = false;
+        net.run(Duration::from_secs(10));
+        assert!(net.agents[1].attached_networks().is_empty(), "the tombstone detached it");
+        assert!(net.agents[1].attached_without_definition().is_empty());
     }
 
     #[test]

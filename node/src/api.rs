@@ -5,7 +5,8 @@
 //! |---|---|---|
 //! | GET | `/health` | `{"status":"ok","name":..,"connected":..}` |
 //! | GET | `/metrics` | Prometheus text |
-//! | GET | `/members` | `{"members":[{name,addr,state,incarnation,networks}],"unreachable_seeds":[..]}` |
+//! | GET | `/members` | `{"members":[{name,addr,instance,generation,data_addr,state,incarnation,networks}],"unreachable_seeds":[..]}` |
+//! | POST | `/leave` | leave the cluster for good; the agent exits once the news is out |
 //! | GET, POST | `/networks` | list; create `{name,driver,subnets,gateway}` |
 //! | GET, DELETE | `/networks/{ref}` | inspect (`?verbose=true` adds entries); remove (`?force=true`) |
 //! | POST | `/networks/{ref}/attach`, `/networks/{ref}/detach` | attach or detach this node |
@@ -37,6 +38,14 @@ use crate::shell::Shell;
 pub struct MemberJson {
     pub name: String,
     pub addr: String,
+    /// The member's instance id (16 hex digits): a new one means a reinstalled host.
+    #[serde(default)]
+    pub instance: String,
+    #[serde(default)]
+    pub generation: u64,
+    /// Its data-plane (VTEP) address, from its node record, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_addr: Option<String>,
     pub state: String,
     pub incarnation: u16,
     pub networks: Vec<String>,
@@ -113,6 +122,9 @@ pub fn members_json(shell: &Shell) -> MembersJson {
             .map(|m| MemberJson {
                 name: m.id.name.to_string(),
                 addr: m.id.addr.to_string(),
+                instance: m.id.instance_hex(),
+                generation: m.id.generation,
+                data_addr: m.data_addr.map(|a| a.to_string()),
                 state: m.state.as_str().to_string(),
                 incarnation: m.incarnation,
                 networks: m.networks,
@@ -135,8 +147,31 @@ async fn members(State(s): State<Shell>) -> Json<MembersJson> {
     Json(members_json(&s))
 }
 
+async fn leave(State(s): State<Shell>) -> StatusCode {
+    s.request_leave();
+    StatusCode::ACCEPTED
+}
+
 async fn list_networks(State(s): State<Shell>) -> Json<Vec<NetworkInfo>> {
-    Json(s.read(|a| a.networks()))
+    Json(s.read(|a| {
+        let mut all = a.networks();
+        // Attached networks the cluster holds no definition of are listed too, flagged.
+        all.extend(a.attached_without_definition().into_iter().map(|id| NetworkInfo {
+            def: NetworkDef {
+                id: id.clone(),
+                name: String::new(),
+                driver: String::new(),
+                subnets: Vec::new(),
+                gateway: None,
+                created_by: String::new(),
+            },
+            attached: true,
+            peers: a.gossip().network_peers(&id).iter().map(|p| p.name.to_string()).collect(),
+            name_clash: false,
+            missing_definition: true,
+        }));
+        all
+    }))
 }
 
 async fn create_network(State(s): State<Shell>, body: Bytes) -> ApiResult<Json<NetworkDef>> {
@@ -243,6 +278,7 @@ pub fn router(shell: Shell) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/members", get(members))
+        .route("/leave", post(leave))
         .route("/networks", get(list_networks).post(create_network))
         .route("/networks/{net}", get(inspect_network).delete(remove_network))
         .route("/networks/{net}/attach", post(attach))

@@ -35,6 +35,9 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Leave the cluster for good: peers delete this node's entries at once, and the agent exits
+    /// (a plain stop, SIGTERM, is a restart: peers keep its entries for --restart-grace)
+    Leave,
     /// Create, list, inspect, remove, attach to and detach from networks
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -85,7 +88,20 @@ pub struct AgentArgs {
     /// Where identity and state live [env: WEFT_DATA_DIR; default: /var/lib/weft]
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// TOML config file (keys: name, bind, advertise, join, data_dir) [env: WEFT_CONFIG]
+    /// Data-plane (VTEP) address published for this node [env: WEFT_DATA_ADDR; default: the
+    /// advertised IP]
+    #[arg(long)]
+    pub data_addr: Option<String>,
+    /// Seconds this agent keeps a peer's entries live after the peer stopped for a restart
+    /// (give every agent the same value) [env: WEFT_RESTART_GRACE; default: 60]
+    #[arg(long, value_name = "SECONDS")]
+    pub restart_grace: Option<u64>,
+    /// On SIGTERM/SIGINT leave the cluster for good instead of announcing a restart [env:
+    /// WEFT_LEAVE_ON_STOP]
+    #[arg(long)]
+    pub leave_on_stop: bool,
+    /// TOML config file (keys: name, bind, advertise, join, data_dir, data_addr, restart_grace,
+    /// leave_on_stop) [env: WEFT_CONFIG]
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
@@ -174,9 +190,15 @@ fn outln(text: &str) {
 }
 
 fn init_logs(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colour only on a terminal: a log file or the journal gets plain text.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -193,6 +215,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 out(&format::members(&m));
             }
+            Ok(())
+        }
+        Cmd::Leave => {
+            let c = host()?;
+            c.call(Method::POST, "/leave", Bytes::new()).await?;
+            // The agent exits once the news is out: wait for its socket to go.
+            let sock = c.socket_path().to_path_buf();
+            let t0 = std::time::Instant::now();
+            while std::os::unix::net::UnixStream::connect(&sock).is_ok()
+                && t0.elapsed() < Duration::from_secs(10)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            outln("left the cluster");
             Ok(())
         }
         Cmd::Network(cmd) => network(host()?, cmd).await,
@@ -321,26 +357,30 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         advertise: args.advertise,
         join: args.join,
         data_dir: args.data_dir,
+        data_addr: args.data_addr,
+        restart_grace: args.restart_grace,
+        leave_on_stop: args.leave_on_stop.then_some(true),
     };
     let cfg = config::resolve(flags, args.config, std::env::vars().collect())?;
     let sock = cfg.data_dir.join("weft.sock");
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     shell::check_socket_free(&sock)?;
-    let shell = Shell::start(&cfg, GossipConfig::default()).await?;
+    let gossip_cfg = GossipConfig { restart_grace: cfg.restart_grace, ..GossipConfig::default() };
+    let shell = Shell::start(&cfg, gossip_cfg).await?;
     api::serve(shell.clone(), &sock).await?;
     tracing::info!(socket = %sock.display(), "control API listening");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let leave = tokio::select! {
+        _ = term.recv() => cfg.leave_on_stop,
+        _ = int.recv() => cfg.leave_on_stop,
+        _ = shell.leave_requested() => true,
         reason = shell.refused() => {
             let _ = std::fs::remove_file(&sock);
             bail!("{reason}");
         }
-    }
-    tracing::info!("leaving the cluster");
+    };
     // A second signal exits at once.
     tokio::spawn(async move {
         tokio::select! {
@@ -349,8 +389,20 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         }
         std::process::exit(130);
     });
-    shell.leave(Duration::from_millis(600)).await;
+    // Give the news 600 ms to go out (it is sent at once; this covers a retransmission).
+    let grace = Duration::from_millis(600);
+    if leave {
+        tracing::info!("leaving the cluster for good");
+        shell.leave(grace).await;
+        tracing::info!("left");
+    } else {
+        tracing::info!(
+            grace_s = cfg.restart_grace.as_secs(),
+            "stopping for a restart: peers keep this node's entries for the restart grace"
+        );
+        shell.stop_restarting(grace).await;
+        tracing::info!("stopped");
+    }
     let _ = std::fs::remove_file(&sock);
-    tracing::info!("left");
     Ok(())
 }

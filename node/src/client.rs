@@ -55,6 +55,11 @@ impl Client {
         Client { host }
     }
 
+    /// The agent's control socket.
+    pub fn socket_path(&self) -> &std::path::Path {
+        &self.host.0
+    }
+
     /// Sends one request; returns the body of a 2xx answer.
     pub async fn call(&self, method: Method, path: &str, body: Bytes) -> anyhow::Result<Bytes> {
         let sock = &self.host.0;

@@ -1,14 +1,17 @@
 //! Agent configuration: a TOML file, `WEFT_*` environment variables and flags, in rising order
 //! of precedence. Unknown keys and bad values are refused with one line naming the key.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use serde::Deserialize;
 
 pub const DEFAULT_PORT: u16 = 7946;
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/weft";
+/// How long peers keep a restarting node's entries live (see `GossipConfig::restart_grace`).
+pub const DEFAULT_RESTART_GRACE_S: u64 = 60;
 
 /// One layer of settings; `None` means "not set here".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -19,6 +22,10 @@ pub struct Layer {
     pub advertise: Option<String>,
     pub join: Option<Vec<String>>,
     pub data_dir: Option<PathBuf>,
+    pub data_addr: Option<String>,
+    /// Seconds.
+    pub restart_grace: Option<u64>,
+    pub leave_on_stop: Option<bool>,
 }
 
 impl Layer {
@@ -29,6 +36,9 @@ impl Layer {
             advertise: self.advertise.or(lower.advertise),
             join: self.join.or(lower.join),
             data_dir: self.data_dir.or(lower.data_dir),
+            data_addr: self.data_addr.or(lower.data_addr),
+            restart_grace: self.restart_grace.or(lower.restart_grace),
+            leave_on_stop: self.leave_on_stop.or(lower.leave_on_stop),
         }
     }
 }
@@ -42,11 +52,30 @@ pub struct AgentConfig {
     /// Seeds as given: `host[:port]` or `ip[:port]`; resolved by the shell.
     pub join: Vec<String>,
     pub data_dir: PathBuf,
+    /// The data-plane (VTEP) address published in this node's record; default: the advertised
+    /// gossip IP.
+    pub data_addr: Option<IpAddr>,
+    /// How long this agent keeps a peer's entries live after the peer stopped for a restart
+    /// (every agent should have the same).
+    pub restart_grace: Duration,
+    /// SIGTERM/SIGINT leave the cluster for good (peers delete this node's entries) instead of
+    /// announcing a restart.
+    pub leave_on_stop: bool,
 }
 
 /// Environment variables the agent reads (`WEFT_HOST` is the clients').
-pub const ENV_KEYS: [&str; 7] =
-    ["WEFT_NAME", "WEFT_BIND", "WEFT_ADVERTISE", "WEFT_JOIN", "WEFT_DATA_DIR", "WEFT_CONFIG", "WEFT_HOST"];
+pub const ENV_KEYS: [&str; 10] = [
+    "WEFT_NAME",
+    "WEFT_BIND",
+    "WEFT_ADVERTISE",
+    "WEFT_JOIN",
+    "WEFT_DATA_DIR",
+    "WEFT_DATA_ADDR",
+    "WEFT_RESTART_GRACE",
+    "WEFT_LEAVE_ON_STOP",
+    "WEFT_CONFIG",
+    "WEFT_HOST",
+];
 
 pub fn parse_file(path: &Path) -> anyhow::Result<Layer> {
     let text = std::fs::read_to_string(path).with_context(|| format!("config file {}", path.display()))?;
@@ -81,6 +110,19 @@ pub fn parse_env(
             "WEFT_ADVERTISE" => l.advertise = Some(v),
             "WEFT_JOIN" => l.join = Some(split_list(&v)),
             "WEFT_DATA_DIR" => l.data_dir = Some(v.into()),
+            "WEFT_DATA_ADDR" => l.data_addr = Some(v),
+            "WEFT_RESTART_GRACE" => {
+                l.restart_grace = Some(
+                    v.parse().map_err(|_| anyhow!("WEFT_RESTART_GRACE: {v:?} is not a number of seconds"))?,
+                )
+            }
+            "WEFT_LEAVE_ON_STOP" => {
+                l.leave_on_stop = Some(match v.as_str() {
+                    "1" | "true" | "yes" => true,
+                    "0" | "false" | "no" | "" => false,
+                    _ => bail!("WEFT_LEAVE_ON_STOP: {v:?} is not true or false"),
+                })
+            }
             "WEFT_CONFIG" => config = Some(PathBuf::from(v)),
             "WEFT_HOST" => {}
             other => bail!("unknown environment variable {other} (known: {})", ENV_KEYS.join(", ")),
@@ -137,12 +179,30 @@ pub fn resolve(
             bail!("join: {s:?} is not a host or address");
         }
     }
+    let data_addr = l
+        .data_addr
+        .as_deref()
+        .map(|a| {
+            let ip: IpAddr = a.parse().map_err(|_| anyhow!("data_addr: {a:?} is not an IP address"))?;
+            if ip.is_unspecified() || ip.is_multicast() {
+                bail!("data_addr: {ip} is not an address peers can send VXLAN traffic to");
+            }
+            Ok(ip)
+        })
+        .transpose()?;
+    let grace = l.restart_grace.unwrap_or(DEFAULT_RESTART_GRACE_S);
+    if grace > 24 * 3600 {
+        bail!("restart_grace: {grace} s is more than a day");
+    }
     Ok(AgentConfig {
         name: l.name,
         bind,
         advertise,
         join,
         data_dir: l.data_dir.unwrap_or(DEFAULT_DATA_DIR.into()),
+        data_addr,
+        restart_grace: Duration::from_secs(grace),
+        leave_on_stop: l.leave_on_stop.unwrap_or(false),
     })
 }
 
@@ -196,5 +256,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("name:"), "{err}");
+        let err =
+            resolve(Layer::default(), None, env(&[("WEFT_DATA_ADDR", "host")])).unwrap_err().to_string();
+        assert!(err.starts_with("data_addr:"), "{err}");
+        let err =
+            resolve(Layer::default(), None, env(&[("WEFT_RESTART_GRACE", "1m")])).unwrap_err().to_string();
+        assert!(err.starts_with("WEFT_RESTART_GRACE:"), "{err}");
+        let c = resolve(Layer::default(), None, env(&[("WEFT_LEAVE_ON_STOP", "true")])).unwrap();
+        assert!(c.leave_on_stop);
+        assert_eq!(c.restart_grace, Duration::from_secs(DEFAULT_RESTART_GRACE_S));
     }
 }

@@ -24,6 +24,9 @@ async fn start_one(i: usize, dir: PathBuf, seeds: &[SocketAddr]) -> anyhow::Resu
         advertise: None,
         join: seeds.iter().map(ToString::to_string).collect(),
         data_dir: dir,
+        data_addr: None,
+        restart_grace: Duration::from_secs(crate::config::DEFAULT_RESTART_GRACE_S),
+        leave_on_stop: false,
     };
     // The OS picks a free UDP port; TCP must get the same one, so retry on the rare clash.
     let mut last = None;

@@ -42,13 +42,14 @@ pub fn members(m: &MembersJson) -> String {
             vec![
                 x.name.clone(),
                 x.addr.clone(),
+                x.instance.get(..8).unwrap_or(&x.instance).to_string(),
                 x.state.clone(),
                 x.incarnation.to_string(),
                 x.networks.len().to_string(),
             ]
         })
         .collect();
-    let mut out = table(&["NAME", "ADDRESS", "STATE", "INCARNATION", "NETWORKS"], &rows);
+    let mut out = table(&["NAME", "ADDRESS", "INSTANCE", "STATE", "INCARNATION", "NETWORKS"], &rows);
     if !m.unreachable_seeds.is_empty() {
         let _ = writeln!(out, "\nseeds not reached yet: {}", m.unreachable_seeds.join(", "));
     }
@@ -61,7 +62,13 @@ pub fn networks(ns: &[NetworkInfo]) -> String {
         .map(|n| {
             vec![
                 n.def.short_id().to_string(),
-                if n.name_clash { format!("{} (!)", n.def.name) } else { n.def.name.clone() },
+                if n.missing_definition {
+                    "(no definition)".to_string()
+                } else if n.name_clash {
+                    format!("{} (!)", n.def.name)
+                } else {
+                    n.def.name.clone()
+                },
                 n.def.driver.clone(),
                 if n.def.subnets.is_empty() { "-".into() } else { n.def.subnets.join(",") },
                 if n.attached { "yes".into() } else { "no".into() },
@@ -73,6 +80,11 @@ pub fn networks(ns: &[NetworkInfo]) -> String {
     if ns.iter().any(|n| n.name_clash) {
         out.push_str(
             "\n(!) two networks share this name (created on both sides of a partition): name them by id\n",
+        );
+    }
+    if ns.iter().any(|n| n.missing_definition) {
+        out.push_str(
+            "\n(no definition): attached here, but the cluster holds no definition (removed while this node was away?): `weft network detach ID`\n",
         );
     }
     out

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Notify, mpsc, watch};
-use weft_gossip::{Config as GossipConfig, Event, NodeId, Transmit, TransmitKind, wire};
+use weft_gossip::{Config as GossipConfig, NodeId, Transmit, TransmitKind, wire};
 
 use crate::agent::Agent;
 use crate::config::{AgentConfig, DEFAULT_PORT};
@@ -52,6 +52,8 @@ struct Inner {
     /// Seeds as configured, for `members` to report the unresolvable ones.
     unresolved: Mutex<Vec<String>>,
     refused: watch::Sender<Option<String>>,
+    /// `weft leave` asked the agent to leave the cluster and exit.
+    leave: watch::Sender<bool>,
 }
 
 /// A running agent: cheap to clone, shared by the API, the demo and the signal handler.
@@ -140,7 +142,14 @@ impl Shell {
         let udp = UdpSocket::bind(cfg.bind).await.with_context(|| format!("cannot bind UDP {}", cfg.bind))?;
         let bound = udp.local_addr()?;
         let tcp = TcpListener::bind(bound).await.with_context(|| format!("cannot bind TCP {bound}"))?;
-        let state = StateFile::start(&cfg.data_dir, cfg.name.as_deref())?;
+        let wall_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let fresh_instance = {
+            use rand::TryRng;
+            rand::rngs::SysRng.try_next_u64().unwrap_or(wall_ms ^ u64::from(std::process::id()))
+        };
+        let state = StateFile::start(&cfg.data_dir, cfg.name.as_deref(), wall_ms, fresh_instance)?;
         let (seeds, unresolved) = resolve_seeds(&cfg.join, &[bound]).await;
         let advertise = match cfg.advertise {
             Some(a) => a,
@@ -148,14 +157,16 @@ impl Shell {
         };
         let seeds: Vec<SocketAddr> = seeds.into_iter().filter(|s| *s != advertise).collect();
         let st = state.state().clone();
-        let id = NodeId::new(st.name.as_str(), advertise, st.generation);
+        let id = NodeId::new(st.name.as_str(), advertise, st.generation).with_instance(st.instance);
         let seed = {
             use rand::TryRng;
             rand::rngs::SysRng.try_next_u64().unwrap_or(st.generation ^ st.ltime_hwm)
         };
         let now = Instant::now();
         let max_frame = gossip_cfg.max_stream_frame;
-        let agent = Agent::new(gossip_cfg, id.clone(), seed, st.ltime_hwm, now)?;
+        let mut agent = Agent::new(gossip_cfg, id.clone(), seed, st.ltime_hwm, now)?;
+        agent.set_data_addr(now, cfg.data_addr.unwrap_or(advertise.ip()));
+        agent.set_predecessor_sweep(st.sweep_pending);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             agent: Mutex::new(agent),
@@ -166,6 +177,7 @@ impl Shell {
             max_frame,
             unresolved: Mutex::new(unresolved.clone()),
             refused: watch::channel(None).0,
+            leave: watch::channel(false).0,
         });
         let shell = Shell { inner, addr: bound, data_dir: cfg.data_dir.clone() };
         let udp = Arc::new(udp);
@@ -174,7 +186,13 @@ impl Shell {
         tokio::spawn(shell.clone().timer_loop());
         tokio::spawn(send_loop(shell.inner.clone(), udp, out_rx));
         tokio::spawn(shell.clone().report_seeds_loop());
-        tracing::info!(node = %id.name, addr = %advertise, generation = id.generation, "agent started");
+        tracing::info!(
+            node = %id.name,
+            addr = %advertise,
+            instance = %id.instance_hex(),
+            generation = id.generation,
+            "agent started"
+        );
         if !unresolved.is_empty() {
             tracing::warn!(seeds = ?unresolved, "could not resolve seeds; will retry");
             tokio::spawn(shell.clone().resolve_loop(cfg.join.clone(), bound));
@@ -209,19 +227,11 @@ impl Shell {
     }
 
     fn after(&self, agent: &mut Agent, now: Instant) -> Result<(), PersistError> {
-        while let Some(ev) = agent.poll_event(now) {
-            if let Event::NameConflict { other } = &ev {
-                tracing::warn!(other = %other, "another node uses this node's name");
-            }
-        }
-        if let Some(other) = agent.refused() {
-            let msg = format!(
-                "node name {:?} is already in use by {} (alive at another address): give this node another --name",
-                other.name, other.addr
-            );
+        while agent.poll_event(now).is_some() {}
+        if let Some(msg) = agent.refused() {
             self.inner.refused.send_if_modified(|r| {
                 if r.is_none() {
-                    *r = Some(msg);
+                    *r = Some(msg.to_string());
                     true
                 } else {
                     false
@@ -233,6 +243,13 @@ impl Shell {
         {
             let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
             let mut result = state.cover(agent.ltime());
+            if result.is_ok() {
+                // The core moved this life above an earlier one of its name.
+                result = state.set_generation(agent.id().generation);
+            }
+            if result.is_ok() && !agent.gossip().predecessor_sweep_pending() {
+                result = state.sweep_done();
+            }
             if result.is_ok() && !agent.gossip().has_left() {
                 result = state.set_networks(agent.attached_networks());
             }
@@ -292,7 +309,8 @@ impl Shell {
         m
     }
 
-    /// Leaves the cluster gracefully and gives the news `grace` to go out.
+    /// Leaves the cluster for good (peers delete this node's entries) and gives the news
+    /// `grace` to go out.
     pub async fn leave(&self, grace: Duration) {
         match self.with(|a, now| a.leave(now)) {
             Ok(Err(e)) => tracing::warn!(error = %e, "leave"),
@@ -300,6 +318,32 @@ impl Shell {
             Ok(Ok(())) => {}
         }
         tokio::time::sleep(grace).await;
+    }
+
+    /// Stops for a restart: peers keep this node's entries live for the restart grace. Gives
+    /// the news `grace` to go out.
+    pub async fn stop_restarting(&self, grace: Duration) {
+        match self.with(|a, now| a.stop_restarting(now)) {
+            Ok(Err(e)) => tracing::warn!(error = %e, "stop"),
+            Err(e) => tracing::warn!(error = %e, "stop"),
+            Ok(Ok(())) => {}
+        }
+        tokio::time::sleep(grace).await;
+    }
+
+    /// Asks the agent's owner (`weft agent`'s main loop) to leave the cluster and exit.
+    pub fn request_leave(&self) {
+        self.inner.leave.send_replace(true);
+    }
+
+    /// Resolves once `weft leave` asked the agent to leave.
+    pub async fn leave_requested(&self) {
+        let mut rx = self.inner.leave.subscribe();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     async fn udp_loop(self, udp: Arc<UdpSocket>) {

@@ -1,5 +1,15 @@
-//! What the agent persists in its data dir: its name, its restart generation and a Lamport
-//! high-water mark. Every write is atomic (temporary file, fsync, rename, fsync of the dir).
+//! What the agent persists in its data dir: its name, its instance id, its restart generation
+//! and a Lamport high-water mark. Every write is atomic (temporary file, fsync, rename, fsync of
+//! the dir).
+//!
+//! A node's identity is (name, instance, generation). The instance id is random, created with
+//! the data dir: a host whose data dir was lost (reimaged) comes back as a new instance. The
+//! generation orders the lives of a name: each start takes `max(persisted + 1, wall-clock
+//! milliseconds)`, so a new instance normally starts above every earlier life of its name, and
+//! one instance's lives always increase even if the wall clock steps back. (When a new instance
+//! starts below an earlier life because the clock stepped back, the gossip core moves it above
+//! once it learns of that life.) Never copy a data dir to another host: two agents with one
+//! instance id are told apart only by their generations, and the newer one stops.
 
 use std::fs;
 use std::io::Write;
@@ -15,12 +25,20 @@ pub const LTIME_LEASE: u64 = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
     pub name: String,
+    /// Random, created with the data dir (0 in a file written before instances existed: a new
+    /// one is drawn on the next start).
+    #[serde(default)]
+    pub instance: u64,
     pub generation: u64,
     /// No Lamport time at or above this was ever used; a restart starts its clock here.
     pub ltime_hwm: u64,
     /// Networks (ids) this node is attached to; a restart re-attaches them.
     #[serde(default)]
     pub networks: Vec<String>,
+    /// This instance has not yet deleted the entries an earlier instance of its name left in
+    /// the cluster (set when the data dir is created; see `GossipNode::set_predecessor_sweep`).
+    #[serde(default)]
+    pub sweep_pending: bool,
 }
 
 /// The state file of one data dir, and the lock that keeps a second agent off it.
@@ -28,6 +46,8 @@ pub struct NodeState {
 pub struct StateFile {
     path: PathBuf,
     state: NodeState,
+    /// The data dir had no state before this start.
+    fresh: bool,
     _lock: nix::fcntl::Flock<fs::File>,
 }
 
@@ -44,9 +64,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 impl StateFile {
-    /// Opens the data dir's state (creating both if needed) and starts a new generation: the
-    /// bumped generation is on disk before this returns. `name` must match a persisted name.
-    pub fn start(dir: &Path, name: Option<&str>) -> anyhow::Result<Self> {
+    /// Opens the data dir's state (creating both if needed) and starts a new generation,
+    /// `max(persisted + 1, wall_ms)`: it is on disk before this returns. `name` must match a
+    /// persisted name; `fresh_instance` is the instance id a new data dir gets (random, from the
+    /// caller, never 0).
+    pub fn start(dir: &Path, name: Option<&str>, wall_ms: u64, fresh_instance: u64) -> anyhow::Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
         let lock_file = fs::OpenOptions::new()
             .create(true)
@@ -70,6 +92,7 @@ impl StateFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
+        let fresh = previous.is_none();
         let state = match (previous, name) {
             (Some(p), Some(n)) if p.name != n => bail!(
                 "data dir {} belongs to node {:?}; start it with --name {:?} or use another --data-dir",
@@ -77,15 +100,21 @@ impl StateFile {
                 p.name,
                 p.name
             ),
-            (Some(p), _) => NodeState { generation: p.generation + 1, ..p },
+            (Some(p), _) => NodeState {
+                instance: if p.instance == 0 { fresh_instance.max(1) } else { p.instance },
+                generation: p.generation.saturating_add(1).max(wall_ms),
+                ..p
+            },
             (None, n) => NodeState {
                 name: n.map(str::to_string).unwrap_or_else(default_name),
-                generation: 1,
+                instance: fresh_instance.max(1),
+                generation: wall_ms.max(1),
                 ltime_hwm: 0,
                 networks: Vec::new(),
+                sweep_pending: true,
             },
         };
-        let mut f = StateFile { path, state: state.clone(), _lock: lock };
+        let mut f = StateFile { path, state: state.clone(), fresh, _lock: lock };
         f.save(state)?;
         Ok(f)
     }
@@ -116,9 +145,28 @@ impl StateFile {
     /// Removes the state file of a node that never ran (its first start was refused), so the
     /// data dir can be used under another name.
     pub fn forget_if_new(&self) {
-        if self.state.generation == 1 {
+        if self.fresh {
             let _ = fs::remove_file(&self.path);
         }
+    }
+
+    /// Records that the earlier instance's entries are deleted.
+    pub fn sweep_done(&mut self) -> anyhow::Result<()> {
+        if self.state.sweep_pending {
+            let next = NodeState { sweep_pending: false, ..self.state.clone() };
+            self.save(next)?;
+        }
+        Ok(())
+    }
+
+    /// Records a generation the node moved up to (it learned of an earlier life of its name at
+    /// or above the one it started with), so the next start begins above it.
+    pub fn set_generation(&mut self, generation: u64) -> anyhow::Result<()> {
+        if generation > self.state.generation {
+            let next = NodeState { generation, ..self.state.clone() };
+            self.save(next)?;
+        }
+        Ok(())
     }
 
     /// Makes sure the persisted high-water mark is above `ltime`, extending the lease if not.
@@ -154,8 +202,8 @@ mod tests {
     #[test]
     fn every_start_bumps_the_generation_and_keeps_name_and_clock() {
         let dir = tempdir("gen");
-        let mut s = StateFile::start(&dir, Some("alpha")).unwrap();
-        assert_eq!(s.state().generation, 1);
+        let mut s = StateFile::start(&dir, Some("alpha"), 1, 77).unwrap();
+        assert_eq!((s.state().generation, s.state().instance), (1, 77));
         s.cover(5).unwrap();
         assert_eq!(s.state().ltime_hwm, 5 + LTIME_LEASE);
         s.cover(6).unwrap();
@@ -163,27 +211,50 @@ mod tests {
         s.cover(5 + LTIME_LEASE / 2).unwrap();
         assert_eq!(s.state().ltime_hwm, 5 + LTIME_LEASE + LTIME_LEASE / 2, "renewed at half");
         s.cover(5).unwrap();
-        let err = StateFile::start(&dir, None).unwrap_err().to_string();
+        let err = StateFile::start(&dir, None, 1, 1).unwrap_err().to_string();
         assert!(err.contains("another weft agent"), "{err}");
         drop(s);
-        let s2 = StateFile::start(&dir, None).unwrap();
+        // The wall clock stepped back (or stood still): the generation still goes up.
+        let s2 = StateFile::start(&dir, None, 0, 99).unwrap();
         assert_eq!(
             s2.state(),
             &NodeState {
                 name: "alpha".into(),
+                instance: 77,
                 generation: 2,
                 ltime_hwm: 5 + LTIME_LEASE + LTIME_LEASE / 2,
-                networks: vec![]
+                networks: vec![],
+                sweep_pending: true,
             }
         );
         let mut s3 = s2;
         s3.set_networks(vec!["b".into(), "a".into()]).unwrap();
         drop(s3);
-        assert_eq!(StateFile::start(&dir, None).unwrap().state().networks, vec!["a", "b"]);
-        let err = StateFile::start(&dir, Some("beta")).unwrap_err().to_string();
+        let s4 = StateFile::start(&dir, None, 1_700_000_000_000, 5).unwrap();
+        assert_eq!(s4.state().networks, vec!["a", "b"]);
+        assert_eq!(s4.state().generation, 1_700_000_000_000, "the wall clock is ahead: it wins");
+        assert_eq!(s4.state().instance, 77, "the instance is the data dir's, whatever the caller drew");
+        let mut s4 = s4;
+        s4.set_generation(1_700_000_000_500).unwrap();
+        drop(s4);
+        assert_eq!(StateFile::start(&dir, None, 5, 5).unwrap().state().generation, 1_700_000_000_501);
+        let err = StateFile::start(&dir, Some("beta"), 1, 1).unwrap_err().to_string();
         assert!(err.contains("belongs to node \"alpha\""), "{err}");
         fs::write(dir.join("node.json"), b"{not json").unwrap();
-        assert!(StateFile::start(&dir, None).unwrap_err().to_string().contains("corrupt"));
+        assert!(StateFile::start(&dir, None, 1, 1).unwrap_err().to_string().contains("corrupt"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_file_from_before_instances_gets_one() {
+        let dir = tempdir("upgrade");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("node.json"), br#"{"name":"old","generation":4,"ltime_hwm":10,"networks":[]}"#)
+            .unwrap();
+        let s = StateFile::start(&dir, None, 3, 1234).unwrap();
+        assert_eq!((s.state().instance, s.state().generation), (1234, 5));
+        drop(s);
+        assert_eq!(StateFile::start(&dir, None, 3, 99).unwrap().state().instance, 1234);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

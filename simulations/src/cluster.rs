@@ -189,9 +189,21 @@ pub struct SimNode<H> {
     pub name: String,
     pub addr: SocketAddr,
     pub node: Option<H>,
+    /// Lives of this host so far (every boot is one): the durability ledger holds a node to
+    /// the writes of the life that acknowledged them.
     pub generation: u64,
+    /// The instance id of its data dir (a new one when the data dir is wiped).
+    pub instance: u64,
+    /// The identity generation the agent would persist: each boot takes `max(persisted + 1,
+    /// wall-clock ms)`, and the agent raises it when it moves above an earlier life.
+    pub persisted_generation: u64,
+    /// How far this host's wall clock is from the simulation's (negative: behind), in ms. A
+    /// host's wall clock may step back between two lives.
+    pub wall_offset_ms: i64,
     /// The Lamport high-water mark the agent would persist.
     pub persisted_ltime: u64,
+    /// Whether the agent would persist that an earlier instance's entries are still to delete.
+    pub persisted_sweep: bool,
     /// Global virtual time of the timer armed on the queue.
     armed: Option<Instant>,
     /// What this node's watcher has seen.
@@ -333,7 +345,11 @@ impl<H: Host> Sim<H> {
                 addr,
                 node: None,
                 generation: 0,
+                instance: mix(seed, 0x1457 ^ i as u64) | 1,
+                persisted_generation: 0,
+                wall_offset_ms: 0,
                 persisted_ltime: 0,
+                persisted_sweep: true,
                 armed: None,
                 watched: Watched::default(),
                 networks: BTreeSet::new(),
@@ -422,13 +438,24 @@ impl<H: Host> Sim<H> {
         self.nodes[i].clock.2
     }
 
+    /// Host `i`'s wall clock, in ms since the epoch (the simulation starts in late 2023).
+    pub fn wall_ms(&self, i: usize) -> u64 {
+        const START_MS: i64 = 1_700_000_000_000;
+        let ms = START_MS + self.elapsed().as_millis() as i64 + self.nodes[i].wall_offset_ms;
+        ms.max(0) as u64
+    }
+
     fn boot(&mut self, i: usize) {
         let now = self.local(i);
+        let wall = self.wall_ms(i);
         let s = &mut self.nodes[i];
         s.generation += 1;
-        let id = NodeId::new(s.name.as_str(), s.addr, s.generation);
+        s.persisted_generation = (s.persisted_generation + 1).max(wall);
+        let id = NodeId::new(s.name.as_str(), s.addr, s.persisted_generation).with_instance(s.instance);
         let seed = mix(self.seed, i as u64 ^ (s.generation << 32));
-        s.node = Some(H::boot(&self.cfg, id, seed, s.persisted_ltime, now));
+        let mut node = H::boot(&self.cfg, id, seed, s.persisted_ltime, now);
+        node.set_predecessor_sweep(s.persisted_sweep);
+        s.node = Some(node);
         s.left = false;
         s.armed = None;
         s.watched.0.clear();
@@ -487,7 +514,13 @@ impl<H: Host> Sim<H> {
         }
         let Some(node) = self.nodes[i].node.as_ref() else { return };
         let (ltime, next) = (node.core().ltime(), node.poll_timeout());
+        let generation = node.core().id().generation;
+        let sweep = node.core().predecessor_sweep_pending();
         self.nodes[i].persisted_ltime = ltime;
+        self.nodes[i].persisted_sweep = sweep;
+        // The agent persists a generation it moved up to.
+        let s = &mut self.nodes[i];
+        s.persisted_generation = s.persisted_generation.max(generation);
         let next = next.map(|at| self.global(i, at));
         if next != self.nodes[i].armed
             && let Some(at) = next
@@ -663,6 +696,14 @@ impl<H: Host> Sim<H> {
         self.nodes[i].left = true;
     }
 
+    /// Node `i` stops for a restart (SIGTERM): it announces it, then its process is gone; its
+    /// persisted state stays.
+    pub fn stop_restarting(&mut self, i: usize) {
+        self.with(i, |n, now| n.stop_restarting(now)).expect("stop");
+        self.nodes[i].node = None;
+        self.nodes[i].armed = None;
+    }
+
     /// Node `i` defines network `name` (and attaches to it); returns its id, also kept in
     /// [`nets`](Self::nets).
     pub fn define_network(&mut self, i: usize, name: &str) -> String {
@@ -794,6 +835,18 @@ impl<H: Host> Sim<H> {
     pub fn crash(&mut self, i: usize) {
         self.nodes[i].node = None;
         self.nodes[i].armed = None;
+    }
+
+    /// Host `i` is reinstalled: its agent is gone (if it ran) and so is its data dir. It boots
+    /// again with [`restart`](Self::restart) as a new instance with no clock and no networks.
+    pub fn wipe(&mut self, i: usize) {
+        self.crash(i);
+        let s = &mut self.nodes[i];
+        s.instance = mix(s.instance, 0x3175) | 1;
+        s.persisted_generation = 0;
+        s.persisted_ltime = 0;
+        s.persisted_sweep = true;
+        s.networks.clear();
     }
 
     /// Restarts node `i` under its name with a new generation and its persisted clock, joins

@@ -37,6 +37,10 @@ pub trait Host: Sized {
     fn poll_timeout(&self) -> Option<Instant>;
     fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), String>;
     fn leave(&mut self, now: Instant) -> Result<(), String>;
+    /// Stops for a restart: peers keep its entries for `restart_grace`.
+    fn stop_restarting(&mut self, now: Instant) -> Result<(), String>;
+    /// Whether an earlier instance's entries are still to delete (persisted across restarts).
+    fn set_predecessor_sweep(&mut self, pending: bool);
     /// Defines a network cluster-wide (and attaches this host); returns its id.
     fn define_network(&mut self, now: Instant, name: &str) -> Result<String, String>;
     /// Attaches to the network with this id.
@@ -96,6 +100,14 @@ impl Host for GossipNode {
 
     fn leave(&mut self, now: Instant) -> Result<(), String> {
         GossipNode::leave(self, now).map_err(|e| e.to_string())
+    }
+
+    fn stop_restarting(&mut self, now: Instant) -> Result<(), String> {
+        GossipNode::stop_restarting(self, now).map_err(|e| e.to_string())
+    }
+
+    fn set_predecessor_sweep(&mut self, pending: bool) {
+        GossipNode::set_predecessor_sweep(self, pending);
     }
 
     fn define_network(&mut self, now: Instant, name: &str) -> Result<String, String> {
@@ -189,6 +201,14 @@ impl Host for Agent {
 
     fn leave(&mut self, now: Instant) -> Result<(), String> {
         Agent::leave(self, now).map_err(|e| e.to_string())
+    }
+
+    fn stop_restarting(&mut self, now: Instant) -> Result<(), String> {
+        Agent::stop_restarting(self, now).map_err(|e| e.to_string())
+    }
+
+    fn set_predecessor_sweep(&mut self, pending: bool) {
+        Agent::set_predecessor_sweep(self, pending);
     }
 
     fn define_network(&mut self, now: Instant, name: &str) -> Result<String, String> {

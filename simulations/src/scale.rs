@@ -72,6 +72,9 @@ pub struct ScaleReport {
     pub steady_msgs_per_node_per_s: f64,
     pub steady_bytes_per_node_per_s: f64,
     pub samples: Vec<ScaleSample>,
+    /// Times any node hid the entries of an owner (no node fails in this scenario, so every
+    /// one is a live owner hidden wrongly: a join storm must not make membership miss one).
+    pub live_owners_hidden: u64,
     /// Why the run stopped early, if it did.
     pub stopped: Option<String>,
     pub trace: u64,
@@ -200,6 +203,13 @@ pub fn scale<H: Host>(
         (msgs, bytes) = (m as f64 / secs, b as f64 / secs);
     }
     c.check()?;
+    let live_owners_hidden = (0..n)
+        .filter(|&i| c.is_up(i))
+        .map(|i| {
+            let s = c.node(i).stats();
+            s.owners_hidden_failed + s.owners_hidden_unknown
+        })
+        .sum();
     Ok(ScaleReport {
         nodes: n,
         seed: o.seed,
@@ -216,6 +226,7 @@ pub fn scale<H: Host>(
         steady_msgs_per_node_per_s: msgs,
         steady_bytes_per_node_per_s: bytes,
         samples,
+        live_owners_hidden,
         stopped,
         trace: c.trace_hash(),
     })

@@ -1,10 +1,11 @@
 //! The soak: random mixed load and faults on a cluster, with every checker on.
 //!
 //! For `duration` of virtual time a seeded schedule writes, updates and deletes entries,
-//! attaches and detaches networks, crashes and restarts nodes, makes them leave and come back,
-//! partitions the cluster (both ways and one way), raises loss, duplication and reordering,
-//! and skews clocks. Then the faults stop and the checkers must pass within a bound derived
-//! from the configuration:
+//! attaches and detaches networks, crashes nodes (seeds included) and restarts them, stops them
+//! for an announced restart, makes them leave and come back, reinstalls them (a wiped data dir:
+//! a new instance, its wall clock sometimes stepped back), partitions the cluster (both ways and
+//! one way), raises loss, duplication and reordering, and skews clocks. Then the faults stop and
+//! the checkers must pass within a bound derived from the configuration:
 //!
 //! * **watcher contract** (all along): every node's table events form create, updates,
 //!   delete, with `prev` equal to what the node reported last;
@@ -12,7 +13,13 @@
 //! * **membership**: every up node sees every other up node alive;
 //! * **convergence**: every node attached to a network holds the same live entries;
 //! * **no lost entry**: every acknowledged write whose owner has been up since is held, as
-//!   written, by every node attached to its network.
+//!   written, by every node attached to its network;
+//! * **lifecycle** (clusters of 5 or more, once converged): one node is crashed, one stopped
+//!   for a restart, one leaves, one is reinstalled. While they are down the crashed node's
+//!   entries are hidden on every node, the restarting node's stay live, the leaver's are gone;
+//!   once the restarting and reinstalled nodes are back, the first holds its entries and the
+//!   second none of its earlier instance's; once the crashed node is back, its entries are
+//!   live again everywhere.
 //!
 //! (No address or VNI checker yet: the IPAM ring is not wired into the agent.)
 
@@ -49,6 +56,12 @@ pub struct SoakReport {
     pub detaches: usize,
     pub crashes: usize,
     pub leaves: usize,
+    /// Stops announced as restarts (SIGTERM).
+    pub restarts: usize,
+    /// Reinstalls: the data dir wiped, the host back as a new instance.
+    pub wipes: usize,
+    /// Whether the lifecycle epilogue ran (5 nodes or more).
+    pub lifecycle_checked: bool,
     pub partitions: usize,
     /// Virtual time from the end of the faults until every checker passed.
     pub converged_after: Duration,
@@ -141,14 +154,30 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
                     report.attaches += 1;
                 }
             }
-            60..68 if down.len() + 1 < n / 2 + 1 && !seeds.contains(&i) => {
-                // A crash, or a clean leave; back after 1-20 s under a new generation.
-                if rng.random_bool(0.7) {
-                    c.crash(i);
-                    report.crashes += 1;
-                } else {
-                    c.leave(i);
-                    report.leaves += 1;
+            60..68 if down.len() + 1 < n / 2 + 1 => {
+                // A crash (seeds included), a stop for a restart, a clean leave or a reinstall;
+                // back after 1-20 s under a new generation.
+                match rng.random_range(0..20) {
+                    0..10 => {
+                        c.crash(i);
+                        report.crashes += 1;
+                    }
+                    10..14 => {
+                        c.stop_restarting(i);
+                        report.restarts += 1;
+                    }
+                    14..17 => {
+                        c.leave(i);
+                        report.leaves += 1;
+                    }
+                    _ => {
+                        c.wipe(i);
+                        // Sometimes the reinstalled host's wall clock is behind.
+                        if rng.random_bool(0.5) {
+                            c.nodes[i].wall_offset_ms = -rng.random_range(0..3_600_000);
+                        }
+                        report.wipes += 1;
+                    }
                 }
                 down.insert(i, now + Duration::from_millis(rng.random_range(1000..20_000)));
             }
@@ -196,13 +225,126 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
     if !converged {
         return Err(fail(format!(
             "not converged {limit:?} after the faults stopped: membership gap {:?}, divergence {:?}, lost {:?}",
-            c.membership_gap(),
+            c.membership_gap_report(),
             c.divergence(&nets),
             c.lost_entry()
         )));
     }
     c.check().map_err(fail)?;
     report.converged_after = c.elapsed() - stop;
+    if n >= 5 {
+        lifecycle(&mut c, &nets[0], &seeds, limit).map_err(fail)?;
+        report.lifecycle_checked = true;
+    }
     report.trace = c.trace_hash();
     Ok(report)
+}
+
+/// Live entries `key` at every up node attached to `net` (`want`: live at all of them, or at
+/// none); the first node that disagrees.
+fn disagrees<H: Host>(c: &Sim<H>, net: &str, key: &str, want: bool) -> Option<usize> {
+    c.attached(net).into_iter().find(|&j| c.node(j).get_entry(net, T, key).is_some() != want)
+}
+
+/// What node `j` holds of `key` and thinks of its owner, for failure messages.
+fn held<H: Host>(c: &Sim<H>, j: Option<usize>, net: &str, key: &str) -> String {
+    let Some(j) = j else { return "-".into() };
+    let n = c.node(j);
+    let entry = n.table(net, T).into_iter().find(|e| e.key == key);
+    let owner = entry.as_ref().map(|e| e.owner.clone()).unwrap_or_default();
+    let member = n.members().into_iter().find(|m| *m.id.name == *owner).map(|m| (m.id, m.state));
+    let peers: Vec<String> = n.network_peers(net).iter().map(|p| p.name.to_string()).collect();
+    let attach: Vec<String> = n
+        .table(weft_gossip::CLUSTER_NETWORK, weft_gossip::ATTACH_TABLE)
+        .into_iter()
+        .filter(|e| e.key.starts_with(net))
+        .map(|e| format!("{} {} {:?}", e.owner, e.ltime, e.state))
+        .collect();
+    let members: Vec<String> =
+        n.members().iter().map(|m| format!("{:?}={}", m.id, m.state.as_str())).collect();
+    format!(
+        "node {j}: {:?}, owner {member:?}, {} entries, sweep pending {}, peers {peers:?}, attach {attach:?}, members {members:?}, {:?}",
+        entry.map(|e| (e.ltime, e.state)),
+        n.entry_count(net),
+        n.predecessor_sweep_pending(),
+        n.stats()
+    )
+}
+
+/// The lifecycle epilogue (see the module doc): crash, announced restart, leave, reinstall.
+fn lifecycle<H: Host>(c: &mut Sim<H>, net: &str, seeds: &[usize], limit: Duration) -> Result<(), String> {
+    let n = c.nodes.len();
+    // A seed crashes; the others are the last nodes, so a restart always finds a live seed.
+    let (crashed, restarting, leaving, wiped) = (seeds[0], n - 1, n - 2, n - 3);
+    let key = |c: &Sim<H>, i: usize| format!("{}/lifecycle", c.nodes[i].name);
+    // Every node on the network: the others are what keeps a down node's entries.
+    for i in 0..n {
+        if !c.node(i).is_attached(net) {
+            c.attach(i, net);
+        }
+    }
+    for i in [crashed, restarting, leaving, wiped] {
+        let k = key(c, i);
+        c.write(i, net, T, &k, Some(Bytes::from_static(b"before")))?;
+    }
+    let keys: Vec<String> = [crashed, restarting, leaving, wiped].iter().map(|&i| key(c, i)).collect();
+    let spread = c.run_until(c.now() + limit, |c| keys.iter().all(|k| disagrees(c, net, k, true).is_none()));
+    if !spread {
+        return Err("lifecycle: the epilogue's writes did not reach every node".into());
+    }
+    c.crash(crashed);
+    c.stop_restarting(restarting);
+    c.leave(leaving);
+    c.wipe(wiped);
+    // Failure detection has run its course; the restart grace (60 s) has not.
+    c.run_for(limit);
+    let (kc, kr, kl, kw) = (&keys[0], &keys[1], &keys[2], &keys[3]);
+    if let Some(j) = disagrees(c, net, kc, false) {
+        return Err(format!("lifecycle: node {j} still shows crashed node {crashed}'s entry live"));
+    }
+    if let Some(j) = disagrees(c, net, kr, true) {
+        return Err(format!(
+            "lifecycle: node {j} dropped restarting node {restarting}'s entry within the grace"
+        ));
+    }
+    if let Some(j) = disagrees(c, net, kl, false) {
+        return Err(format!("lifecycle: node {j} still shows node {leaving}'s entry after it left"));
+    }
+    // The restarting node comes back within its grace; the reinstalled one as a new instance,
+    // attaching and writing anew.
+    c.restart(restarting, seeds);
+    c.restart(wiped, seeds);
+    c.attach(wiped, net);
+    let fresh = format!("{}/new-instance", c.nodes[wiped].name);
+    c.write(wiped, net, T, &fresh, Some(Bytes::from_static(b"after")))?;
+    // The reinstalled node never knew the crashed one alive (foca's feeds carry only active
+    // members): it hides the crashed node's entries once the unknown-owner grace is over.
+    let wait = limit + c.cfg.unknown_owner_grace();
+    let settled = c.run_until(c.now() + wait, |c| {
+        disagrees(c, net, kr, true).is_none()
+            && disagrees(c, net, kw, false).is_none()
+            && disagrees(c, net, &fresh, true).is_none()
+            && disagrees(c, net, kc, false).is_none()
+    });
+    if !settled {
+        return Err(format!(
+            "lifecycle: after the restarts: restarting node's entry missing at {}; reinstalled node's \
+             old entry live at {}; its new one missing at {}; crashed node's live at {}",
+            held(c, disagrees(c, net, kr, true), net, kr),
+            held(c, disagrees(c, net, kw, false), net, kw)
+                + " / at the reinstalled node: "
+                + &held(c, Some(wiped), net, kw),
+            held(c, disagrees(c, net, &fresh, true), net, &fresh),
+            held(c, disagrees(c, net, kc, false), net, kc)
+        ));
+    }
+    // The crashed node returns: its entries come back everywhere.
+    c.restart(crashed, seeds);
+    if !c.run_until(c.now() + limit, |c| disagrees(c, net, kc, true).is_none()) {
+        return Err(format!(
+            "lifecycle: crashed node {crashed} is back but node {:?} does not show its entry",
+            disagrees(c, net, kc, true)
+        ));
+    }
+    c.check()
 }

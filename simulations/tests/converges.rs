@@ -14,14 +14,59 @@ use weft_sim::{Cluster, NetModel};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Attach { node: u8, net: u8 },
-    Detach { node: u8, net: u8 },
-    Write { node: u8, net: u8, key: u8 },
-    WriteShared { node: u8, net: u8, key: u8 },
-    Loss { percent: u8 },
-    Partition { split: u8, millis: u16 },
-    OneWay { from: u8, to: u8, millis: u16 },
-    Wait { millis: u16 },
+    Attach {
+        node: u8,
+        net: u8,
+    },
+    Detach {
+        node: u8,
+        net: u8,
+    },
+    Write {
+        node: u8,
+        net: u8,
+        key: u8,
+    },
+    WriteShared {
+        node: u8,
+        net: u8,
+        key: u8,
+    },
+    Loss {
+        percent: u8,
+    },
+    Partition {
+        split: u8,
+        millis: u16,
+    },
+    OneWay {
+        from: u8,
+        to: u8,
+        millis: u16,
+    },
+    Wait {
+        millis: u16,
+    },
+    /// Stopped for a restart (announced), back after `millis`.
+    Restart {
+        node: u8,
+        millis: u16,
+    },
+    /// A clean leave, back (a new life) after `millis`.
+    Leave {
+        node: u8,
+        millis: u16,
+    },
+    /// Crashed, back after `millis`.
+    Crash {
+        node: u8,
+        millis: u16,
+    },
+    /// The host reinstalled: its data dir wiped, back as a new instance after `millis`.
+    Reinstall {
+        node: u8,
+        millis: u16,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -34,6 +79,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<u8>(), 500u16..5000).prop_map(|(split, millis)| Op::Partition { split, millis }),
         1 => (any::<u8>(), any::<u8>(), 500u16..8000).prop_map(|(from, to, millis)| Op::OneWay { from, to, millis }),
         3 => (0u16..1500).prop_map(|millis| Op::Wait { millis }),
+        1 => (any::<u8>(), 0u16..3000).prop_map(|(node, millis)| Op::Restart { node, millis }),
+        1 => (any::<u8>(), 0u16..3000).prop_map(|(node, millis)| Op::Leave { node, millis }),
+        1 => (any::<u8>(), 0u16..8000).prop_map(|(node, millis)| Op::Crash { node, millis }),
+        1 => (any::<u8>(), 0u16..3000).prop_map(|(node, millis)| Op::Reinstall { node, millis }),
     ]
 }
 
@@ -108,6 +157,21 @@ fn run(seed: u64, n: usize, nets: usize, ops: &[Op]) -> Result<(), String> {
                 c.heal();
             }
             Op::Wait { millis } => c.run_for(Duration::from_millis(millis as u64)),
+            Op::Restart { node, millis }
+            | Op::Leave { node, millis }
+            | Op::Crash { node, millis }
+            | Op::Reinstall { node, millis } => {
+                let i = node as usize % n;
+                match op {
+                    Op::Restart { .. } => c.stop_restarting(i),
+                    Op::Leave { .. } => c.leave(i),
+                    Op::Crash { .. } => c.crash(i),
+                    _ => c.wipe(i),
+                }
+                c.run_for(Duration::from_millis(millis as u64));
+                let seeds: Vec<usize> = (0..n.min(3)).filter(|&s| s != i).collect();
+                c.restart(i, &seeds);
+            }
         }
     }
     // The faults stop.

@@ -98,13 +98,14 @@ fn a_cluster_forms_and_publishes_in_the_scale_run() {
     assert!(joined(r.tables_converged), "{:?}", r.tables_converged);
     assert!(r.work.swim_datagrams > 0 && r.work.gossip_datagrams > 0 && r.work.timers > 0);
     assert!(r.steady_bytes_per_node_per_s > 0.0);
+    assert_eq!(r.live_owners_hidden, 0, "a join storm hid no live owner's entries");
     assert_eq!(scale::<Agent>(&o, |_| {}).unwrap().trace, r.trace, "a seed replays");
 }
 
 #[test]
 fn fifty_soak_seeds_pass_every_checker() {
     use weft_sim::soak::{SoakOptions, soak};
-    let mut faults = 0;
+    let (mut faults, mut lives, mut lifecycle) = (0, 0, 0);
     for seed in 1..=50 {
         let o = SoakOptions {
             nodes: 4 + (seed as usize % 5),
@@ -115,8 +116,12 @@ fn fifty_soak_seeds_pass_every_checker() {
         let r = soak::<Agent>(&o).unwrap_or_else(|e| panic!("{e}"));
         assert!(r.writes > 0, "seed {seed} wrote nothing");
         faults += r.crashes + r.leaves + r.partitions;
+        lives += r.restarts + r.wipes;
+        lifecycle += usize::from(r.lifecycle_checked);
     }
     assert!(faults > 100, "the soak injected faults: {faults}");
+    assert!(lives > 20, "announced restarts and reinstalls: {lives}");
+    assert_eq!(lifecycle, 40, "the lifecycle epilogue ran on every cluster of 5 nodes or more");
 }
 
 #[test]

@@ -179,23 +179,61 @@ impl Agent {
         }
     }
 
-    /// SIGTERM; returns the exit status and how long the agent took to exit.
-    pub fn terminate(&mut self) -> (Option<i32>, Duration) {
-        let mut c = self.child.take().expect("running");
-        let t0 = Instant::now();
+    /// SIGTERM (a stop for a restart); returns the exit status (None if it had to be killed
+    /// after 10 s).
+    pub fn terminate(&mut self) -> Option<i32> {
+        let c = self.child.as_ref().expect("running");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM)
             .expect("signal");
+        self.wait_exit()
+    }
+
+    /// `weft leave`: the agent leaves the cluster for good and exits; returns the CLI's output
+    /// and the agent's exit status.
+    pub fn leave(&mut self) -> (Output, Option<i32>) {
+        let out = self.cli(&["leave"]);
+        (out, self.wait_exit())
+    }
+
+    /// Waits up to 10 s for the process to exit by itself, then kills it.
+    fn wait_exit(&mut self) -> Option<i32> {
+        let mut c = self.child.take().expect("running");
+        let t0 = Instant::now();
         loop {
             if let Some(status) = c.try_wait().expect("wait") {
-                return (status.code(), t0.elapsed());
+                return status.code();
             }
             if t0.elapsed() > Duration::from_secs(10) {
                 let _ = c.kill();
                 let _ = c.wait();
-                return (None, t0.elapsed());
+                return None;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Starts the agent again (it must not be running) with the same name, address and data
+    /// dir.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "{} is still running", self.name);
+        self.spawn();
+    }
+
+    /// Deletes everything in the data dir but the log: the host was reinstalled.
+    pub fn wipe_data_dir(&self) {
+        assert!(self.child.is_none(), "{} is still running", self.name);
+        for e in std::fs::read_dir(&self.data_dir).expect("data dir").flatten() {
+            if e.file_name() != "agent.log" {
+                let p = e.path();
+                let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+            }
+        }
+    }
+
+    /// The persisted node state (`node.json`).
+    pub fn node_state(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.data_dir.join("node.json")).expect("node.json"))
+            .expect("node.json is JSON")
     }
 
     /// Starts the agent again with the same name, address and data dir.

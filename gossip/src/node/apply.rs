@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::discovery::AttachRecord;
+use crate::discovery::{AttachRecord, NodeRecord, NodeStatus};
 use crate::error::Error;
 use crate::event::{Event, MemberState, TableEvent, TableEventKind};
 use crate::queue::Pushed;
@@ -15,10 +15,11 @@ use crate::store::{
     Entry, TableKind, TableSpec, VersionRef, compare_versions, fingerprint, keyhash, reap_deadline,
 };
 use crate::timers::TimerKind;
-use crate::wire::{self, FLAG_CLUSTER, FLAG_DELETED, FLAG_HIDDEN, WireEntry};
+use crate::wire::{self, FLAG_CLUSTER, FLAG_DELETED, WireEntry};
 
 use super::{
-    ATTACH_TABLE, CLUSTER_NETWORK, GossipNode, MAX_KEY_LEN, MAX_NAME_LEN, RESERVED_TABLE_PREFIX, check_name,
+    ATTACH_TABLE, CLUSTER_NETWORK, GossipNode, MAX_KEY_LEN, MAX_NAME_LEN, NODES_TABLE, RESERVED_TABLE_PREFIX,
+    check_name,
 };
 
 /// Where a version came from.
@@ -183,20 +184,38 @@ impl GossipNode {
         key: &str,
         value: Option<Bytes>,
     ) -> bool {
-        let existing = self.networks.get(network).and_then(|n| n.get(table, key));
-        let existing_ltime = existing.map(|e| e.ltime).unwrap_or(0);
+        let deleted = value.is_none();
         // A tombstone in a table with a merge rule carries the value it deletes, so the rule
         // ranks it like that value and the Lamport time decides.
-        let has_rule = self.specs.get(table).is_some_and(|s| s.merge.is_some());
-        let tomb_value = if has_rule { existing.map(|e| e.value.clone()) } else { None };
+        let value = value.unwrap_or_else(|| {
+            let has_rule = self.specs.get(table).is_some_and(|s| s.merge.is_some());
+            let existing = self.networks.get(network).and_then(|n| n.get(table, key));
+            existing.filter(|_| has_rule).map(|e| e.value.clone()).unwrap_or_default()
+        });
+        self.write_local_version(now, network, table, key, value, deleted)
+    }
+
+    /// [`write_local`](Self::write_local) with the value a tombstone carries given (the core's
+    /// own records: a leave or detach still says which life it was).
+    pub(super) fn write_local_version(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: Bytes,
+        deleted: bool,
+    ) -> bool {
+        let existing = self.networks.get(network).and_then(|n| n.get(table, key));
+        let existing_ltime = existing.map(|e| e.ltime).unwrap_or(0);
         self.clock = self.clock.max(existing_ltime) + 1;
         let cluster = self.table_kind(table, None) == TableKind::Cluster;
         let mut flags = if cluster { FLAG_CLUSTER } else { 0 };
-        if value.is_none() {
+        if deleted {
             flags |= FLAG_DELETED;
         }
         let reap_in_ms =
-            if value.is_none() { self.cfg.reap_after.as_millis().min(u32::MAX as u128) as u32 } else { 0 };
+            if deleted { self.cfg.reap_after.as_millis().min(u32::MAX as u128) as u32 } else { 0 };
         let w = WireEntry {
             table: table.to_string(),
             key: key.to_string(),
@@ -204,8 +223,11 @@ impl GossipNode {
             ltime: self.clock,
             flags,
             reap_in_ms,
-            value: value.or(tomb_value).unwrap_or_default(),
+            value,
         };
+        if let Some(net) = self.networks.get_mut(network) {
+            net.own_written.insert(keyhash(table, key));
+        }
         self.apply(now, network, w, Origin::Local)
     }
 
@@ -228,15 +250,37 @@ impl GossipNode {
             deleted = true;
             residual = self.cfg.reap_after;
         }
-        // Hidden while its owner is failed here, or when the sender hid it and this node does not
-        // know the owner alive (a node that never saw the owner must not resurrect its entries).
-        let owner_state = self.member_state(&w.owner);
-        let flagged_hidden = w.flags & FLAG_HIDDEN != 0;
-        let hidden = kind == TableKind::NodeOwned
+        if origin != Origin::Local && network == CLUSTER_NETWORK {
+            if (w.table == NODES_TABLE || w.table == ATTACH_TABLE)
+                && self.refuse_expired(&w.table, &w.owner, &w.value)
+            {
+                return false;
+            }
+            // A record of another life of this node's name matters even when this life's own
+            // record wins over it.
+            if w.table == NODES_TABLE
+                && *w.key == *self.id.name
+                && let Ok(rec) = NodeRecord::decode(&w.value)
+            {
+                let status = if deleted { NodeStatus::Left } else { rec.status };
+                self.another_life_of_mine(now, rec, status);
+            }
+        }
+        // Hidden is this node's own judgement of the owner (failed, or unknown for too long),
+        // never the sender's: a stale peer must not hide a live owner.
+        let own_name = *w.owner == *self.id.name;
+        // A member gone for good here (its records expired): its entries, which peers that
+        // joined late may still hold, are not taken back.
+        if kind == TableKind::NodeOwned
+            && origin != Origin::Local
             && !deleted
-            && (owner_state == Some(MemberState::Failed)
-                || (flagged_hidden && owner_state != Some(MemberState::Alive)));
-        if hidden && !flagged_hidden {
+            && self.life.expired_owner(&w.owner)
+        {
+            self.stats.records_refused += 1;
+            return false;
+        }
+        let hidden = kind == TableKind::NodeOwned && !deleted && !own_name && self.owner_hidden(&w.owner);
+        if hidden {
             residual = self.cfg.reap_after;
         }
         let rule = self.specs.get(&w.table).and_then(|s| s.merge.clone());
@@ -278,6 +322,18 @@ impl GossipNode {
         if hidden {
             self.hidden_owners.insert(entry.owner.clone());
         }
+        if kind == TableKind::NodeOwned && origin != Origin::Local {
+            if own_name {
+                // A version under this node's name that this life did not write.
+                if self.earlier_life_version(network, &w.table, &w.key, keyhash) {
+                    return false;
+                }
+            } else if !self.membership.members.contains_key(&entry.owner) {
+                let owner = entry.owner.clone();
+                self.note_unknown_owner(now, &owner);
+            }
+        }
+        let net = self.networks.get_mut(network).expect("checked");
         let old = net.put(&w.table, &w.key, entry);
         if origin != Origin::Local {
             self.stats.entries_applied += 1;
@@ -296,9 +352,7 @@ impl GossipNode {
         }
         let transmits = self.cfg.retransmits(self.peer_count(network) + 1);
         let mut w = w;
-        w.flags = (w.flags & FLAG_CLUSTER)
-            | if deleted { FLAG_DELETED } else { 0 }
-            | if hidden { FLAG_HIDDEN } else { 0 };
+        w.flags = (w.flags & FLAG_CLUSTER) | if deleted { FLAG_DELETED } else { 0 };
         w.reap_in_ms = if deleted || hidden {
             residual.min(reap_after).as_millis().min(u32::MAX as u128) as u32
         } else {
@@ -348,6 +402,12 @@ impl GossipNode {
                 let (ltime, deleted) = (stored.ltime, stored.deleted);
                 self.on_attachment(now, &w.key, ltime, deleted, rec);
             }
+        } else if w.table == NODES_TABLE && network == CLUSTER_NETWORK {
+            let stored = self.networks[network].get(&w.table, &w.key).expect("just stored");
+            if let Ok(rec) = NodeRecord::decode(&stored.value) {
+                let (ltime, deleted) = (stored.ltime, stored.deleted);
+                self.on_node_record(now, &w.key, ltime, deleted, rec);
+            }
         }
         if let Some(kind) = ev_kind {
             let ev = TableEvent {
@@ -379,7 +439,8 @@ impl GossipNode {
 
     pub(super) fn reap(&mut self, now: Instant) {
         let mut reaped = 0;
-        for net in self.networks.values_mut() {
+        let mut records = Vec::new();
+        for (nid, net) in self.networks.iter_mut() {
             let doomed: Vec<(String, String)> = net
                 .tables
                 .iter()
@@ -392,15 +453,39 @@ impl GossipNode {
             for (t, k) in doomed {
                 net.remove(&t, &k);
                 reaped += 1;
+                if nid == CLUSTER_NETWORK && (t == ATTACH_TABLE || t == NODES_TABLE) {
+                    records.push((t, k));
+                }
             }
         }
         self.stats.tombstones_reaped += reaped;
+        // Reaped leave and detach records leave the indexes; a leave is remembered while its
+        // member is (its tombstone's time counts from its writing, the member's from when this
+        // node heard of it).
+        for (t, k) in records {
+            if t == ATTACH_TABLE {
+                self.forget_attachment(&k);
+            } else if !self.membership.members.contains_key(k.as_str()) {
+                self.life.records.remove(k.as_str());
+            }
+        }
         // Members failed or left for longer than the reap interval are forgotten; their hidden
-        // entries went with that interval too.
+        // entries went with that interval too, and their records go now.
         let reap_after = self.cfg.reap_after;
-        self.membership.members.retain(|_, m| {
-            m.state == MemberState::Alive || now.saturating_duration_since(m.since) < reap_after
+        let mut forgotten = Vec::new();
+        self.membership.members.retain(|name, m| {
+            let keep = matches!(m.state, MemberState::Alive | MemberState::Restarting)
+                || now.saturating_duration_since(m.since) < reap_after;
+            if !keep {
+                forgotten.push((name.clone(), m.id.generation));
+            }
+            keep
         });
+        for (name, generation) in forgotten {
+            self.expire_records(now, &name, generation);
+        }
+        self.judge_unknown_owners(now);
+        self.forget_expired(now);
         let expired: Vec<u64> =
             self.syncs.iter().filter(|(_, s)| s.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {

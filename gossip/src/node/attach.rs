@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::discovery::AttachRecord;
 use crate::error::Error;
-use crate::event::{DownReason, Event, MemberState, TableEvent, TableEventKind};
+use crate::event::{Event, TableEvent, TableEventKind};
 use crate::store::{MergeRule, NetState, TableKind, VersionRef, fingerprint};
 
 use super::{ATTACH_TABLE, CLUSTER_NETWORK, GossipNode, MAX_NAME_LEN, check_name};
@@ -105,10 +105,12 @@ impl GossipNode {
         Ok(())
     }
 
+    /// Writes this node's attachment record for `network`; a detach is a tombstone (reaped
+    /// after `reap_after` like any other) that still says which life detached.
     pub(super) fn write_attachment(&mut self, now: Instant, network: &str, attached: bool) {
         let value = AttachRecord { generation: self.id.generation, attached, addr: self.id.addr }.encode();
         let key = attach_key(network, &self.id.name);
-        let _ = self.write_local(now, CLUSTER_NETWORK, ATTACH_TABLE, &key, Some(value));
+        let _ = self.write_local_version(now, CLUSTER_NETWORK, ATTACH_TABLE, &key, value, !attached);
     }
 
     /// Applies a stored attachment record (own or remote; `deleted` if it is a tombstone) to
@@ -122,7 +124,7 @@ impl GossipNode {
         r: AttachRecord,
     ) {
         let Some((network, node)) = key.split_once(' ') else { return };
-        let AttachRecord { generation, attached, addr } = r;
+        let AttachRecord { generation, attached, addr: _ } = r;
         let rec = Attachment { generation, ltime, attached: attached && !deleted };
         let by = match self.attach.index.get_mut(network) {
             Some(by) => by,
@@ -136,6 +138,9 @@ impl GossipNode {
             *count = if rec.attached { *count + 1 } else { count.saturating_sub(1) };
         }
         self.refresh_peer(&node);
+        if rec.attached && *node != *self.id.name && !self.membership.members.contains_key(&node) {
+            self.note_unknown_owner(now, &node);
+        }
         if *node == *self.id.name {
             // A previous life of this node attached a network this life has not: say it left,
             // or peers would keep it (and its old entries) attached forever.
@@ -150,14 +155,6 @@ impl GossipNode {
             }
             return;
         }
-        if network == CLUSTER_NETWORK {
-            // A member the table knows and membership has never seen: go and find it.
-            if rec.attached && !self.membership.members.contains_key(&node) && !self.membership.left {
-                self.membership.discovery.want(&node, addr, now);
-            } else if !rec.attached {
-                self.membership.discovery.forget(&node);
-            }
-        }
         if prev.map(|p| p.attached) != Some(rec.attached) {
             self.events.push_back(Event::NetworkPeer {
                 network: network.to_string(),
@@ -168,34 +165,31 @@ impl GossipNode {
         if rec.attached {
             return;
         }
-        // Detached (or left the cluster): its node-owned entries written before go.
-        let nets: Vec<String> = if network == CLUSTER_NETWORK {
-            self.networks.keys().cloned().collect()
-        } else if self.networks.contains_key(network) {
-            vec![network.to_string()]
-        } else {
-            Vec::new()
-        };
-        for nid in nets {
-            self.remove_owned_before(now, &nid, &node, rec.ltime);
+        // Detached: its node-owned entries written before go.
+        if self.networks.contains_key(network) {
+            self.remove_owned_before(now, network, &node, rec.ltime);
         }
-        if network == CLUSTER_NETWORK
-            && let Some(m) = self.membership.members.get_mut(&node)
-            && m.id.generation <= generation
-            && m.state != MemberState::Left
+    }
+
+    /// A reaped attachment tombstone leaves the index.
+    pub(super) fn forget_attachment(&mut self, key: &str) {
+        let Some((network, node)) = key.split_once(' ') else { return };
+        let Some(by) = self.attach.index.get_mut(network) else { return };
+        let Some((name, a)) = by.remove_entry(node) else { return };
+        if a.attached
+            && let Some(c) = self.attach.attached_count.get_mut(network)
         {
-            m.state = MemberState::Left;
-            m.since = now;
-            let id = m.id.clone();
-            self.refresh_peer(&node);
-            tracing::info!(member = %id, "member left");
-            self.events.push_back(Event::MemberDown { id, reason: DownReason::Left });
+            *c = c.saturating_sub(1);
         }
+        if by.is_empty() {
+            self.attach.index.remove(network);
+        }
+        self.refresh_peer(&name);
     }
 
     /// Turns every node-owned entry of `owner` in `network` written before `ltime` into a
     /// tombstone (the owner detached or left after writing it).
-    fn remove_owned_before(&mut self, now: Instant, network: &str, owner: &str, ltime: u64) {
+    pub(super) fn remove_owned_before(&mut self, now: Instant, network: &str, owner: &str, ltime: u64) {
         let Some(net) = self.networks.get(network) else { return };
         let mut doomed = Vec::new();
         for (table, entries) in &net.tables {
@@ -236,8 +230,20 @@ impl GossipNode {
     /// The Lamport time after which `owner` is gone from `network` (detached, or left the
     /// cluster), if it is.
     pub(super) fn detached_since(&self, network: &str, owner: &str) -> Option<u64> {
-        let gone = |n: &str| self.attach.index.get(n)?.get(owner).filter(|a| !a.attached).map(|a| a.ltime);
-        gone(network).max(gone(CLUSTER_NETWORK))
+        let detached = self
+            .attach
+            .index
+            .get(network)
+            .and_then(|by| by.get(owner))
+            .filter(|a| !a.attached)
+            .map(|a| a.ltime);
+        let left = self
+            .life
+            .records
+            .get(owner)
+            .filter(|r| r.status == crate::discovery::NodeStatus::Left)
+            .map(|r| r.ltime);
+        detached.max(left)
     }
 
     pub(super) fn detach_stale_self_attachments(&mut self, now: Instant) {

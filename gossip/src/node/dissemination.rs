@@ -38,6 +38,7 @@ impl GossipNode {
 
     pub(super) fn gossip_round(&mut self, now: Instant) {
         self.detach_stale_self_attachments(now);
+        self.probe_round(now);
         let nets: Vec<String> = self.networks.keys().cloned().collect();
         for nid in &nets {
             if !self.networks[nid].queue.is_empty() {
@@ -236,6 +237,15 @@ impl GossipNode {
 
     pub(super) fn handle_packet(&mut self, now: Instant, p: Packet) {
         let Packet { head, body } = p;
+        // Another life of this node's name probing it, or answering its probe: the only
+        // packets from its own name it takes.
+        if head.from.name == self.id.name
+            && head.from.addr != self.id.addr
+            && self.plausible_ltime(head.ltime)
+            && self.on_own_name_packet(&head.from, &body)
+        {
+            return;
+        }
         if !self.accept_head(&head) {
             return;
         }
@@ -252,6 +262,11 @@ impl GossipNode {
                 self.on_sync_entries(now, &head.from, network, sync_id, entries, want)
             }
             Body::Message { data } => self.events.push_back(Event::Message { from: head.from, data }),
+            // Probes are between lives of one name (above); from anyone else they mean nothing.
+            Body::Probe { .. } | Body::ProbeAck { .. } => self.stats.decode_errors += 1,
+            Body::NewerLife { instance, generation } => {
+                self.on_newer_life(now, &head.from, instance, generation)
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use foca::{Foca, NoCustomBroadcast, OwnedNotification};
 use rand::rngs::Xoshiro256PlusPlus;
 
-use crate::discovery::Discovery;
+use crate::discovery::{Discovery, NodeStatus};
 use crate::error::Error;
 use crate::event::{
     DownReason, Event, MemberState, Stats, TableEvent, TableEventKind, Transmit, TransmitKind,
@@ -20,7 +20,6 @@ use crate::store::TableKind;
 use crate::timers::{TimerKind, Timers};
 use crate::wire::{self, FrameType};
 
-use super::dissemination::Push;
 use super::{CLUSTER_NETWORK, GossipNode, RESERVED_TABLE_PREFIX};
 
 /// foca, with the node's identity, wire codec and RNG.
@@ -56,6 +55,10 @@ pub(super) struct Outbox<'a> {
     timers: &'a mut Timers,
     transmits: &'a mut VecDeque<Transmit>,
     notes: &'a mut Vec<OwnedNotification<NodeId>>,
+    /// Identities foca recorded as down (it schedules their removal): foca says nothing else
+    /// of a member it first learns as down, nor of another life of this node's name that it
+    /// declares down for sharing this node's address.
+    downs: &'a mut Vec<NodeId>,
     stats: &'a mut Stats,
 }
 
@@ -77,6 +80,9 @@ impl foca::Runtime<NodeId> for Outbox<'_> {
     }
 
     fn submit_after(&mut self, event: foca::Timer<NodeId>, after: Duration) {
+        if let foca::Timer::RemoveDown(id) = &event {
+            self.downs.push(id.clone());
+        }
         self.timers.add(self.now + after, TimerKind::Foca(event));
     }
 }
@@ -94,6 +100,7 @@ impl GossipNode {
             timers: &mut self.timers,
             transmits: &mut self.transmits,
             notes: &mut self.notes,
+            downs: &mut self.foca_downs,
             stats: &mut self.stats,
         };
         f(&mut self.membership.foca, &mut rt)
@@ -130,7 +137,7 @@ impl GossipNode {
         self.announce_to(now, missing);
     }
 
-    fn announce_everywhere(&mut self, now: Instant) {
+    pub(super) fn announce_everywhere(&mut self, now: Instant) {
         let mut targets: BTreeSet<SocketAddr> = self.membership.seeds.iter().copied().collect();
         targets.extend(self.membership.foca.iter_members().map(|m| m.id().addr));
         self.announce_to(now, targets.into_iter().collect());
@@ -145,9 +152,10 @@ impl GossipNode {
         self.process_notes(now);
     }
 
-    /// Leaves the cluster cleanly: detaches from every network (peers delete this node's
-    /// entries at once instead of hiding them) and tells the membership layer. Keep polling
-    /// transmits and timers for a moment afterwards so the news goes out.
+    /// Leaves the cluster for good: detaches from every network and publishes a leave record
+    /// (peers delete this node's entries at once instead of hiding them), then tells the
+    /// membership layer. Keep polling transmits and timers for a moment afterwards so the news
+    /// goes out. A plain stop for a restart is [`stop_restarting`](Self::stop_restarting).
     pub fn leave(&mut self, now: Instant) -> Result<(), Error> {
         self.tick(now);
         if self.membership.left {
@@ -157,23 +165,40 @@ impl GossipNode {
         for n in nets {
             self.write_attachment(now, &n, false);
         }
-        self.write_attachment(now, CLUSTER_NETWORK, false);
-        // Send the leave records to more peers than usual: this node will not relay them.
-        let mut peers = self.pick_peers(CLUSTER_NETWORK, 2 * self.cfg.gossip_fanout);
-        peers.sort();
-        self.send_queue_to(CLUSTER_NETWORK, Push::Own, &peers);
-        let result = self.with_foca(now, |foca, rt| foca.leave_cluster(rt));
-        self.membership.left = true;
-        self.process_notes(now);
-        result.map_err(|e| Error::Membership(e.to_string()))
+        self.write_node_record(now, NodeStatus::Left);
+        self.depart(now)
     }
 
     pub(super) fn process_notes(&mut self, now: Instant) {
-        while !self.notes.is_empty() {
+        while !self.notes.is_empty() || !self.foca_downs.is_empty() {
             let notes = std::mem::take(&mut self.notes);
             for n in notes {
                 self.process_note(now, n);
             }
+            for id in std::mem::take(&mut self.foca_downs) {
+                self.recorded_down(now, id);
+            }
+        }
+    }
+
+    /// foca recorded `id` as down. A member this node never had is failed (or left) now, and
+    /// its entries are hidden; another life of this node's name at or above this one (foca
+    /// declares it down for sharing this node's address, and peers refuse this life while it
+    /// is older) makes this life move above it.
+    fn recorded_down(&mut self, now: Instant, id: NodeId) {
+        if id.name == self.id.name {
+            let other_life = id.instance != self.id.instance || id.generation > self.id.generation;
+            if other_life
+                && id.generation >= self.id.generation
+                && self.life.clash.is_none()
+                && !self.membership.left
+            {
+                self.move_above(now, id.generation);
+            }
+            return;
+        }
+        if !self.membership.members.contains_key(&id.name) {
+            self.member_gone(now, id);
         }
     }
 
@@ -222,14 +247,15 @@ impl GossipNode {
 
     /// The life of `name` that left the cluster, per its leave record, if any.
     fn left_generation(&self, name: &str) -> Option<u64> {
-        self.attach.index.get(CLUSTER_NETWORK)?.get(name).filter(|a| !a.attached).map(|a| a.generation)
+        self.life.records.get(name).filter(|r| r.status == NodeStatus::Left).map(|r| r.rec.generation)
     }
 
     pub(super) fn member_up(&mut self, now: Instant, id: NodeId) {
         if id.name == self.id.name {
+            // Another identity of this node's name that foca believes alive: a live clash only
+            // if it answers a direct probe (an earlier life still suspected does not).
             if id.addr != self.id.addr {
-                self.membership.name_contested = true;
-                self.events.push_back(Event::NameConflict { other: id });
+                self.probe(now, id.addr);
             }
             return;
         }
@@ -239,7 +265,10 @@ impl GossipNode {
             }
             // Two live nodes claim one name from two addresses: the one known first keeps it
             // (the other is refusing to run); its entries must not be hidden by the impostor.
-            if m.state == MemberState::Alive && m.id.addr != id.addr {
+            // A newer life of the same instance is the same node restarted at a new address:
+            // its earlier life cannot be running any more.
+            let restarted = id.instance == m.id.instance && id.life() > m.id.life();
+            if m.state == MemberState::Alive && m.id.addr != id.addr && !restarted {
                 tracing::warn!(holder = %m.id, other = %id, "two nodes claim one name; keeping the first");
                 return;
             }
@@ -249,6 +278,7 @@ impl GossipNode {
             return;
         }
         self.membership.discovery.forget(&id.name);
+        self.owner_known(&id.name);
         let was = self
             .membership
             .members
@@ -276,8 +306,9 @@ impl GossipNode {
     }
 
     /// A life of a member that foca knows only as down.
-    fn member_gone(&mut self, now: Instant, id: NodeId) {
+    pub(super) fn member_gone(&mut self, now: Instant, id: NodeId) {
         if id.name == self.id.name {
+            self.own_name_down(&id);
             return;
         }
         let prev = self.membership.members.get(&id.name).map(|m| (m.id.clone(), m.state));
@@ -286,34 +317,50 @@ impl GossipNode {
             Some((known, _)) if *known == id => return self.member_down(now, id),
             _ => {}
         }
-        let left = self.left_generation(&id.name).is_some_and(|g| g >= id.generation);
-        let state = if left { MemberState::Left } else { MemberState::Failed };
+        let (state, reason) = self.down_state(now, &id);
         self.membership.discovery.forget(&id.name);
+        self.owner_known(&id.name);
         self.membership.members.insert(id.name.clone(), Member { id: id.clone(), state, since: now });
         self.refresh_peer(&id.name);
-        if !left {
+        if state == MemberState::Failed {
+            self.stats.owners_hidden_failed += 1;
             self.set_hidden(now, &id.name, true);
         }
         if matches!(prev, Some((_, MemberState::Alive))) {
-            let reason = if left { DownReason::Left } else { DownReason::Failed };
             tracing::info!(member = %id, ?reason, "member down");
             self.events.push_back(Event::MemberDown { id, reason });
         }
     }
 
+    /// What `id` going down makes it: left (its leave record says so), restarting (its record
+    /// announced a restart: a grace timer starts), or failed.
+    fn down_state(&mut self, now: Instant, id: &NodeId) -> (MemberState, DownReason) {
+        if self.left_generation(&id.name).is_some_and(|g| g >= id.generation) {
+            (MemberState::Left, DownReason::Left)
+        } else if self.announced_restart(id) {
+            self.timers.add(now + self.cfg.restart_grace, TimerKind::Grace(id.name.clone()));
+            (MemberState::Restarting, DownReason::Restarting)
+        } else {
+            (MemberState::Failed, DownReason::Failed)
+        }
+    }
+
     fn member_down(&mut self, now: Instant, id: NodeId) {
+        if id.name == self.id.name {
+            return self.own_name_down(&id);
+        }
         if !self.membership.members.get(&id.name).is_some_and(|m| m.id == id && m.state == MemberState::Alive)
         {
             return;
         }
-        let left = self.left_generation(&id.name).is_some_and(|g| g >= id.generation);
+        let (state, reason) = self.down_state(now, &id);
         let m = self.membership.members.get_mut(&id.name).expect("checked");
-        let reason = if left { DownReason::Left } else { DownReason::Failed };
-        m.state = if left { MemberState::Left } else { MemberState::Failed };
+        m.state = state;
         m.since = now;
         self.refresh_peer(&id.name);
         tracing::info!(member = %id, ?reason, "member down");
-        if !left {
+        if state == MemberState::Failed {
+            self.stats.owners_hidden_failed += 1;
             self.set_hidden(now, &id.name, true);
         }
         let name = id.name.clone();
@@ -327,7 +374,7 @@ impl GossipNode {
     }
 
     /// Hides (owner failed) or restores (owner back) every node-owned entry of `owner`.
-    fn set_hidden(&mut self, now: Instant, owner: &str, hidden: bool) {
+    pub(super) fn set_hidden(&mut self, now: Instant, owner: &str, hidden: bool) {
         if !hidden && !self.hidden_owners.remove(owner) {
             return;
         }

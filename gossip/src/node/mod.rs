@@ -9,6 +9,7 @@
 mod apply;
 mod attach;
 mod dissemination;
+mod lifecycle;
 mod membership;
 mod read;
 mod sync;
@@ -38,6 +39,7 @@ use crate::wire::{self, FrameType, MAX_LTIME, Packet, WireEntryRef, WireError};
 
 use self::attach::{AttachRule, Attachments};
 use self::dissemination::Push;
+use self::lifecycle::{Lifecycle, NodeRule};
 use self::membership::Membership;
 pub use self::read::{EntryState, EntryView};
 use self::sync::SyncState;
@@ -49,6 +51,9 @@ pub const RESERVED_TABLE_PREFIX: &str = "weft:";
 /// The core's own table of network attachments, in [`CLUSTER_NETWORK`]: key `"<network> <node>"`,
 /// value `(generation, attached)`.
 pub const ATTACH_TABLE: &str = "weft:attachments";
+/// The core's own table of node records, in [`CLUSTER_NETWORK`]: key the node's name, value a
+/// [`NodeRecord`](crate::NodeRecord) (instance, generation, addresses, status).
+pub const NODES_TABLE: &str = "weft:nodes";
 
 const MAX_NAME_LEN: usize = 255;
 /// How far ahead of this node's clock a remote Lamport time may be.
@@ -107,12 +112,16 @@ pub struct GossipNode {
     timers: Timers,
     transmits: VecDeque<Transmit>,
     notes: Vec<OwnedNotification<NodeId>>,
+    /// Identities foca recorded as down since the last `process_notes` (see `Outbox`).
+    foca_downs: Vec<NodeId>,
     stats: Stats,
     events: VecDeque<Event>,
     networks: BTreeMap<String, NetState>,
     specs: BTreeMap<String, TableSpec>,
     /// Every node's attachment records, indexed (see [`attach`]).
     attach: Attachments,
+    /// Node records, restarts, earlier lives, unknown and expired owners (see [`lifecycle`]).
+    life: Lifecycle,
     syncs: BTreeMap<u64, SyncState>,
     /// A relay of fresh news is scheduled.
     relay_armed: bool,
@@ -145,8 +154,10 @@ fn check_name(what: &'static str, s: &str, max: usize) -> Result<(), Error> {
 
 impl GossipNode {
     /// Builds a node. `seed` seeds every random choice it will make; `ltime` is the Lamport
-    /// high-water mark the agent persisted (0 for a fresh node), so a restarted node never
-    /// writes with an older clock.
+    /// high-water mark the agent persisted (0 for a fresh data dir), so a restarted node never
+    /// writes with an older clock. A node built with 0 is a new instance: entries under its
+    /// name that it finds in the cluster are an earlier instance's and it deletes them once it
+    /// has synced (see `lifecycle`).
     pub fn new(cfg: Config, id: NodeId, seed: u64, ltime: u64, now: Instant) -> Result<Self, Error> {
         cfg.validate()?;
         check_name("node name", &id.name, MAX_NAME_LEN)?;
@@ -160,6 +171,7 @@ impl GossipNode {
             .ok_or_else(|| Error::InvalidConfig("max_packet_size".into()))?;
         let foca_rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x5eed_f0ca_5eed_f0ca);
         let foca = Foca::new(id.clone(), membership, foca_rng, wire::FocaCodec);
+        let data_addr = id.addr.ip();
         let mut node = GossipNode {
             id,
             membership: Membership {
@@ -177,11 +189,13 @@ impl GossipNode {
             timers: Timers::default(),
             transmits: VecDeque::new(),
             notes: Vec::new(),
+            foca_downs: Vec::new(),
             stats: Stats::default(),
             events: VecDeque::new(),
             networks: BTreeMap::new(),
             specs: BTreeMap::new(),
             attach: Attachments::default(),
+            life: Lifecycle::new(data_addr, ltime == 0),
             syncs: BTreeMap::new(),
             hash_seed: seed.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15,
             relay_armed: false,
@@ -193,9 +207,13 @@ impl GossipNode {
             ATTACH_TABLE.to_string(),
             TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(AttachRule)),
         );
+        node.specs.insert(
+            NODES_TABLE.to_string(),
+            TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(NodeRule)),
+        );
         node.networks
             .insert(CLUSTER_NETWORK.to_string(), NetState::new(node.cfg.join_sync_peers, node.hash_seed));
-        node.write_attachment(now, CLUSTER_NETWORK, true);
+        node.write_node_record(now, crate::discovery::NodeStatus::Up);
         // Spread the periodic work over the first interval so nodes built together do not
         // tick in lockstep.
         let jitter = |rng: &mut Xoshiro256PlusPlus, d: Duration| d.mul_f64(rng.random_range(0.0..1.0));
@@ -264,6 +282,7 @@ impl GossipNode {
             },
             Err(e) => self.reject(from, e),
         }
+        self.settle_own_name(now);
     }
 
     /// One frame arrived on a TCP stream (its length prefix already removed).
@@ -279,6 +298,7 @@ impl GossipNode {
             Ok(p) => self.handle_packet(now, p),
             Err(e) => self.reject(from, e),
         }
+        self.settle_own_name(now);
     }
 
     fn reject(&mut self, from: SocketAddr, e: WireError) {
@@ -340,8 +360,10 @@ impl GossipNode {
                         self.send_queue(&nid, Push::Relay);
                     }
                 }
+                TimerKind::Grace(name) => self.grace_over(now, &name),
             }
         }
+        self.settle_own_name(now);
     }
 
     fn tick(&mut self, now: Instant) {

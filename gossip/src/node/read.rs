@@ -114,6 +114,12 @@ impl GossipNode {
         self.networks.get(network).map(|n| (n.digest.clone(), n.rebuild_digest()))
     }
 
+    /// The stored version of one entry, live, tombstoned or hidden.
+    pub fn entry(&self, network: &str, table: &str, key: &str) -> Option<EntryView> {
+        let e = self.networks.get(network)?.get(table, key)?;
+        Some(self.view(key, e))
+    }
+
     /// Every stored version of a table, live, tombstoned or hidden, sorted by key.
     pub fn table(&self, network: &str, table: &str) -> Vec<EntryView> {
         let Some(t) = self.networks.get(network).and_then(|n| n.tables.get(table)) else {
@@ -178,6 +184,7 @@ impl GossipNode {
             state: if self.membership.left { MemberState::Left } else { MemberState::Alive },
             incarnation: 0,
             networks: self.networks.keys().cloned().collect(),
+            data_addr: Some(self.life.data_addr),
         };
         let mut mine = Some(me);
         for (name, m) in &self.membership.members {
@@ -194,19 +201,28 @@ impl GossipNode {
                 state,
                 incarnation: inc,
                 networks: self.networks_of(name),
+                data_addr: self.life.records.get(name).map(|r| r.rec.data_addr),
             });
         }
         out.extend(mine);
         out
     }
 
+    /// The networks `node` is attached to, `cluster` included while its record says it has
+    /// not left.
     fn networks_of(&self, node: &str) -> Vec<String> {
-        self.attach
+        let mut out: Vec<String> = self
+            .attach
             .index
             .iter()
             .filter(|(_, by)| by.get(node).is_some_and(|a| a.attached))
             .map(|(n, _)| n.clone())
-            .collect()
+            .collect();
+        if self.life.records.get(node).is_some_and(|r| r.status != crate::discovery::NodeStatus::Left) {
+            out.push(CLUSTER_NETWORK.to_string());
+            out.sort();
+        }
+        out
     }
 
     /// Alive members attached to `network`, other than this node, sorted by name.
@@ -249,12 +265,5 @@ impl GossipNode {
             };
             set.set(name, alive.filter(|_| attached));
         }
-    }
-
-    pub(super) fn member_state(&self, name: &str) -> Option<MemberState> {
-        if *name == *self.id.name {
-            return Some(MemberState::Alive);
-        }
-        self.membership.members.get(name).map(|m| m.state)
     }
 }

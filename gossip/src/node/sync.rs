@@ -70,6 +70,7 @@ impl GossipNode {
 
     /// Step 2 (responder): compare digests; for the buckets that differ, send what is held.
     pub(super) fn on_sync_digest(&mut self, from: &NodeId, network: String, sync_id: u64, buckets: Vec<u64>) {
+        self.tell_of_newer_life(from);
         let Some(net) = self.networks.get(&network) else {
             self.stats.foreign_network_events += 1;
             return;
@@ -143,6 +144,7 @@ impl GossipNode {
         if last {
             if want.is_empty() {
                 self.syncs.remove(&sync_id);
+                self.sync_completed(now, &network);
             } else if let Some(st) = self.syncs.get_mut(&sync_id) {
                 st.summary_done = true;
             }
@@ -176,8 +178,9 @@ impl GossipNode {
             }
         }
         if want.is_empty() {
-            if self.syncs.get(&sync_id).is_some_and(|st| st.summary_done) {
+            if self.syncs.get(&sync_id).is_some_and(|st| st.summary_done && st.network == network) {
                 self.syncs.remove(&sync_id);
+                self.sync_completed(now, &network);
             }
             return;
         }

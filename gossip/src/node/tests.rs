@@ -1,7 +1,6 @@
-use super::attach::attach_key;
 use super::*;
-use crate::discovery::AttachRecord;
-use crate::event::TransmitKind;
+use crate::discovery::{NodeRecord, NodeStatus};
+use crate::event::{DownReason, MemberState, TransmitKind};
 use crate::watcher::{TableWatcher, Watchers};
 use crate::wire::{Body, FLAG_CLUSTER, Head, WireEntry};
 use bytes::Bytes;
@@ -82,11 +81,12 @@ fn a_member_only_the_attachment_table_names_is_announced_to_with_backoff() {
     let mut p = Pair::new(Config::default());
     // b tells a of "ghost", a node a's membership never heard of.
     let ghost = addr(9);
-    let rec = AttachRecord { generation: 1, attached: true, addr: ghost };
+    let rec =
+        NodeRecord { instance: 7, generation: 1, addr: ghost, data_addr: ghost.ip(), status: NodeStatus::Up };
     let head = Head { from: p.b.id.clone(), ltime: p.b.clock };
     let w = WireEntry {
-        table: ATTACH_TABLE.into(),
-        key: attach_key(CLUSTER_NETWORK, "ghost"),
+        table: NODES_TABLE.into(),
+        key: "ghost".into(),
         owner: "ghost".into(),
         ltime: 5,
         flags: FLAG_CLUSTER,
@@ -341,4 +341,117 @@ fn a_write_always_wins_over_the_version_it_replaces() {
     n.handle_datagram(now, addr(9), &frame);
     assert_eq!(n.get_entry("cluster", "t", "k"), Some(Bytes::from_static(b"mine")));
     assert_eq!(n.stats().entries_stale, 1);
+}
+
+/// A datagram from `from` carrying one entry of `network`.
+fn event_from(from: &GossipNode, network: &str, w: WireEntry) -> Vec<u8> {
+    let head = Head { from: from.id.clone(), ltime: from.clock };
+    wire::encode_packet(&Packet { head, body: Body::Events { network: network.into(), events: vec![w] } })
+        .unwrap()
+}
+
+fn entry(table: &str, key: &str, owner: &str, ltime: u64, flags: u8, value: Bytes) -> WireEntry {
+    WireEntry {
+        table: table.into(),
+        key: key.into(),
+        owner: owner.into(),
+        ltime,
+        flags,
+        reap_in_ms: 0,
+        value,
+    }
+}
+
+#[test]
+fn a_peer_cannot_hide_an_owner_and_an_owner_membership_never_knew_is_hidden_after_the_grace() {
+    let mut p = Pair::new(Config::default());
+    let now = p.now;
+    p.a.join_network(now, "net1").unwrap();
+    p.b.join_network(now, "net1").unwrap();
+    p.run(Duration::from_secs(1));
+    // b relays an entry of "ghost", an owner a's membership has never seen, flagged hidden.
+    let flagged = entry("t", "g", "ghost", 5, crate::wire::FLAG_HIDDEN, Bytes::from_static(b"v"));
+    let bytes = event_from(&p.b, "net1", flagged);
+    p.a.handle_datagram(p.now, addr(2), &bytes);
+    assert_eq!(
+        p.a.get_entry("net1", "t", "g"),
+        Some(Bytes::from_static(b"v")),
+        "the sender's flag is ignored"
+    );
+    // An entry of b, alive, reaches a flagged hidden (a stale relay): live.
+    p.b.create_entry(p.now, "net1", "t", "b", Bytes::from_static(b"w")).unwrap();
+    while p.b.poll_transmit().is_some() {}
+    let ltime = p.b.table("net1", "t")[0].ltime;
+    let stale = entry("t", "b", "n2", ltime, crate::wire::FLAG_HIDDEN, Bytes::from_static(b"w"));
+    let bytes = event_from(&p.b, "net1", stale);
+    p.a.handle_datagram(p.now, addr(2), &bytes);
+    assert_eq!(p.a.get_entry("net1", "t", "b"), Some(Bytes::from_static(b"w")));
+    // The unknown owner stays live for the grace, then is hidden; b's entry stays live.
+    let grace = p.a.cfg.unknown_owner_grace();
+    p.run(grace - Duration::from_secs(6));
+    assert!(p.a.get_entry("net1", "t", "g").is_some(), "live within the grace");
+    p.run(Duration::from_secs(12));
+    assert_eq!(p.a.get_entry("net1", "t", "g"), None, "hidden after it");
+    assert!(matches!(p.a.table("net1", "t")[1].state, EntryState::Hidden { .. }));
+    assert_eq!(p.a.stats().owners_hidden_unknown, 1);
+    assert_eq!(p.a.get_entry("net1", "t", "b"), Some(Bytes::from_static(b"w")));
+    // Hidden is each node's own judgement, never part of the digest.
+    assert_eq!(p.a.digests("net1").unwrap().0, p.b.digests("net1").unwrap().0);
+}
+
+#[test]
+fn a_failed_member_that_turns_out_to_have_left_is_not_reported_down_twice() {
+    let mut p = Pair::new(Config::default());
+    // b's record as a tombstone: it left (the news arrives after a declared it failed).
+    let rec = NodeRecord {
+        instance: p.b.id.instance,
+        generation: p.b.id.generation,
+        addr: addr(2),
+        data_addr: addr(2).ip(),
+        status: NodeStatus::Left,
+    };
+    let left = entry(NODES_TABLE, "n2", "n2", 1_000, FLAG_CLUSTER | crate::wire::FLAG_DELETED, rec.encode());
+    let bytes = event_from(&p.b, CLUSTER_NETWORK, left);
+    // b stops answering; a declares it failed.
+    let mut now = p.now;
+    for _ in 0..3000 {
+        now += Duration::from_millis(10);
+        p.a.handle_timeout(now);
+        while p.a.poll_transmit().is_some() {}
+    }
+    let downs = |n: &mut GossipNode| {
+        std::iter::from_fn(|| n.poll_event())
+            .filter_map(|e| match e {
+                Event::MemberDown { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(downs(&mut p.a), vec![DownReason::Failed]);
+    p.a.handle_datagram(now, addr(2), &bytes);
+    assert_eq!(downs(&mut p.a), Vec::<DownReason>::new(), "no second MemberDown");
+    let m = p.a.members().into_iter().find(|m| &*m.id.name == "n2").unwrap();
+    assert_eq!(m.state, MemberState::Left);
+}
+
+#[test]
+fn a_clash_is_a_live_node_answering_a_probe_and_ends_when_it_goes() {
+    let mut p = Pair::new(Config::default());
+    // b probes a as if a were another life of b's name: a answers; b reports a clash.
+    let nonce = 42;
+    p.b.life.probes.insert(addr(1), super::lifecycle::test_probe(nonce, p.now));
+    let head = Head { from: NodeId::new("n2", addr(1), 9).with_instance(77), ltime: 1 };
+    let ack = wire::encode_packet(&Packet { head, body: Body::ProbeAck { nonce } }).unwrap();
+    p.b.handle_datagram(p.now, addr(1), &ack);
+    let clash = std::iter::from_fn(|| p.b.poll_event()).find(|e| matches!(e, Event::NameConflict { .. }));
+    assert!(clash.is_some(), "an answered probe is a clash");
+    assert!(p.b.membership.name_contested);
+    // A wrong nonce (or an unanswered probe) is not.
+    let head = Head { from: NodeId::new("n2", addr(3), 9).with_instance(78), ltime: 1 };
+    let forged = wire::encode_packet(&Packet { head, body: Body::ProbeAck { nonce: 7 } }).unwrap();
+    p.b.handle_datagram(p.now, addr(3), &forged);
+    assert!(!std::iter::from_fn(|| p.b.poll_event()).any(|e| matches!(e, Event::NameConflict { .. })));
+    // The clashing identity goes down: the contest is over.
+    p.b.own_name_down(&NodeId::new("n2", addr(1), 9).with_instance(77));
+    assert!(!p.b.membership.name_contested);
 }

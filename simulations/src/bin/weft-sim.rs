@@ -521,19 +521,31 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 match run {
                     Ok(r) => {
                         out!(
-                            "seed {s}: pass, trace {:016x} ({} writes, {} deletes, {} attaches, {} detaches, {} crashes, {} leaves, {} partitions; converged {:.1} s after the faults)",
+                            "seed {s}: pass, trace {:016x} ({} writes, {} deletes, {} attaches, {} detaches, {} crashes, {} restarts, {} leaves, {} reinstalls, {} partitions; converged {:.1} s after the faults{})",
                             r.trace,
                             r.writes,
                             r.deletes,
                             r.attaches,
                             r.detaches,
                             r.crashes,
+                            r.restarts,
                             r.leaves,
+                            r.wipes,
                             r.partitions,
-                            r.converged_after.as_secs_f64()
+                            r.converged_after.as_secs_f64(),
+                            if r.lifecycle_checked { "; lifecycle checked" } else { "" }
                         );
-                        let counts =
-                            [r.writes, r.deletes, r.attaches, r.detaches, r.crashes, r.leaves, r.partitions];
+                        let counts = [
+                            r.writes,
+                            r.deletes,
+                            r.attaches,
+                            r.detaches,
+                            r.crashes,
+                            r.restarts,
+                            r.leaves,
+                            r.wipes,
+                            r.partitions,
+                        ];
                         let mut row = vec![s.to_string(), "pass".into()];
                         row.extend(counts.iter().map(ToString::to_string));
                         row.push(format!("{:.0}", ms(r.converged_after)));
@@ -544,7 +556,7 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                         out!("seed {s}: FAIL {e}");
                         failed.push(s);
                         let mut row = vec![s.to_string(), "fail".into()];
-                        row.extend(std::iter::repeat_n(String::new(), 9));
+                        row.extend(std::iter::repeat_n(String::new(), 11));
                         rows.push(row);
                     }
                 }
@@ -558,7 +570,9 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                     "attaches",
                     "detaches",
                     "crashes",
+                    "restarts",
                     "leaves",
+                    "reinstalls",
                     "partitions",
                     "converged_ms",
                     "trace",
@@ -640,6 +654,7 @@ fn run_scale(
             "steady_msgs_per_node_per_s": r.steady_msgs_per_node_per_s,
             "steady_bytes_per_node_per_s": r.steady_bytes_per_node_per_s,
             "stopped": r.stopped, "membership_gap": r.membership_gap,
+            "live_owners_hidden": r.live_owners_hidden,
         });
         out!("{v}");
         return Ok(());
@@ -686,6 +701,7 @@ fn run_scale(
         r.steady_msgs_per_node_per_s,
         r.steady_bytes_per_node_per_s
     );
+    out!("  live owners whose entries a node hid: {}", r.live_owners_hidden);
     if let Some(gap) = &r.membership_gap {
         out!("  membership at the end: {gap}");
     }
