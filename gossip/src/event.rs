@@ -64,6 +64,10 @@ pub enum Event {
     /// Earlier lives that do not answer are not a clash.
     NameConflict {
         other: NodeId,
+        /// The generation the other life started with (this node's is
+        /// `GossipNode::started_generation`): of two copies of one data dir, the one started
+        /// later stops.
+        other_started: u64,
     },
     /// This node became connected to a cluster (at least one other member is active), or lost
     /// every other member.

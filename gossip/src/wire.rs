@@ -229,8 +229,9 @@ pub enum Body {
     Message { data: Bytes },
     /// "Are you alive under this name?": sent to another life of the sender's own name.
     Probe { nonce: u64 },
-    /// The answer to a [`Body::Probe`]; the head says who answered (instance, generation).
-    ProbeAck { nonce: u64 },
+    /// The answer to a [`Body::Probe`]; the head says who answered (instance, generation),
+    /// `started` the generation it started with (a move above changes the head's, not this).
+    ProbeAck { nonce: u64, started: u64 },
     /// "Another instance of your name lived at this generation, above yours": sent to a life
     /// of a name that membership refuses (an older life, by generation, of a reinstalled host
     /// whose clock stepped back), so it moves above.

@@ -166,6 +166,11 @@ pub struct Agent {
     refused: Option<String>,
     /// When attached networks were last checked against their definitions.
     defs_checked_at: Option<Instant>,
+    /// Definitions of the networks attached in an earlier life, as persisted with the
+    /// attachment (names for `network ls` while the cluster holds none).
+    restored: BTreeMap<String, NetworkDef>,
+    /// The network definitions or attachments changed since the caller last persisted them.
+    defs_changed: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -201,6 +206,8 @@ impl Agent {
             has_seeds: false,
             refused: None,
             defs_checked_at: None,
+            restored: BTreeMap::new(),
+            defs_changed: false,
         };
         let _ = now;
         Ok(agent)
@@ -275,6 +282,13 @@ impl Agent {
     /// Detaches every attached network whose definition is a tombstone here. A network removed
     /// while this node was down produces no delete event when its tombstone arrives (this node
     /// never held the definition in this life), so the tombstone itself is the signal.
+    ///
+    /// A definition absent altogether (its tombstone reaped while this node was down) is not
+    /// taken as a removal: cluster tables live in memory only, so after an outage of the whole
+    /// cluster no peer holds any definition, and every node would detach everything. Such a
+    /// network stays attached and flagged
+    /// ([`attached_without_definition`](Self::attached_without_definition)), with the
+    /// definition this node persisted, for the operator to detach.
     fn detach_removed_networks(&mut self, now: Instant) {
         let removed: Vec<String> = self
             .attached_networks()
@@ -286,9 +300,15 @@ impl Agent {
             })
             .collect();
         for id in removed {
-            tracing::info!(network = %id, "network was removed while this node was away; detaching");
+            tracing::info!(network = %id, "detaching a network whose definition was deleted while this node was away");
             let _ = self.gossip.leave_network(now, &id);
         }
+    }
+
+    /// Whether the definitions of the attached networks may have changed since the last call
+    /// (the caller persists them then; looking them up costs a walk of the definitions table).
+    pub fn take_definitions_changed(&mut self) -> bool {
+        std::mem::take(&mut self.defs_changed)
     }
 
     /// Networks attached here with no live definition in the cluster table (see
@@ -320,6 +340,9 @@ impl Agent {
         match ev {
             Event::Table(t) => {
                 self.watchers.dispatch(t);
+                if t.network == CLUSTER_NETWORK && t.table == NETWORKS_TABLE {
+                    self.defs_changed = true;
+                }
                 if t.network == CLUSTER_NETWORK
                     && t.table == NETWORKS_TABLE
                     && t.kind == TableEventKind::Delete
@@ -330,11 +353,13 @@ impl Agent {
                 }
             }
             Event::Connected(true) if self.connected_at.is_none() => self.connected_at = Some(now),
-            Event::NameConflict { other } => {
+            Event::NameConflict { other, other_started } => {
                 let me = self.gossip.id();
                 if other.instance == me.instance {
-                    // One data dir running twice (a cloned VM): the newer life stops.
-                    if other.generation < me.generation {
+                    // One data dir running twice (a cloned VM): the copy started later stops
+                    // (by the generations the two started with, which moving above does not
+                    // change; a tie stops both, rather than neither).
+                    if *other_started <= self.gossip.started_generation() {
                         self.refused = Some(format!(
                             "another agent at {} runs with this data dir's identity ({} instance {}): the data dir was copied; give this host its own data dir (never copy one)",
                             other.addr,
@@ -391,6 +416,38 @@ impl Agent {
     /// Re-attaches a network by id after a restart (its definition may not have arrived yet).
     pub fn reattach(&mut self, now: Instant, id: &str) -> Result<(), AgentError> {
         Ok(self.gossip.join_network(now, id)?)
+    }
+
+    /// After a restart: re-attaches the networks of the earlier life with the definitions it
+    /// persisted (shown while the cluster holds none).
+    pub fn restore_attached(
+        &mut self,
+        now: Instant,
+        ids: &[String],
+        defs: &[NetworkDef],
+    ) -> Result<(), AgentError> {
+        for id in ids {
+            self.reattach(now, id)?;
+        }
+        self.restored =
+            defs.iter().filter(|d| ids.contains(&d.id)).map(|d| (d.id.clone(), d.clone())).collect();
+        Ok(())
+    }
+
+    /// The definitions of the networks attached here, as the caller persists them with the
+    /// attachment: the cluster's, or the one restored from an earlier life.
+    pub fn attached_definitions(&self) -> Vec<NetworkDef> {
+        let live: BTreeMap<String, NetworkDef> =
+            self.networks().into_iter().map(|n| (n.def.id.clone(), n.def)).collect();
+        self.attached_networks()
+            .into_iter()
+            .filter_map(|id| live.get(&id).or_else(|| self.restored.get(&id)).cloned())
+            .collect()
+    }
+
+    /// A persisted definition of a network attached here that the cluster does not define.
+    pub fn restored_definition(&self, id: &str) -> Option<&NetworkDef> {
+        self.restored.get(id)
     }
 
     /// Detaches a network by id, whether or not its definition has arrived (the counterpart of
@@ -896,17 +953,15 @@ mod tests {
 
     impl Net {
         fn new(n: u8) -> Net {
+            Net::with_cfg(n, GossipConfig::lan(8))
+        }
+
+        fn with_cfg(n: u8, cfg: GossipConfig) -> Net {
             let now = Instant::now();
             let agents = (1..=n)
                 .map(|i| {
-                    Agent::new(
-                        GossipConfig::lan(8),
-                        NodeId::new(format!("a{i}"), addr(i), 1),
-                        i as u64,
-                        0,
-                        now,
-                    )
-                    .unwrap()
+                    Agent::new(cfg.clone(), NodeId::new(format!("a{i}"), addr(i), 1), i as u64, 0, now)
+                        .unwrap()
                 })
                 .collect();
             let mut net = Net { agents, now, cut: false };
@@ -998,6 +1053,56 @@ mod tests {
         assert!(matches!(a2.detach_id(now, &def.id), Err(AgentError::NotAttached(_))));
         net.run(Duration::from_secs(5));
         assert_eq!(net.agents[0].table_get("green", "eps", "ep2").unwrap(), None, "its entries went with it");
+    }
+
+    #[test]
+    fn a_network_whose_definition_is_gone_altogether_stays_attached_and_flagged() {
+        let cfg = GossipConfig { reap_after: Duration::from_secs(10), ..GossipConfig::lan(8) };
+        let mut net = Net::with_cfg(3, cfg.clone());
+        let now = net.now;
+        let def = net.agents[1].create_network(now, "green", "overlay", &[], None).unwrap();
+        net.run(Duration::from_secs(1));
+        let now = net.now;
+        net.agents[0].attach(now, "green").unwrap();
+        net.run(Duration::from_secs(2));
+        assert_eq!(net.agents[0].attached_definitions(), vec![def.clone()]);
+        // a1 is cut off (down); the network is removed and its tombstone reaped meanwhile.
+        net.cut = true;
+        let now = net.now;
+        net.agents[1].remove_network(now, "green", true).unwrap();
+        net.run(Duration::from_secs(30));
+        let ltime = net.agents[0].ltime() + 100;
+        let mut a1 = Agent::new(cfg, NodeId::new("a1", addr(1), 2), 2, ltime, net.now).unwrap();
+        a1.restore_attached(net.now, std::slice::from_ref(&def.id), std::slice::from_ref(&def)).unwrap();
+        a1.join(net.now, &[addr(2), addr(3)]).unwrap();
+        net.agents[0] = a1;
+        net.cut = false;
+        net.run(Duration::from_secs(15));
+        // No peer holds a definition or a tombstone: that proves nothing (a whole-cluster
+        // outage looks the same), so the network stays attached, flagged, with the persisted
+        // definition, and the operator detaches it by id.
+        assert_eq!(net.agents[0].attached_networks(), vec![def.id.clone()]);
+        assert_eq!(net.agents[0].attached_without_definition(), vec![def.id.clone()]);
+        assert_eq!(net.agents[0].restored_definition(&def.id), Some(&def));
+        assert_eq!(net.agents[0].attached_definitions(), vec![def.clone()], "still persisted");
+        let now = net.now;
+        assert_eq!(net.agents[0].detach(now, &def.id).unwrap().id, def.id);
+        assert!(net.agents[0].attached_networks().is_empty());
+    }
+
+    #[test]
+    fn of_two_copies_of_one_data_dir_the_one_started_later_stops() {
+        let mut net = Net::new(2);
+        // A clone of a1's data dir (same name, same instance) starts at another address.
+        let clone = NodeId::new("a1", addr(2), 5);
+        let mut a = Agent::new(GossipConfig::lan(8), clone, 99, 10_000, net.now).unwrap();
+        a.join(net.now, &[addr(1)]).unwrap();
+        net.agents[1] = a;
+        net.run(Duration::from_secs(10));
+        let refused = net.agents[1].refused().map(str::to_string);
+        assert!(refused.as_deref().is_some_and(|r| r.contains("copied")), "{refused:?}");
+        assert_eq!(net.agents[0].refused(), None, "the original keeps running");
+        assert_eq!(net.agents[1].id().generation, 5, "a copy is never moved above");
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub fn networks(ns: &[NetworkInfo]) -> String {
             vec![
                 n.def.short_id().to_string(),
                 if n.missing_definition {
-                    "(no definition)".to_string()
+                    format!("{} (no definition)", n.def.name).trim_start().to_string()
                 } else if n.name_clash {
                     format!("{} (!)", n.def.name)
                 } else {

@@ -198,9 +198,7 @@ impl Shell {
             tokio::spawn(shell.clone().resolve_loop(cfg.join.clone(), bound));
         }
         shell.with(|a, now| -> Result<(), crate::AgentError> {
-            for id in &st.networks {
-                a.reattach(now, id)?;
-            }
+            a.restore_attached(now, &st.networks, &st.definitions)?;
             a.join(now, &seeds)
         })??;
         Ok(shell)
@@ -251,7 +249,15 @@ impl Shell {
                 result = state.sweep_done();
             }
             if result.is_ok() && !agent.gossip().has_left() {
-                result = state.set_networks(agent.attached_networks());
+                let mut ids = agent.attached_networks();
+                ids.sort();
+                // Definitions are looked up only when the attachments or the definitions table
+                // changed (a walk of that table is too dear for every datagram).
+                let stale = agent.take_definitions_changed() || ids != state.state().networks;
+                result = state.set_networks(ids);
+                if result.is_ok() && stale {
+                    result = state.set_definitions(agent.attached_definitions());
+                }
             }
             if let Err(e) = result {
                 tracing::error!(error = %format!("{e:#}"), "cannot persist node state; holding output back");

@@ -39,6 +39,9 @@ pub struct NodeState {
     /// the cluster (set when the data dir is created; see `GossipNode::set_predecessor_sweep`).
     #[serde(default)]
     pub sweep_pending: bool,
+    /// The definitions of the attached networks, as last known.
+    #[serde(default)]
+    pub definitions: Vec<crate::agent::NetworkDef>,
 }
 
 /// The state file of one data dir, and the lock that keeps a second agent off it.
@@ -112,6 +115,7 @@ impl StateFile {
                 ltime_hwm: 0,
                 networks: Vec::new(),
                 sweep_pending: true,
+                definitions: Vec::new(),
             },
         };
         let mut f = StateFile { path, state: state.clone(), fresh, _lock: lock };
@@ -148,6 +152,16 @@ impl StateFile {
         if self.fresh {
             let _ = fs::remove_file(&self.path);
         }
+    }
+
+    /// Records the definitions of the attached networks; writes only when they changed.
+    pub fn set_definitions(&mut self, mut defs: Vec<crate::agent::NetworkDef>) -> anyhow::Result<()> {
+        defs.sort_by(|a, b| a.id.cmp(&b.id));
+        if defs != self.state.definitions {
+            let next = NodeState { definitions: defs, ..self.state.clone() };
+            self.save(next)?;
+        }
+        Ok(())
     }
 
     /// Records that the earlier instance's entries are deleted.
@@ -225,6 +239,7 @@ mod tests {
                 ltime_hwm: 5 + LTIME_LEASE + LTIME_LEASE / 2,
                 networks: vec![],
                 sweep_pending: true,
+                definitions: vec![],
             }
         );
         let mut s3 = s2;

@@ -251,7 +251,7 @@ impl GossipNode {
             return;
         }
         if self.membership.name_contested {
-            self.attach.stale_self.clear();
+            // The records may be the other live node's: wait until the contest is over.
             return;
         }
         let due: Vec<String> =

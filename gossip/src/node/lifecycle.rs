@@ -77,6 +77,8 @@ pub(super) struct Probe {
 pub(super) struct Lifecycle {
     /// This node's data-plane (VTEP) address, published in its record.
     pub(super) data_addr: IpAddr,
+    /// The generation this life started with (before any move above).
+    pub(super) started: u64,
     /// Every node's record, by name.
     pub(super) records: BTreeMap<Arc<str>, Indexed>,
     /// Probes in flight to other lives of this node's name, by address.
@@ -87,8 +89,8 @@ pub(super) struct Lifecycle {
     /// The other life of this node's name that answered a probe, while it is up.
     pub(super) clash: Option<NodeId>,
     /// Entries under this name that this life did not write are another instance's, hence
-    /// stale: this is the first life of a fresh data dir (it started with no Lamport
-    /// high-water mark), or a record of another instance of this name arrived.
+    /// stale: this is a fresh data dir (it started with no Lamport high-water mark), or the
+    /// agent persisted that the sweep was still due.
     foreign_predecessor: bool,
     /// Entries of an earlier life to delete, and own keys to write again above an earlier
     /// life's version, once the current input is handled.
@@ -109,9 +111,10 @@ impl Lifecycle {
         !self.expired.is_empty() && self.expired.contains_key(owner)
     }
 
-    pub(super) fn new(data_addr: IpAddr, fresh: bool) -> Self {
+    pub(super) fn new(data_addr: IpAddr, started: u64, fresh: bool) -> Self {
         Lifecycle {
             data_addr,
+            started,
             records: BTreeMap::new(),
             probes: BTreeMap::new(),
             move_after_probe: None,
@@ -142,6 +145,11 @@ impl GossipNode {
     /// This node's data-plane address.
     pub fn data_addr(&self) -> IpAddr {
         self.life.data_addr
+    }
+
+    /// The generation this life started with (its identity's may have moved above since).
+    pub fn started_generation(&self) -> u64 {
+        self.life.started
     }
 
     pub(super) fn write_node_record(&mut self, now: Instant, status: NodeStatus) {
@@ -382,10 +390,19 @@ impl GossipNode {
             self.send_packet(addr, Body::Probe { nonce }, false);
         }
         if self.life.probes.is_empty() && self.life.clash.is_none() {
-            // Every other life probed was dead: move above the highest, sweep what waited.
+            // Every other life probed was dead: move above the highest, sweep what waited. Not
+            // while foca lists another identity of this name alive at another address (a twin
+            // that probes cannot reach): two live twins would move above each other forever.
+            let name = self.id.name.clone();
+            let twin_alive = self
+                .membership
+                .foca
+                .iter_members()
+                .any(|m| m.id().name == name && m.id().addr != self.id.addr);
             if let Some(g) = self.life.move_after_probe.take()
                 && g >= self.id.generation
                 && !self.membership.left
+                && !twin_alive
             {
                 self.move_above(now, g);
             }
@@ -399,17 +416,19 @@ impl GossipNode {
         match body {
             Body::Probe { nonce } => {
                 if !self.membership.left {
-                    self.send_packet(from.addr, Body::ProbeAck { nonce: *nonce }, false);
+                    let started = self.life.started;
+                    self.send_packet(from.addr, Body::ProbeAck { nonce: *nonce, started }, false);
                 }
                 true
             }
-            Body::ProbeAck { nonce } => {
+            Body::ProbeAck { nonce, started } => {
                 if self.life.probes.get(&from.addr).is_some_and(|p| p.nonce == *nonce) {
                     self.life.probes.remove(&from.addr);
                     tracing::warn!(other = %from, instance = %from.instance_hex(), "another live node uses this node's name");
                     self.membership.name_contested = true;
                     self.life.clash = Some(from.clone());
-                    self.events.push_back(Event::NameConflict { other: from.clone() });
+                    self.events
+                        .push_back(Event::NameConflict { other: from.clone(), other_started: *started });
                 }
                 true
             }
@@ -419,7 +438,7 @@ impl GossipNode {
 
     /// foca reports another identity of this node's name down: a clash with it is over (only
     /// that life or a later one of it: an earlier identity at its address going down is not).
-    pub(super) fn own_name_down(&mut self, id: &NodeId) {
+    pub(super) fn own_name_down(&mut self, now: Instant, id: &NodeId) {
         if self
             .life
             .clash
@@ -428,6 +447,8 @@ impl GossipNode {
         {
             self.life.clash = None;
             self.membership.name_contested = false;
+            // What the clash held back goes on.
+            self.sweep_waiting(now);
         }
     }
 
@@ -697,7 +718,9 @@ impl GossipNode {
     /// Writes this life's own version again above an earlier life's, or deletes an earlier
     /// life's entry, for every key queued while handling the last input.
     pub(super) fn settle_own_name(&mut self, now: Instant) {
-        if self.life.pending.is_empty() || self.membership.left {
+        // Not while another live node holds this name: the two would write above each other
+        // at gossip speed (the newcomer refuses to run; the versions settle once it is gone).
+        if self.life.pending.is_empty() || self.membership.left || self.membership.name_contested {
             self.life.pending.clear();
             return;
         }
@@ -713,9 +736,9 @@ impl GossipNode {
             let value = match net.get(&table, &key) {
                 Some(e) if e.owner == self.id.name && !e.deleted => Some(e.value.clone()),
                 Some(e) if e.owner == self.id.name => None,
-                // Someone else took the key over since: nothing of this node's to settle.
-                Some(_) => continue,
-                None => None,
+                // Someone else took the key over since, and an earlier life's version went above
+                // both at the peers that stored it: a tombstone above it ends that.
+                Some(_) | None => None,
             };
             self.write_local(now, &network, &table, &key, value);
         }

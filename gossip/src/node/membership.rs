@@ -308,7 +308,7 @@ impl GossipNode {
     /// A life of a member that foca knows only as down.
     pub(super) fn member_gone(&mut self, now: Instant, id: NodeId) {
         if id.name == self.id.name {
-            self.own_name_down(&id);
+            self.own_name_down(now, &id);
             return;
         }
         let prev = self.membership.members.get(&id.name).map(|m| (m.id.clone(), m.state));
@@ -347,7 +347,7 @@ impl GossipNode {
 
     fn member_down(&mut self, now: Instant, id: NodeId) {
         if id.name == self.id.name {
-            return self.own_name_down(&id);
+            return self.own_name_down(now, &id);
         }
         if !self.membership.members.get(&id.name).is_some_and(|m| m.id == id && m.state == MemberState::Alive)
         {

@@ -171,7 +171,7 @@ impl GossipNode {
             .ok_or_else(|| Error::InvalidConfig("max_packet_size".into()))?;
         let foca_rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x5eed_f0ca_5eed_f0ca);
         let foca = Foca::new(id.clone(), membership, foca_rng, wire::FocaCodec);
-        let data_addr = id.addr.ip();
+        let (data_addr, started) = (id.addr.ip(), id.generation);
         let mut node = GossipNode {
             id,
             membership: Membership {
@@ -195,7 +195,7 @@ impl GossipNode {
             networks: BTreeMap::new(),
             specs: BTreeMap::new(),
             attach: Attachments::default(),
-            life: Lifecycle::new(data_addr, ltime == 0),
+            life: Lifecycle::new(data_addr, started, ltime == 0),
             syncs: BTreeMap::new(),
             hash_seed: seed.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15,
             relay_armed: false,

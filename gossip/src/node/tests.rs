@@ -441,17 +441,18 @@ fn a_clash_is_a_live_node_answering_a_probe_and_ends_when_it_goes() {
     let nonce = 42;
     p.b.life.probes.insert(addr(1), super::lifecycle::test_probe(nonce, p.now));
     let head = Head { from: NodeId::new("n2", addr(1), 9).with_instance(77), ltime: 1 };
-    let ack = wire::encode_packet(&Packet { head, body: Body::ProbeAck { nonce } }).unwrap();
+    let ack = wire::encode_packet(&Packet { head, body: Body::ProbeAck { nonce, started: 9 } }).unwrap();
     p.b.handle_datagram(p.now, addr(1), &ack);
     let clash = std::iter::from_fn(|| p.b.poll_event()).find(|e| matches!(e, Event::NameConflict { .. }));
     assert!(clash.is_some(), "an answered probe is a clash");
     assert!(p.b.membership.name_contested);
     // A wrong nonce (or an unanswered probe) is not.
     let head = Head { from: NodeId::new("n2", addr(3), 9).with_instance(78), ltime: 1 };
-    let forged = wire::encode_packet(&Packet { head, body: Body::ProbeAck { nonce: 7 } }).unwrap();
+    let forged =
+        wire::encode_packet(&Packet { head, body: Body::ProbeAck { nonce: 7, started: 9 } }).unwrap();
     p.b.handle_datagram(p.now, addr(3), &forged);
     assert!(!std::iter::from_fn(|| p.b.poll_event()).any(|e| matches!(e, Event::NameConflict { .. })));
     // The clashing identity goes down: the contest is over.
-    p.b.own_name_down(&NodeId::new("n2", addr(1), 9).with_instance(77));
+    p.b.own_name_down(p.now, &NodeId::new("n2", addr(1), 9).with_instance(77));
     assert!(!p.b.membership.name_contested);
 }
