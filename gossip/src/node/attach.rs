@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::discovery::AttachRecord;
 use crate::error::Error;
 use crate::event::{Event, TableEvent, TableEventKind};
-use crate::store::{MergeRule, NetState, TableKind, VersionRef, fingerprint};
+use crate::store::{Entry, MergeRule, NetState, TableKind, VersionRef, fingerprint};
 
 use super::{ATTACH_TABLE, CLUSTER_NETWORK, GossipNode, MAX_NAME_LEN, check_name};
 
@@ -190,18 +190,7 @@ impl GossipNode {
     /// Turns every node-owned entry of `owner` in `network` written before `ltime` into a
     /// tombstone (the owner detached or left after writing it).
     pub(super) fn remove_owned_before(&mut self, now: Instant, network: &str, owner: &str, ltime: u64) {
-        let Some(net) = self.networks.get(network) else { return };
-        let mut doomed = Vec::new();
-        for (table, entries) in &net.tables {
-            if self.table_kind(table, None) == TableKind::Cluster {
-                continue;
-            }
-            for (key, e) in entries {
-                if *e.owner == *owner && !e.deleted && !e.cluster && e.ltime < ltime {
-                    doomed.push((table.clone(), key.clone()));
-                }
-            }
-        }
+        let doomed = self.owned_entries(network, owner, |e| e.ltime < ltime);
         for (table, key) in doomed {
             let net = self.networks.get_mut(network).expect("checked");
             let Some(old) = net.get(&table, &key).cloned() else { continue };
@@ -225,6 +214,29 @@ impl GossipNode {
                 self.emit(ev);
             }
         }
+    }
+
+    /// (table, key) of every undeleted entry of `owner` in `network`'s node-owned tables for
+    /// which `keep` holds.
+    pub(super) fn owned_entries(
+        &self,
+        network: &str,
+        owner: &str,
+        keep: impl Fn(&Entry) -> bool,
+    ) -> Vec<(String, String)> {
+        let Some(net) = self.networks.get(network) else { return Vec::new() };
+        let mut out = Vec::new();
+        for (table, entries) in &net.tables {
+            if self.table_kind(table, None) == TableKind::Cluster {
+                continue;
+            }
+            for (key, e) in entries {
+                if *e.owner == *owner && !e.deleted && !e.cluster && keep(e) {
+                    out.push((table.clone(), key.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// The Lamport time after which `owner` is gone from `network` (detached, or left the

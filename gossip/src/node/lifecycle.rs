@@ -32,7 +32,7 @@ use crate::discovery::{AttachRecord, NodeRecord, NodeStatus};
 use crate::error::Error;
 use crate::event::{DownReason, Event, MemberState};
 use crate::identity::NodeId;
-use crate::store::{MergeRule, TableKind, VersionRef};
+use crate::store::{MergeRule, VersionRef};
 use crate::timers::TimerKind;
 use crate::wire::Body;
 
@@ -673,21 +673,7 @@ impl GossipNode {
     /// life did not write, each above the version it deletes.
     fn sweep_old_lives(&mut self, now: Instant, network: &str) {
         let Some(net) = self.networks.get(network) else { return };
-        let mut doomed = Vec::new();
-        for (table, entries) in &net.tables {
-            if self.table_kind(table, None) == TableKind::Cluster {
-                continue;
-            }
-            for (key, e) in entries {
-                if e.owner == self.id.name
-                    && !e.deleted
-                    && !e.cluster
-                    && !net.own_written.contains(&e.keyhash)
-                {
-                    doomed.push((table.clone(), key.clone()));
-                }
-            }
-        }
+        let doomed = self.owned_entries(network, &self.id.name, |e| !net.own_written.contains(&e.keyhash));
         for (table, key) in doomed {
             self.stats.old_life_entries_removed += 1;
             self.write_local(now, network, &table, &key, None);
