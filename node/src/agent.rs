@@ -40,6 +40,18 @@ pub struct NetworkDef {
 }
 
 impl NetworkDef {
+    /// A network known by its id alone (attached here, its definition gone).
+    pub fn id_only(id: &str) -> Self {
+        NetworkDef {
+            id: id.to_string(),
+            name: String::new(),
+            driver: String::new(),
+            subnets: Vec::new(),
+            gateway: None,
+            created_by: String::new(),
+        }
+    }
+
     /// The 12-hex short id, as Docker prints it.
     pub fn short_id(&self) -> &str {
         self.id.get(..12).unwrap_or(&self.id)
@@ -615,14 +627,7 @@ impl Agent {
         let n = match self.resolve(r) {
             Err(AgentError::NoSuchNetwork(_)) if is_network_id(r) && self.gossip.is_attached(r) => {
                 self.detach_id(now, r)?;
-                return Ok(NetworkDef {
-                    id: r.to_string(),
-                    name: String::new(),
-                    driver: String::new(),
-                    subnets: Vec::new(),
-                    gateway: None,
-                    created_by: String::new(),
-                });
+                return Ok(self.restored.get(r).cloned().unwrap_or_else(|| NetworkDef::id_only(r)));
             }
             other => other?,
         };
@@ -1086,7 +1091,9 @@ mod tests {
         assert_eq!(net.agents[0].restored_definition(&def.id), Some(&def));
         assert_eq!(net.agents[0].attached_definitions(), vec![def.clone()], "still persisted");
         let now = net.now;
-        assert_eq!(net.agents[0].detach(now, &def.id).unwrap().id, def.id);
+        let detached = net.agents[0].detach(now, &def.id).unwrap();
+        assert_eq!(detached.id, def.id);
+        assert_eq!(detached, def, "answered with the persisted definition");
         assert!(net.agents[0].attached_networks().is_empty());
     }
 

@@ -157,14 +157,7 @@ async fn list_networks(State(s): State<Shell>) -> Json<Vec<NetworkInfo>> {
         let mut all = a.networks();
         // Attached networks the cluster holds no definition of are listed too, flagged.
         all.extend(a.attached_without_definition().into_iter().map(|id| NetworkInfo {
-            def: a.restored_definition(&id).cloned().unwrap_or(NetworkDef {
-                id: id.clone(),
-                name: String::new(),
-                driver: String::new(),
-                subnets: Vec::new(),
-                gateway: None,
-                created_by: String::new(),
-            }),
+            def: a.restored_definition(&id).cloned().unwrap_or_else(|| NetworkDef::id_only(&id)),
             attached: true,
             peers: a.gossip().network_peers(&id).iter().map(|p| p.name.to_string()).collect(),
             name_clash: false,

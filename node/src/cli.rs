@@ -223,9 +223,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // The agent exits once the news is out: wait for its socket to go.
             let sock = c.socket_path().to_path_buf();
             let t0 = std::time::Instant::now();
-            while std::os::unix::net::UnixStream::connect(&sock).is_ok()
-                && t0.elapsed() < Duration::from_secs(10)
-            {
+            while std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+                if t0.elapsed() > Duration::from_secs(10) {
+                    bail!(
+                        "the agent left the cluster but is still running after 10 s (unix://{})",
+                        sock.display()
+                    );
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             outln("left the cluster");

@@ -68,6 +68,24 @@ pub struct SoakReport {
     pub trace: u64,
 }
 
+impl SoakReport {
+    /// What the soak did, as (count, what) pairs in a fixed order (the line `weft-sim soak`
+    /// prints and the columns of its CSV).
+    pub fn counts(&self) -> [(usize, &'static str); 9] {
+        [
+            (self.writes, "writes"),
+            (self.deletes, "deletes"),
+            (self.attaches, "attaches"),
+            (self.detaches, "detaches"),
+            (self.crashes, "crashes"),
+            (self.restarts, "restarts"),
+            (self.leaves, "leaves"),
+            (self.wipes, "reinstalls"),
+            (self.partitions, "partitions"),
+        ]
+    }
+}
+
 /// What an owner's acknowledged writes say a key must hold: the owner, the life (generation)
 /// that wrote it, and Some(value) or None (deleted).
 /// How long after the faults stop every checker must pass: failure detection and the

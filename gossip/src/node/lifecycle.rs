@@ -6,8 +6,11 @@
 //! * Every node publishes one record under its name: instance, generation, gossip and
 //!   data-plane addresses, and a status: up, restarting (SIGTERM: peers keep its entries live
 //!   for `restart_grace`), or left (a tombstone: peers delete its entries).
-//! * A life that learns of another life of its name at or above its own generation (a
-//!   reinstalled host whose wall clock stepped back) moves above it, so its records win.
+//! * A life that learns of a life of another instance of its name at or above its own
+//!   generation (a reinstalled host whose wall clock stepped back) moves above it, so its
+//!   records win: at once if that life shared its address, after unanswered probes if it was
+//!   up elsewhere, never while foca lists it alive. A record of its own instance at or above
+//!   it is a copy of its data dir, never moved above.
 //! * Another life of its name that answers a direct probe is a clash ([`Event::NameConflict`]);
 //!   one that does not answer is only an earlier life.
 //! * The first life of a fresh data dir (a reinstalled host, its data dir lost: its Lamport

@@ -14,7 +14,7 @@ use weft_sim::matrix::{CHURN, PERTURBATIONS, cell, needs_joiner};
 use weft_sim::plot::{Chart, Series, cdf, csv, svg};
 use weft_sim::scale::{ScaleOptions, scale};
 use weft_sim::scenarios::{ConvergenceSample, Percentiles, convergence, failure_detection, partition};
-use weft_sim::soak::{SoakOptions, soak};
+use weft_sim::soak::{SoakOptions, SoakReport, soak};
 
 /// `println!` that ends the program quietly when stdout is gone (`weft-sim ... | head`).
 macro_rules! out {
@@ -520,34 +520,17 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 });
                 match run {
                     Ok(r) => {
+                        let counts = r.counts();
+                        let did: Vec<String> = counts.iter().map(|(n, what)| format!("{n} {what}")).collect();
                         out!(
-                            "seed {s}: pass, trace {:016x} ({} writes, {} deletes, {} attaches, {} detaches, {} crashes, {} restarts, {} leaves, {} reinstalls, {} partitions; converged {:.1} s after the faults{})",
+                            "seed {s}: pass, trace {:016x} ({}; converged {:.1} s after the faults{})",
                             r.trace,
-                            r.writes,
-                            r.deletes,
-                            r.attaches,
-                            r.detaches,
-                            r.crashes,
-                            r.restarts,
-                            r.leaves,
-                            r.wipes,
-                            r.partitions,
+                            did.join(", "),
                             r.converged_after.as_secs_f64(),
                             if r.lifecycle_checked { "; lifecycle checked" } else { "" }
                         );
-                        let counts = [
-                            r.writes,
-                            r.deletes,
-                            r.attaches,
-                            r.detaches,
-                            r.crashes,
-                            r.restarts,
-                            r.leaves,
-                            r.wipes,
-                            r.partitions,
-                        ];
                         let mut row = vec![s.to_string(), "pass".into()];
-                        row.extend(counts.iter().map(ToString::to_string));
+                        row.extend(counts.iter().map(|(n, _)| n.to_string()));
                         row.push(format!("{:.0}", ms(r.converged_after)));
                         row.push(format!("{:016x}", r.trace));
                         rows.push(row);
@@ -556,27 +539,18 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                         out!("seed {s}: FAIL {e}");
                         failed.push(s);
                         let mut row = vec![s.to_string(), "fail".into()];
-                        row.extend(std::iter::repeat_n(String::new(), 11));
+                        row.extend(std::iter::repeat_n(
+                            String::new(),
+                            SoakReport::default().counts().len() + 2,
+                        ));
                         rows.push(row);
                     }
                 }
             }
             if let Some(path) = &csv_path {
-                let header = [
-                    "seed",
-                    "result",
-                    "writes",
-                    "deletes",
-                    "attaches",
-                    "detaches",
-                    "crashes",
-                    "restarts",
-                    "leaves",
-                    "reinstalls",
-                    "partitions",
-                    "converged_ms",
-                    "trace",
-                ];
+                let mut header = vec!["seed", "result"];
+                header.extend(SoakReport::default().counts().iter().map(|(_, what)| *what));
+                header.extend(["converged_ms", "trace"]);
                 csv(path, &header, &rows)?;
             }
             out!(
