@@ -25,7 +25,8 @@ pub use event::{
 };
 pub use identity::NodeId;
 pub use node::{
-    ATTACH_TABLE, CLUSTER_NETWORK, EntryState, EntryView, GossipNode, NODES_TABLE, RESERVED_TABLE_PREFIX,
+    ATTACH_TABLE, CLUSTER_NETWORK, Change, EntryState, EntryView, GossipNode, NODES_TABLE,
+    RESERVED_TABLE_PREFIX,
 };
 pub use store::{
     DIGEST_BUCKETS, MergeRule, TableKind, TableSpec, VersionRef, compare_versions, diff_buckets,

@@ -230,6 +230,9 @@ pub(crate) struct NetState {
     /// An earlier instance's entries under this node's name were deleted here (see
     /// `lifecycle`).
     pub swept: bool,
+    /// Entries stored, changed or removed since the change feed was last drained, as (table,
+    /// key); `None` while nobody reads the feed (see `GossipNode::set_change_feed`).
+    pub touched: Option<Vec<(String, String)>>,
 }
 
 impl NetState {
@@ -246,6 +249,14 @@ impl NetState {
             own_written: HashSet::new(),
             synced: false,
             swept: false,
+            touched: None,
+        }
+    }
+
+    /// Records a change to `table`/`key` for the change feed, if it is on.
+    pub fn touch(&mut self, table: &str, key: &str) {
+        if let Some(t) = &mut self.touched {
+            t.push((table.to_string(), key.to_string()));
         }
     }
 
@@ -261,6 +272,7 @@ impl NetState {
 
     /// Stores `entry`, keeping the digest current; returns the replaced version.
     pub fn put(&mut self, table: &str, key: &str, entry: Entry) -> Option<Entry> {
+        self.touch(table, key);
         let b = bucket_of(entry.keyhash);
         self.digest[b] = self.digest[b].wrapping_add(entry.fp);
         self.versions.insert(entry.keyhash, entry.fp);
@@ -285,6 +297,9 @@ impl NetState {
     pub fn remove(&mut self, table: &str, key: &str) -> Option<Entry> {
         let t = self.tables.get_mut(table)?;
         let old = t.remove(key)?;
+        if let Some(feed) = &mut self.touched {
+            feed.push((table.to_string(), key.to_string()));
+        }
         if t.is_empty() {
             self.tables.remove(table);
         }

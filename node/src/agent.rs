@@ -1,9 +1,11 @@
 //! `Agent`: what every weft host runs, without I/O. It composes the gossip core with the cluster's
 //! network definitions (and, as they land, IPAM and the drivers), applies table events to them,
-//! and tells its caller what to persist. The tokio shell and the simulator both drive it.
+//! and tells its caller what to persist and when an output may leave. The tokio shell's event
+//! loop and the simulator both drive it (see the calling contract on [`Agent`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -11,12 +13,16 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use weft_gossip::{
-    ATTACH_TABLE, AttachRecord, CLUSTER_NETWORK, Config as GossipConfig, EntryState, Event, GossipNode,
-    MemberInfo, NODES_TABLE, NodeId, NodeRecord, ObjectType, TableEventKind, TableSpec, TableWatcher,
-    Transmit, Watchers,
+    ATTACH_TABLE, CLUSTER_NETWORK, Change, Config as GossipConfig, EntryState, Event, GossipNode,
+    NODES_TABLE, NodeId, ObjectType, TableEventKind, TableSpec, TableWatcher, Transmit, Watchers,
 };
 
 use crate::error::AgentError;
+use crate::persist::{KEY_GENERATION, KEY_SWEEP, NET_PREFIX, NodeState, Persist, PersistBatch};
+use crate::read::{self, TableRead};
+use crate::view::{Snapshot, View, ViewEntry};
+
+pub use crate::read::is_network_id;
 
 /// The cluster table of network definitions, in [`CLUSTER_NETWORK`], keyed by network id.
 pub const NETWORKS_TABLE: &str = "networks";
@@ -139,32 +145,153 @@ impl TableWatcher for NetworkDefs {
     }
 }
 
-/// Decodes the gossip core's own attachment records for dumps.
-fn decode_attachment(key: &str, value: &[u8], names: &BTreeMap<String, String>) -> Option<Decoded> {
-    let (network, node) = key.split_once(' ')?;
-    let r = AttachRecord::decode(value).ok()?;
-    let mut fields = BTreeMap::new();
-    let network = names.get(network).cloned().unwrap_or_else(|| network.chars().take(12).collect());
-    fields.insert("network".into(), network);
-    fields.insert("generation".into(), r.generation.to_string());
-    fields.insert("state".into(), if r.attached { "attached" } else { "detached" }.into());
-    fields.insert("address".into(), r.addr.to_string());
-    Some(Decoded { object_id: node.to_string(), fields })
+/// Identifies a command; its reply carries the same id.
+pub type CommandId = u64;
+
+/// What a client asks of the agent (the control API's writes). Each is handled by
+/// [`Agent::handle_command`]; its reply comes out of [`Agent::poll_output`] when it is done,
+/// possibly many inputs later (an attach waiting for a definition, a load applied in slices, a
+/// write waiting for the disk).
+#[derive(Debug, Clone)]
+pub enum Command {
+    Join {
+        seeds: Vec<SocketAddr>,
+    },
+    /// Leave the cluster for good: peers delete this node's entries at once.
+    Leave,
+    /// Stop for a restart: peers keep this node's entries live for their `restart_grace`.
+    StopRestarting,
+    CreateNetwork {
+        name: String,
+        driver: String,
+        subnets: Vec<String>,
+        gateway: Option<String>,
+    },
+    RemoveNetwork {
+        network: String,
+        force: bool,
+    },
+    /// Attach by id, unique id prefix or name. A network whose definition has not arrived yet
+    /// is waited for, up to [`ATTACH_WAIT`].
+    Attach {
+        network: String,
+    },
+    /// Attach by id, whatever this node knows of the definition (a restart re-attaching).
+    AttachId {
+        id: String,
+    },
+    Detach {
+        network: String,
+    },
+    TablePut {
+        network: String,
+        table: String,
+        key: String,
+        value: Bytes,
+        force: bool,
+    },
+    TableRm {
+        network: String,
+        table: String,
+        key: String,
+        force: bool,
+    },
+    /// Many writes, validated as a whole, then applied in slices of [`LOAD_SLICE`] with the
+    /// caller's I/O served between them.
+    TableLoad {
+        network: String,
+        table: String,
+        pairs: Vec<(String, String)>,
+        force: bool,
+    },
 }
 
-/// Decodes the gossip core's node records for dumps.
-fn decode_node_record(key: &str, value: &[u8]) -> Option<Decoded> {
-    let r = NodeRecord::decode(value).ok()?;
-    let mut fields = BTreeMap::new();
-    fields.insert("instance".into(), format!("{:016x}", r.instance));
-    fields.insert("generation".into(), r.generation.to_string());
-    fields.insert("address".into(), r.addr.to_string());
-    fields.insert("data address".into(), r.data_addr.to_string());
-    fields.insert("status".into(), format!("{:?}", r.status).to_lowercase());
-    Some(Decoded { object_id: key.to_string(), fields })
+impl Command {
+    /// What the command is, in a few words (for a reply that times out).
+    pub fn describe(&self) -> String {
+        match self {
+            Command::Join { .. } => "join".into(),
+            Command::Leave => "leave".into(),
+            Command::StopRestarting => "stop".into(),
+            Command::CreateNetwork { name, .. } => format!("network create {name}"),
+            Command::RemoveNetwork { network, .. } => format!("network rm {network}"),
+            Command::Attach { network } => format!("network attach {network}"),
+            Command::AttachId { id } => format!("network attach {id}"),
+            Command::Detach { network } => format!("network detach {network}"),
+            Command::TablePut { network, table, key, .. } => format!("table put {network} {table} {key}"),
+            Command::TableRm { network, table, key, .. } => format!("table rm {network} {table} {key}"),
+            Command::TableLoad { network, table, pairs, .. } => {
+                format!("table load {network} {table} ({} keys)", pairs.len())
+            }
+        }
+    }
+}
+
+/// A command's successful outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Done,
+    Network(NetworkDef),
+    Written(usize),
+}
+
+pub type CommandResult = Result<Reply, AgentError>;
+
+/// What the agent hands its caller, in order: bytes to send, and command replies.
+#[derive(Debug)]
+pub enum Output {
+    Transmit(Transmit),
+    Reply { id: CommandId, result: CommandResult },
+}
+
+/// How long `network attach NAME` waits for a definition that has not arrived yet (a network
+/// just created on another node) before it answers "no such network".
+pub const ATTACH_WAIT: Duration = Duration::from_secs(3);
+/// Writes of a `table load` applied per input.
+pub const LOAD_SLICE: usize = 1024;
+/// How stale the view's counters and member states may get.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
+
+/// A load being applied.
+#[derive(Debug)]
+struct Load {
+    id: CommandId,
+    network: String,
+    table: String,
+    pairs: Vec<(String, String)>,
+    next: usize,
+}
+
+/// An attach waiting for its network's definition.
+#[derive(Debug)]
+struct Parked {
+    id: CommandId,
+    network: String,
+    deadline: Instant,
 }
 
 /// The sans-IO agent.
+///
+/// # Calling contract
+///
+/// One owner drives it (the shell's event loop, or the simulator):
+///
+/// * **Inputs.** [`handle_datagram`](Self::handle_datagram),
+///   [`handle_stream`](Self::handle_stream), [`handle_timeout`](Self::handle_timeout) (when
+///   [`poll_timeout`](Self::poll_timeout) is due), [`handle_command`](Self::handle_command),
+///   [`handle_work`](Self::handle_work) (while [`has_work`](Self::has_work): one slice of a
+///   load per call, the owner's I/O served in between), and the results of effects:
+///   [`handle_persisted`](Self::handle_persisted), [`handle_persist_failed`](Self::handle_persist_failed).
+/// * **Effects.** [`poll_persist`](Self::poll_persist) yields batches of durable-state changes
+///   to write in order (see [`persist`](crate::persist)).
+/// * **Outputs.** [`poll_output`](Self::poll_output) yields transmits and replies. Each depends
+///   on a persist sequence (0: none); an output comes out only once its batch is reported
+///   durable, and one that depends on nothing is never held behind one.
+/// * **Events** of the gossip core are applied inside every input (watchers notified, removed
+///   networks detached, name clashes judged); nothing is left for the caller to poll.
+///   [`record_events`](Self::record_events) keeps a copy for an observer (the simulator).
+/// * **Reads** go to the [`View`] from [`attach_view`](Self::attach_view), current after every
+///   input.
 pub struct Agent {
     gossip: GossipNode,
     watchers: Watchers,
@@ -181,8 +308,24 @@ pub struct Agent {
     /// Definitions of the networks attached in an earlier life, as persisted with the
     /// attachment (names for `network ls` while the cluster holds none).
     restored: BTreeMap<String, NetworkDef>,
-    /// The network definitions or attachments changed since the caller last persisted them.
+    /// The network definitions changed since the attachments were last staged for the store.
     defs_changed: bool,
+    persist: Persist,
+    /// Attached networks as last staged for the store, sorted.
+    staged_networks: Vec<String>,
+    /// The last batch that changed more than the clock lease.
+    last_structural: u64,
+    ready: VecDeque<Output>,
+    held: BTreeMap<u64, Vec<Output>>,
+    /// Replies produced by the input being handled.
+    replies: Vec<(CommandId, CommandResult)>,
+    log: Option<VecDeque<Event>>,
+    parked: Vec<Parked>,
+    loads: VecDeque<Load>,
+    view: Option<Arc<View>>,
+    changes: Vec<Change>,
+    snapshot_dirty: bool,
+    snapshot_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -191,26 +334,27 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-/// What a client names a network by: its id, a unique id prefix, or its name.
-fn matches_ref(def: &NetworkDef, r: &str) -> bool {
-    def.id == r || def.name == r || def.id.starts_with(r)
-}
+/// A command run by [`Agent::apply`] (its reply is returned, never queued).
+const APPLY_ID: CommandId = u64::MAX;
 
 impl Agent {
-    /// Builds the agent for `id` (name, advertised gossip address, restart generation), starting
-    /// its Lamport clock at the persisted high-water mark `ltime`.
-    pub fn new(
+    /// Builds the agent from the durable state read back at start: identity (`state`'s name,
+    /// instance and generation at `addr`), clock lease, attached networks and their persisted
+    /// definitions, and whether an earlier instance's entries are still to delete.
+    pub fn boot(
         cfg: GossipConfig,
-        id: NodeId,
+        state: &NodeState,
+        addr: SocketAddr,
         seed: u64,
-        ltime: u64,
         now: Instant,
     ) -> Result<Self, AgentError> {
-        let mut gossip = GossipNode::new(cfg, id, seed, ltime, now)?;
+        let id = NodeId::new(state.name.as_str(), addr, state.generation).with_instance(state.instance);
+        let mut gossip = GossipNode::new(cfg, id, seed, state.ltime_hwm, now)?;
         gossip.register_table(NETWORKS_TABLE, TableSpec::cluster(ObjectType::Network))?;
+        gossip.set_predecessor_sweep(state.sweep_pending);
         let mut watchers = Watchers::new();
         watchers.register(NETWORKS_TABLE, ObjectType::Network, Box::new(NetworkDefs));
-        let agent = Agent {
+        let mut agent = Agent {
             gossip,
             watchers,
             rng: Xoshiro256PlusPlus::seed_from_u64(seed.rotate_left(17) ^ 0xa6e7),
@@ -220,9 +364,58 @@ impl Agent {
             defs_checked_at: None,
             restored: BTreeMap::new(),
             defs_changed: false,
+            persist: Persist::new(state),
+            staged_networks: state
+                .networks
+                .iter()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            last_structural: 0,
+            ready: VecDeque::new(),
+            held: BTreeMap::new(),
+            replies: Vec::new(),
+            log: None,
+            parked: Vec::new(),
+            loads: VecDeque::new(),
+            view: None,
+            changes: Vec::new(),
+            snapshot_dirty: true,
+            snapshot_at: None,
         };
-        let _ = now;
+        for id in &state.networks {
+            agent.gossip.join_network(now, id)?;
+        }
+        agent.restored = state
+            .definitions
+            .iter()
+            .filter(|d| state.networks.contains(&d.id))
+            .map(|d| (d.id.clone(), d.clone()))
+            .collect();
+        agent.finish(now);
         Ok(agent)
+    }
+
+    /// An agent with a new data dir's state under `id` (tests and the simulator): its clock
+    /// starts at `ltime`, no network attached.
+    pub fn new(
+        cfg: GossipConfig,
+        id: NodeId,
+        seed: u64,
+        ltime: u64,
+        now: Instant,
+    ) -> Result<Self, AgentError> {
+        let state = NodeState {
+            name: id.name.to_string(),
+            instance: id.instance,
+            generation: id.generation,
+            ltime_hwm: ltime,
+            networks: Vec::new(),
+            sweep_pending: false,
+            definitions: Vec::new(),
+        };
+        Agent::boot(cfg, &state, id.addr, seed, now)
     }
 
     pub fn gossip(&self) -> &GossipNode {
@@ -233,6 +426,7 @@ impl Agent {
     /// decodes its values in dumps). Registering replays every live entry as a create.
     pub fn register_table(
         &mut self,
+        now: Instant,
         table: &str,
         spec: TableSpec,
         watcher: Box<dyn TableWatcher + Send>,
@@ -243,17 +437,12 @@ impl Agent {
         let object_type = spec.object_type;
         self.gossip.register_table(table, spec)?;
         self.watchers.register(table, object_type, watcher);
+        self.finish(now);
         Ok(())
     }
 
     pub fn id(&self) -> &NodeId {
         self.gossip.id()
-    }
-
-    /// The Lamport clock; the caller persists a high-water mark above it before acknowledging a
-    /// write (see [`crate::state`]).
-    pub fn ltime(&self) -> u64 {
-        self.gossip.ltime()
     }
 
     /// Another node is alive under this node's name and this node is the newcomer (or the
@@ -263,24 +452,55 @@ impl Agent {
     }
 
     /// Whether entries under this node's name that it did not write are an earlier instance's
-    /// to delete (persisted by the caller until done; see `GossipNode::set_predecessor_sweep`).
+    /// to delete: what the store says at start (see `GossipNode::set_predecessor_sweep`).
     pub fn set_predecessor_sweep(&mut self, pending: bool) {
         self.gossip.set_predecessor_sweep(pending);
+        self.persist.assume(KEY_SWEEP, u64::from(pending));
     }
 
     /// The data-plane (VTEP) address this node publishes in its node record.
     pub fn set_data_addr(&mut self, now: Instant, addr: std::net::IpAddr) {
         self.gossip.set_data_addr(now, addr);
+        self.finish(now);
     }
 
-    // ----- I/O passthrough -----------------------------------------------------------------
+    /// Keeps a copy of every applied event for [`poll_event`](Self::poll_event).
+    pub fn record_events(&mut self, on: bool) {
+        self.log = on.then(VecDeque::new);
+    }
+
+    /// The next applied event, while [`record_events`](Self::record_events) is on.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.log.as_mut()?.pop_front()
+    }
+
+    /// Starts keeping `View` current (filled now from what the core holds) and returns it.
+    pub fn attach_view(&mut self, now: Instant) -> Arc<View> {
+        let view = Arc::new(View::new(self.snapshot()));
+        for nid in self.gossip.networks().map(str::to_string).collect::<Vec<_>>() {
+            for t in self.gossip.tables(&nid) {
+                for e in self.gossip.table(&nid, &t) {
+                    let decoded = self.decode(&t, &e);
+                    view.set(&nid, &t, &e.key.clone(), Some(ViewEntry::from_view(now, &e, decoded)));
+                }
+            }
+        }
+        self.gossip.set_change_feed(true);
+        self.view = Some(view.clone());
+        self.snapshot_at = Some(now);
+        view
+    }
+
+    // ----- inputs ----------------------------------------------------------------------------
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.gossip.handle_datagram(now, from, bytes);
+        self.finish(now);
     }
 
     pub fn handle_stream(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.gossip.handle_stream(now, from, bytes);
+        self.finish(now);
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -288,6 +508,280 @@ impl Agent {
         if self.defs_checked_at.is_none_or(|t| now.saturating_duration_since(t) >= DEFINITION_CHECK) {
             self.defs_checked_at = Some(now);
             self.detach_removed_networks(now);
+        }
+        let (expired, waiting): (Vec<Parked>, Vec<Parked>) =
+            std::mem::take(&mut self.parked).into_iter().partition(|p| p.deadline <= now);
+        self.parked = waiting;
+        for p in expired {
+            self.replies.push((
+                p.id,
+                Err(AgentError::NoSuchNetwork(format!(
+                    "{} (waited {ATTACH_WAIT:?} for its definition)",
+                    p.network
+                ))),
+            ));
+        }
+        self.finish(now);
+    }
+
+    /// Starts a command; its reply comes out of [`poll_output`](Self::poll_output) under `id`.
+    pub fn handle_command(&mut self, now: Instant, id: CommandId, cmd: Command) {
+        if let Some(r) = self.execute(now, id, cmd, true) {
+            self.replies.push((id, r));
+        }
+        self.finish(now);
+    }
+
+    /// Runs a command to its end at once and returns its result (the simulator and tests, which
+    /// own the agent in-process): an attach does not wait, a load is applied whole.
+    pub fn apply(&mut self, now: Instant, cmd: Command) -> CommandResult {
+        let r = self.execute(now, APPLY_ID, cmd, false).expect("apply never defers");
+        self.finish(now);
+        r
+    }
+
+    /// Whether a load is still being applied (call [`handle_work`](Self::handle_work)).
+    pub fn has_work(&self) -> bool {
+        !self.loads.is_empty()
+    }
+
+    /// Applies one slice of the oldest load.
+    pub fn handle_work(&mut self, now: Instant) {
+        if let Some(mut load) = self.loads.pop_front() {
+            if let Some(r) = self.load_slice(now, &mut load) {
+                self.replies.push((load.id, r));
+            } else {
+                self.loads.push_front(load);
+            }
+        }
+        self.finish(now);
+    }
+
+    /// Every persist batch up to `seq` is durable: outputs that waited for them come out.
+    pub fn handle_persisted(&mut self, now: Instant, seq: u64) {
+        self.persist.persisted(seq);
+        let durable = self.persist.durable();
+        while let Some(entry) = self.held.first_entry() {
+            if *entry.key() > durable {
+                break;
+            }
+            self.ready.extend(entry.remove());
+        }
+        self.snapshot_dirty = true;
+        self.finish(now);
+    }
+
+    /// The store failed to write batch `seq` (the caller retries it): outputs that depend on
+    /// it keep waiting, and the view says why.
+    pub fn handle_persist_failed(&mut self, now: Instant, seq: u64, error: String) {
+        tracing::error!(seq, error = %error, "cannot persist node state; holding back what depends on it");
+        self.persist.failed(error);
+        self.snapshot_dirty = true;
+        self.finish(now);
+    }
+
+    // ----- outputs ---------------------------------------------------------------------------
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.ready.pop_front()
+    }
+
+    pub fn poll_persist(&mut self) -> Option<PersistBatch> {
+        self.persist.poll_batch()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let parked = self.parked.iter().map(|p| p.deadline).min();
+        match (self.gossip.poll_timeout(), parked) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// What a command is still waiting for, in a few words; `None` once it is answered (or
+    /// unknown).
+    pub fn waiting_for(&self, id: CommandId) -> Option<String> {
+        if let Some(p) = self.parked.iter().find(|p| p.id == id) {
+            return Some(format!("the definition of network {:?} to arrive", p.network));
+        }
+        if let Some(l) = self.loads.iter().find(|l| l.id == id) {
+            return Some(format!("the load to be applied ({} of {} keys so far)", l.next, l.pairs.len()));
+        }
+        for (seq, outs) in &self.held {
+            if outs.iter().any(|o| matches!(o, Output::Reply { id: i, .. } if *i == id)) {
+                let why = match self.persist.failing() {
+                    Some(e) => format!("; the store fails: {e}; retrying"),
+                    None => String::new(),
+                };
+                return Some(format!("the data dir to make write #{seq} durable{why}"));
+            }
+        }
+        None
+    }
+
+    /// Runs everything an input set off: applies the core's events, stages durable-state
+    /// changes, queues the outputs behind what they depend on, and brings the view up to date.
+    fn finish(&mut self, now: Instant) {
+        loop {
+            let mut defs_seen = false;
+            let mut any = false;
+            while let Some(ev) = self.gossip.poll_event() {
+                any = true;
+                match &ev {
+                    Event::Table(t) => {
+                        defs_seen |= t.network == CLUSTER_NETWORK && t.table == NETWORKS_TABLE;
+                    }
+                    _ => self.snapshot_dirty = true,
+                }
+                self.apply_event(now, &ev);
+                if let Some(log) = &mut self.log {
+                    log.push_back(ev);
+                }
+            }
+            if defs_seen && !self.parked.is_empty() {
+                self.retry_parked(now);
+            }
+            if !any {
+                break;
+            }
+        }
+        let structural = self.stage_state();
+        if let Some(seq) = structural {
+            self.last_structural = seq;
+        }
+        let dep = self.persist.cover(self.gossip.ltime()).max(structural.unwrap_or(0));
+        while let Some(t) = self.gossip.poll_transmit() {
+            self.queue(dep, Output::Transmit(t));
+        }
+        // A reply also waits for any earlier change of the node's state still in flight: what
+        // it acknowledges may rest on it.
+        let reply_dep =
+            if self.last_structural > self.persist.durable() { dep.max(self.last_structural) } else { dep };
+        for (id, result) in std::mem::take(&mut self.replies) {
+            self.queue(reply_dep, Output::Reply { id, result });
+        }
+        self.update_view(now);
+    }
+
+    fn queue(&mut self, dep: u64, out: Output) {
+        if dep <= self.persist.durable() {
+            self.ready.push_back(out);
+        } else {
+            self.held.entry(dep).or_default().push(out);
+        }
+    }
+
+    /// Stages the node's durable state as it now stands: a generation moved up to, a finished
+    /// sweep, the attached networks and their definitions. Returns the batch, if any.
+    fn stage_state(&mut self) -> Option<u64> {
+        let mut ops = Vec::new();
+        let generation = self.gossip.id().generation;
+        if generation > self.persist.planned_num(KEY_GENERATION) {
+            ops.push((KEY_GENERATION.to_string(), Some(generation.to_string().into_bytes())));
+        }
+        if !self.gossip.predecessor_sweep_pending() && self.persist.planned_num(KEY_SWEEP) != 0 {
+            ops.push((KEY_SWEEP.to_string(), Some(b"0".to_vec())));
+        }
+        if !self.gossip.has_left() {
+            let ids = self.attached_networks();
+            // Definitions are looked up only when the attachments or the definitions table
+            // changed (a walk of that table is too dear for every datagram).
+            if std::mem::take(&mut self.defs_changed) || ids != self.staged_networks {
+                let defs: BTreeMap<String, NetworkDef> =
+                    self.attached_definitions().into_iter().map(|d| (d.id.clone(), d)).collect();
+                for k in self.persist.planned_keys(NET_PREFIX).map(str::to_string).collect::<Vec<_>>() {
+                    if !ids.iter().any(|id| k[NET_PREFIX.len()..] == **id) {
+                        ops.push((k, None));
+                    }
+                }
+                for id in &ids {
+                    let def = defs.get(id).cloned().unwrap_or_else(|| NetworkDef::id_only(id));
+                    ops.push((
+                        format!("{NET_PREFIX}{id}"),
+                        Some(serde_json::to_vec(&def).expect("serializable")),
+                    ));
+                }
+                self.staged_networks = ids;
+            }
+        }
+        self.persist.stage(ops)
+    }
+
+    fn decode(&self, table: &str, e: &weft_gossip::EntryView) -> Option<Decoded> {
+        if e.state == EntryState::Live || matches!(e.state, EntryState::Hidden { .. }) {
+            self.watchers
+                .decode(table, &e.key, &e.value)
+                .map(|(object_id, fields)| Decoded { object_id, fields })
+        } else {
+            None
+        }
+    }
+
+    /// Applies the core's change feed to the view, and refreshes the snapshot when it changed
+    /// (or is older than [`SNAPSHOT_EVERY`]).
+    fn update_view(&mut self, now: Instant) {
+        let Some(view) = self.view.clone() else { return };
+        self.gossip.drain_changes(&mut self.changes);
+        for c in std::mem::take(&mut self.changes) {
+            match c {
+                Change::Network { network, .. } => {
+                    view.drop_network(&network);
+                    self.snapshot_dirty = true;
+                }
+                Change::Entry { network, table, key } => {
+                    if network == CLUSTER_NETWORK
+                        && (table == ATTACH_TABLE || table == NODES_TABLE || table == NETWORKS_TABLE)
+                    {
+                        self.snapshot_dirty = true;
+                    }
+                    let e = self.gossip.entry(&network, &table, &key).map(|e| {
+                        let decoded = self.decode(&table, &e);
+                        ViewEntry::from_view(now, &e, decoded)
+                    });
+                    view.set(&network, &table, &key, e);
+                }
+            }
+        }
+        if self.snapshot_dirty
+            || self.snapshot_at.is_none_or(|t| now.saturating_duration_since(t) >= SNAPSHOT_EVERY)
+        {
+            view.set_snapshot(self.snapshot());
+            self.snapshot_dirty = false;
+            self.snapshot_at = Some(now);
+        }
+    }
+
+    /// The agent's scalar state, for the view.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut known: Vec<String> = Vec::new();
+        self.gossip.walk(CLUSTER_NETWORK, NETWORKS_TABLE, |k, _, _| {
+            known.push(k.to_string());
+            true
+        });
+        known.extend(self.attached_networks());
+        let peers = known
+            .into_iter()
+            .map(|id| {
+                let p = self.gossip.network_peers(&id).iter().map(|p| p.name.to_string()).collect();
+                (id, p)
+            })
+            .collect();
+        Snapshot {
+            id: self.gossip.id().clone(),
+            connected: self.gossip.is_connected(),
+            left: self.gossip.has_left(),
+            members: self.gossip.members(),
+            unreachable_seeds: self.gossip.unreachable_seeds(),
+            attached: self.gossip.networks().map(str::to_string).collect(),
+            peers,
+            restored: self.restored.clone(),
+            stats: self.gossip.stats().clone(),
+            ltime: self.gossip.ltime(),
+            queues: self.gossip.networks().map(|n| (n.to_string(), self.gossip.queue_len(n))).collect(),
+            persist_issued: self.persist.issued(),
+            persist_durable: self.persist.durable(),
+            persist_failing: self.persist.failing().map(str::to_string),
+            refused: self.refused.clone(),
         }
     }
 
@@ -298,8 +792,7 @@ impl Agent {
     /// A definition absent altogether (its tombstone reaped while this node was down) is not
     /// taken as a removal: cluster tables live in memory only, so after an outage of the whole
     /// cluster no peer holds any definition, and every node would detach everything. Such a
-    /// network stays attached and flagged
-    /// ([`attached_without_definition`](Self::attached_without_definition)), with the
+    /// network stays attached and flagged ([`read::attached_without_definition`]), with the
     /// definition this node persisted, for the operator to detach.
     fn detach_removed_networks(&mut self, now: Instant) {
         let removed: Vec<String> = self
@@ -315,37 +808,6 @@ impl Agent {
             tracing::info!(network = %id, "detaching a network whose definition was deleted while this node was away");
             let _ = self.gossip.leave_network(now, &id);
         }
-    }
-
-    /// Whether the definitions of the attached networks may have changed since the last call
-    /// (the caller persists them then; looking them up costs a walk of the definitions table).
-    pub fn take_definitions_changed(&mut self) -> bool {
-        std::mem::take(&mut self.defs_changed)
-    }
-
-    /// Networks attached here with no live definition in the cluster table (see
-    /// [`NetworkInfo::missing_definition`]).
-    pub fn attached_without_definition(&self) -> Vec<String> {
-        self.attached_networks()
-            .into_iter()
-            .filter(|id| self.gossip.get_entry(CLUSTER_NETWORK, NETWORKS_TABLE, id).is_none())
-            .collect()
-    }
-
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.gossip.poll_transmit()
-    }
-
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.gossip.poll_timeout()
-    }
-
-    /// The next event, after the agent applied it (watchers notified, networks whose definition
-    /// was deleted detached, name clashes judged).
-    pub fn poll_event(&mut self, now: Instant) -> Option<Event> {
-        let ev = self.gossip.poll_event()?;
-        self.apply_event(now, &ev);
-        Some(ev)
     }
 
     fn apply_event(&mut self, now: Instant, ev: &Event) {
@@ -402,51 +864,87 @@ impl Agent {
         }
     }
 
-    // ----- membership ------------------------------------------------------------------------
+    // ----- commands ----------------------------------------------------------------------------
 
-    pub fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), AgentError> {
+    /// Runs a command; `None` if it goes on later (`may_wait`: a parked attach, a load).
+    fn execute(
+        &mut self,
+        now: Instant,
+        id: CommandId,
+        cmd: Command,
+        may_wait: bool,
+    ) -> Option<CommandResult> {
+        let done = |r: Result<(), AgentError>| r.map(|_| Reply::Done);
+        let net = |r: Result<NetworkDef, AgentError>| r.map(Reply::Network);
+        Some(match cmd {
+            Command::Join { seeds } => done(self.join(now, &seeds)),
+            Command::Leave => done(self.gossip.leave(now).map_err(AgentError::from)),
+            Command::StopRestarting => done(self.gossip.stop_restarting(now).map_err(AgentError::from)),
+            Command::CreateNetwork { name, driver, subnets, gateway } => {
+                net(self.create_network(now, &name, &driver, &subnets, gateway.as_deref()))
+            }
+            Command::RemoveNetwork { network, force } => net(self.remove_network(now, &network, force)),
+            Command::Attach { network } => match self.attach(now, &network) {
+                Err(AgentError::NoSuchNetwork(_)) if may_wait => {
+                    self.parked.push(Parked { id, network, deadline: now + ATTACH_WAIT });
+                    return None;
+                }
+                r => net(r),
+            },
+            Command::AttachId { id } => done(self.reattach(now, &id)),
+            Command::Detach { network } => net(self.detach(now, &network)),
+            Command::TablePut { network, table, key, value, force } => {
+                done(self.table_put(now, &network, &table, &key, value, force))
+            }
+            Command::TableRm { network, table, key, force } => {
+                done(self.table_rm(now, &network, &table, &key, force))
+            }
+            Command::TableLoad { network, table, pairs, force } => {
+                let network = match self.check_load(&network, &table, &pairs, force) {
+                    Ok(nid) => nid,
+                    Err(e) => return Some(Err(e)),
+                };
+                let mut load = Load { id, network, table, pairs, next: 0 };
+                if may_wait {
+                    self.loads.push_back(load);
+                    return None;
+                }
+                loop {
+                    if let Some(r) = self.load_slice(now, &mut load) {
+                        break r;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Attaches parked commands whose network's definition has arrived.
+    fn retry_parked(&mut self, now: Instant) {
+        for p in std::mem::take(&mut self.parked) {
+            match self.attach(now, &p.network) {
+                Err(AgentError::NoSuchNetwork(_)) => self.parked.push(p),
+                r => self.replies.push((p.id, r.map(Reply::Network))),
+            }
+        }
+    }
+
+    fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), AgentError> {
         self.has_seeds |= !seeds.is_empty();
         Ok(self.gossip.join(now, seeds)?)
     }
 
-    /// Leaves the cluster for good: peers delete this node's entries at once.
-    pub fn leave(&mut self, now: Instant) -> Result<(), AgentError> {
-        Ok(self.gossip.leave(now)?)
-    }
-
-    /// Stops for a restart: peers keep this node's entries live for their `restart_grace`.
-    pub fn stop_restarting(&mut self, now: Instant) -> Result<(), AgentError> {
-        Ok(self.gossip.stop_restarting(now)?)
-    }
-
-    /// Networks this node is attached to, other than `cluster`: what the caller persists so a
-    /// restart re-attaches them.
+    /// Networks this node is attached to, other than `cluster`, sorted: what the store keeps so
+    /// a restart re-attaches them.
     pub fn attached_networks(&self) -> Vec<String> {
         self.gossip.networks().filter(|n| *n != CLUSTER_NETWORK).map(str::to_string).collect()
     }
 
     /// Re-attaches a network by id after a restart (its definition may not have arrived yet).
-    pub fn reattach(&mut self, now: Instant, id: &str) -> Result<(), AgentError> {
+    fn reattach(&mut self, now: Instant, id: &str) -> Result<(), AgentError> {
         Ok(self.gossip.join_network(now, id)?)
     }
 
-    /// After a restart: re-attaches the networks of the earlier life with the definitions it
-    /// persisted (shown while the cluster holds none).
-    pub fn restore_attached(
-        &mut self,
-        now: Instant,
-        ids: &[String],
-        defs: &[NetworkDef],
-    ) -> Result<(), AgentError> {
-        for id in ids {
-            self.reattach(now, id)?;
-        }
-        self.restored =
-            defs.iter().filter(|d| ids.contains(&d.id)).map(|d| (d.id.clone(), d.clone())).collect();
-        Ok(())
-    }
-
-    /// The definitions of the networks attached here, as the caller persists them with the
+    /// The definitions of the networks attached here, as the store keeps them with the
     /// attachment: the cluster's, or the one restored from an earlier life.
     pub fn attached_definitions(&self) -> Vec<NetworkDef> {
         let live: BTreeMap<String, NetworkDef> =
@@ -457,93 +955,28 @@ impl Agent {
             .collect()
     }
 
-    /// A persisted definition of a network attached here that the cluster does not define.
-    pub fn restored_definition(&self, id: &str) -> Option<&NetworkDef> {
-        self.restored.get(id)
-    }
-
-    /// Detaches a network by id, whether or not its definition has arrived (the counterpart of
-    /// [`reattach`](Self::reattach)).
-    pub fn detach_id(&mut self, now: Instant, id: &str) -> Result<(), AgentError> {
+    /// Detaches a network by id, whether or not its definition has arrived.
+    fn detach_id(&mut self, now: Instant, id: &str) -> Result<(), AgentError> {
         if !self.gossip.is_attached(id) {
             return Err(AgentError::NotAttached(id.to_string()));
         }
         Ok(self.gossip.leave_network(now, id)?)
     }
 
-    pub fn members(&self) -> Vec<MemberInfo> {
-        self.gossip.members()
+    fn networks(&self) -> Vec<NetworkInfo> {
+        read::networks(self)
     }
 
-    pub fn unreachable_seeds(&self) -> Vec<SocketAddr> {
-        self.gossip.unreachable_seeds()
+    fn resolve(&self, r: &str) -> Result<NetworkInfo, AgentError> {
+        read::resolve(self, r)
     }
 
-    // ----- networks ----------------------------------------------------------------------------
-
-    /// Every network definition the cluster holds, sorted by name then id.
-    pub fn networks(&self) -> Vec<NetworkInfo> {
-        let mut defs = Vec::new();
-        self.gossip.walk(CLUSTER_NETWORK, NETWORKS_TABLE, |key, v, _| {
-            // Only well-formed definitions stored under their own id count (anyone can write
-            // this table with --force).
-            if let Ok(d) = serde_json::from_slice::<NetworkDef>(v)
-                && d.id == key
-                && is_network_id(key)
-            {
-                defs.push(d);
-            }
-            true
-        });
-        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
-        for d in &defs {
-            *names.entry(d.name.as_str()).or_default() += 1;
-        }
-        let mut out: Vec<NetworkInfo> = defs
-            .iter()
-            .map(|d| NetworkInfo {
-                attached: self.gossip.is_attached(&d.id),
-                peers: self.gossip.network_peers(&d.id).iter().map(|p| p.name.to_string()).collect(),
-                name_clash: names[d.name.as_str()] > 1,
-                missing_definition: false,
-                def: d.clone(),
-            })
-            .collect();
-        out.sort_by(|a, b| (&a.def.name, &a.def.id).cmp(&(&b.def.name, &b.def.id)));
-        out
-    }
-
-    /// Finds a network by id, unique id prefix or unique name.
-    pub fn resolve(&self, r: &str) -> Result<NetworkInfo, AgentError> {
-        if r.is_empty() {
-            return Err(AgentError::NoSuchNetwork(r.to_string()));
-        }
-        let all = self.networks();
-        if let Some(n) = all.iter().find(|n| n.def.id == r) {
-            return Ok(n.clone());
-        }
-        let by_name: Vec<&NetworkInfo> = all.iter().filter(|n| n.def.name == r).collect();
-        match by_name.len() {
-            1 => return Ok(by_name[0].clone()),
-            0 => {}
-            _ => {
-                let ids = by_name.iter().map(|n| n.def.short_id().to_string()).collect();
-                return Err(AgentError::AmbiguousNetwork { name: r.to_string(), ids });
-            }
-        }
-        let by_prefix: Vec<&NetworkInfo> = all.iter().filter(|n| matches_ref(&n.def, r)).collect();
-        match by_prefix.len() {
-            1 => Ok(by_prefix[0].clone()),
-            0 => Err(AgentError::NoSuchNetwork(r.to_string())),
-            _ => Err(AgentError::AmbiguousNetwork {
-                name: r.to_string(),
-                ids: by_prefix.iter().map(|n| n.def.short_id().to_string()).collect(),
-            }),
-        }
+    fn table_network(&self, r: &str) -> Result<String, AgentError> {
+        read::table_network(self, r)
     }
 
     /// Defines a network cluster-wide and attaches this node to it.
-    pub fn create_network(
+    fn create_network(
         &mut self,
         now: Instant,
         name: &str,
@@ -603,7 +1036,7 @@ impl Agent {
 
     /// Removes a network definition cluster-wide. Refused while other nodes are attached,
     /// unless `force`.
-    pub fn remove_network(&mut self, now: Instant, r: &str, force: bool) -> Result<NetworkDef, AgentError> {
+    fn remove_network(&mut self, now: Instant, r: &str, force: bool) -> Result<NetworkDef, AgentError> {
         let n = self.resolve(r)?;
         if !n.peers.is_empty() && !force {
             return Err(AgentError::NetworkInUse { name: n.def.name.clone(), peers: n.peers.clone() });
@@ -615,7 +1048,7 @@ impl Agent {
         Ok(n.def)
     }
 
-    pub fn attach(&mut self, now: Instant, r: &str) -> Result<NetworkDef, AgentError> {
+    fn attach(&mut self, now: Instant, r: &str) -> Result<NetworkDef, AgentError> {
         let n = self.resolve(r)?;
         self.gossip.join_network(now, &n.def.id)?;
         Ok(n.def)
@@ -623,7 +1056,7 @@ impl Agent {
 
     /// Detaches this node from a network, by reference; a network attached by id whose
     /// definition is gone (see [`NetworkInfo::missing_definition`]) is detached by its id.
-    pub fn detach(&mut self, now: Instant, r: &str) -> Result<NetworkDef, AgentError> {
+    fn detach(&mut self, now: Instant, r: &str) -> Result<NetworkDef, AgentError> {
         let n = match self.resolve(r) {
             Err(AgentError::NoSuchNetwork(_)) if is_network_id(r) && self.gossip.is_attached(r) => {
                 self.detach_id(now, r)?;
@@ -640,15 +1073,6 @@ impl Agent {
 
     // ----- diagnostic table writes -------------------------------------------------------------
 
-    /// The gossip network id a client's network reference means (`cluster` is itself).
-    fn table_network(&self, r: &str) -> Result<String, AgentError> {
-        // `cluster`, or a network attached by id whose definition has not arrived yet.
-        if r == CLUSTER_NETWORK || (is_network_id(r) && self.gossip.is_attached(r)) {
-            return Ok(r.to_string());
-        }
-        Ok(self.resolve(r)?.def.id)
-    }
-
     fn check_table_write(&self, network: &str, table: &str, force: bool) -> Result<(), AgentError> {
         if force {
             return Ok(());
@@ -663,7 +1087,7 @@ impl Agent {
     }
 
     /// Creates or updates an entry (networkdb's diagnostic write).
-    pub fn table_put(
+    fn table_put(
         &mut self,
         now: Instant,
         network: &str,
@@ -682,12 +1106,17 @@ impl Agent {
         Ok(())
     }
 
+    /// A live value, as `table get` reads it (here from the core; the API reads the view).
     pub fn table_get(&self, network: &str, table: &str, key: &str) -> Result<Option<Bytes>, AgentError> {
-        let nid = self.table_network(network)?;
-        Ok(self.gossip.get_entry(&nid, table, key))
+        read::table_get(self, network, table, key)
     }
 
-    pub fn table_rm(
+    /// What `dump` shows (here from the core; the API reads the view).
+    pub fn dump(&self, network: Option<&str>, table: Option<&str>) -> Result<Dump, AgentError> {
+        read::dump(self, network, table)
+    }
+
+    fn table_rm(
         &mut self,
         now: Instant,
         network: &str,
@@ -700,15 +1129,14 @@ impl Agent {
         Ok(self.gossip.delete_entry(now, &nid, table, key)?)
     }
 
-    /// Many `key value` pairs in one request. Validates everything before writing anything.
-    pub fn table_load(
-        &mut self,
-        now: Instant,
+    /// Checks a load as a whole before anything is written; returns the network id.
+    fn check_load(
+        &self,
         network: &str,
         table: &str,
         pairs: &[(String, String)],
         force: bool,
-    ) -> Result<usize, AgentError> {
+    ) -> Result<String, AgentError> {
         let nid = self.table_network(network)?;
         self.check_table_write(&nid, table, force)?;
         if !self.gossip.is_attached(&nid) {
@@ -716,7 +1144,7 @@ impl Agent {
         }
         let max_value = self.gossip.config().max_stream_frame / 2;
         for (k, v) in pairs {
-            if k.is_empty() || k.len() > 1024 {
+            if k.is_empty() || k.len() > 1024 || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(AgentError::BadName(format!("key {k:?}")));
             }
             if v.len() > max_value {
@@ -726,202 +1154,80 @@ impl Agent {
                 )));
             }
         }
-        for (k, v) in pairs {
+        Ok(nid)
+    }
+
+    /// Applies the next [`LOAD_SLICE`] writes of a load; its result once the last is applied.
+    fn load_slice(&mut self, now: Instant, load: &mut Load) -> Option<CommandResult> {
+        if !self.gossip.is_attached(&load.network) {
+            // Detached (or left) while the load went on: what is written went with it.
+            return Some(Err(AgentError::NotAttached(load.network.clone())));
+        }
+        let end = (load.next + LOAD_SLICE).min(load.pairs.len());
+        for (k, v) in &load.pairs[load.next..end] {
             let value = Bytes::copy_from_slice(v.as_bytes());
-            if self.gossip.get_entry(&nid, table, k).is_some() {
-                self.gossip.update_entry(now, &nid, table, k, value)?;
+            let r = if self.gossip.get_entry(&load.network, &load.table, k).is_some() {
+                self.gossip.update_entry(now, &load.network, &load.table, k, value)
             } else {
-                self.gossip.create_entry(now, &nid, table, k, value)?;
-            }
-        }
-        Ok(pairs.len())
-    }
-
-    // ----- views -----------------------------------------------------------------------------
-
-    /// Everything this node holds, optionally limited to one network (id, prefix or name) and
-    /// one table.
-    pub fn dump(&self, network: Option<&str>, table: Option<&str>) -> Result<Dump, AgentError> {
-        let names: BTreeMap<String, String> =
-            self.networks().into_iter().map(|n| (n.def.id.clone(), n.def.name.clone())).collect();
-        let only = match network {
-            Some(r) => Some(self.table_network(r)?),
-            None => None,
-        };
-        let mut networks = Vec::new();
-        // `cluster` first, then the others by name.
-        let mut nids: Vec<&str> = self.gossip.networks().collect();
-        nids.sort_by_key(|n| {
-            (*n != CLUSTER_NETWORK, names.get(*n).cloned().unwrap_or_default(), n.to_string())
-        });
-        for nid in nids {
-            if only.as_deref().is_some_and(|o| o != nid) {
-                continue;
-            }
-            let mut tables = Vec::new();
-            for t in self.gossip.tables(nid) {
-                if table.is_some_and(|only| only != t) {
-                    continue;
-                }
-                let entries =
-                    self.gossip.table(nid, &t).into_iter().map(|e| self.dump_entry(&t, e, &names)).collect();
-                tables.push(DumpTable { name: t, entries });
-            }
-            let name = if nid == CLUSTER_NETWORK {
-                nid.to_string()
-            } else {
-                names.get(nid).cloned().unwrap_or_default()
+                self.gossip.create_entry(now, &load.network, &load.table, k, value)
             };
-            networks.push(DumpNetwork { id: nid.to_string(), name, tables });
-        }
-        Ok(Dump { node: self.id().name.to_string(), networks })
-    }
-
-    fn dump_entry(
-        &self,
-        table: &str,
-        e: weft_gossip::EntryView,
-        names: &BTreeMap<String, String>,
-    ) -> DumpEntry {
-        use base64::Engine;
-        let (state, reap_in) = match e.state {
-            EntryState::Live => ("live", None),
-            EntryState::Tombstone { reap_in } => ("tombstone", Some(reap_in)),
-            EntryState::Hidden { reap_in } => ("hidden", Some(reap_in)),
-        };
-        let decoded = if table == ATTACH_TABLE {
-            decode_attachment(&e.key, &e.value, names)
-        } else if table == NODES_TABLE {
-            decode_node_record(&e.key, &e.value)
-        } else if e.state == EntryState::Live || matches!(e.state, EntryState::Hidden { .. }) {
-            self.watchers
-                .decode(table, &e.key, &e.value)
-                .map(|(object_id, fields)| Decoded { object_id, fields })
-        } else {
-            None
-        };
-        DumpEntry {
-            key: e.key,
-            owner: e.owner,
-            ltime: e.ltime,
-            state: state.to_string(),
-            value: base64::engine::general_purpose::STANDARD.encode(&e.value),
-            reap_in_ms: reap_in.map(|d| d.as_millis() as u64),
-            age_ms: e.age.as_millis() as u64,
-            decoded,
-        }
-    }
-
-    /// Prometheus text exposition of the agent's state and counters.
-    pub fn metrics(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let mut by_state: BTreeMap<&str, usize> =
-            ["alive", "suspect", "restarting", "failed", "left"].iter().map(|s| (*s, 0)).collect();
-        for m in self.members() {
-            *by_state.entry(m.state.as_str()).or_default() += 1;
-        }
-        let _ = writeln!(out, "# HELP weft_members Cluster members as this node sees them, itself included.");
-        let _ = writeln!(out, "# TYPE weft_members gauge");
-        for (s, n) in &by_state {
-            let _ = writeln!(out, "weft_members{{state=\"{s}\"}} {n}");
-        }
-        let _ = writeln!(out, "# HELP weft_entries Stored table entries (live, tombstoned, hidden).");
-        let _ = writeln!(out, "# TYPE weft_entries gauge");
-        let mut queues = Vec::new();
-        for nid in self.gossip.networks() {
-            for t in self.gossip.tables(nid) {
-                let n = self.gossip.table_len(nid, &t);
-                let _ = writeln!(out, "weft_entries{{network=\"{nid}\",table=\"{t}\"}} {n}");
+            if let Err(e) = r {
+                return Some(Err(e.into()));
             }
-            queues.push((nid.to_string(), self.gossip.queue_len(nid)));
         }
-        let _ = writeln!(out, "# HELP weft_queue_length Table events waiting for dissemination.");
-        let _ = writeln!(out, "# TYPE weft_queue_length gauge");
-        for (nid, n) in queues {
-            let _ = writeln!(out, "weft_queue_length{{network=\"{nid}\"}} {n}");
-        }
-        let s = self.gossip.stats();
-        let counters: [(&str, &str, u64); 23] = [
-            ("weft_datagrams_in_total", "Datagrams received.", s.datagrams_in),
-            ("weft_datagrams_out_total", "Datagrams sent.", s.datagrams_out),
-            ("weft_datagram_bytes_in_total", "Datagram bytes received.", s.bytes_in),
-            ("weft_datagram_bytes_out_total", "Datagram bytes sent.", s.bytes_out),
-            ("weft_stream_frames_in_total", "Stream frames received.", s.streams_in),
-            ("weft_stream_frames_out_total", "Stream frames sent.", s.streams_out),
-            ("weft_stream_bytes_in_total", "Stream bytes received.", s.stream_bytes_in),
-            ("weft_stream_bytes_out_total", "Stream bytes sent.", s.stream_bytes_out),
-            ("weft_decode_errors_total", "Frames dropped as undecodable.", s.decode_errors),
-            ("weft_newer_version_frames_total", "Frames from a newer wire version.", s.newer_version_frames),
-            ("weft_membership_errors_total", "Membership packets refused.", s.membership_errors),
-            (
-                "weft_foreign_network_events_total",
-                "Events for networks not attached here.",
-                s.foreign_network_events,
-            ),
-            ("weft_entries_applied_total", "Remote versions applied.", s.entries_applied),
-            ("weft_entries_stale_total", "Remote versions ignored as not newer.", s.entries_stale),
-            ("weft_queue_drops_total", "Queued events dropped at the queue bound.", s.queue_drops),
-            ("weft_syncs_started_total", "Anti-entropy rounds started.", s.syncs_started),
-            (
-                "weft_syncs_identical_total",
-                "Anti-entropy rounds that found identical state.",
-                s.syncs_identical,
-            ),
-            (
-                "weft_owners_hidden_failed_total",
-                "Owners whose entries were hidden because membership declared them down.",
-                s.owners_hidden_failed,
-            ),
-            (
-                "weft_owners_hidden_unknown_total",
-                "Owners whose entries were hidden because membership never knew them alive.",
-                s.owners_hidden_unknown,
-            ),
-            (
-                "weft_identity_moves_total",
-                "Times this node moved its generation above an earlier life of its name.",
-                s.identity_moves,
-            ),
-            (
-                "weft_old_life_entries_removed_total",
-                "Entries of earlier lives of this node's name that it deleted.",
-                s.old_life_entries_removed,
-            ),
-            (
-                "weft_records_expired_total",
-                "Node and attachment records of long-gone members dropped.",
-                s.records_expired,
-            ),
-            ("weft_records_refused_total", "Records of expired members refused.", s.records_refused),
-        ];
-        for (name, help, v) in counters {
-            write_counter(&mut out, name, help, v);
-        }
-        let _ = writeln!(
-            out,
-            "# HELP weft_lamport_time The node's Lamport clock.\n# TYPE weft_lamport_time gauge"
-        );
-        let _ = writeln!(out, "weft_lamport_time {}", self.ltime());
-        let _ = writeln!(
-            out,
-            "# HELP weft_networks_without_definition Networks attached here with no live definition in the cluster.\n# TYPE weft_networks_without_definition gauge"
-        );
-        let _ =
-            writeln!(out, "weft_networks_without_definition {}", self.attached_without_definition().len());
+        load.next = end;
+        (end == load.pairs.len()).then_some(Ok(Reply::Written(end)))
+    }
+}
+
+impl TableRead for Agent {
+    fn node_name(&self) -> String {
+        self.id().name.to_string()
+    }
+
+    fn attached(&self) -> Vec<String> {
+        self.gossip.networks().map(str::to_string).collect()
+    }
+
+    fn is_attached(&self, network: &str) -> bool {
+        self.gossip.is_attached(network)
+    }
+
+    fn tables_of(&self, network: &str) -> Vec<String> {
+        self.gossip.tables(network)
+    }
+
+    fn live(&self, network: &str, table: &str) -> Vec<(String, Bytes)> {
+        let mut out = Vec::new();
+        self.gossip.walk(network, table, |k, v, _| {
+            out.push((k.to_string(), v.clone()));
+            true
+        });
         out
     }
-}
 
-/// Appends one Prometheus counter (HELP, TYPE and value lines).
-pub fn write_counter(out: &mut String, name: &str, help: &str, value: u64) {
-    use std::fmt::Write;
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-}
+    fn entries(&self, network: &str, table: &str) -> Vec<(weft_gossip::EntryView, Option<Decoded>)> {
+        self.gossip
+            .table(network, table)
+            .into_iter()
+            .map(|e| {
+                let d = self.decode(table, &e);
+                (e, d)
+            })
+            .collect()
+    }
 
-/// Network ids are 32 lowercase hex digits.
-pub fn is_network_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    fn live_value(&self, network: &str, table: &str, key: &str) -> Option<Bytes> {
+        self.gossip.get_entry(network, table, key)
+    }
+
+    fn peers(&self, network: &str) -> Vec<String> {
+        self.gossip.network_peers(network).iter().map(|p| p.name.to_string()).collect()
+    }
+
+    fn restored(&self, id: &str) -> Option<NetworkDef> {
+        self.restored.get(id).cloned()
+    }
 }
 
 /// Subnets one network may have.
@@ -981,7 +1287,12 @@ mod tests {
             loop {
                 let mut moved = false;
                 for i in 0..self.agents.len() {
-                    while let Some(t) = self.agents[i].poll_transmit() {
+                    // The test is the disk: every batch is durable at once.
+                    while let Some(b) = self.agents[i].poll_persist() {
+                        self.agents[i].handle_persisted(self.now, b.seq);
+                    }
+                    while let Some(out) = self.agents[i].poll_output() {
+                        let Output::Transmit(t) = out else { continue };
                         moved = true;
                         let Some(j) = self.agents.iter().position(|a| a.id().addr == t.dst) else { continue };
                         if self.cut && (i == 0) != (j == 0) {
@@ -997,7 +1308,6 @@ mod tests {
                             }
                         }
                     }
-                    while self.agents[i].poll_event(self.now).is_some() {}
                 }
                 if !moved {
                     break;
@@ -1017,6 +1327,12 @@ mod tests {
         }
     }
 
+    impl Agent {
+        fn without_def(&self) -> Vec<String> {
+            read::attached_without_definition(self)
+        }
+    }
+
     /// A driver's watcher that ignores everything (the tests read the tables directly).
     struct Ignore;
 
@@ -1032,11 +1348,16 @@ mod tests {
     fn a_network_attached_by_id_before_its_definition_arrives_takes_driver_writes() {
         let mut net = Net::new(2);
         let v = Bytes::from_static(b"10.0.0.2");
+        let now = net.now;
         for a in &mut net.agents {
             let spec = TableSpec::node_owned(ObjectType::Endpoint);
-            a.register_table("eps", spec, Box::new(Ignore)).unwrap();
-            let refused =
-                a.register_table(NETWORKS_TABLE, TableSpec::cluster(ObjectType::Network), Box::new(Ignore));
+            a.register_table(now, "eps", spec, Box::new(Ignore)).unwrap();
+            let refused = a.register_table(
+                now,
+                NETWORKS_TABLE,
+                TableSpec::cluster(ObjectType::Network),
+                Box::new(Ignore),
+            );
             assert!(matches!(refused, Err(AgentError::Reserved(_))), "{refused:?}");
         }
         // a2 is restarting: it re-attaches by id before the definition reaches it.
@@ -1076,10 +1397,19 @@ mod tests {
         let now = net.now;
         net.agents[1].remove_network(now, "green", true).unwrap();
         net.run(Duration::from_secs(30));
-        let ltime = net.agents[0].ltime() + 100;
-        let mut a1 = Agent::new(cfg, NodeId::new("a1", addr(1), 2), 2, ltime, net.now).unwrap();
-        a1.restore_attached(net.now, std::slice::from_ref(&def.id), std::slice::from_ref(&def)).unwrap();
-        a1.join(net.now, &[addr(2), addr(3)]).unwrap();
+        let ltime = net.agents[0].gossip().ltime() + 100;
+        // a1 restarts from its store: its attachment and the definition it persisted.
+        let state = NodeState {
+            name: "a1".into(),
+            instance: 0,
+            generation: 2,
+            ltime_hwm: ltime,
+            networks: vec![def.id.clone()],
+            sweep_pending: false,
+            definitions: vec![def.clone()],
+        };
+        let mut a1 = Agent::boot(cfg, &state, addr(1), 2, net.now).unwrap();
+        a1.apply(net.now, Command::Join { seeds: vec![addr(2), addr(3)] }).unwrap();
         net.agents[0] = a1;
         net.cut = false;
         net.run(Duration::from_secs(15));
@@ -1087,8 +1417,8 @@ mod tests {
         // outage looks the same), so the network stays attached, flagged, with the persisted
         // definition, and the operator detaches it by id.
         assert_eq!(net.agents[0].attached_networks(), vec![def.id.clone()]);
-        assert_eq!(net.agents[0].attached_without_definition(), vec![def.id.clone()]);
-        assert_eq!(net.agents[0].restored_definition(&def.id), Some(&def));
+        assert_eq!(net.agents[0].without_def(), vec![def.id.clone()]);
+        assert_eq!(TableRead::restored(&net.agents[0], &def.id), Some(def.clone()));
         assert_eq!(net.agents[0].attached_definitions(), vec![def.clone()], "still persisted");
         let now = net.now;
         let detached = net.agents[0].detach(now, &def.id).unwrap();
@@ -1123,7 +1453,7 @@ mod tests {
         net.run(Duration::from_secs(2));
         // a2 goes down; meanwhile a1 removes the network.
         net.cut = true;
-        let ltime = net.agents[1].ltime();
+        let ltime = net.agents[1].gossip().ltime();
         let now = net.now;
         net.agents[0].remove_network(now, "green", true).unwrap();
         net.run(Duration::from_secs(5));
@@ -1133,12 +1463,12 @@ mod tests {
         let mut a2 = Agent::new(GossipConfig::lan(8), id, 22, ltime, net.now).unwrap();
         a2.reattach(net.now, &def.id).unwrap();
         a2.join(net.now, &[addr(1)]).unwrap();
-        assert_eq!(a2.attached_without_definition(), vec![def.id.clone()], "flagged until it hears");
+        assert_eq!(a2.without_def(), vec![def.id.clone()], "flagged until it hears");
         net.agents[1] = a2;
         net.cut = false;
         net.run(Duration::from_secs(10));
         assert!(net.agents[1].attached_networks().is_empty(), "the tombstone detached it");
-        assert!(net.agents[1].attached_without_definition().is_empty());
+        assert!(net.agents[1].without_def().is_empty());
     }
 
     #[test]
@@ -1250,7 +1580,13 @@ mod tests {
         a.table_put(now, "g", "endpoints", "k", Bytes::from_static(b"w"), false).unwrap();
         assert_eq!(a.table_get("g", "endpoints", "k").unwrap(), Some(Bytes::from_static(b"w")));
         let pairs = vec![("a".to_string(), "1".to_string()), (String::new(), "2".to_string())];
-        assert!(a.table_load(now, "g", "endpoints", &pairs, false).is_err());
+        let load = |pairs: &Vec<(String, String)>| Command::TableLoad {
+            network: "g".into(),
+            table: "endpoints".into(),
+            pairs: pairs.clone(),
+            force: false,
+        };
+        assert!(a.apply(now, load(&pairs)).is_err());
         assert_eq!(a.table_get("g", "endpoints", "a").unwrap(), None, "a bad load writes nothing");
         a.table_rm(now, "g", "endpoints", "k", false).unwrap();
         assert!(a.table_rm(now, "g", "endpoints", "k", false).is_err());
@@ -1261,7 +1597,8 @@ mod tests {
         let d = a.dump(Some("cluster"), Some(NETWORKS_TABLE)).unwrap();
         let e = &d.networks[0].tables[0].entries[0];
         assert_eq!(e.decoded.as_ref().unwrap().fields["name"], "g");
-        let m = a.metrics();
+        let view = a.attach_view(now);
+        let m = crate::view::metrics(&view);
         assert!(
             m.contains("weft_members{state=\"alive\"} 2") && m.contains("weft_decode_errors_total 0"),
             "{m}"

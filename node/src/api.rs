@@ -14,7 +14,17 @@
 //! | GET, PUT, DELETE | `/tables/{network}/{table}/{key}` | raw value; `?force=true` for protected tables |
 //! | POST | `/tables/{network}/{table}` | load: one `key value` per line of the body |
 //!
-//! Errors are `{"error": "<one line>"}` with a 4xx status.
+//! Errors are `{"error": "<one line>"}` with a 4xx status, or 504 when a write got no reply in
+//! time (10 s; a load gets one more second per 20,000 keys, at most 50 s). A 504 does not
+//! cancel the write: it may still complete, so a client that retries must not assume it did
+//! not happen (puts and attaches are idempotent; a `network create` retried after a 504 may
+//! find its name taken by its first attempt).
+//!
+//! A write is answered once it is applied and whatever it rests on is durable. When the data
+//! dir cannot be written, the write stays applied in memory and the store retries it every
+//! second: the answer waits (and times out with the store's error in it), nothing that depends
+//! on it leaves the node meanwhile, and `/health` says `degraded` with the error. Reads never
+//! wait for writes and see them as soon as they are applied.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -29,9 +39,10 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::agent::{Dump, NetworkDef, NetworkInfo};
+use crate::agent::{Command, Dump, NetworkDef, NetworkInfo, Reply};
 use crate::error::AgentError;
-use crate::shell::Shell;
+use crate::read;
+use crate::shell::{CommandError, Shell};
 
 /// A member in `GET /members` and `weft members --json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,9 +108,14 @@ impl From<AgentError> for ApiError {
     }
 }
 
-impl From<crate::shell::PersistError> for ApiError {
-    fn from(e: crate::shell::PersistError) -> Self {
-        ApiError(500, e.to_string())
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::Agent(e) => e.into(),
+            // 504: the command may still complete.
+            CommandError::Timeout(m) => ApiError(504, m),
+            CommandError::Stopped => ApiError(503, e.to_string()),
+        }
     }
 }
 
@@ -113,12 +129,13 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 pub fn members_json(shell: &Shell) -> MembersJson {
-    let (members, unreachable) = shell.read(|a| (a.members(), a.unreachable_seeds()));
-    let mut unreachable_seeds: Vec<String> = unreachable.iter().map(ToString::to_string).collect();
+    let snap = shell.read().snap;
+    let mut unreachable_seeds: Vec<String> = snap.unreachable_seeds.iter().map(ToString::to_string).collect();
     unreachable_seeds.extend(shell.unresolved_seeds().into_iter().map(|s| format!("{s} (unresolved)")));
     MembersJson {
-        members: members
-            .into_iter()
+        members: snap
+            .members
+            .iter()
             .map(|m| MemberJson {
                 name: m.id.name.to_string(),
                 addr: m.id.addr.to_string(),
@@ -127,7 +144,7 @@ pub fn members_json(shell: &Shell) -> MembersJson {
                 data_addr: m.data_addr.map(|a| a.to_string()),
                 state: m.state.as_str().to_string(),
                 incarnation: m.incarnation,
-                networks: m.networks,
+                networks: m.networks.clone(),
             })
             .collect(),
         unreachable_seeds,
@@ -135,8 +152,13 @@ pub fn members_json(shell: &Shell) -> MembersJson {
 }
 
 async fn health(State(s): State<Shell>) -> Json<serde_json::Value> {
-    let (name, connected) = s.read(|a| (a.id().name.to_string(), a.gossip().is_connected()));
-    Json(json!({ "status": "ok", "name": name, "connected": connected }))
+    let snap = s.read().snap;
+    let mut v = json!({ "status": "ok", "name": snap.id.name.to_string(), "connected": snap.connected });
+    if let Some(e) = &snap.persist_failing {
+        v["status"] = json!("degraded");
+        v["store_error"] = json!(e);
+    }
+    Json(v)
 }
 
 async fn metrics(State(s): State<Shell>) -> Response {
@@ -153,27 +175,26 @@ async fn leave(State(s): State<Shell>) -> StatusCode {
 }
 
 async fn list_networks(State(s): State<Shell>) -> Json<Vec<NetworkInfo>> {
-    Json(s.read(|a| {
-        let mut all = a.networks();
-        // Attached networks the cluster holds no definition of are listed too, flagged.
-        all.extend(a.attached_without_definition().into_iter().map(|id| NetworkInfo {
-            def: a.restored_definition(&id).cloned().unwrap_or_else(|| NetworkDef::id_only(&id)),
-            attached: true,
-            peers: a.gossip().network_peers(&id).iter().map(|p| p.name.to_string()).collect(),
-            name_clash: false,
-            missing_definition: true,
-        }));
-        all
-    }))
+    Json(read::network_list(&s.read()))
+}
+
+fn network_reply(r: Reply) -> ApiResult<Json<NetworkDef>> {
+    match r {
+        Reply::Network(d) => Ok(Json(d)),
+        other => Err(ApiError(500, format!("unexpected reply {other:?}"))),
+    }
 }
 
 async fn create_network(State(s): State<Shell>, body: Bytes) -> ApiResult<Json<NetworkDef>> {
     let req: CreateNetwork =
         serde_json::from_slice(&body).map_err(|e| ApiError(400, format!("bad request body: {e}")))?;
-    let def = s.with(|a, now| {
-        a.create_network(now, &req.name, &req.driver, &req.subnets, req.gateway.as_deref())
-    })??;
-    Ok(Json(def))
+    let cmd = Command::CreateNetwork {
+        name: req.name,
+        driver: req.driver,
+        subnets: req.subnets,
+        gateway: req.gateway,
+    };
+    network_reply(s.command(cmd).await?)
 }
 
 async fn inspect_network(
@@ -181,12 +202,10 @@ async fn inspect_network(
     UrlPath(r): UrlPath<String>,
     Query(f): Query<Flags>,
 ) -> ApiResult<Json<Inspect>> {
-    let out = s.read(|a| -> Result<Inspect, AgentError> {
-        let network = a.resolve(&r)?;
-        let dump = if f.verbose { Some(a.dump(Some(&network.def.id), None)?) } else { None };
-        Ok(Inspect { network, dump })
-    })?;
-    Ok(Json(out))
+    let view = s.read();
+    let network = read::resolve(&view, &r)?;
+    let dump = if f.verbose { Some(read::dump(&view, Some(&network.def.id), None)?) } else { None };
+    Ok(Json(Inspect { network, dump }))
 }
 
 async fn remove_network(
@@ -194,26 +213,26 @@ async fn remove_network(
     UrlPath(r): UrlPath<String>,
     Query(f): Query<Flags>,
 ) -> ApiResult<Json<NetworkDef>> {
-    Ok(Json(s.with(|a, now| a.remove_network(now, &r, f.force))??))
+    network_reply(s.command(Command::RemoveNetwork { network: r, force: f.force }).await?)
 }
 
 async fn attach(State(s): State<Shell>, UrlPath(r): UrlPath<String>) -> ApiResult<Json<NetworkDef>> {
-    Ok(Json(s.with(|a, now| a.attach(now, &r))??))
+    network_reply(s.command(Command::Attach { network: r }).await?)
 }
 
 async fn detach(State(s): State<Shell>, UrlPath(r): UrlPath<String>) -> ApiResult<Json<NetworkDef>> {
-    Ok(Json(s.with(|a, now| a.detach(now, &r))??))
+    network_reply(s.command(Command::Detach { network: r }).await?)
 }
 
 async fn dump(State(s): State<Shell>, Query(f): Query<Flags>) -> ApiResult<Json<Dump>> {
-    Ok(Json(s.read(|a| a.dump(f.network.as_deref(), f.table.as_deref()))?))
+    Ok(Json(read::dump(&s.read(), f.network.as_deref(), f.table.as_deref())?))
 }
 
 async fn table_get(
     State(s): State<Shell>,
     UrlPath((net, table, key)): UrlPath<(String, String, String)>,
 ) -> ApiResult<Response> {
-    match s.read(|a| a.table_get(&net, &table, &key))? {
+    match read::table_get(&s.read(), &net, &table, &key)? {
         Some(v) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response()),
         None => Err(ApiError(404, format!("no live entry {net}/{table}/{key}"))),
     }
@@ -221,20 +240,20 @@ async fn table_get(
 
 async fn table_put(
     State(s): State<Shell>,
-    UrlPath((net, table, key)): UrlPath<(String, String, String)>,
+    UrlPath((network, table, key)): UrlPath<(String, String, String)>,
     Query(f): Query<Flags>,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
-    s.with(|a, now| a.table_put(now, &net, &table, &key, body, f.force))??;
+    s.command(Command::TablePut { network, table, key, value: body, force: f.force }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn table_rm(
     State(s): State<Shell>,
-    UrlPath((net, table, key)): UrlPath<(String, String, String)>,
+    UrlPath((network, table, key)): UrlPath<(String, String, String)>,
     Query(f): Query<Flags>,
 ) -> ApiResult<StatusCode> {
-    s.with(|a, now| a.table_rm(now, &net, &table, &key, f.force))??;
+    s.command(Command::TableRm { network, table, key, force: f.force }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -262,8 +281,11 @@ async fn table_load(
 ) -> ApiResult<Json<serde_json::Value>> {
     let text = std::str::from_utf8(&body).map_err(|_| ApiError(400, "load body is not UTF-8".into()))?;
     let pairs = parse_load(text).map_err(|e| ApiError(400, e))?;
-    let n = s.with(|a, now| a.table_load(now, &net, &table, &pairs, f.force))??;
-    Ok(Json(json!({ "written": n })))
+    let written = match s.command(Command::TableLoad { network: net, table, pairs, force: f.force }).await? {
+        Reply::Written(n) => n,
+        other => return Err(ApiError(500, format!("unexpected reply {other:?}"))),
+    };
+    Ok(Json(json!({ "written": written })))
 }
 
 pub fn router(shell: Shell) -> Router {

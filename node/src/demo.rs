@@ -10,8 +10,10 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use weft_gossip::{Config as GossipConfig, MemberState};
 
+use crate::agent::{Command, Reply};
 use crate::config::AgentConfig;
 use crate::format;
+use crate::read;
 use crate::shell::Shell;
 
 const NETWORK: &str = "demo";
@@ -72,9 +74,9 @@ async fn demo(base: &std::path::Path, nodes: usize, exit: bool) -> anyhow::Resul
         shells.push(s);
     }
     let joined = wait_until("every agent sees every other alive", Duration::from_secs(20), || {
-        shells.iter().all(|s| {
-            s.read(|a| a.members().iter().filter(|m| m.state == MemberState::Alive).count()) == nodes
-        })
+        shells
+            .iter()
+            .all(|s| s.read().snap.members.iter().filter(|m| m.state == MemberState::Alive).count() == nodes)
     })
     .await?;
     let _ = joined;
@@ -83,41 +85,49 @@ async fn demo(base: &std::path::Path, nodes: usize, exit: bool) -> anyhow::Resul
         t_start.elapsed().as_secs_f64() * 1000.0
     );
 
-    let def = shells[0]
-        .with(|a, now| a.create_network(now, NETWORK, "overlay", &["10.42.0.0/24".to_string()], None))??;
+    let create = Command::CreateNetwork {
+        name: NETWORK.into(),
+        driver: "overlay".into(),
+        subnets: vec!["10.42.0.0/24".to_string()],
+        gateway: None,
+    };
+    let Reply::Network(def) = shells[0].command(create).await? else {
+        bail!("network create: unexpected reply")
+    };
     println!("node-0 created network {} ({}), subnet 10.42.0.0/24", def.name, def.short_id());
     wait_until("the network definition reaches every agent", Duration::from_secs(10), || {
-        shells.iter().all(|s| s.read(|a| a.resolve(NETWORK).is_ok()))
+        shells.iter().all(|s| read::resolve(&s.read(), NETWORK).is_ok())
     })
     .await?;
     for s in &shells[1..] {
-        s.with(|a, now| a.attach(now, NETWORK))??;
+        s.command(Command::Attach { network: NETWORK.into() }).await?;
     }
     wait_until("every agent sees every other attached", Duration::from_secs(10), || {
         shells
             .iter()
-            .all(|s| s.read(|a| a.resolve(NETWORK).map(|n| n.peers.len() + 1 == nodes).unwrap_or(false)))
+            .all(|s| read::resolve(&s.read(), NETWORK).map(|n| n.peers.len() + 1 == nodes).unwrap_or(false))
     })
     .await?;
 
     let t_write = Instant::now();
     for (i, s) in shells.iter().enumerate() {
-        s.with(|a, now| -> anyhow::Result<()> {
-            for j in 0..2 {
-                let value = format!(
-                    "10.42.0.{}/24 mac 02:42:0a:2a:00:{:02x} on node-{i}",
-                    2 + 2 * i + j,
-                    2 + 2 * i + j
-                );
-                a.table_put(now, NETWORK, TABLE, &format!("ep-{i}-{j}"), Bytes::from(value), false)?;
-            }
-            Ok(())
-        })??;
+        for j in 0..2 {
+            let value =
+                format!("10.42.0.{}/24 mac 02:42:0a:2a:00:{:02x} on node-{i}", 2 + 2 * i + j, 2 + 2 * i + j);
+            let put = Command::TablePut {
+                network: NETWORK.into(),
+                table: TABLE.into(),
+                key: format!("ep-{i}-{j}"),
+                value: Bytes::from(value),
+                force: false,
+            };
+            s.command(put).await?;
+        }
     }
     let want = 2 * nodes;
     let converged = wait_until("every agent holds every entry", Duration::from_secs(20), || {
         shells.iter().all(|s| {
-            s.read(|a| a.dump(Some(NETWORK), Some(TABLE)).map(|d| live_entries(&d)).unwrap_or(0)) == want
+            read::dump(&s.read(), Some(NETWORK), Some(TABLE)).map(|d| live_entries(&d)).unwrap_or(0) == want
         })
     })
     .await?;
@@ -127,7 +137,7 @@ async fn demo(base: &std::path::Path, nodes: usize, exit: bool) -> anyhow::Resul
     );
     let _ = t_write;
     for s in &shells {
-        let d = s.read(|a| a.dump(None, None))?;
+        let d = read::dump(&s.read(), None, None)?;
         println!("{}", "=".repeat(100));
         print!("{}", format::dump(&d, true));
     }
@@ -142,7 +152,7 @@ async fn demo(base: &std::path::Path, nodes: usize, exit: bool) -> anyhow::Resul
         tokio::signal::ctrl_c().await?;
     }
     for s in &shells {
-        let _ = s.with(|a, now| a.leave(now));
+        let _ = s.command(Command::Leave).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     for a in apis {

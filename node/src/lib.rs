@@ -9,8 +9,11 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod format;
+pub mod persist;
+pub mod read;
 pub mod shell;
-pub mod state;
+pub mod store;
+pub mod view;
 
-pub use agent::{Agent, Dump, NetworkDef, NetworkInfo};
+pub use agent::{Agent, Command, CommandId, CommandResult, Dump, NetworkDef, NetworkInfo, Output, Reply};
 pub use error::AgentError;

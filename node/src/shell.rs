@@ -1,54 +1,154 @@
-//! The tokio shell around the [`Agent`]: one UDP socket and one TCP listener on the gossip port,
-//! one timer, a sender task, and the lock that guards the agent. Every critical section is one
-//! call into the sans-IO agent plus draining its outputs into channels; no I/O happens under
-//! the lock except the rare fsync of a new Lamport lease.
+//! The tokio shell around the [`Agent`]: its event loop.
+//!
+//! One task owns the agent. The UDP socket, the TCP listener, the control API and the persister
+//! reach it over channels; it handles one input at a time, then sends what came out: datagrams
+//! straight on the socket (never waiting), stream frames to one writer task per peer, persist
+//! batches to the persister thread, replies to the API calls that wait for them. No lock wraps
+//! the agent, no I/O or fsync runs on its task, and reads (`members`, `dump`, ...) go to the
+//! [`View`] the agent keeps current, never to the task.
+//!
+//! Memory is bounded by bytes, not counts: inbound stream frames and outbound per-peer queues
+//! share one budget ([`STREAM_BUDGET`]). A frame that does not fit is refused (the inbound
+//! stream is closed; an outbound frame is dropped) and counted; anti-entropy repairs what a
+//! dropped frame carried. Datagrams come in through a bounded queue (the socket's own buffer
+//! absorbs a burst beyond it) and go out with a non-blocking send: a full socket buffer drops
+//! the datagram and counts it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Notify, mpsc, watch};
-use weft_gossip::{Config as GossipConfig, NodeId, Transmit, TransmitKind, wire};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use weft_gossip::{Config as GossipConfig, TransmitKind, wire};
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Command, CommandId, CommandResult, Output, Reply};
 use crate::config::{AgentConfig, DEFAULT_PORT};
-use crate::state::StateFile;
+use crate::error::AgentError;
+use crate::store::{Durable, PersistStats, Persister, Store};
+use crate::view::{View, ViewRead, write_counter};
 
-/// The data dir could not be written: nothing the call wrote is acknowledged or sent until a
-/// later call persists it.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot persist node state: {0}")]
-pub struct PersistError(pub String);
-
-/// Concurrent inbound TCP streams.
-const MAX_INBOUND_STREAMS: usize = 512;
+/// Bytes of stream frames, inbound and outbound together, held in memory at once.
+pub const STREAM_BUDGET: usize = 256 << 20;
 /// Peers with an open outbound stream writer.
 const MAX_STREAM_WRITERS: usize = 1024;
+/// Concurrent inbound TCP streams (each holds budget only for the frame it is reading).
+const MAX_INBOUND_STREAMS: usize = 512;
 /// A whole stream frame must arrive within this.
 const FRAME_DEADLINE: Duration = Duration::from_secs(30);
+/// Datagrams waiting for the owner.
+const DATAGRAM_QUEUE: usize = 4096;
+/// How long a control-API command waits for its reply (a load gets more, see
+/// [`Shell::command`]).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Counters of what the shell itself dropped before the core saw it.
+/// Counters of what the shell itself did or dropped before or after the core.
 #[derive(Debug, Default)]
 pub struct ShellStats {
     pub stream_rejects: AtomicU64,
+    pub stream_budget_rejects: AtomicU64,
     pub send_errors: AtomicU64,
+    pub send_budget_drops: AtomicU64,
     pub stream_connect_errors: AtomicU64,
+    pub command_timeouts: AtomicU64,
+    /// Bytes of stream frames held now (inbound being read or queued, outbound queued).
+    pub stream_bytes_held: AtomicU64,
+}
+
+/// How long inputs waited between arriving and being handled: a log2 histogram in
+/// microseconds, and the maximum.
+#[derive(Debug, Default)]
+pub struct Lag {
+    buckets: [AtomicU64; 26],
+    max_us: AtomicU64,
+}
+
+impl Lag {
+    fn record(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let b = (64 - us.leading_zeros() as usize).min(self.buckets.len() - 1);
+        self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// Prometheus histogram lines (`le` in seconds).
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(
+            out,
+            "# HELP weft_loop_lag_seconds Time from an input's arrival (datagram, stream frame, command) to its handling by the agent's task.\n# TYPE weft_loop_lag_seconds histogram"
+        );
+        let mut total = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            total += b.load(Ordering::Relaxed);
+            let le = if i == 0 { 1e-6 } else { (1u64 << i) as f64 / 1e6 };
+            let _ = writeln!(out, "weft_loop_lag_seconds_bucket{{le=\"{le}\"}} {total}");
+        }
+        let _ = writeln!(out, "weft_loop_lag_seconds_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(out, "weft_loop_lag_seconds_count {total}");
+        let _ = writeln!(
+            out,
+            "# HELP weft_loop_lag_max_seconds The longest an input waited.\n# TYPE weft_loop_lag_max_seconds gauge\nweft_loop_lag_max_seconds {}",
+            self.max_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+    }
+}
+
+/// A command's failure as the control API reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// No reply in time. The command is not cancelled and may still complete.
+    #[error("{0}")]
+    Timeout(String),
+    #[error("the agent is stopping")]
+    Stopped,
+}
+
+/// A stream frame and the budget it holds until the owner has handled it.
+struct Frame {
+    from: SocketAddr,
+    bytes: Vec<u8>,
+    at: Instant,
+    _budget: Budget,
+}
+
+/// Bytes taken from the stream budget; given back on drop.
+struct Budget {
+    _permit: OwnedSemaphorePermit,
+    held: Arc<Inner>,
+    bytes: u64,
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        self.held.stats.stream_bytes_held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+enum Control {
+    Command { id: CommandId, cmd: Command, reply: oneshot::Sender<CommandResult>, at: Instant },
+    Describe { id: CommandId, reply: oneshot::Sender<Option<String>> },
+    Join(Vec<SocketAddr>),
 }
 
 struct Inner {
-    agent: Mutex<Agent>,
-    state: Mutex<StateFile>,
-    out: mpsc::UnboundedSender<Transmit>,
-    wake: Notify,
+    control: mpsc::Sender<Control>,
+    next_id: AtomicU64,
+    view: Arc<View>,
     stats: ShellStats,
+    lag: Lag,
+    persist_stats: Arc<PersistStats>,
+    budget: Arc<Semaphore>,
     max_frame: usize,
+    store: Arc<Store>,
     /// Seeds as configured, for `members` to report the unresolvable ones.
     unresolved: Mutex<Vec<String>>,
     refused: watch::Sender<Option<String>>,
@@ -136,8 +236,9 @@ fn guess_advertise(bind: SocketAddr, seeds: &[SocketAddr]) -> anyhow::Result<Soc
 }
 
 impl Shell {
-    /// Binds the gossip port, loads and bumps the persisted state, starts every task and joins
-    /// the seeds (retrying in the background; the agent runs even if none answers).
+    /// Binds the gossip port, opens the store (a new generation, durable before anything runs),
+    /// starts the agent's task, the socket tasks and the persister, and joins the seeds
+    /// (retrying in the background; the agent runs even if none answers).
     pub async fn start(cfg: &AgentConfig, gossip_cfg: GossipConfig) -> anyhow::Result<Shell> {
         let udp = UdpSocket::bind(cfg.bind).await.with_context(|| format!("cannot bind UDP {}", cfg.bind))?;
         let bound = udp.local_addr()?;
@@ -149,43 +250,67 @@ impl Shell {
             use rand::TryRng;
             rand::rngs::SysRng.try_next_u64().unwrap_or(wall_ms ^ u64::from(std::process::id()))
         };
-        let state = StateFile::start(&cfg.data_dir, cfg.name.as_deref(), wall_ms, fresh_instance)?;
+        let (store, st) = {
+            let dir = cfg.data_dir.clone();
+            let name = cfg.name.clone();
+            tokio::task::spawn_blocking(move || Store::open(&dir, name.as_deref(), wall_ms, fresh_instance))
+                .await
+                .context("the store's opening thread failed")??
+        };
+        let store = Arc::new(store);
         let (seeds, unresolved) = resolve_seeds(&cfg.join, &[bound]).await;
         let advertise = match cfg.advertise {
             Some(a) => a,
             None => guess_advertise(bound, &seeds)?,
         };
         let seeds: Vec<SocketAddr> = seeds.into_iter().filter(|s| *s != advertise).collect();
-        let st = state.state().clone();
-        let id = NodeId::new(st.name.as_str(), advertise, st.generation).with_instance(st.instance);
         let seed = {
             use rand::TryRng;
             rand::rngs::SysRng.try_next_u64().unwrap_or(st.generation ^ st.ltime_hwm)
         };
         let now = Instant::now();
         let max_frame = gossip_cfg.max_stream_frame;
-        let mut agent = Agent::new(gossip_cfg, id.clone(), seed, st.ltime_hwm, now)?;
+        let mut agent = Agent::boot(gossip_cfg, &st, advertise, seed, now)?;
         agent.set_data_addr(now, cfg.data_addr.unwrap_or(advertise.ip()));
-        agent.set_predecessor_sweep(st.sweep_pending);
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let view = agent.attach_view(now);
+        agent.apply(now, Command::Join { seeds })?;
+
+        let (control_tx, control_rx) = mpsc::channel(1024);
+        let (datagram_tx, datagram_rx) = mpsc::channel(DATAGRAM_QUEUE);
+        let (frame_tx, frame_rx) = mpsc::unbounded_channel();
+        let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+        let persister = Persister::spawn(store.clone(), move |d| {
+            let _ = durable_tx.send(d);
+        });
         let inner = Arc::new(Inner {
-            agent: Mutex::new(agent),
-            state: Mutex::new(state),
-            out: out_tx,
-            wake: Notify::new(),
+            control: control_tx,
+            next_id: AtomicU64::new(1),
+            view,
             stats: ShellStats::default(),
+            lag: Lag::default(),
+            persist_stats: persister.stats.clone(),
+            budget: Arc::new(Semaphore::new(STREAM_BUDGET)),
             max_frame,
+            store,
             unresolved: Mutex::new(unresolved.clone()),
             refused: watch::channel(None).0,
             leave: watch::channel(false).0,
         });
-        let shell = Shell { inner, addr: bound, data_dir: cfg.data_dir.clone() };
+        let shell = Shell { inner: inner.clone(), addr: bound, data_dir: cfg.data_dir.clone() };
         let udp = Arc::new(udp);
-        tokio::spawn(shell.clone().udp_loop(udp.clone()));
-        tokio::spawn(shell.clone().tcp_loop(tcp));
-        tokio::spawn(shell.clone().timer_loop());
-        tokio::spawn(send_loop(shell.inner.clone(), udp, out_rx));
+        let owner = Owner {
+            agent,
+            inner: inner.clone(),
+            udp: udp.clone(),
+            persister,
+            replies: HashMap::new(),
+            writers: HashMap::new(),
+        };
+        tokio::spawn(owner.run(control_rx, datagram_rx, frame_rx, durable_rx));
+        tokio::spawn(udp_loop(inner.clone(), udp, datagram_tx));
+        tokio::spawn(tcp_loop(inner.clone(), tcp, frame_tx));
         tokio::spawn(shell.clone().report_seeds_loop());
+        let id = shell.read().snap.id.clone();
         tracing::info!(
             node = %id.name,
             addr = %advertise,
@@ -197,78 +322,58 @@ impl Shell {
             tracing::warn!(seeds = ?unresolved, "could not resolve seeds; will retry");
             tokio::spawn(shell.clone().resolve_loop(cfg.join.clone(), bound));
         }
-        shell.with(|a, now| -> Result<(), crate::AgentError> {
-            a.restore_attached(now, &st.networks, &st.definitions)?;
-            a.join(now, &seeds)
-        })??;
         Ok(shell)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Agent> {
-        self.inner.agent.lock().unwrap_or_else(|p| p.into_inner())
+    /// The agent's state as of its last input, without waiting for it.
+    pub fn read(&self) -> ViewRead<'_> {
+        ViewRead::new(&self.inner.view)
     }
 
-    /// Runs `f` on the agent, makes sure whatever it wrote is covered by the persisted state,
-    /// and only then hands its outputs to the I/O tasks. If the state cannot be persisted, the
-    /// call fails and nothing it produced leaves the node.
-    pub fn with<R>(&self, f: impl FnOnce(&mut Agent, Instant) -> R) -> Result<R, PersistError> {
-        let now = Instant::now();
-        let mut agent = self.lock();
-        let r = f(&mut agent, now);
-        self.after(&mut agent, now)?;
-        Ok(r)
+    pub fn view(&self) -> &View {
+        &self.inner.view
     }
 
-    /// Read-only access: no outputs to drain.
-    pub fn read<R>(&self, f: impl FnOnce(&Agent) -> R) -> R {
-        f(&self.lock())
+    /// Runs a command on the agent and waits for its reply: [`COMMAND_TIMEOUT`], more for a
+    /// big load. On timeout the answer says in one line what the command was waiting for; the
+    /// command is not cancelled and may still complete (a client that retries must expect its
+    /// first attempt to have taken effect).
+    pub async fn command(&self, cmd: Command) -> Result<Reply, CommandError> {
+        let limit = match &cmd {
+            Command::TableLoad { pairs, .. } => {
+                COMMAND_TIMEOUT + Duration::from_secs((pairs.len() / 20_000) as u64)
+            }
+            _ => COMMAND_TIMEOUT,
+        }
+        .min(Duration::from_secs(50));
+        self.command_within(cmd, limit).await
     }
 
-    fn after(&self, agent: &mut Agent, now: Instant) -> Result<(), PersistError> {
-        while agent.poll_event(now).is_some() {}
-        if let Some(msg) = agent.refused() {
-            self.inner.refused.send_if_modified(|r| {
-                if r.is_none() {
-                    *r = Some(msg.to_string());
-                    true
-                } else {
-                    false
-                }
-            });
+    pub async fn command_within(&self, cmd: Command, limit: Duration) -> Result<Reply, CommandError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let what = cmd.describe();
+        let (tx, rx) = oneshot::channel();
+        let send = Control::Command { id, cmd, reply: tx, at: Instant::now() };
+        if self.inner.control.send(send).await.is_err() {
+            return Err(CommandError::Stopped);
         }
-        // Persist before anything leaves: no peer may see a Lamport time or an attachment
-        // that a crash could take back.
-        {
-            let mut state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
-            let mut result = state.cover(agent.ltime());
-            if result.is_ok() {
-                // The core moved this life above an earlier one of its name.
-                result = state.set_generation(agent.id().generation);
-            }
-            if result.is_ok() && !agent.gossip().predecessor_sweep_pending() {
-                result = state.sweep_done();
-            }
-            if result.is_ok() && !agent.gossip().has_left() {
-                let mut ids = agent.attached_networks();
-                ids.sort();
-                // Definitions are looked up only when the attachments or the definitions table
-                // changed (a walk of that table is too dear for every datagram).
-                let stale = agent.take_definitions_changed() || ids != state.state().networks;
-                result = state.set_networks(ids);
-                if result.is_ok() && stale {
-                    result = state.set_definitions(agent.attached_definitions());
-                }
-            }
-            if let Err(e) = result {
-                tracing::error!(error = %format!("{e:#}"), "cannot persist node state; holding output back");
-                return Err(PersistError(format!("{e:#}")));
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(r)) => Ok(r?),
+            Ok(Err(_)) => Err(CommandError::Stopped),
+            Err(_) => {
+                self.inner.stats.command_timeouts.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = oneshot::channel();
+                let _ = self.inner.control.try_send(Control::Describe { id, reply: tx });
+                let waiting = match tokio::time::timeout(Duration::from_secs(1), rx).await {
+                    Ok(Ok(Some(w))) => w,
+                    Ok(Ok(None)) => "its reply, which is on its way".to_string(),
+                    _ => "the agent's event loop, which is busy".to_string(),
+                };
+                Err(CommandError::Timeout(format!(
+                    "{what}: no reply after {limit:?}, still waiting for {waiting} (not cancelled: it may still complete)"
+                )))
             }
         }
-        while let Some(t) = agent.poll_transmit() {
-            let _ = self.inner.out.send(t);
-        }
-        self.inner.wake.notify_one();
-        Ok(())
     }
 
     /// Resolves once the agent must stop because its name is taken; yields the reason.
@@ -286,7 +391,7 @@ impl Shell {
 
     /// A node refused at its very first start leaves no identity behind in its data dir.
     pub fn forget_state_if_new(&self) {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).forget_if_new();
+        self.inner.store.forget_if_new();
     }
 
     pub fn stats(&self) -> &ShellStats {
@@ -299,29 +404,58 @@ impl Shell {
 
     /// Metrics of the agent plus the shell's own counters.
     pub fn metrics(&self) -> String {
-        let mut m = self.read(Agent::metrics);
+        let mut m = crate::view::metrics(&self.inner.view);
         let s = &self.inner.stats;
+        let p = &self.inner.persist_stats;
         for (name, help, v) in [
             ("weft_stream_rejects_total", "TCP streams dropped for a bad frame length.", &s.stream_rejects),
-            ("weft_send_errors_total", "Datagrams the OS refused to send.", &s.send_errors),
+            (
+                "weft_stream_budget_rejects_total",
+                "Inbound stream frames refused because the stream byte budget was spent.",
+                &s.stream_budget_rejects,
+            ),
+            (
+                "weft_send_errors_total",
+                "Datagrams the OS refused to send (or had no room for).",
+                &s.send_errors,
+            ),
+            (
+                "weft_send_budget_drops_total",
+                "Outbound stream frames dropped because the stream byte budget was spent or the peer's queue was full.",
+                &s.send_budget_drops,
+            ),
             (
                 "weft_stream_connect_errors_total",
                 "Streams that could not reach their peer.",
                 &s.stream_connect_errors,
             ),
+            (
+                "weft_command_timeouts_total",
+                "Control-API commands answered with a timeout.",
+                &s.command_timeouts,
+            ),
+            ("weft_persist_batches_total", "Persist batches made durable.", &p.batches),
+            ("weft_persist_commits_total", "Store commits (one fsync each).", &p.commits),
+            ("weft_persist_errors_total", "Store commits that failed (retried).", &p.errors),
+            ("weft_persist_commit_microseconds_total", "Time spent committing.", &p.commit_us),
         ] {
-            crate::agent::write_counter(&mut m, name, help, v.load(Ordering::Relaxed));
+            write_counter(&mut m, name, help, v.load(Ordering::Relaxed));
         }
+        use std::fmt::Write;
+        let _ = writeln!(
+            m,
+            "# HELP weft_stream_bytes_held Stream frame bytes held in memory now.\n# TYPE weft_stream_bytes_held gauge\nweft_stream_bytes_held {}",
+            s.stream_bytes_held.load(Ordering::Relaxed)
+        );
+        self.inner.lag.render(&mut m);
         m
     }
 
     /// Leaves the cluster for good (peers delete this node's entries) and gives the news
     /// `grace` to go out.
     pub async fn leave(&self, grace: Duration) {
-        match self.with(|a, now| a.leave(now)) {
-            Ok(Err(e)) => tracing::warn!(error = %e, "leave"),
-            Err(e) => tracing::warn!(error = %e, "leave"),
-            Ok(Ok(())) => {}
+        if let Err(e) = self.command(Command::Leave).await {
+            tracing::warn!(error = %e, "leave");
         }
         tokio::time::sleep(grace).await;
     }
@@ -329,10 +463,8 @@ impl Shell {
     /// Stops for a restart: peers keep this node's entries live for the restart grace. Gives
     /// the news `grace` to go out.
     pub async fn stop_restarting(&self, grace: Duration) {
-        match self.with(|a, now| a.stop_restarting(now)) {
-            Ok(Err(e)) => tracing::warn!(error = %e, "stop"),
-            Err(e) => tracing::warn!(error = %e, "stop"),
-            Ok(Ok(())) => {}
+        if let Err(e) = self.command(Command::StopRestarting).await {
+            tracing::warn!(error = %e, "stop");
         }
         tokio::time::sleep(grace).await;
     }
@@ -352,92 +484,6 @@ impl Shell {
         }
     }
 
-    async fn udp_loop(self, udp: Arc<UdpSocket>) {
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            match udp.recv_from(&mut buf).await {
-                Ok((n, from)) => {
-                    let _ = self.with(|a, now| a.handle_datagram(now, from, &buf[..n]));
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "udp recv");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
-
-    async fn tcp_loop(self, tcp: TcpListener) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_INBOUND_STREAMS));
-        loop {
-            let permit = match slots.clone().acquire_owned().await {
-                Ok(p) => p,
-                Err(_) => return,
-            };
-            match tcp.accept().await {
-                Ok((stream, from)) => {
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        me.read_stream(stream, from).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "tcp accept");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        }
-    }
-
-    /// Reads length-prefixed frames until the peer closes, a frame is malformed, or the stream
-    /// idles for a minute.
-    async fn read_stream(self, mut stream: TcpStream, from: SocketAddr) {
-        let idle = Duration::from_secs(60);
-        loop {
-            let mut prefix = [0u8; wire::STREAM_PREFIX_LEN];
-            match tokio::time::timeout(idle, stream.read_exact(&mut prefix)).await {
-                Ok(Ok(_)) => {}
-                _ => return,
-            }
-            let len = match wire::stream_frame_len(prefix, self.inner.max_frame) {
-                Ok(len) => len,
-                Err(e) => {
-                    self.inner.stats.stream_rejects.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%from, error = %e, "dropping stream");
-                    return;
-                }
-            };
-            // The buffer grows with the bytes that arrive, not with the length a peer claims.
-            let mut frame = Vec::with_capacity(len.min(64 << 10));
-            let mut limited = (&mut stream).take(len as u64);
-            match tokio::time::timeout(FRAME_DEADLINE, limited.read_to_end(&mut frame)).await {
-                Ok(Ok(n)) if n == len => {}
-                _ => {
-                    self.inner.stats.stream_rejects.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            }
-            let _ = self.with(|a, now| a.handle_stream(now, from, &frame));
-        }
-    }
-
-    async fn timer_loop(self) {
-        loop {
-            let deadline = self.read(Agent::poll_timeout);
-            let sleep = match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()),
-                None => tokio::time::sleep(Duration::from_secs(3600)),
-            };
-            tokio::select! {
-                _ = sleep => {
-                    let _ = self.with(|a, now| a.handle_timeout(now));
-                }
-                _ = self.inner.wake.notified() => {}
-            }
-        }
-    }
-
     /// Says in the log whom the agent could not reach, when that changes (and every few
     /// minutes while it lasts).
     async fn report_seeds_loop(self) {
@@ -445,7 +491,7 @@ impl Shell {
         let mut quiet = 0u32;
         loop {
             tokio::time::sleep(Duration::from_secs(10)).await;
-            let now = self.read(Agent::unreachable_seeds);
+            let now = self.read().snap.unreachable_seeds.clone();
             quiet += 1;
             if now != last || (!now.is_empty() && quiet >= 18) {
                 if now.is_empty() {
@@ -464,7 +510,7 @@ impl Shell {
             tokio::time::sleep(Duration::from_secs(10)).await;
             let (ok, failed) = resolve_seeds(&seeds, &[bound]).await;
             *self.inner.unresolved.lock().unwrap_or_else(|p| p.into_inner()) = failed.clone();
-            let _ = self.with(|a, now| a.join(now, &ok));
+            let _ = self.inner.control.send(Control::Join(ok)).await;
             if failed.is_empty() {
                 tracing::info!("all seeds resolved");
                 return;
@@ -473,42 +519,238 @@ impl Shell {
     }
 }
 
-/// Sends datagrams on the gossip socket and stream frames over one TCP connection per peer
-/// (opened on demand, closed after a minute idle).
-async fn send_loop(inner: Arc<Inner>, udp: Arc<UdpSocket>, mut rx: mpsc::UnboundedReceiver<Transmit>) {
-    let mut streams: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
-    while let Some(t) = rx.recv().await {
-        match t.kind {
-            TransmitKind::Datagram => {
-                if udp.send_to(&t.bytes, t.dst).await.is_err() {
-                    inner.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+/// The task that owns the agent.
+struct Owner {
+    agent: Agent,
+    inner: Arc<Inner>,
+    udp: Arc<UdpSocket>,
+    persister: Persister,
+    replies: HashMap<CommandId, oneshot::Sender<CommandResult>>,
+    writers: HashMap<SocketAddr, mpsc::Sender<(Bytes, Budget)>>,
+}
+
+impl Owner {
+    async fn run(
+        mut self,
+        mut control: mpsc::Receiver<Control>,
+        mut datagrams: mpsc::Receiver<(SocketAddr, Bytes, Instant)>,
+        mut frames: mpsc::UnboundedReceiver<Frame>,
+        mut durable: mpsc::UnboundedReceiver<Durable>,
+    ) {
+        self.drain();
+        loop {
+            let deadline =
+                self.agent.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let work = self.agent.has_work();
+            // Branches are polled in random order: a load's slices, datagrams, frames and
+            // commands take turns, and none waits behind another's backlog.
+            tokio::select! {
+                Some(d) = durable.recv() => {
+                    let now = Instant::now();
+                    match d {
+                        Durable::Upto(seq) => self.agent.handle_persisted(now, seq),
+                        Durable::Failed { seq, error } => self.agent.handle_persist_failed(now, seq, error),
+                    }
+                }
+                Some((from, bytes, at)) = datagrams.recv() => {
+                    let now = Instant::now();
+                    self.inner.lag.record(now.saturating_duration_since(at));
+                    self.agent.handle_datagram(now, from, &bytes);
+                }
+                Some(f) = frames.recv() => {
+                    let now = Instant::now();
+                    self.inner.lag.record(now.saturating_duration_since(f.at));
+                    self.agent.handle_stream(now, f.from, &f.bytes);
+                }
+                Some(c) = control.recv() => self.control(c),
+                _ = tokio::time::sleep_until(deadline.into()) => self.agent.handle_timeout(Instant::now()),
+                _ = std::future::ready(()), if work => self.agent.handle_work(Instant::now()),
+            }
+            // A steady stream of input must not starve the timers.
+            let now = Instant::now();
+            if self.agent.poll_timeout().is_some_and(|d| d <= now) {
+                self.agent.handle_timeout(now);
+            }
+            self.drain();
+        }
+    }
+
+    fn control(&mut self, c: Control) {
+        let now = Instant::now();
+        match c {
+            Control::Command { id, cmd, reply, at } => {
+                self.inner.lag.record(now.saturating_duration_since(at));
+                self.replies.insert(id, reply);
+                self.agent.handle_command(now, id, cmd);
+            }
+            Control::Describe { id, reply } => {
+                let _ = reply.send(self.agent.waiting_for(id));
+            }
+            Control::Join(seeds) => self.agent.handle_command(now, 0, Command::Join { seeds }),
+        }
+    }
+
+    /// Hands out what the agent produced: batches to the persister, datagrams to the socket,
+    /// frames to the peers' writers, replies to their callers.
+    fn drain(&mut self) {
+        while let Some(b) = self.agent.poll_persist() {
+            self.persister.submit(b);
+        }
+        while let Some(out) = self.agent.poll_output() {
+            match out {
+                Output::Transmit(t) => match t.kind {
+                    TransmitKind::Datagram => {
+                        if self.udp.try_send_to(&t.bytes, t.dst).is_err() {
+                            self.inner.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    TransmitKind::Stream => self.send_frame(t.dst, t.bytes),
+                },
+                Output::Reply { id, result } => {
+                    if let Some(tx) = self.replies.remove(&id) {
+                        let _ = tx.send(result);
+                    }
                 }
             }
-            TransmitKind::Stream => {
-                let tx = match streams.get(&t.dst) {
-                    Some(tx) if !tx.is_closed() => tx.clone(),
-                    _ => {
-                        streams.retain(|_, tx| !tx.is_closed());
-                        if streams.len() >= MAX_STREAM_WRITERS {
-                            inner.stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        let (tx, frames) = mpsc::channel(256);
-                        tokio::spawn(stream_writer(inner.clone(), t.dst, frames));
-                        streams.insert(t.dst, tx.clone());
-                        tx
-                    }
-                };
-                if tx.try_send(t.bytes).is_err() {
-                    // A peer that cannot keep up loses frames; anti-entropy repairs them.
-                    inner.stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(r) = self.agent.refused() {
+            let r = r.to_string();
+            self.inner.refused.send_if_modified(|cur| {
+                if cur.is_none() {
+                    *cur = Some(r);
+                    true
+                } else {
+                    false
                 }
+            });
+        }
+    }
+
+    fn send_frame(&mut self, dst: SocketAddr, bytes: Bytes) {
+        let stats = &self.inner.stats;
+        let Some(budget) = take_budget(&self.inner, bytes.len()) else {
+            stats.send_budget_drops.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let tx = match self.writers.get(&dst) {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                self.writers.retain(|_, tx| !tx.is_closed());
+                if self.writers.len() >= MAX_STREAM_WRITERS {
+                    stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let (tx, rx) = mpsc::channel(256);
+                tokio::spawn(stream_writer(self.inner.clone(), dst, rx));
+                self.writers.insert(dst, tx.clone());
+                tx
+            }
+        };
+        if tx.try_send((bytes, budget)).is_err() {
+            // A peer that cannot keep up loses frames; anti-entropy repairs them.
+            stats.send_budget_drops.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Takes `bytes` from the stream budget, or nothing if they do not fit now.
+fn take_budget(inner: &Arc<Inner>, bytes: usize) -> Option<Budget> {
+    let n = u32::try_from(bytes.max(1)).ok()?;
+    let permit = inner.budget.clone().try_acquire_many_owned(n).ok()?;
+    inner.stats.stream_bytes_held.fetch_add(bytes as u64, Ordering::Relaxed);
+    Some(Budget { _permit: permit, held: inner.clone(), bytes: bytes as u64 })
+}
+
+async fn udp_loop(inner: Arc<Inner>, udp: Arc<UdpSocket>, tx: mpsc::Sender<(SocketAddr, Bytes, Instant)>) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        match udp.recv_from(&mut buf).await {
+            Ok((n, from)) => {
+                let item = (from, Bytes::copy_from_slice(&buf[..n]), Instant::now());
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "udp recv");
+                let _ = &inner;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
     }
 }
 
-async fn stream_writer(inner: Arc<Inner>, dst: SocketAddr, mut frames: mpsc::Receiver<Bytes>) {
+async fn tcp_loop(inner: Arc<Inner>, tcp: TcpListener, tx: mpsc::UnboundedSender<Frame>) {
+    let slots = Arc::new(Semaphore::new(MAX_INBOUND_STREAMS));
+    loop {
+        let permit = match slots.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        match tcp.accept().await {
+            Ok((stream, from)) => {
+                let inner = inner.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    read_stream(inner, stream, from, tx).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "tcp accept");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Reads length-prefixed frames until the peer closes, a frame is malformed or does not fit
+/// the budget, or the stream idles for a minute.
+async fn read_stream(
+    inner: Arc<Inner>,
+    mut stream: TcpStream,
+    from: SocketAddr,
+    tx: mpsc::UnboundedSender<Frame>,
+) {
+    let idle = Duration::from_secs(60);
+    loop {
+        let mut prefix = [0u8; wire::STREAM_PREFIX_LEN];
+        match tokio::time::timeout(idle, stream.read_exact(&mut prefix)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let len = match wire::stream_frame_len(prefix, inner.max_frame) {
+            Ok(len) => len,
+            Err(e) => {
+                inner.stats.stream_rejects.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%from, error = %e, "dropping stream");
+                return;
+            }
+        };
+        // The frame's bytes are reserved before they are read: a peer cannot make this node
+        // hold more than the budget, whatever lengths it claims.
+        let Some(budget) = take_budget(&inner, len) else {
+            inner.stats.stream_budget_rejects.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%from, len, "stream budget spent; dropping stream");
+            return;
+        };
+        // The buffer grows with the bytes that arrive, not with the length a peer claims.
+        let mut frame = Vec::with_capacity(len.min(64 << 10));
+        let mut limited = (&mut stream).take(len as u64);
+        match tokio::time::timeout(FRAME_DEADLINE, limited.read_to_end(&mut frame)).await {
+            Ok(Ok(n)) if n == len => {}
+            _ => {
+                inner.stats.stream_rejects.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        if tx.send(Frame { from, bytes: frame, at: Instant::now(), _budget: budget }).is_err() {
+            return;
+        }
+    }
+}
+
+async fn stream_writer(inner: Arc<Inner>, dst: SocketAddr, mut frames: mpsc::Receiver<(Bytes, Budget)>) {
     let connect = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(dst)).await;
     let Ok(Ok(mut stream)) = connect else {
         inner.stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
@@ -516,7 +758,7 @@ async fn stream_writer(inner: Arc<Inner>, dst: SocketAddr, mut frames: mpsc::Rec
     };
     let _ = stream.set_nodelay(true);
     loop {
-        let frame = match tokio::time::timeout(Duration::from_secs(60), frames.recv()).await {
+        let (frame, _budget) = match tokio::time::timeout(Duration::from_secs(60), frames.recv()).await {
             Ok(Some(f)) => f,
             _ => return,
         };

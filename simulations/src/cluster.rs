@@ -19,6 +19,7 @@ use weft_gossip::wire::{self, FrameType};
 use weft_gossip::{
     CLUSTER_NETWORK, Config, Event, GossipNode, NodeId, TableEvent, TableEventKind, Transmit, TransmitKind,
 };
+use weft_node::persist;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::host::{Host, TABLES};
@@ -61,9 +62,27 @@ impl NetModel {
 
 #[derive(Debug)]
 enum Ev {
-    Deliver { from: usize, to: usize, kind: TransmitKind, bytes: Bytes },
-    Timer { node: usize, at: Instant },
+    Deliver {
+        from: usize,
+        to: usize,
+        kind: TransmitKind,
+        bytes: Bytes,
+    },
+    Timer {
+        node: usize,
+        at: Instant,
+    },
+    /// A persist batch of life `life` of a node reaches its disk (lost if that life crashed
+    /// first).
+    Persisted {
+        node: usize,
+        life: u64,
+        batch: weft_node::persist::PersistBatch,
+    },
 }
+
+/// How long a simulated disk takes to make a batch durable.
+const DISK_LATENCY: Duration = Duration::from_millis(2);
 
 /// One queued event, ordered by (time, sequence) only.
 #[derive(Debug)]
@@ -512,15 +531,25 @@ impl<H: Host> Sim<H> {
         while let Some(ev) = self.nodes[i].node.as_mut().and_then(|n| n.poll_event(now)) {
             self.observe(i, ev);
         }
+        let mut batches = Vec::new();
+        while let Some(b) = self.nodes[i].node.as_mut().and_then(H::poll_persist) {
+            batches.push(b);
+        }
+        for batch in batches {
+            let life = self.nodes[i].generation;
+            self.schedule(self.now + DISK_LATENCY, Ev::Persisted { node: i, life, batch });
+        }
         let Some(node) = self.nodes[i].node.as_ref() else { return };
-        let (ltime, next) = (node.core().ltime(), node.poll_timeout());
-        let generation = node.core().id().generation;
-        let sweep = node.core().predecessor_sweep_pending();
-        self.nodes[i].persisted_ltime = ltime;
-        self.nodes[i].persisted_sweep = sweep;
-        // The agent persists a generation it moved up to.
-        let s = &mut self.nodes[i];
-        s.persisted_generation = s.persisted_generation.max(generation);
+        let next = node.poll_timeout();
+        if !H::PERSISTS {
+            // A host without a store is taken to persist at once.
+            let (ltime, generation) = (node.core().ltime(), node.core().id().generation);
+            let sweep = node.core().predecessor_sweep_pending();
+            let s = &mut self.nodes[i];
+            s.persisted_ltime = ltime;
+            s.persisted_sweep = sweep;
+            s.persisted_generation = s.persisted_generation.max(generation);
+        }
         let next = next.map(|at| self.global(i, at));
         if next != self.nodes[i].armed
             && let Some(at) = next
@@ -661,6 +690,29 @@ impl<H: Host> Sim<H> {
                         }
                     }
                     self.flush(to);
+                }
+                Ev::Persisted { node: i, life, batch } => {
+                    if self.nodes[i].generation != life || self.nodes[i].node.is_none() {
+                        continue;
+                    }
+                    self.fold(stamp ^ (i as u64) << 44 ^ batch.seq);
+                    let s = &mut self.nodes[i];
+                    for (k, v) in &batch.ops {
+                        let n = v.as_deref().and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok());
+                        match (k.as_str(), n) {
+                            (persist::KEY_LTIME, Some(n)) => s.persisted_ltime = n,
+                            (persist::KEY_GENERATION, Some(n)) => {
+                                s.persisted_generation = s.persisted_generation.max(n)
+                            }
+                            (persist::KEY_SWEEP, Some(n)) => s.persisted_sweep = n != 0,
+                            _ => {}
+                        }
+                    }
+                    let now = self.local(i);
+                    if let Some(node) = self.nodes[i].node.as_mut() {
+                        node.handle_persisted(now, batch.seq);
+                    }
+                    self.flush(i);
                 }
                 Ev::Timer { node: i, at } => {
                     if self.nodes[i].armed != Some(at) {

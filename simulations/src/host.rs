@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use weft_gossip::{Config, Event, GossipNode, NodeId, ObjectType, TableSpec, TableWatcher, Transmit};
-use weft_node::Agent;
+use weft_node::persist::PersistBatch;
+use weft_node::{Agent, Command, Output, Reply};
 
 /// The tables every simulated host registers: a node-owned table of endpoints and a cluster
 /// table of definitions.
@@ -24,6 +25,9 @@ fn spec(table: &str) -> TableSpec {
 
 /// A sans-IO host the simulator can run.
 pub trait Host: Sized {
+    /// Whether the host hands out persist batches ([`poll_persist`](Self::poll_persist)) and
+    /// waits for them to be durable; a host that does not is taken to persist at once.
+    const PERSISTS: bool = false;
     /// Builds the host for `id` at `now`, its Lamport clock starting at the persisted `ltime`,
     /// with [`TABLES`] registered.
     fn boot(cfg: &Config, id: NodeId, seed: u64, ltime: u64, now: Instant) -> Self;
@@ -41,6 +45,12 @@ pub trait Host: Sized {
     fn stop_restarting(&mut self, now: Instant) -> Result<(), String>;
     /// Whether an earlier instance's entries are still to delete (persisted across restarts).
     fn set_predecessor_sweep(&mut self, pending: bool);
+    /// The next batch of durable-state changes to write.
+    fn poll_persist(&mut self) -> Option<PersistBatch> {
+        None
+    }
+    /// Every batch up to `seq` is durable.
+    fn handle_persisted(&mut self, _now: Instant, _seq: u64) {}
     /// Defines a network cluster-wide (and attaches this host); returns its id.
     fn define_network(&mut self, now: Instant, name: &str) -> Result<String, String>;
     /// Attaches to the network with this id.
@@ -159,10 +169,13 @@ impl TableWatcher for Quiet {
 }
 
 impl Host for Agent {
+    const PERSISTS: bool = true;
+
     fn boot(cfg: &Config, id: NodeId, seed: u64, ltime: u64, now: Instant) -> Self {
         let mut agent = Agent::new(cfg.clone(), id, seed, ltime, now).expect("a valid config");
+        agent.record_events(true);
         for t in TABLES {
-            agent.register_table(t, spec(t), Box::new(Quiet)).expect("register");
+            agent.register_table(now, t, spec(t), Box::new(Quiet)).expect("register");
         }
         agent
     }
@@ -184,27 +197,41 @@ impl Host for Agent {
     }
 
     fn poll_transmit(&mut self) -> Option<Transmit> {
-        Agent::poll_transmit(self)
+        // Commands run with `apply`: no reply is ever queued.
+        loop {
+            match Agent::poll_output(self)? {
+                Output::Transmit(t) => return Some(t),
+                Output::Reply { .. } => continue,
+            }
+        }
     }
 
-    fn poll_event(&mut self, now: Instant) -> Option<Event> {
-        Agent::poll_event(self, now)
+    fn poll_event(&mut self, _now: Instant) -> Option<Event> {
+        Agent::poll_event(self)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
         Agent::poll_timeout(self)
     }
 
+    fn poll_persist(&mut self) -> Option<PersistBatch> {
+        Agent::poll_persist(self)
+    }
+
+    fn handle_persisted(&mut self, now: Instant, seq: u64) {
+        Agent::handle_persisted(self, now, seq);
+    }
+
     fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), String> {
-        Agent::join(self, now, seeds).map_err(|e| e.to_string())
+        done(self.apply(now, Command::Join { seeds: seeds.to_vec() }))
     }
 
     fn leave(&mut self, now: Instant) -> Result<(), String> {
-        Agent::leave(self, now).map_err(|e| e.to_string())
+        done(self.apply(now, Command::Leave))
     }
 
     fn stop_restarting(&mut self, now: Instant) -> Result<(), String> {
-        Agent::stop_restarting(self, now).map_err(|e| e.to_string())
+        done(self.apply(now, Command::StopRestarting))
     }
 
     fn set_predecessor_sweep(&mut self, pending: bool) {
@@ -212,24 +239,33 @@ impl Host for Agent {
     }
 
     fn define_network(&mut self, now: Instant, name: &str) -> Result<String, String> {
-        let def = self.create_network(now, name, "overlay", &[], None).map_err(|e| e.to_string())?;
-        Ok(def.id)
+        let create = Command::CreateNetwork {
+            name: name.to_string(),
+            driver: "overlay".into(),
+            subnets: Vec::new(),
+            gateway: None,
+        };
+        match self.apply(now, create) {
+            Ok(Reply::Network(def)) => Ok(def.id),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     fn attach(&mut self, now: Instant, network: &str) -> Result<(), String> {
         // By definition when it has arrived, as `weft network attach` does; by id otherwise, as
         // a restarted agent re-attaches before the definitions reach it.
-        match Agent::attach(self, now, network) {
+        match self.apply(now, Command::Attach { network: network.to_string() }) {
             Ok(_) => Ok(()),
             Err(weft_node::AgentError::NoSuchNetwork(_)) => {
-                self.reattach(now, network).map_err(|e| e.to_string())
+                done(self.apply(now, Command::AttachId { id: network.to_string() }))
             }
             Err(e) => Err(e.to_string()),
         }
     }
 
     fn detach(&mut self, now: Instant, network: &str) -> Result<(), String> {
-        self.detach_id(now, network).map_err(|e| e.to_string())
+        done(self.apply(now, Command::Detach { network: network.to_string() }))
     }
 
     fn write(
@@ -241,10 +277,15 @@ impl Host for Agent {
         value: Option<Bytes>,
     ) -> Result<(), String> {
         // The simulator writes driver tables, as a driver would: past the CLI's protection.
-        let r = match value {
-            Some(v) => self.table_put(now, network, table, key, v, true),
-            None => self.table_rm(now, network, table, key, true),
+        let (network, table, key) = (network.to_string(), table.to_string(), key.to_string());
+        let cmd = match value {
+            Some(value) => Command::TablePut { network, table, key, value, force: true },
+            None => Command::TableRm { network, table, key, force: true },
         };
-        r.map_err(|e| e.to_string())
+        done(self.apply(now, cmd))
     }
+}
+
+fn done(r: weft_node::CommandResult) -> Result<(), String> {
+    r.map(|_| ()).map_err(|e| e.to_string())
 }

@@ -230,10 +230,27 @@ impl Agent {
         }
     }
 
-    /// The persisted node state (`node.json`).
+    /// The running agent's identity and state as it reports it about itself: `name`,
+    /// `instance`, `generation`, `networks` (attached network ids, `cluster` included) and
+    /// `ltime` (its Lamport clock, from `/metrics`).
     pub fn node_state(&self) -> Value {
-        serde_json::from_slice(&std::fs::read(self.data_dir.join("node.json")).expect("node.json"))
-            .expect("node.json is JSON")
+        let out = self.cli(&["members", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("members --json is JSON");
+        let mut me = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == self.name.as_str())
+            .cloned()
+            .expect("the agent lists itself");
+        let ltime = self
+            .http_get("/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("weft_lamport_time ")?.trim().parse::<u64>().ok())
+            .expect("weft_lamport_time");
+        me["ltime"] = ltime.into();
+        me
     }
 
     /// Starts the agent again with the same name, address and data dir.

@@ -95,6 +95,13 @@ fn kill9_hides_entries_and_a_restart_brings_them_back() {
             a.state_of("n3").as_deref() == Some("alive") && a.live_keys("net1", "endpoints") == ["ep-n3"]
         })
     });
+    // The restart read its store back: the same identity, a clock that never goes back, the
+    // same networks attached.
+    let after = agents[2].node_state();
+    assert_eq!((&after["name"], &after["instance"]), (&before["name"], &before["instance"]));
+    assert!(after["ltime"].as_u64() >= before["ltime"].as_u64(), "{after} after {before}");
+    assert_eq!(after["networks"], before["networks"], "re-attached from the store");
+    assert_eq!(after["networks"].as_array().map(Vec::len), Some(2), "cluster and net1: {after}");
     // Same name, new generation, and it owns its entry again.
     let out = agents[2].cli(&["table", "rm", "net1", "endpoints", "ep-n3"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -176,7 +183,7 @@ fn a_reinstalled_host_rejoins_under_its_name_and_its_old_entries_go() {
     });
     let m = agents[0].json(&["members", "--json"]);
     let n3 = m.as_array().unwrap().iter().find(|x| x["name"] == "n3").unwrap().clone();
-    assert_eq!(n3["instance"], format!("{:016x}", new["instance"].as_u64().unwrap()), "{n3}");
+    assert_eq!(n3["instance"], new["instance"], "{n3}");
 }
 
 #[test]

@@ -63,7 +63,10 @@ impl GossipNode {
         if self.networks.contains_key(network) {
             return Ok(());
         }
-        self.networks.insert(network.to_string(), NetState::new(self.cfg.join_sync_peers, self.hash_seed));
+        let mut net = NetState::new(self.cfg.join_sync_peers, self.hash_seed);
+        net.touched = self.net_changes.as_ref().map(|_| Vec::new());
+        self.networks.insert(network.to_string(), net);
+        self.record_network_change(network, true);
         self.write_attachment(now, network, true);
         // Catch up at once, not at the next gossip round: a node joining a populated network
         // has its tables one round trip later (peers answer a sync whoever asks).
@@ -84,6 +87,7 @@ impl GossipNode {
         let Some(net) = self.networks.remove(network) else {
             return Err(Error::NotAttached(network.to_string()));
         };
+        self.record_network_change(network, false);
         for (table, entries) in net.tables {
             for (key, e) in entries {
                 if let Some(v) = e.visible() {

@@ -395,6 +395,9 @@ impl GossipNode {
                     e.hidden = hidden;
                     e.reap_at = hidden.then(|| now + self.cfg.reap_after);
                     e.updated = now;
+                    if let Some(feed) = &mut net.touched {
+                        feed.push((table.clone(), key.clone()));
+                    }
                     if specs.contains_key(table) && !table.starts_with(RESERVED_TABLE_PREFIX) {
                         let (kind, prev, value) = if hidden {
                             (TableEventKind::Delete, Some(e.value.clone()), None)

@@ -132,6 +132,21 @@ pub struct GossipNode {
     /// Owners that may have hidden entries here (a superset: cleared when a restore finds
     /// none), so a member coming up costs a table scan only if it has something to restore.
     hidden_owners: HashSet<Arc<str>>,
+    /// Networks attached or detached since the change feed was last drained; `None` while the
+    /// feed is off (see [`set_change_feed`](GossipNode::set_change_feed)).
+    net_changes: Option<Vec<Change>>,
+}
+
+/// One item of the change feed: what the node stored changed (see
+/// [`GossipNode::drain_changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This node attached (`true`) or detached a network: a reader drops everything it held of
+    /// it either way (an attach starts empty).
+    Network { network: String, attached: bool },
+    /// An entry was stored, changed (value, state, reap time) or removed: read it back with
+    /// [`GossipNode::entry`].
+    Entry { network: String, table: String, key: String },
 }
 
 impl std::fmt::Debug for GossipNode {
@@ -201,6 +216,7 @@ impl GossipNode {
             relay_armed: false,
             peers: Peers::default(),
             hidden_owners: HashSet::new(),
+            net_changes: None,
             cfg,
         };
         node.specs.insert(
@@ -240,6 +256,38 @@ impl GossipNode {
             }
         }
         self.transmits.pop_front()
+    }
+
+    /// Turns the change feed on or off. While on, every change to what the node stores is
+    /// recorded until [`drain_changes`](Self::drain_changes); the caller must drain it.
+    pub fn set_change_feed(&mut self, on: bool) {
+        self.net_changes = on.then(Vec::new);
+        for net in self.networks.values_mut() {
+            net.touched = on.then(Vec::new);
+        }
+    }
+
+    /// What changed since the last call, in order for each network: attachments first, then
+    /// the entries touched (a key may appear more than once). Empty while the feed is off.
+    pub fn drain_changes(&mut self, out: &mut Vec<Change>) {
+        if let Some(c) = &mut self.net_changes {
+            out.append(c);
+        }
+        for (nid, net) in &mut self.networks {
+            if let Some(t) = &mut net.touched {
+                out.extend(t.drain(..).map(|(table, key)| Change::Entry {
+                    network: nid.clone(),
+                    table,
+                    key,
+                }));
+            }
+        }
+    }
+
+    pub(super) fn record_network_change(&mut self, network: &str, attached: bool) {
+        if let Some(c) = &mut self.net_changes {
+            c.push(Change::Network { network: network.to_string(), attached });
+        }
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {

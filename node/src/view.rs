@@ -1,0 +1,321 @@
+//! The read view: what the control API reads (`members`, `network ls/inspect`, `dump`,
+//! `table get`, `/metrics`, `/health`) without ever waiting for the task that owns the agent.
+//!
+//! The owner keeps it current incrementally: after every input the agent applies the gossip
+//! core's change feed (every entry stored, changed or removed, in every table, diagnostic tables
+//! included; every network attached or detached) to the entry maps, and replaces the snapshot
+//! of its scalar state (members, counters) when it changed. It does so before any reply of that
+//! input leaves the agent, so a client reads its own writes.
+//!
+//! Entries live in `dashmap` maps, one per (network, table): a writer locks one shard of one
+//! table for one key, so a reader walking a table waits at most for that; the snapshot is an
+//! `Arc` swapped under a lock held only for the pointer copy.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use weft_gossip::{EntryState, EntryView, MemberInfo, NodeId, Stats};
+
+use crate::agent::{Decoded, NetworkDef};
+use crate::read::TableRead;
+
+/// One stored version, as the view keeps it: times are absolute, so a read computes ages.
+#[derive(Debug, Clone)]
+pub struct ViewEntry {
+    pub value: Bytes,
+    pub owner: Arc<str>,
+    pub ltime: u64,
+    /// 0 live, 1 tombstone, 2 hidden.
+    pub kind: u8,
+    pub reap_at: Option<Instant>,
+    pub updated: Instant,
+    pub decoded: Option<Decoded>,
+}
+
+impl ViewEntry {
+    pub fn from_view(now: Instant, e: &EntryView, decoded: Option<Decoded>) -> Self {
+        let (kind, reap_in) = match e.state {
+            EntryState::Live => (0, None),
+            EntryState::Tombstone { reap_in } => (1, Some(reap_in)),
+            EntryState::Hidden { reap_in } => (2, Some(reap_in)),
+        };
+        ViewEntry {
+            value: e.value.clone(),
+            owner: Arc::from(e.owner.as_str()),
+            ltime: e.ltime,
+            kind,
+            reap_at: reap_in.map(|d| now + d),
+            updated: now.checked_sub(e.age).unwrap_or(now),
+            decoded,
+        }
+    }
+
+    fn to_view(&self, key: &str, now: Instant) -> EntryView {
+        let reap_in = self.reap_at.map(|at| at.saturating_duration_since(now)).unwrap_or_default();
+        EntryView {
+            key: key.to_string(),
+            value: self.value.clone(),
+            owner: self.owner.to_string(),
+            ltime: self.ltime,
+            state: match self.kind {
+                0 => EntryState::Live,
+                1 => EntryState::Tombstone { reap_in },
+                _ => EntryState::Hidden { reap_in },
+            },
+            age: now.saturating_duration_since(self.updated),
+        }
+    }
+}
+
+/// The agent's scalar state, replaced whole when it changes.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub id: NodeId,
+    pub connected: bool,
+    pub left: bool,
+    pub members: Vec<MemberInfo>,
+    pub unreachable_seeds: Vec<SocketAddr>,
+    /// Networks attached here, `cluster` included.
+    pub attached: Vec<String>,
+    /// Alive attached peers of every network this node knows of.
+    pub peers: BTreeMap<String, Vec<String>>,
+    pub restored: BTreeMap<String, NetworkDef>,
+    pub stats: Stats,
+    pub ltime: u64,
+    pub queues: Vec<(String, usize)>,
+    /// Persist batches handed out and durable; the store's last error while it fails.
+    pub persist_issued: u64,
+    pub persist_durable: u64,
+    pub persist_failing: Option<String>,
+    pub refused: Option<String>,
+}
+
+type TableMap = Arc<DashMap<String, ViewEntry>>;
+
+/// The read view (see the module doc). Cheap to share: clone the `Arc`.
+#[derive(Debug)]
+pub struct View {
+    tables: DashMap<(String, String), TableMap>,
+    snapshot: Mutex<Arc<Snapshot>>,
+}
+
+impl View {
+    pub fn new(snapshot: Snapshot) -> Self {
+        View { tables: DashMap::new(), snapshot: Mutex::new(Arc::new(snapshot)) }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_snapshot(&self, s: Snapshot) {
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+    }
+
+    fn table(&self, network: &str, table: &str) -> Option<TableMap> {
+        self.tables.get(&(network.to_string(), table.to_string())).map(|t| t.clone())
+    }
+
+    /// Stores (or, with `None`, removes) one entry.
+    pub fn set(&self, network: &str, table: &str, key: &str, e: Option<ViewEntry>) {
+        match e {
+            Some(e) => {
+                let t = match self.table(network, table) {
+                    Some(t) => t,
+                    None => self.tables.entry((network.to_string(), table.to_string())).or_default().clone(),
+                };
+                t.insert(key.to_string(), e);
+            }
+            None => {
+                if let Some(t) = self.table(network, table) {
+                    t.remove(key);
+                    if t.is_empty() {
+                        self.tables.remove_if(&(network.to_string(), table.to_string()), |_, t| t.is_empty());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets everything of a network (it was detached, or attached anew).
+    pub fn drop_network(&self, network: &str) {
+        self.tables.retain(|(n, _), _| n != network);
+    }
+
+    /// Stored versions per (network, table).
+    pub fn table_lens(&self) -> Vec<((String, String), usize)> {
+        let mut out: Vec<_> = self.tables.iter().map(|t| (t.key().clone(), t.value().len())).collect();
+        out.sort();
+        out
+    }
+}
+
+/// A [`View`] read at one instant.
+#[derive(Debug)]
+pub struct ViewRead<'a> {
+    pub view: &'a View,
+    pub snap: Arc<Snapshot>,
+    pub now: Instant,
+}
+
+impl<'a> ViewRead<'a> {
+    pub fn new(view: &'a View) -> Self {
+        ViewRead { view, snap: view.snapshot(), now: Instant::now() }
+    }
+}
+
+impl TableRead for ViewRead<'_> {
+    fn node_name(&self) -> String {
+        self.snap.id.name.to_string()
+    }
+
+    fn attached(&self) -> Vec<String> {
+        self.snap.attached.clone()
+    }
+
+    fn is_attached(&self, network: &str) -> bool {
+        self.snap.attached.iter().any(|n| n == network)
+    }
+
+    fn tables_of(&self, network: &str) -> Vec<String> {
+        let mut out: Vec<String> =
+            self.view.tables.iter().filter(|t| t.key().0 == network).map(|t| t.key().1.clone()).collect();
+        out.sort();
+        out
+    }
+
+    fn live(&self, network: &str, table: &str) -> Vec<(String, Bytes)> {
+        let Some(t) = self.view.table(network, table) else { return Vec::new() };
+        t.iter().filter(|e| e.kind == 0).map(|e| (e.key().clone(), e.value().value.clone())).collect()
+    }
+
+    fn entries(&self, network: &str, table: &str) -> Vec<(EntryView, Option<Decoded>)> {
+        let Some(t) = self.view.table(network, table) else { return Vec::new() };
+        let mut out: Vec<_> =
+            t.iter().map(|e| (e.value().to_view(e.key(), self.now), e.value().decoded.clone())).collect();
+        out.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        out
+    }
+
+    fn live_value(&self, network: &str, table: &str, key: &str) -> Option<Bytes> {
+        let t = self.view.table(network, table)?;
+        t.get(key).filter(|e| e.kind == 0).map(|e| e.value.clone())
+    }
+
+    fn peers(&self, network: &str) -> Vec<String> {
+        self.snap.peers.get(network).cloned().unwrap_or_default()
+    }
+
+    fn restored(&self, id: &str) -> Option<NetworkDef> {
+        self.snap.restored.get(id).cloned()
+    }
+}
+
+/// Appends one Prometheus counter (HELP, TYPE and value lines).
+pub fn write_counter(out: &mut String, name: &str, help: &str, value: u64) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+}
+
+/// Prometheus text exposition of the agent's state and counters, from the view.
+pub fn metrics(view: &View) -> String {
+    use std::fmt::Write;
+    let r = ViewRead::new(view);
+    let snap = &r.snap;
+    let mut out = String::new();
+    let mut by_state: BTreeMap<&str, usize> =
+        ["alive", "suspect", "restarting", "failed", "left"].iter().map(|s| (*s, 0)).collect();
+    for m in &snap.members {
+        *by_state.entry(m.state.as_str()).or_default() += 1;
+    }
+    let _ = writeln!(out, "# HELP weft_members Cluster members as this node sees them, itself included.");
+    let _ = writeln!(out, "# TYPE weft_members gauge");
+    for (s, n) in &by_state {
+        let _ = writeln!(out, "weft_members{{state=\"{s}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP weft_entries Stored table entries (live, tombstoned, hidden).");
+    let _ = writeln!(out, "# TYPE weft_entries gauge");
+    for ((nid, t), n) in view.table_lens() {
+        let _ = writeln!(out, "weft_entries{{network=\"{nid}\",table=\"{t}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP weft_queue_length Table events waiting for dissemination.");
+    let _ = writeln!(out, "# TYPE weft_queue_length gauge");
+    for (nid, n) in &snap.queues {
+        let _ = writeln!(out, "weft_queue_length{{network=\"{nid}\"}} {n}");
+    }
+    let s = &snap.stats;
+    let counters: [(&str, &str, u64); 23] = [
+        ("weft_datagrams_in_total", "Datagrams received.", s.datagrams_in),
+        ("weft_datagrams_out_total", "Datagrams sent.", s.datagrams_out),
+        ("weft_datagram_bytes_in_total", "Datagram bytes received.", s.bytes_in),
+        ("weft_datagram_bytes_out_total", "Datagram bytes sent.", s.bytes_out),
+        ("weft_stream_frames_in_total", "Stream frames received.", s.streams_in),
+        ("weft_stream_frames_out_total", "Stream frames sent.", s.streams_out),
+        ("weft_stream_bytes_in_total", "Stream bytes received.", s.stream_bytes_in),
+        ("weft_stream_bytes_out_total", "Stream bytes sent.", s.stream_bytes_out),
+        ("weft_decode_errors_total", "Frames dropped as undecodable.", s.decode_errors),
+        ("weft_newer_version_frames_total", "Frames from a newer wire version.", s.newer_version_frames),
+        ("weft_membership_errors_total", "Membership packets refused.", s.membership_errors),
+        (
+            "weft_foreign_network_events_total",
+            "Events for networks not attached here.",
+            s.foreign_network_events,
+        ),
+        ("weft_entries_applied_total", "Remote versions applied.", s.entries_applied),
+        ("weft_entries_stale_total", "Remote versions ignored as not newer.", s.entries_stale),
+        ("weft_queue_drops_total", "Queued events dropped at the queue bound.", s.queue_drops),
+        ("weft_syncs_started_total", "Anti-entropy rounds started.", s.syncs_started),
+        ("weft_syncs_identical_total", "Anti-entropy rounds that found identical state.", s.syncs_identical),
+        (
+            "weft_owners_hidden_failed_total",
+            "Owners whose entries were hidden because membership declared them down.",
+            s.owners_hidden_failed,
+        ),
+        (
+            "weft_owners_hidden_unknown_total",
+            "Owners whose entries were hidden because membership never knew them alive.",
+            s.owners_hidden_unknown,
+        ),
+        (
+            "weft_identity_moves_total",
+            "Times this node moved its generation above an earlier life of its name.",
+            s.identity_moves,
+        ),
+        (
+            "weft_old_life_entries_removed_total",
+            "Entries of earlier lives of this node's name that it deleted.",
+            s.old_life_entries_removed,
+        ),
+        (
+            "weft_records_expired_total",
+            "Node and attachment records of long-gone members dropped.",
+            s.records_expired,
+        ),
+        ("weft_records_refused_total", "Records of expired members refused.", s.records_refused),
+    ];
+    for (name, help, v) in counters {
+        write_counter(&mut out, name, help, v);
+    }
+    let _ =
+        writeln!(out, "# HELP weft_lamport_time The node's Lamport clock.\n# TYPE weft_lamport_time gauge");
+    let _ = writeln!(out, "weft_lamport_time {}", snap.ltime);
+    let _ = writeln!(
+        out,
+        "# HELP weft_networks_without_definition Networks attached here with no live definition in the cluster.\n# TYPE weft_networks_without_definition gauge"
+    );
+    let _ = writeln!(
+        out,
+        "weft_networks_without_definition {}",
+        crate::read::attached_without_definition(&r).len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP weft_persist_pending Persist batches handed to the store and not yet durable.\n# TYPE weft_persist_pending gauge"
+    );
+    let _ = writeln!(out, "weft_persist_pending {}", snap.persist_issued - snap.persist_durable);
+    out
+}
