@@ -1260,6 +1260,8 @@ mod tests {
         agents: Vec<Agent>,
         now: Instant,
         cut: bool,
+        /// Replies that came out: (agent, command id, result).
+        replies: Vec<(usize, CommandId, CommandResult)>,
     }
 
     impl Net {
@@ -1275,7 +1277,7 @@ mod tests {
                         .unwrap()
                 })
                 .collect();
-            let mut net = Net { agents, now, cut: false };
+            let mut net = Net { agents, now, cut: false, replies: Vec::new() };
             for i in 1..net.agents.len() {
                 net.agents[i].join(now, &[addr(1)]).unwrap();
             }
@@ -1292,7 +1294,13 @@ mod tests {
                         self.agents[i].handle_persisted(self.now, b.seq);
                     }
                     while let Some(out) = self.agents[i].poll_output() {
-                        let Output::Transmit(t) = out else { continue };
+                        let t = match out {
+                            Output::Transmit(t) => t,
+                            Output::Reply { id, result } => {
+                                self.replies.push((i, id, result));
+                                continue;
+                            }
+                        };
                         moved = true;
                         let Some(j) = self.agents.iter().position(|a| a.id().addr == t.dst) else { continue };
                         if self.cut && (i == 0) != (j == 0) {
@@ -1331,6 +1339,277 @@ mod tests {
         fn without_def(&self) -> Vec<String> {
             read::attached_without_definition(self)
         }
+
+        /// Every output that came out, transmits and replies.
+        fn outputs(&mut self) -> Vec<Output> {
+            std::iter::from_fn(|| self.poll_output()).collect()
+        }
+
+        /// The disk: makes every batch handed out durable; returns the last sequence.
+        fn persist_all(&mut self, now: Instant) -> u64 {
+            let batches: Vec<PersistBatch> = std::iter::from_fn(|| self.poll_persist()).collect();
+            let last = batches.last().map_or(0, |b| b.seq);
+            if last > 0 {
+                self.handle_persisted(now, last);
+            }
+            last
+        }
+    }
+
+    fn replies(outs: &[Output]) -> Vec<(CommandId, &CommandResult)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Output::Reply { id, result } => Some((*id, result)),
+                Output::Transmit(_) => None,
+            })
+            .collect()
+    }
+
+    fn transmits(outs: &[Output]) -> usize {
+        outs.iter().filter(|o| matches!(o, Output::Transmit(_))).count()
+    }
+
+    fn create(name: &str) -> Command {
+        Command::CreateNetwork { name: name.into(), driver: "overlay".into(), subnets: vec![], gateway: None }
+    }
+
+    #[test]
+    fn an_output_never_leaves_before_the_batch_it_depends_on_and_one_that_depends_on_none_never_waits() {
+        let now = Instant::now();
+        let cfg = GossipConfig::lan(8);
+        let mut a = Agent::new(cfg.clone(), NodeId::new("a1", addr(1), 1), 1, 0, now).unwrap();
+        let mut b = Agent::new(cfg, NodeId::new("a2", addr(2), 1), 2, 0, now).unwrap();
+        // A new node's clock has no durable lease yet: nothing it says may leave before it.
+        a.handle_command(now, 1, create("green"));
+        let held = a.outputs();
+        assert!(held.is_empty(), "left before its lease and definition were durable: {held:?}");
+        let batches: Vec<PersistBatch> = std::iter::from_fn(|| a.poll_persist()).collect();
+        let last = batches.last().unwrap().seq;
+        assert!(last >= 2, "a lease and the attachment: {batches:?}");
+        // Durable up to the one before the last: the reply still waits.
+        a.handle_persisted(now, last - 1);
+        assert!(replies(&a.outputs()).is_empty(), "the reply left before its batch was durable");
+        a.handle_persisted(now, last);
+        let outs = a.outputs();
+        assert!(matches!(replies(&outs)[..], [(1, Ok(Reply::Network(_)))]), "{outs:?}");
+        // b joins a; b's own first words wait for b's disk, then go out.
+        b.handle_command(now, 9, Command::Join { seeds: vec![addr(1)] });
+        assert!(b.outputs().is_empty());
+        b.persist_all(now);
+        let join: Vec<Transmit> = b
+            .outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Transmit(t) => Some(t),
+                Output::Reply { .. } => None,
+            })
+            .collect();
+        assert!(!join.is_empty());
+        // a attaches another network: a batch goes to a disk that stalls.
+        a.handle_command(now, 2, create("blue"));
+        let pending: Vec<PersistBatch> = std::iter::from_fn(|| a.poll_persist()).collect();
+        assert!(!pending.is_empty());
+        assert!(replies(&a.outputs()).is_empty(), "held behind the stalled disk");
+        // Meanwhile b's membership traffic reaches a: a's answers depend on no write and leave
+        // at once, ahead of the held reply.
+        for t in &join {
+            a.handle_datagram(now, addr(2), &t.bytes);
+        }
+        let outs = a.outputs();
+        assert!(transmits(&outs) > 0, "a's answer to b waited behind an unrelated write");
+        assert!(replies(&outs).is_empty());
+        // The disk catches up: the reply comes out.
+        a.handle_persisted(now, pending.last().unwrap().seq);
+        let outs = a.outputs();
+        assert!(matches!(replies(&outs)[..], [(2, Ok(Reply::Network(_)))]), "{outs:?}");
+    }
+
+    #[test]
+    fn an_attach_waits_for_a_definition_on_its_way_and_gives_up_after_a_while() {
+        let mut net = Net::new(2);
+        net.cut = true;
+        let now = net.now;
+        let def = match net.agents[0].apply(now, create("green")) {
+            Ok(Reply::Network(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        net.agents[1].handle_command(now, 5, Command::Attach { network: "green".into() });
+        net.agents[1].handle_command(now, 6, Command::Attach { network: "nothere".into() });
+        net.run(Duration::from_millis(500));
+        assert!(net.replies.is_empty(), "both wait: {:?}", net.replies);
+        assert!(net.agents[1].waiting_for(5).is_some_and(|w| w.contains("green")));
+        net.cut = false;
+        net.run(Duration::from_secs(1));
+        assert!(
+            matches!(&net.replies[..], [(1, 5, Ok(Reply::Network(d)))] if *d == def),
+            "attached once the definition arrived: {:?}",
+            net.replies
+        );
+        assert!(net.agents[1].gossip().is_attached(&def.id));
+        net.run(ATTACH_WAIT);
+        let last = net.replies.last().unwrap();
+        assert!(
+            matches!(last, (1, 6, Err(AgentError::NoSuchNetwork(m))) if m.contains("waited")),
+            "{last:?}"
+        );
+        assert_eq!(net.agents[1].waiting_for(6), None);
+    }
+
+    #[test]
+    fn a_load_is_applied_in_slices_with_inputs_served_between_and_answered_after_the_last() {
+        let mut net = Net::new(2);
+        let now = net.now;
+        net.agents[0].apply(now, create("g")).unwrap();
+        let pairs: Vec<(String, String)> = (0..2 * LOAD_SLICE + 10).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+        let load = Command::TableLoad { network: "g".into(), table: "t".into(), pairs, force: false };
+        net.agents[0].handle_command(now, 3, load);
+        assert!(net.agents[0].has_work());
+        let len = |a: &Agent| a.gossip().table_len(&a.resolve("g").unwrap().def.id, "t");
+        assert_eq!(len(&net.agents[0]), 0, "nothing applied before the first slice");
+        for slice in 1..=3 {
+            net.agents[0].handle_work(net.now);
+            assert_eq!(len(&net.agents[0]), (slice * LOAD_SLICE).min(2 * LOAD_SLICE + 10));
+            if slice < 3 {
+                assert!(net.agents[0].waiting_for(3).is_some_and(|w| w.contains("of 2058")));
+                // Between slices the node goes on with everything else.
+                net.run(Duration::from_millis(40));
+                assert!(net.replies.is_empty(), "answered before the last slice");
+            }
+        }
+        assert!(!net.agents[0].has_work());
+        net.pump();
+        assert!(matches!(&net.replies[..], [(0, 3, Ok(Reply::Written(2058)))]), "{:?}", net.replies);
+        // A bad load is refused whole, before anything is written.
+        let bad = vec![("ok".to_string(), "1".to_string()), ("has space".to_string(), "2".to_string())];
+        let cmd = Command::TableLoad { network: "g".into(), table: "u".into(), pairs: bad, force: false };
+        net.agents[0].handle_command(net.now, 4, cmd);
+        net.pump();
+        assert!(matches!(&net.replies[1], (0, 4, Err(AgentError::BadName(_)))), "{:?}", net.replies);
+        assert!(!net.agents[0].has_work());
+    }
+
+    /// A watcher that records what it is told.
+    struct Record(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl TableWatcher for Record {
+        fn event_notify(&mut self, _: &str, _: &str, key: &str, _: Option<&[u8]>, value: Option<&[u8]>) {
+            let what = if value.is_some() { "set" } else { "gone" };
+            self.0.lock().unwrap().push(format!("{what} {key}"));
+        }
+
+        fn decode_table_entry(&self, _: &str, key: &str, _: &[u8]) -> (String, BTreeMap<String, String>) {
+            (key.to_string(), BTreeMap::new())
+        }
+    }
+
+    #[test]
+    fn events_are_applied_inside_every_input_without_anyone_polling() {
+        let mut net = Net::new(2);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let now = net.now;
+        net.agents[1]
+            .register_table(now, "eps", TableSpec::node_owned(ObjectType::Endpoint), Box::new(Record(seen.clone())))
+            .unwrap();
+        net.agents[0].register_table(now, "eps", TableSpec::node_owned(ObjectType::Endpoint), Box::new(Ignore)).unwrap();
+        let id = match net.agents[0].apply(now, create("g")) {
+            Ok(Reply::Network(d)) => d.id,
+            other => panic!("{other:?}"),
+        };
+        net.run(Duration::from_secs(1));
+        net.agents[1].apply(net.now, Command::Attach { network: "g".into() }).unwrap();
+        net.run(Duration::from_secs(1));
+        let put = Command::TablePut { network: "g".into(), table: "eps".into(), key: "e1".into(), value: Bytes::from_static(b"x"), force: true };
+        net.agents[0].apply(net.now, put).unwrap();
+        net.run(Duration::from_secs(1));
+        // Nobody called poll_event (recording is off, so there is nothing to poll either).
+        assert_eq!(net.agents[1].poll_event(), None);
+        assert_eq!(*seen.lock().unwrap(), vec!["set e1"]);
+        // The network is removed on a1: a2 is told of the entry going and detaches by itself.
+        net.agents[0].apply(net.now, Command::RemoveNetwork { network: "g".into(), force: true }).unwrap();
+        net.run(Duration::from_secs(2));
+        assert_eq!(*seen.lock().unwrap(), vec!["set e1", "gone e1"]);
+        assert!(!net.agents[1].gossip().is_attached(&id));
+    }
+
+    /// A dump with the times that differ between two reads of one state taken out.
+    fn timeless(mut d: Dump) -> Dump {
+        for n in &mut d.networks {
+            for t in &mut n.tables {
+                for e in &mut t.entries {
+                    e.age_ms = 0;
+                    e.reap_in_ms = e.reap_in_ms.map(|_| 0);
+                }
+            }
+        }
+        d
+    }
+
+    #[test]
+    fn the_view_reads_its_own_writes_and_matches_the_core_through_hides_detaches_and_reaps() {
+        let cfg = GossipConfig { reap_after: Duration::from_secs(5), ..GossipConfig::lan(8) };
+        let mut net = Net::with_cfg(3, cfg);
+        let now = net.now;
+        let view = net.agents[0].attach_view(now);
+        let check = |net: &Net, what: &str| {
+            let r = crate::view::ViewRead { view: &view, snap: view.snapshot(), now: net.now };
+            assert_eq!(
+                timeless(read::dump(&r, None, None).unwrap()),
+                timeless(net.agents[0].dump(None, None).unwrap()),
+                "the view and the core disagree {what}"
+            );
+        };
+        check(&net, "after the initial fill");
+        net.agents[0].handle_command(now, 1, create("g"));
+        let put = |k: &str| Command::TablePut { network: "g".into(), table: "t".into(), key: k.into(), value: Bytes::from_static(b"v"), force: false };
+        net.agents[0].handle_command(now, 2, put("mine"));
+        // A diagnostic write to a table no driver registered, in the reserved network.
+        let diag = Command::TablePut { network: "cluster".into(), table: "diag".into(), key: "d".into(), value: Bytes::from_static(b"1"), force: true };
+        net.agents[0].handle_command(now, 3, diag);
+        // Read your writes: by the time a reply is out, the view holds what it wrote.
+        net.agents[0].persist_all(now);
+        let outs = net.agents[0].outputs();
+        assert_eq!(replies(&outs).len(), 3, "{outs:?}");
+        let r = crate::view::ViewRead::new(&view);
+        assert_eq!(read::table_get(&r, "g", "t", "mine").unwrap(), Some(Bytes::from_static(b"v")));
+        assert_eq!(read::table_get(&r, "cluster", "diag", "d").unwrap(), Some(Bytes::from_static(b"1")));
+        assert!(read::resolve(&r, "g").unwrap().attached, "the snapshot knows the attachment");
+        net.run(Duration::from_secs(1));
+        for i in 1..3 {
+            net.agents[i].apply(net.now, Command::Attach { network: "g".into() }).unwrap();
+            let cmd = Command::TablePut { network: "g".into(), table: "t".into(), key: format!("k{i}"), value: Bytes::from_static(b"w"), force: false };
+            net.agents[i].apply(net.now, cmd).unwrap();
+        }
+        net.run(Duration::from_secs(2));
+        check(&net, "after remote writes");
+        assert_eq!(read::resolve(&crate::view::ViewRead::new(&view), "g").unwrap().peers, vec!["a2", "a3"]);
+        // a3 is cut off: a1 hides its entry once it is declared failed.
+        let a3 = net.agents.remove(2);
+        let k2 = |a: &Agent| {
+            let d = a.dump(Some("g"), Some("t")).unwrap();
+            d.networks[0].tables[0].entries.iter().find(|e| e.key == "k2").map(|e| e.state.clone())
+        };
+        for _ in 0..40 {
+            net.run(Duration::from_millis(500));
+            if k2(&net.agents[0]).as_deref() == Some("hidden") {
+                break;
+            }
+        }
+        assert_eq!(k2(&net.agents[0]).as_deref(), Some("hidden"), "a3's entry is hidden on a1");
+        check(&net, "after a3's entries were hidden");
+        net.run(Duration::from_secs(10));
+        assert_eq!(k2(&net.agents[0]), None, "and reaped");
+        check(&net, "after a3's hidden entry was reaped");
+        net.agents.push(a3);
+        // A delete, then its tombstone reaped.
+        net.agents[0].apply(net.now, Command::TableRm { network: "g".into(), table: "t".into(), key: "mine".into(), force: false }).unwrap();
+        net.run(Duration::from_secs(1));
+        check(&net, "after a delete");
+        net.run(Duration::from_secs(10));
+        check(&net, "after the tombstone was reaped");
+        // Detaching drops the network from the view.
+        net.agents[0].apply(net.now, Command::Detach { network: "g".into() }).unwrap();
+        net.run(Duration::from_secs(1));
+        check(&net, "after the detach");
     }
 
     /// A driver's watcher that ignores everything (the tests read the tables directly).
