@@ -17,6 +17,8 @@ use weft_gossip::{
     NODES_TABLE, NodeId, ObjectType, TableEventKind, TableSpec, TableWatcher, Transmit, Watchers,
 };
 
+use weft_gossip::wire::{self, FrameType};
+
 use crate::error::AgentError;
 use crate::persist::{KEY_GENERATION, KEY_SWEEP, NET_PREFIX, NodeState, Persist, PersistBatch};
 use crate::read::{self, TableRead};
@@ -249,6 +251,8 @@ pub enum Output {
 pub const ATTACH_WAIT: Duration = Duration::from_secs(3);
 /// Writes of a `table load` applied per input.
 pub const LOAD_SLICE: usize = 1024;
+/// Bytes of transmits held behind persist batches at most.
+pub const HELD_BYTES: usize = 16 << 20;
 /// How stale the view's counters and member states may get.
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
 
@@ -315,6 +319,13 @@ pub struct Agent {
     staged_networks: Vec<String>,
     /// The last batch that changed more than the clock lease.
     last_structural: u64,
+    /// The last batch that changed each network's attachment, while not durable.
+    net_seq: std::collections::HashMap<String, u64>,
+    /// The network whose attachment a pending command's reply rests on.
+    reply_net: std::collections::HashMap<CommandId, String>,
+    /// Bytes of transmits held, and transmits dropped at the bound.
+    held_bytes: usize,
+    held_drops: u64,
     ready: VecDeque<Output>,
     held: BTreeMap<u64, Vec<Output>>,
     /// Replies produced by the input being handled.
@@ -373,6 +384,10 @@ impl Agent {
                 .into_iter()
                 .collect(),
             last_structural: 0,
+            net_seq: Default::default(),
+            reply_net: Default::default(),
+            held_bytes: 0,
+            held_drops: 0,
             ready: VecDeque::new(),
             held: BTreeMap::new(),
             replies: Vec::new(),
@@ -565,7 +580,12 @@ impl Agent {
             if *entry.key() > durable {
                 break;
             }
-            self.ready.extend(entry.remove());
+            for out in entry.remove() {
+                if let Output::Transmit(t) = &out {
+                    self.held_bytes -= t.bytes.len();
+                }
+                self.ready.push_back(out);
+            }
         }
         self.snapshot_dirty = true;
         self.finish(now);
@@ -645,30 +665,52 @@ impl Agent {
                 break;
             }
         }
+        let moved = self.gossip.id().generation > self.persist.planned_num(KEY_GENERATION);
         let structural = self.stage_state();
         if let Some(seq) = structural {
             self.last_structural = seq;
         }
+        let durable = self.persist.durable();
         let dep = self.persist.cover(self.gossip.ltime()).max(structural.unwrap_or(0));
+        // SWIM packets carry identities and membership only, no Lamport time: they wait for
+        // nothing unless this input moved the node's generation.
+        let swim_dep = if moved { structural.unwrap_or(0) } else { 0 };
+        // Table traffic may carry (in this input or in any later round or sync) the records of
+        // a change of attachments or generation not yet durable: it waits for the last one.
+        let table_dep = if self.last_structural > durable { dep.max(self.last_structural) } else { dep };
         while let Some(t) = self.gossip.poll_transmit() {
-            self.queue(dep, Output::Transmit(t));
+            let swim = wire::open_envelope(&t.bytes).is_ok_and(|(ty, _)| ty == FrameType::Swim);
+            self.queue(if swim { swim_dep } else { table_dep }, Output::Transmit(t));
         }
-        // A reply also waits for any earlier change of the node's state still in flight: what
-        // it acknowledges may rest on it.
-        let reply_dep =
-            if self.last_structural > self.persist.durable() { dep.max(self.last_structural) } else { dep };
+        // A reply also waits for the attachment its network rests on, if that is in flight.
         for (id, result) in std::mem::take(&mut self.replies) {
-            self.queue(reply_dep, Output::Reply { id, result });
+            let net_dep = self
+                .reply_net
+                .remove(&id)
+                .and_then(|nid| self.net_seq.get(&nid).copied())
+                .filter(|s| *s > durable)
+                .unwrap_or(0);
+            self.queue(dep.max(net_dep), Output::Reply { id, result });
         }
+        self.net_seq.retain(|_, s| *s > durable);
         self.update_view(now);
     }
 
     fn queue(&mut self, dep: u64, out: Output) {
         if dep <= self.persist.durable() {
             self.ready.push_back(out);
-        } else {
-            self.held.entry(dep).or_default().push(out);
+            return;
         }
+        if let Output::Transmit(t) = &out {
+            // Held traffic is bounded: beyond the bound it is dropped and counted (gossip
+            // retransmits and anti-entropy repair it); replies are never dropped.
+            if self.held_bytes + t.bytes.len() > HELD_BYTES {
+                self.held_drops += 1;
+                return;
+            }
+            self.held_bytes += t.bytes.len();
+        }
+        self.held.entry(dep).or_default().push(out);
     }
 
     /// Stages the node's durable state as it now stands: a generation moved up to, a finished
@@ -704,7 +746,13 @@ impl Agent {
                 self.staged_networks = ids;
             }
         }
-        self.persist.stage(ops)
+        let nets: Vec<String> =
+            ops.iter().filter_map(|(k, _)| k.strip_prefix(NET_PREFIX)).map(str::to_string).collect();
+        let seq = self.persist.stage(ops)?;
+        for id in nets {
+            self.net_seq.insert(id, seq);
+        }
+        Some(seq)
     }
 
     fn decode(&self, table: &str, e: &weft_gossip::EntryView) -> Option<Decoded> {
@@ -781,6 +829,8 @@ impl Agent {
             persist_issued: self.persist.issued(),
             persist_durable: self.persist.durable(),
             persist_failing: self.persist.failing().map(str::to_string),
+            held_bytes: self.held_bytes,
+            held_drops: self.held_drops,
             refused: self.refused.clone(),
         }
     }
@@ -1392,12 +1442,12 @@ mod tests {
         a.handle_persisted(now, last);
         let outs = a.outputs();
         assert!(matches!(replies(&outs)[..], [(1, Ok(Reply::Network(_)))]), "{outs:?}");
-        // b joins a; b's own first words wait for b's disk, then go out.
+        // b joins a: its SWIM packets carry no Lamport time and leave at once; its reply
+        // waits for its first lease.
         b.handle_command(now, 9, Command::Join { seeds: vec![addr(1)] });
-        assert!(b.outputs().is_empty());
-        b.persist_all(now);
-        let join: Vec<Transmit> = b
-            .outputs()
+        let outs = b.outputs();
+        assert!(replies(&outs).is_empty());
+        let join: Vec<Transmit> = outs
             .into_iter()
             .filter_map(|o| match o {
                 Output::Transmit(t) => Some(t),
@@ -1405,6 +1455,11 @@ mod tests {
             })
             .collect();
         assert!(!join.is_empty());
+        assert!(
+            join.iter().all(|t| wire::open_envelope(&t.bytes).is_ok_and(|(ty, _)| ty == FrameType::Swim))
+        );
+        b.persist_all(now);
+        assert!(matches!(replies(&b.outputs())[..], [(9, Ok(Reply::Done))]));
         // a attaches another network: a batch goes to a disk that stalls.
         a.handle_command(now, 2, create("blue"));
         let pending: Vec<PersistBatch> = std::iter::from_fn(|| a.poll_persist()).collect();
@@ -1460,7 +1515,8 @@ mod tests {
         let mut net = Net::new(2);
         let now = net.now;
         net.agents[0].apply(now, create("g")).unwrap();
-        let pairs: Vec<(String, String)> = (0..2 * LOAD_SLICE + 10).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+        let pairs: Vec<(String, String)> =
+            (0..2 * LOAD_SLICE + 10).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
         let load = Command::TableLoad { network: "g".into(), table: "t".into(), pairs, force: false };
         net.agents[0].handle_command(now, 3, load);
         assert!(net.agents[0].has_work());
@@ -1508,9 +1564,16 @@ mod tests {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let now = net.now;
         net.agents[1]
-            .register_table(now, "eps", TableSpec::node_owned(ObjectType::Endpoint), Box::new(Record(seen.clone())))
+            .register_table(
+                now,
+                "eps",
+                TableSpec::node_owned(ObjectType::Endpoint),
+                Box::new(Record(seen.clone())),
+            )
             .unwrap();
-        net.agents[0].register_table(now, "eps", TableSpec::node_owned(ObjectType::Endpoint), Box::new(Ignore)).unwrap();
+        net.agents[0]
+            .register_table(now, "eps", TableSpec::node_owned(ObjectType::Endpoint), Box::new(Ignore))
+            .unwrap();
         let id = match net.agents[0].apply(now, create("g")) {
             Ok(Reply::Network(d)) => d.id,
             other => panic!("{other:?}"),
@@ -1518,7 +1581,13 @@ mod tests {
         net.run(Duration::from_secs(1));
         net.agents[1].apply(net.now, Command::Attach { network: "g".into() }).unwrap();
         net.run(Duration::from_secs(1));
-        let put = Command::TablePut { network: "g".into(), table: "eps".into(), key: "e1".into(), value: Bytes::from_static(b"x"), force: true };
+        let put = Command::TablePut {
+            network: "g".into(),
+            table: "eps".into(),
+            key: "e1".into(),
+            value: Bytes::from_static(b"x"),
+            force: true,
+        };
         net.agents[0].apply(net.now, put).unwrap();
         net.run(Duration::from_secs(1));
         // Nobody called poll_event (recording is off, so there is nothing to poll either).
@@ -1560,10 +1629,22 @@ mod tests {
         };
         check(&net, "after the initial fill");
         net.agents[0].handle_command(now, 1, create("g"));
-        let put = |k: &str| Command::TablePut { network: "g".into(), table: "t".into(), key: k.into(), value: Bytes::from_static(b"v"), force: false };
+        let put = |k: &str| Command::TablePut {
+            network: "g".into(),
+            table: "t".into(),
+            key: k.into(),
+            value: Bytes::from_static(b"v"),
+            force: false,
+        };
         net.agents[0].handle_command(now, 2, put("mine"));
         // A diagnostic write to a table no driver registered, in the reserved network.
-        let diag = Command::TablePut { network: "cluster".into(), table: "diag".into(), key: "d".into(), value: Bytes::from_static(b"1"), force: true };
+        let diag = Command::TablePut {
+            network: "cluster".into(),
+            table: "diag".into(),
+            key: "d".into(),
+            value: Bytes::from_static(b"1"),
+            force: true,
+        };
         net.agents[0].handle_command(now, 3, diag);
         // Read your writes: by the time a reply is out, the view holds what it wrote.
         net.agents[0].persist_all(now);
@@ -1576,7 +1657,13 @@ mod tests {
         net.run(Duration::from_secs(1));
         for i in 1..3 {
             net.agents[i].apply(net.now, Command::Attach { network: "g".into() }).unwrap();
-            let cmd = Command::TablePut { network: "g".into(), table: "t".into(), key: format!("k{i}"), value: Bytes::from_static(b"w"), force: false };
+            let cmd = Command::TablePut {
+                network: "g".into(),
+                table: "t".into(),
+                key: format!("k{i}"),
+                value: Bytes::from_static(b"w"),
+                force: false,
+            };
             net.agents[i].apply(net.now, cmd).unwrap();
         }
         net.run(Duration::from_secs(2));
@@ -1601,7 +1688,12 @@ mod tests {
         check(&net, "after a3's hidden entry was reaped");
         net.agents.push(a3);
         // A delete, then its tombstone reaped.
-        net.agents[0].apply(net.now, Command::TableRm { network: "g".into(), table: "t".into(), key: "mine".into(), force: false }).unwrap();
+        net.agents[0]
+            .apply(
+                net.now,
+                Command::TableRm { network: "g".into(), table: "t".into(), key: "mine".into(), force: false },
+            )
+            .unwrap();
         net.run(Duration::from_secs(1));
         check(&net, "after a delete");
         net.run(Duration::from_secs(10));

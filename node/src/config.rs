@@ -125,6 +125,8 @@ pub fn parse_env(
             }
             "WEFT_CONFIG" => config = Some(PathBuf::from(v)),
             "WEFT_HOST" => {}
+            // Test hooks (see `store::Persister::spawn`); not a setting.
+            "WEFT_TEST_HOOKS" => {}
             other => bail!("unknown environment variable {other} (known: {})", ENV_KEYS.join(", ")),
         }
     }

@@ -91,6 +91,9 @@ pub struct Snapshot {
     pub persist_issued: u64,
     pub persist_durable: u64,
     pub persist_failing: Option<String>,
+    /// Bytes of transmits held behind persist batches, and those dropped at the bound.
+    pub held_bytes: usize,
+    pub held_drops: u64,
     pub refused: Option<String>,
 }
 
@@ -317,5 +320,16 @@ pub fn metrics(view: &View) -> String {
         "# HELP weft_persist_pending Persist batches handed to the store and not yet durable.\n# TYPE weft_persist_pending gauge"
     );
     let _ = writeln!(out, "weft_persist_pending {}", snap.persist_issued - snap.persist_durable);
+    let _ = writeln!(
+        out,
+        "# HELP weft_held_bytes Bytes of outbound traffic waiting for a persist batch.\n# TYPE weft_held_bytes gauge\nweft_held_bytes {}",
+        snap.held_bytes
+    );
+    write_counter(
+        &mut out,
+        "weft_held_drops_total",
+        "Outbound packets dropped because too much waited for the disk.",
+        snap.held_drops,
+    );
     out
 }

@@ -83,6 +83,8 @@ impl Agent {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("RUST_LOG", "info")
+            // Lets a test stall the agent's disk (see `stall_disk`).
+            .env("WEFT_TEST_HOOKS", "1")
             .env_remove("WEFT_HOST")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -267,6 +269,21 @@ impl Agent {
         let mut out = String::new();
         s.read_to_string(&mut out).expect("answer");
         out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    }
+
+    /// Holds the agent's store commits back (its disk hangs) until `resume_disk`.
+    pub fn stall_disk(&self) {
+        std::fs::write(self.data_dir.join("stall-persist"), b"").expect("stall file");
+    }
+
+    pub fn resume_disk(&self) {
+        let _ = std::fs::remove_file(self.data_dir.join("stall-persist"));
+    }
+
+    /// One unlabelled metric's value from `/metrics`.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let prefix = format!("{name} ");
+        self.http_get("/metrics").lines().find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse().ok())
     }
 
     pub fn log(&self) -> String {
