@@ -128,6 +128,11 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Runs a long read on a blocking thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError(500, format!("read failed: {e}")))
+}
+
 pub fn members_json(shell: &Shell) -> MembersJson {
     let snap = shell.read().snap;
     let mut unreachable_seeds: Vec<String> = snap.unreachable_seeds.iter().map(ToString::to_string).collect();
@@ -202,10 +207,15 @@ async fn inspect_network(
     UrlPath(r): UrlPath<String>,
     Query(f): Query<Flags>,
 ) -> ApiResult<Json<Inspect>> {
-    let view = s.read();
-    let network = read::resolve(&view, &r)?;
-    let dump = if f.verbose { Some(read::dump(&view, Some(&network.def.id), None)?) } else { None };
-    Ok(Json(Inspect { network, dump }))
+    // A verbose inspect walks whole tables: off the runtime's workers.
+    let out = blocking(move || -> Result<Inspect, AgentError> {
+        let view = s.read();
+        let network = read::resolve(&view, &r)?;
+        let dump = if f.verbose { Some(read::dump(&view, Some(&network.def.id), None)?) } else { None };
+        Ok(Inspect { network, dump })
+    })
+    .await??;
+    Ok(Json(out))
 }
 
 async fn remove_network(
@@ -225,7 +235,10 @@ async fn detach(State(s): State<Shell>, UrlPath(r): UrlPath<String>) -> ApiResul
 }
 
 async fn dump(State(s): State<Shell>, Query(f): Query<Flags>) -> ApiResult<Json<Dump>> {
-    Ok(Json(read::dump(&s.read(), f.network.as_deref(), f.table.as_deref())?))
+    // A dump walks whole tables: off the runtime's workers, so the agent's task never waits
+    // for a worker behind it.
+    let d = blocking(move || read::dump(&s.read(), f.network.as_deref(), f.table.as_deref())).await??;
+    Ok(Json(d))
 }
 
 async fn table_get(

@@ -31,11 +31,13 @@ use weft_gossip::{Config as GossipConfig, TransmitKind, wire};
 use crate::agent::{Agent, Command, CommandId, CommandResult, Output, Reply};
 use crate::config::{AgentConfig, DEFAULT_PORT};
 use crate::error::AgentError;
-use crate::store::{Durable, PersistStats, Persister, Store};
+use crate::store::{Durable, PersistStats, Persister, Store, StoreFile};
 use crate::view::{View, ViewRead, write_counter};
 
 /// Bytes of stream frames, inbound and outbound together, held in memory at once.
 pub const STREAM_BUDGET: usize = 256 << 20;
+/// Bytes queued for one peer at most.
+pub const PEER_QUEUE_BYTES: usize = STREAM_BUDGET / 8;
 /// Peers with an open outbound stream writer.
 const MAX_STREAM_WRITERS: usize = 1024;
 /// Concurrent inbound TCP streams (each holds budget only for the frame it is reading).
@@ -148,7 +150,7 @@ struct Inner {
     persist_stats: Arc<PersistStats>,
     budget: Arc<Semaphore>,
     max_frame: usize,
-    store: Arc<Store>,
+    store: StoreFile,
     /// Seeds as configured, for `members` to report the unresolvable ones.
     unresolved: Mutex<Vec<String>>,
     refused: watch::Sender<Option<String>>,
@@ -257,7 +259,7 @@ impl Shell {
                 .await
                 .context("the store's opening thread failed")??
         };
-        let store = Arc::new(store);
+        let store_file = store.file();
         let (seeds, unresolved) = resolve_seeds(&cfg.join, &[bound]).await;
         let advertise = match cfg.advertise {
             Some(a) => a,
@@ -279,7 +281,7 @@ impl Shell {
         let (datagram_tx, datagram_rx) = mpsc::channel(DATAGRAM_QUEUE);
         let (frame_tx, frame_rx) = mpsc::unbounded_channel();
         let (durable_tx, durable_rx) = mpsc::unbounded_channel();
-        let persister = Persister::spawn(store.clone(), move |d| {
+        let persister = Persister::spawn(store, move |d| {
             let _ = durable_tx.send(d);
         });
         let inner = Arc::new(Inner {
@@ -291,7 +293,7 @@ impl Shell {
             persist_stats: persister.stats.clone(),
             budget: Arc::new(Semaphore::new(STREAM_BUDGET)),
             max_frame,
-            store,
+            store: store_file,
             unresolved: Mutex::new(unresolved.clone()),
             refused: watch::channel(None).0,
             leave: watch::channel(false).0,
@@ -526,7 +528,13 @@ struct Owner {
     udp: Arc<UdpSocket>,
     persister: Persister,
     replies: HashMap<CommandId, oneshot::Sender<CommandResult>>,
-    writers: HashMap<SocketAddr, mpsc::Sender<(Bytes, Budget)>>,
+    writers: HashMap<SocketAddr, Writer>,
+}
+
+/// A peer's outbound stream writer and the bytes queued for it.
+struct Writer {
+    tx: mpsc::Sender<(Bytes, Budget)>,
+    queued: Arc<AtomicU64>,
 }
 
 impl Owner {
@@ -628,26 +636,32 @@ impl Owner {
 
     fn send_frame(&mut self, dst: SocketAddr, bytes: Bytes) {
         let stats = &self.inner.stats;
+        if !self.writers.get(&dst).is_some_and(|w| !w.tx.is_closed()) {
+            self.writers.retain(|_, w| !w.tx.is_closed());
+            if self.writers.len() >= MAX_STREAM_WRITERS {
+                stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let (tx, rx) = mpsc::channel(256);
+            let queued = Arc::new(AtomicU64::new(0));
+            tokio::spawn(stream_writer(self.inner.clone(), dst, rx, queued.clone()));
+            self.writers.insert(dst, Writer { tx, queued });
+        }
+        let w = &self.writers[&dst];
+        // One slow peer may not take the budget every other peer's traffic shares.
+        let len = bytes.len() as u64;
+        if w.queued.load(Ordering::Relaxed) + len > PEER_QUEUE_BYTES as u64 {
+            stats.send_budget_drops.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let Some(budget) = take_budget(&self.inner, bytes.len()) else {
             stats.send_budget_drops.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let tx = match self.writers.get(&dst) {
-            Some(tx) if !tx.is_closed() => tx.clone(),
-            _ => {
-                self.writers.retain(|_, tx| !tx.is_closed());
-                if self.writers.len() >= MAX_STREAM_WRITERS {
-                    stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                let (tx, rx) = mpsc::channel(256);
-                tokio::spawn(stream_writer(self.inner.clone(), dst, rx));
-                self.writers.insert(dst, tx.clone());
-                tx
-            }
-        };
-        if tx.try_send((bytes, budget)).is_err() {
+        w.queued.fetch_add(len, Ordering::Relaxed);
+        if w.tx.try_send((bytes, budget)).is_err() {
             // A peer that cannot keep up loses frames; anti-entropy repairs them.
+            w.queued.fetch_sub(len, Ordering::Relaxed);
             stats.send_budget_drops.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -734,8 +748,9 @@ async fn read_stream(
             tracing::debug!(%from, len, "stream budget spent; dropping stream");
             return;
         };
-        // The buffer grows with the bytes that arrive, not with the length a peer claims.
-        let mut frame = Vec::with_capacity(len.min(64 << 10));
+        // The bytes are reserved in the budget; allocating them exactly keeps the buffer from
+        // doubling past them as they arrive.
+        let mut frame = Vec::with_capacity(len);
         let mut limited = (&mut stream).take(len as u64);
         match tokio::time::timeout(FRAME_DEADLINE, limited.read_to_end(&mut frame)).await {
             Ok(Ok(n)) if n == len => {}
@@ -750,7 +765,12 @@ async fn read_stream(
     }
 }
 
-async fn stream_writer(inner: Arc<Inner>, dst: SocketAddr, mut frames: mpsc::Receiver<(Bytes, Budget)>) {
+async fn stream_writer(
+    inner: Arc<Inner>,
+    dst: SocketAddr,
+    mut frames: mpsc::Receiver<(Bytes, Budget)>,
+    queued: Arc<AtomicU64>,
+) {
     let connect = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(dst)).await;
     let Ok(Ok(mut stream)) = connect else {
         inner.stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
@@ -766,7 +786,9 @@ async fn stream_writer(inner: Arc<Inner>, dst: SocketAddr, mut frames: mpsc::Rec
             stream.write_all(&wire::stream_prefix(frame.len())).await?;
             stream.write_all(&frame).await
         };
-        if tokio::time::timeout(Duration::from_secs(10), write).await.map_or(true, |r| r.is_err()) {
+        let written = tokio::time::timeout(Duration::from_secs(10), write).await;
+        queued.fetch_sub(frame.len() as u64, Ordering::Relaxed);
+        if written.map_or(true, |r| r.is_err()) {
             inner.stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
             return;
         }

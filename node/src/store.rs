@@ -19,6 +19,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -33,7 +34,8 @@ const LEGACY_FILE: &str = "node.json";
 /// The store of one data dir, and the lock that keeps a second agent off it.
 #[derive(Debug)]
 pub struct Store {
-    db: redb::Database,
+    /// `None` only while it is being reopened after a failed write.
+    db: Option<redb::Database>,
     path: PathBuf,
     /// The data dir held no node before this start.
     fresh: bool,
@@ -69,7 +71,7 @@ impl Store {
         let db = redb::Database::create(&path).with_context(|| {
             format!("cannot open {} (if it is corrupt, move it away to start as a new node)", path.display())
         })?;
-        let mut store = Store { db, path, fresh: false, _lock: lock };
+        let mut store = Store { db: Some(db), path, fresh: false, _lock: lock };
         let image = store.read_all()?;
         let mut previous = NodeState::from_image(&image).map_err(|e| {
             anyhow::anyhow!("{} is corrupt ({e}); move it away to start as a new node", store.path.display())
@@ -118,7 +120,7 @@ impl Store {
 
     /// Every key and value in the store.
     pub fn read_all(&self) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
-        let txn = self.db.begin_read().context("cannot read the store")?;
+        let txn = self.db()?.begin_read().context("cannot read the store")?;
         let table = match txn.open_table(TABLE) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
@@ -134,7 +136,7 @@ impl Store {
 
     /// Writes `batches` in one transaction, durable (fsync'ed) when this returns.
     pub fn write(&self, batches: &[PersistBatch]) -> anyhow::Result<()> {
-        let txn = self.db.begin_write().context("cannot write the store")?;
+        let txn = self.db()?.begin_write().context("cannot write the store")?;
         {
             let mut table = txn.open_table(TABLE).context("cannot write the store")?;
             for b in batches {
@@ -150,6 +152,35 @@ impl Store {
         txn.commit().with_context(|| format!("cannot commit to {}", self.path.display()))
     }
 
+    fn db(&self) -> anyhow::Result<&redb::Database> {
+        self.db.as_ref().ok_or_else(|| anyhow::anyhow!("{} could not be reopened", self.path.display()))
+    }
+
+    /// Closes and reopens the database: after a failed write redb refuses every later one
+    /// until it is reopened (what was committed before stays).
+    pub fn reopen(&mut self) -> anyhow::Result<()> {
+        self.db = None;
+        self.db = Some(
+            redb::Database::create(&self.path)
+                .with_context(|| format!("cannot reopen {}", self.path.display()))?,
+        );
+        Ok(())
+    }
+
+    /// Where the store lives, and whether this start created it.
+    pub fn file(&self) -> StoreFile {
+        StoreFile { path: self.path.clone(), fresh: self.fresh }
+    }
+}
+
+/// The store's file, for the shell to remove it when a first start is refused.
+#[derive(Debug, Clone)]
+pub struct StoreFile {
+    path: PathBuf,
+    fresh: bool,
+}
+
+impl StoreFile {
     /// A node refused at its very first start leaves no identity behind in its data dir.
     pub fn forget_if_new(&self) {
         if self.fresh {
@@ -205,7 +236,7 @@ impl Persister {
     /// Starts the writer thread; `report` hears of every commit and every failure. A file named
     /// `stall-persist` in the data dir holds commits back while it exists, when the environment
     /// sets `WEFT_TEST_HOOKS=1` (tests of a stalled disk).
-    pub fn spawn(store: Arc<Store>, report: impl Fn(Durable) + Send + 'static) -> Persister {
+    pub fn spawn(mut store: Store, report: impl Fn(Durable) + Send + 'static) -> Persister {
         let (tx, rx) = mpsc::channel::<PersistBatch>();
         let stats = Arc::new(PersistStats::default());
         let st = stats.clone();
@@ -244,6 +275,11 @@ impl Persister {
                             let seq = pending.first().map_or(0, |b| b.seq);
                             report(Durable::Failed { seq, error: format!("{e:#}") });
                             std::thread::sleep(RETRY_AFTER);
+                            // The same batches (and whatever queued meanwhile) go again, in
+                            // order, on a freshly opened database.
+                            if let Err(e) = store.reopen() {
+                                report(Durable::Failed { seq, error: format!("{e:#}") });
+                            }
                         }
                     }
                 }
@@ -335,7 +371,7 @@ mod tests {
         let dir = tempdir("persister");
         let (s, _) = Store::open(&dir, Some("p"), 1, 1).unwrap();
         let (tx, rx) = mpsc::channel();
-        let p = Persister::spawn(Arc::new(s), move |d| {
+        let p = Persister::spawn(s, move |d| {
             let _ = tx.send(d);
         });
         for seq in 1..=50 {
