@@ -4,7 +4,7 @@ costs at idle. The figures the node issue asks for, measured the way networkdb w
 (../shared/anchors/networkdb-convergence.md): N agent processes on 127.0.x.y, K keys written on
 one agent in one request, time from the return of that request until every agent holds all K.
 
-usage: bench/agents.py [--nodes 5,20] [--keys 100,1000] [--runs 5] [--idle 10]
+usage: bench/agents.py [--nodes 5,20] [--keys 100,1000] [--runs 5] [--idle 10] [--bin PATH]
 Needs only python3 and cargo; builds the release binary first.
 """
 
@@ -136,8 +136,13 @@ def main():
     p.add_argument("--keys", default="100,1000")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--idle", type=float, default=10.0)
+    p.add_argument("--bin", default=None, help="a weft binary to measure instead of building this tree's")
     args = p.parse_args()
-    subprocess.run(["cargo", "build", "--release", "-p", "weft-node", "--bin", "weft"], cwd=ROOT, check=True)
+    global BIN
+    if args.bin:
+        BIN = os.path.abspath(args.bin)
+    else:
+        subprocess.run(["cargo", "build", "--release", "-p", "weft-node", "--bin", "weft"], cwd=ROOT, check=True)
     results = []
     for n in [int(x) for x in args.nodes.split(",")]:
         root = tempfile.mkdtemp(prefix="weft-bench-")

@@ -47,6 +47,9 @@ pub struct Config {
     pub max_stream_frame: usize,
     /// Entries per anti-entropy stream frame (large transfers are split).
     pub max_entries_per_frame: usize,
+    /// Entries one anti-entropy round compares or sends at most (each way): a peer far behind
+    /// is repaired over several rounds, so no round keeps a node's event loop busy for long.
+    pub max_sync_entries: usize,
     /// While a seed is not an active member, announce to it this often.
     pub rejoin_interval: Duration,
     /// Period of the tombstone reaper.
@@ -94,6 +97,7 @@ impl Config {
             max_packet_size: 1400,
             max_stream_frame: 16 << 20,
             max_entries_per_frame: 8192,
+            max_sync_entries: 16_384,
             rejoin_interval: Duration::from_secs(2),
             reap_period: Duration::from_secs(5),
             membership,

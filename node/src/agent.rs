@@ -452,6 +452,15 @@ impl Agent {
         let object_type = spec.object_type;
         self.gossip.register_table(table, spec)?;
         self.watchers.register(table, object_type, watcher);
+        // The view decodes this table's entries from now on, those it holds included.
+        if let Some(view) = self.view.clone() {
+            for nid in self.attached_networks().into_iter().chain([CLUSTER_NETWORK.to_string()]) {
+                for e in self.gossip.table(&nid, table) {
+                    let decoded = self.decode(table, &e);
+                    view.set(&nid, table, &e.key.clone(), Some(ViewEntry::from_view(now, &e, decoded)));
+                }
+            }
+        }
         self.finish(now);
         Ok(())
     }

@@ -382,6 +382,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         _ = shell.leave_requested() => true,
         reason = shell.refused() => {
             let _ = std::fs::remove_file(&sock);
+            shell.forget_state_if_new();
             bail!("{reason}");
         }
     };

@@ -1,6 +1,6 @@
 //! The tokio shell around the [`Agent`]: its event loop.
 //!
-//! One task owns the agent. The UDP socket, the TCP listener, the control API and the persister
+//! One task owns the agent, on a thread of its own. The UDP socket, the TCP listener, the control API and the persister
 //! reach it over channels; it handles one input at a time, then sends what came out: datagrams
 //! straight on the socket (never waiting), stream frames to one writer task per peer, persist
 //! batches to the persister thread, replies to the API calls that wait for them. No lock wraps
@@ -44,8 +44,13 @@ const MAX_STREAM_WRITERS: usize = 1024;
 const MAX_INBOUND_STREAMS: usize = 512;
 /// A whole stream frame must arrive within this.
 const FRAME_DEADLINE: Duration = Duration::from_secs(30);
-/// Datagrams waiting for the owner.
-const DATAGRAM_QUEUE: usize = 4096;
+/// An input that keeps the agent's task this long is logged.
+const SLOW_INPUT: Duration = Duration::from_millis(100);
+/// Datagrams waiting for the owner, per queue (SWIM, table traffic).
+const DATAGRAM_QUEUE: usize = 1024;
+
+/// A datagram, its sender, and when it arrived.
+type Datagram = (SocketAddr, Bytes, Instant);
 /// How long a control-API command waits for its reply (a load gets more, see
 /// [`Shell::command`]).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,6 +59,7 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub struct ShellStats {
     pub stream_rejects: AtomicU64,
+    pub datagram_queue_drops: AtomicU64,
     pub stream_budget_rejects: AtomicU64,
     pub send_errors: AtomicU64,
     pub send_budget_drops: AtomicU64,
@@ -63,20 +69,34 @@ pub struct ShellStats {
     pub stream_bytes_held: AtomicU64,
 }
 
-/// How long inputs waited between arriving and being handled: a log2 histogram in
+/// What kind of input waited.
+#[derive(Debug, Clone, Copy)]
+enum Class {
+    /// SWIM datagrams.
+    Membership = 0,
+    /// Gossip datagrams and stream frames.
+    Table = 1,
+    /// Control-API commands.
+    Command = 2,
+}
+
+const CLASSES: [&str; 3] = ["membership", "table", "command"];
+
+/// How long inputs waited between arriving and being handled, per class: a log2 histogram in
 /// microseconds, and the maximum.
 #[derive(Debug, Default)]
 pub struct Lag {
-    buckets: [AtomicU64; 26],
-    max_us: AtomicU64,
+    buckets: [[AtomicU64; 26]; 3],
+    max_us: [AtomicU64; 3],
 }
 
 impl Lag {
-    fn record(&self, d: Duration) {
+    fn record(&self, class: Class, d: Duration) {
+        let c = class as usize;
         let us = d.as_micros().min(u64::MAX as u128) as u64;
-        let b = (64 - us.leading_zeros() as usize).min(self.buckets.len() - 1);
-        self.buckets[b].fetch_add(1, Ordering::Relaxed);
-        self.max_us.fetch_max(us, Ordering::Relaxed);
+        let b = (64 - us.leading_zeros() as usize).min(self.buckets[c].len() - 1);
+        self.buckets[c][b].fetch_add(1, Ordering::Relaxed);
+        self.max_us[c].fetch_max(us, Ordering::Relaxed);
     }
 
     /// Prometheus histogram lines (`le` in seconds).
@@ -84,21 +104,30 @@ impl Lag {
         use std::fmt::Write;
         let _ = writeln!(
             out,
-            "# HELP weft_loop_lag_seconds Time from an input's arrival (datagram, stream frame, command) to its handling by the agent's task.\n# TYPE weft_loop_lag_seconds histogram"
+            "# HELP weft_loop_lag_seconds Time from an input's arrival to its handling by the agent's task, by class: membership (SWIM datagrams), table (gossip datagrams, stream frames), command.\n# TYPE weft_loop_lag_seconds histogram"
         );
-        let mut total = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            total += b.load(Ordering::Relaxed);
-            let le = if i == 0 { 1e-6 } else { (1u64 << i) as f64 / 1e6 };
-            let _ = writeln!(out, "weft_loop_lag_seconds_bucket{{le=\"{le}\"}} {total}");
+        for (c, class) in CLASSES.iter().enumerate() {
+            let mut total = 0;
+            for (i, b) in self.buckets[c].iter().enumerate() {
+                total += b.load(Ordering::Relaxed);
+                let le = if i == 0 { 1e-6 } else { (1u64 << i) as f64 / 1e6 };
+                let _ =
+                    writeln!(out, "weft_loop_lag_seconds_bucket{{class=\"{class}\",le=\"{le}\"}} {total}");
+            }
+            let _ = writeln!(out, "weft_loop_lag_seconds_bucket{{class=\"{class}\",le=\"+Inf\"}} {total}");
+            let _ = writeln!(out, "weft_loop_lag_seconds_count{{class=\"{class}\"}} {total}");
         }
-        let _ = writeln!(out, "weft_loop_lag_seconds_bucket{{le=\"+Inf\"}} {total}");
-        let _ = writeln!(out, "weft_loop_lag_seconds_count {total}");
         let _ = writeln!(
             out,
-            "# HELP weft_loop_lag_max_seconds The longest an input waited.\n# TYPE weft_loop_lag_max_seconds gauge\nweft_loop_lag_max_seconds {}",
-            self.max_us.load(Ordering::Relaxed) as f64 / 1e6
+            "# HELP weft_loop_lag_max_seconds The longest an input of each class waited.\n# TYPE weft_loop_lag_max_seconds gauge"
         );
+        for (c, class) in CLASSES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "weft_loop_lag_max_seconds{{class=\"{class}\"}} {}",
+                self.max_us[c].load(Ordering::Relaxed) as f64 / 1e6
+            );
+        }
     }
 }
 
@@ -279,6 +308,7 @@ impl Shell {
 
         let (control_tx, control_rx) = mpsc::channel(1024);
         let (datagram_tx, datagram_rx) = mpsc::channel(DATAGRAM_QUEUE);
+        let (swim_tx, swim_rx) = mpsc::channel(DATAGRAM_QUEUE);
         let (frame_tx, frame_rx) = mpsc::unbounded_channel();
         let (durable_tx, durable_rx) = mpsc::unbounded_channel();
         let persister = Persister::spawn(store, move |d| {
@@ -301,6 +331,7 @@ impl Shell {
         let shell = Shell { inner: inner.clone(), addr: bound, data_dir: cfg.data_dir.clone() };
         let udp = Arc::new(udp);
         let owner = Owner {
+            io: tokio::runtime::Handle::current(),
             agent,
             inner: inner.clone(),
             udp: udp.clone(),
@@ -308,8 +339,22 @@ impl Shell {
             replies: HashMap::new(),
             writers: HashMap::new(),
         };
-        tokio::spawn(owner.run(control_rx, datagram_rx, frame_rx, durable_rx));
-        tokio::spawn(udp_loop(inner.clone(), udp, datagram_tx));
+        // The owner runs on a thread of its own: however long an input keeps it busy, the
+        // runtime's workers (sockets, the control API, stream writers) never wait behind it.
+        std::thread::Builder::new()
+            .name("weft-agent".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the agent's event loop");
+                        return;
+                    }
+                };
+                rt.block_on(owner.run(control_rx, swim_rx, datagram_rx, frame_rx, durable_rx));
+            })
+            .context("cannot start the agent's thread")?;
+        tokio::spawn(udp_loop(inner.clone(), udp, swim_tx, datagram_tx));
         tokio::spawn(tcp_loop(inner.clone(), tcp, frame_tx));
         tokio::spawn(shell.clone().report_seeds_loop());
         let id = shell.read().snap.id.clone();
@@ -411,6 +456,11 @@ impl Shell {
         let p = &self.inner.persist_stats;
         for (name, help, v) in [
             ("weft_stream_rejects_total", "TCP streams dropped for a bad frame length.", &s.stream_rejects),
+            (
+                "weft_datagram_queue_drops_total",
+                "Datagrams dropped because the agent's task was that far behind.",
+                &s.datagram_queue_drops,
+            ),
             (
                 "weft_stream_budget_rejects_total",
                 "Inbound stream frames refused because the stream byte budget was spent.",
@@ -523,6 +573,8 @@ impl Shell {
 
 /// The task that owns the agent.
 struct Owner {
+    /// The runtime the sockets live on (stream writers are spawned there).
+    io: tokio::runtime::Handle,
     agent: Agent,
     inner: Arc<Inner>,
     udp: Arc<UdpSocket>,
@@ -541,45 +593,72 @@ impl Owner {
     async fn run(
         mut self,
         mut control: mpsc::Receiver<Control>,
-        mut datagrams: mpsc::Receiver<(SocketAddr, Bytes, Instant)>,
+        mut swim: mpsc::Receiver<Datagram>,
+        mut datagrams: mpsc::Receiver<Datagram>,
         mut frames: mpsc::UnboundedReceiver<Frame>,
         mut durable: mpsc::UnboundedReceiver<Durable>,
     ) {
         self.drain();
         loop {
-            let deadline =
-                self.agent.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            let work = self.agent.has_work();
-            // Branches are polled in random order: a load's slices, datagrams, frames and
-            // commands take turns, and none waits behind another's backlog.
-            tokio::select! {
-                Some(d) = durable.recv() => {
-                    let now = Instant::now();
-                    match d {
-                        Durable::Upto(seq) => self.agent.handle_persisted(now, seq),
-                        Durable::Failed { seq, error } => self.agent.handle_persist_failed(now, seq, error),
-                    }
-                }
-                Some((from, bytes, at)) = datagrams.recv() => {
-                    let now = Instant::now();
-                    self.inner.lag.record(now.saturating_duration_since(at));
-                    self.agent.handle_datagram(now, from, &bytes);
-                }
-                Some(f) = frames.recv() => {
-                    let now = Instant::now();
-                    self.inner.lag.record(now.saturating_duration_since(f.at));
-                    self.agent.handle_stream(now, f.from, &f.bytes);
-                }
-                Some(c) = control.recv() => self.control(c),
-                _ = tokio::time::sleep_until(deadline.into()) => self.agent.handle_timeout(Instant::now()),
-                _ = std::future::ready(()), if work => self.agent.handle_work(Instant::now()),
+            // First what must never wait behind a backlog: SWIM (a late ack is a suspicion),
+            // the disk's reports (they release held outputs) and due timers.
+            while let Ok(d) = swim.try_recv() {
+                self.datagram(Class::Membership, d);
             }
-            // A steady stream of input must not starve the timers.
+            while let Ok(d) = durable.try_recv() {
+                self.durable(d);
+            }
             let now = Instant::now();
             if self.agent.poll_timeout().is_some_and(|d| d <= now) {
                 self.agent.handle_timeout(now);
             }
             self.drain();
+            let deadline =
+                self.agent.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let work = self.agent.has_work();
+            // Then one input of any kind; branches are polled in random order, so a load's
+            // slices, table traffic and commands take turns.
+            let (kind, t0) = tokio::select! {
+                Some(d) = swim.recv() => { let t = Instant::now(); self.datagram(Class::Membership, d); ("swim datagram", t) }
+                Some(d) = durable.recv() => { let t = Instant::now(); self.durable(d); ("persist report", t) }
+                Some(d) = datagrams.recv() => { let t = Instant::now(); self.datagram(Class::Table, d); ("gossip datagram", t) }
+                Some(f) = frames.recv() => {
+                    let now = Instant::now();
+                    self.inner.lag.record(Class::Table, now.saturating_duration_since(f.at));
+                    self.agent.handle_stream(now, f.from, &f.bytes);
+                    ("stream frame", now)
+                }
+                Some(c) = control.recv() => { let t = Instant::now(); self.control(c); ("command", t) }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let t = Instant::now();
+                    self.agent.handle_timeout(t);
+                    ("timer", t)
+                }
+                _ = std::future::ready(()), if work => { let t = Instant::now(); self.agent.handle_work(t); ("load slice", t) }
+            };
+            let took = t0.elapsed();
+            if took >= SLOW_INPUT {
+                tracing::warn!(
+                    input = kind,
+                    ms = took.as_millis() as u64,
+                    "slow input: everything else waited for it"
+                );
+            }
+            self.drain();
+        }
+    }
+
+    fn datagram(&mut self, class: Class, (from, bytes, at): Datagram) {
+        let now = Instant::now();
+        self.inner.lag.record(class, now.saturating_duration_since(at));
+        self.agent.handle_datagram(now, from, &bytes);
+    }
+
+    fn durable(&mut self, d: Durable) {
+        let now = Instant::now();
+        match d {
+            Durable::Upto(seq) => self.agent.handle_persisted(now, seq),
+            Durable::Failed { seq, error } => self.agent.handle_persist_failed(now, seq, error),
         }
     }
 
@@ -587,7 +666,7 @@ impl Owner {
         let now = Instant::now();
         match c {
             Control::Command { id, cmd, reply, at } => {
-                self.inner.lag.record(now.saturating_duration_since(at));
+                self.inner.lag.record(Class::Command, now.saturating_duration_since(at));
                 self.replies.insert(id, reply);
                 self.agent.handle_command(now, id, cmd);
             }
@@ -636,7 +715,7 @@ impl Owner {
 
     fn send_frame(&mut self, dst: SocketAddr, bytes: Bytes) {
         let stats = &self.inner.stats;
-        if !self.writers.get(&dst).is_some_and(|w| !w.tx.is_closed()) {
+        if self.writers.get(&dst).is_none_or(|w| w.tx.is_closed()) {
             self.writers.retain(|_, w| !w.tx.is_closed());
             if self.writers.len() >= MAX_STREAM_WRITERS {
                 stats.stream_connect_errors.fetch_add(1, Ordering::Relaxed);
@@ -644,7 +723,7 @@ impl Owner {
             }
             let (tx, rx) = mpsc::channel(256);
             let queued = Arc::new(AtomicU64::new(0));
-            tokio::spawn(stream_writer(self.inner.clone(), dst, rx, queued.clone()));
+            self.io.spawn(stream_writer(self.inner.clone(), dst, rx, queued.clone()));
             self.writers.insert(dst, Writer { tx, queued });
         }
         let w = &self.writers[&dst];
@@ -675,19 +754,33 @@ fn take_budget(inner: &Arc<Inner>, bytes: usize) -> Option<Budget> {
     Some(Budget { _permit: permit, held: inner.clone(), bytes: bytes as u64 })
 }
 
-async fn udp_loop(inner: Arc<Inner>, udp: Arc<UdpSocket>, tx: mpsc::Sender<(SocketAddr, Bytes, Instant)>) {
+/// Reads the gossip socket without ever waiting for the agent's task: SWIM datagrams go to
+/// their own queue, table traffic to another; a full queue drops the datagram and counts it
+/// (gossip retransmits and anti-entropy repair table traffic), so the socket's buffer never
+/// fills and SWIM is never lost behind a backlog.
+async fn udp_loop(
+    inner: Arc<Inner>,
+    udp: Arc<UdpSocket>,
+    swim: mpsc::Sender<Datagram>,
+    table: mpsc::Sender<Datagram>,
+) {
     let mut buf = vec![0u8; 65_536];
     loop {
         match udp.recv_from(&mut buf).await {
             Ok((n, from)) => {
-                let item = (from, Bytes::copy_from_slice(&buf[..n]), Instant::now());
-                if tx.send(item).await.is_err() {
-                    return;
+                let bytes = &buf[..n];
+                let is_swim = wire::open_envelope(bytes).is_ok_and(|(ty, _)| ty == wire::FrameType::Swim);
+                let tx = if is_swim { &swim } else { &table };
+                match tx.try_send((from, Bytes::copy_from_slice(bytes), Instant::now())) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        inner.stats.datagram_queue_drops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
             }
             Err(e) => {
                 tracing::debug!(error = %e, "udp recv");
-                let _ = &inner;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }

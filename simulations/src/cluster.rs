@@ -223,6 +223,8 @@ pub struct SimNode<H> {
     pub persisted_ltime: u64,
     /// Whether the agent would persist that an earlier instance's entries are still to delete.
     pub persisted_sweep: bool,
+    /// The host crashed (or was wiped) since its last boot: its disk writes in flight are lost.
+    pub crashed: bool,
     /// Global virtual time of the timer armed on the queue.
     armed: Option<Instant>,
     /// What this node's watcher has seen.
@@ -369,6 +371,7 @@ impl<H: Host> Sim<H> {
                 wall_offset_ms: 0,
                 persisted_ltime: 0,
                 persisted_sweep: true,
+                crashed: false,
                 armed: None,
                 watched: Watched::default(),
                 networks: BTreeSet::new(),
@@ -475,6 +478,7 @@ impl<H: Host> Sim<H> {
         let mut node = H::boot(&self.cfg, id, seed, s.persisted_ltime, now);
         node.set_predecessor_sweep(s.persisted_sweep);
         s.node = Some(node);
+        s.crashed = false;
         s.left = false;
         s.armed = None;
         s.watched.0.clear();
@@ -692,7 +696,8 @@ impl<H: Host> Sim<H> {
                     self.flush(to);
                 }
                 Ev::Persisted { node: i, life, batch } => {
-                    if self.nodes[i].generation != life || self.nodes[i].node.is_none() {
+                    // A crash loses what was not durable yet; a graceful stop lets it land.
+                    if self.nodes[i].generation != life || self.nodes[i].crashed {
                         continue;
                     }
                     self.fold(stamp ^ (i as u64) << 44 ^ batch.seq);
@@ -885,6 +890,7 @@ impl<H: Host> Sim<H> {
 
     /// Crashes node `i`: its state is gone except what it persisted.
     pub fn crash(&mut self, i: usize) {
+        self.nodes[i].crashed = true;
         self.nodes[i].node = None;
         self.nodes[i].armed = None;
     }

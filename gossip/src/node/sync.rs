@@ -23,6 +23,9 @@ pub(super) struct SyncState {
     pub(super) deadline: Instant,
     /// The responder's last summary frame arrived; its answer to our wants ends the sync.
     pub(super) summary_done: bool,
+    /// The round moved a large share of `max_sync_entries`: the two nodes are far apart, so
+    /// another round with the same peer starts as soon as this one ends.
+    pub(super) follow_up: bool,
 }
 
 impl GossipNode {
@@ -57,6 +60,7 @@ impl GossipNode {
                 network: network.to_string(),
                 deadline: now + self.cfg.sync_timeout,
                 summary_done: false,
+                follow_up: false,
             },
         );
         self.stats.syncs_started += 1;
@@ -66,6 +70,15 @@ impl GossipNode {
             true,
         );
         true
+    }
+
+    /// A sync this node started is complete; a round that moved much starts the next at once.
+    fn end_sync(&mut self, now: Instant, sync_id: u64, network: &str, peer: &NodeId) {
+        let follow_up = self.syncs.remove(&sync_id).is_some_and(|st| st.follow_up);
+        self.sync_completed(now, network);
+        if follow_up {
+            self.start_sync(now, network, peer);
+        }
     }
 
     /// Step 2 (responder): compare digests; for the buckets that differ, send what is held.
@@ -97,11 +110,18 @@ impl GossipNode {
         for (_, _, e) in net.in_buckets(&flagged) {
             per_bucket[bucket_of(e.keyhash)].push((e.keyhash, e.fp));
         }
-        // Whole buckets per frame, each frame within the stream frame limit.
+        // Whole buckets per frame, each frame within the stream frame limit. One round covers
+        // buckets up to `max_sync_entries` items (at least one bucket): a peer far behind is
+        // repaired over several rounds, and no round keeps either node busy for long.
         let max_items = (self.cfg.max_stream_frame / 2 / 20).max(1);
         let mut frames: Vec<SummaryFrame> = vec![(Vec::new(), Vec::new())];
+        let mut total = 0;
         for b in diff {
             let items = std::mem::take(&mut per_bucket[b as usize]);
+            if total > 0 && total + items.len() > self.cfg.max_sync_entries {
+                break;
+            }
+            total += items.len();
             let cur = frames.last_mut().expect("one frame");
             if !cur.0.is_empty() && cur.1.len() + items.len() > max_items {
                 frames.push((Vec::new(), Vec::new()));
@@ -136,15 +156,20 @@ impl GossipNode {
         let mut entries = Vec::new();
         for (table, key, e) in net.in_buckets(&flagged) {
             mine.insert(e.fp);
-            if theirs.get(&e.keyhash) != Some(&e.fp) {
+            // What is over the round's bound goes in a later round.
+            if theirs.get(&e.keyhash) != Some(&e.fp) && entries.len() < self.cfg.max_sync_entries {
                 entries.push(e.to_wire(table, key, now));
             }
         }
         let want: Vec<u64> = items.iter().filter(|(_, fp)| !mine.contains(fp)).map(|(kh, _)| *kh).collect();
+        if entries.len() + want.len() >= self.cfg.max_sync_entries / 2
+            && let Some(st) = self.syncs.get_mut(&sync_id)
+        {
+            st.follow_up = true;
+        }
         if last {
             if want.is_empty() {
-                self.syncs.remove(&sync_id);
-                self.sync_completed(now, &network);
+                self.end_sync(now, sync_id, &network, from);
             } else if let Some(st) = self.syncs.get_mut(&sync_id) {
                 st.summary_done = true;
             }
@@ -179,8 +204,7 @@ impl GossipNode {
         }
         if want.is_empty() {
             if self.syncs.get(&sync_id).is_some_and(|st| st.summary_done && st.network == network) {
-                self.syncs.remove(&sync_id);
-                self.sync_completed(now, &network);
+                self.end_sync(now, sync_id, &network, from);
             }
             return;
         }
