@@ -87,6 +87,7 @@ def one_run(agents, keys, run, root):
 
     def watch_members():
         while not stop.is_set():
+            time.sleep(0.1)
             for a in agents:
                 try:
                     ms = json.loads(bench.http_get(a.sock, "/members"))["members"]
@@ -95,31 +96,35 @@ def one_run(agents, keys, run, root):
                 for m in ms:
                     if m["state"] != "alive":
                         not_alive.append((a.name, m["name"], m["state"]))
-            time.sleep(0.1)
 
     def time_reads():
         while not stop.is_set():
-            reads["members"].append(timed_get(loaded.sock, "/members"))
-            reads["dump"].append(timed_get(loaded.sock, "/dump?network=cluster&table=weft:nodes"))
+            try:
+                reads["members"].append(timed_get(loaded.sock, "/members"))
+                reads["dump"].append(timed_get(loaded.sock, "/dump?network=cluster&table=weft:nodes"))
+            except Exception:
+                reads["errors"] = reads.get("errors", 0) + 1
             time.sleep(0.02)
 
     threads = [threading.Thread(target=watch_members), threading.Thread(target=time_reads)]
     for t in threads:
         t.start()
     t0 = time.monotonic()
-    out = loaded.cli("table", "load", "bench", f"bulk{run}", path)
-    answered = time.monotonic() - t0
-    assert out.returncode == 0, out.stderr
+    try:
+        out = loaded.cli("table", "load", "bench", f"bulk{run}", path)
+        answered = time.monotonic() - t0
+        assert out.returncode == 0, out.stderr
 
-    def everywhere():
-        return all(bench.metric(a.metrics(), "weft_entries", f'table="bulk{run}"') >= keys for a in agents)
+        def everywhere():
+            return all(bench.metric(a.metrics(), "weft_entries", f'table="bulk{run}"') >= keys for a in agents)
 
-    bench.wait(f"{keys} keys on every agent", 300, everywhere, 0.1)
-    converged = time.monotonic() - t0
-    time.sleep(1)
-    stop.set()
-    for t in threads:
-        t.join()
+        bench.wait(f"{keys} keys on every agent", 300, everywhere, 0.1)
+        converged = time.monotonic() - t0
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
     after = [a.metrics() for a in agents]
     lag_p99 = {c: [round(p99_from(b[c], lag_buckets(m, c)) * 1000, 2) for b, m in zip(before, after)] for c in CLASSES}
     lag_max = {c: [round(lag_max_of(m, c) * 1000, 1) for m in after] for c in CLASSES}
@@ -150,16 +155,25 @@ def main():
         bench.BIN = os.path.abspath(args.bin)
     else:
         subprocess.run(["cargo", "build", "--release", "-p", "weft-node", "--bin", "weft"], cwd=bench.ROOT, check=True)
-    root = tempfile.mkdtemp(prefix="weft-loop-", dir=os.path.join(bench.ROOT, "target"))
-    agents = []
     rows = []
-    try:
-        agents, _ = bench.cluster(root, 5)
-        time.sleep(2)
-        for run in range(1, args.runs + 1):
+    # A fresh cluster per run: every run loads into empty tables.
+    for run in range(1, args.runs + 1):
+        root = tempfile.mkdtemp(prefix="weft-loop-", dir=os.path.join(bench.ROOT, "target"))
+        agents = []
+        try:
+            agents, _ = bench.cluster(root, 5)
+            time.sleep(2)
             row = one_run(agents, args.keys, run, root)
             rows.append(row)
             print(json.dumps(row), flush=True)
+        finally:
+            for a in agents:
+                a.stop()
+            if os.environ.get("KEEP"):
+                print(f"logs kept under {root}")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+    if rows:
         summary = {
             "keys": args.keys,
             "runs": args.runs,
@@ -172,13 +186,6 @@ def main():
             "median_dump_p99_ms": statistics.median(r["dump_ms"]["p99"] for r in rows),
         }
         print(json.dumps({"summary": summary}), flush=True)
-    finally:
-        for a in agents:
-            a.stop()
-        if os.environ.get("KEEP"):
-            print(f"logs kept under {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     return rows
 
 

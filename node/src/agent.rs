@@ -321,6 +321,8 @@ pub struct Agent {
     last_structural: u64,
     /// The last batch that changed each network's attachment, while not durable.
     net_seq: std::collections::HashMap<String, u64>,
+    /// The last batch that moved the node's generation.
+    generation_seq: u64,
     /// The network whose attachment a pending command's reply rests on.
     reply_net: std::collections::HashMap<CommandId, String>,
     /// Bytes of transmits held, and transmits dropped at the bound.
@@ -386,6 +388,7 @@ impl Agent {
             last_structural: 0,
             net_seq: Default::default(),
             reply_net: Default::default(),
+            generation_seq: 0,
             held_bytes: 0,
             held_drops: 0,
             ready: VecDeque::new(),
@@ -682,8 +685,11 @@ impl Agent {
         let durable = self.persist.durable();
         let dep = self.persist.cover(self.gossip.ltime()).max(structural.unwrap_or(0));
         // SWIM packets carry identities and membership only, no Lamport time: they wait for
-        // nothing unless this input moved the node's generation.
-        let swim_dep = if moved { structural.unwrap_or(0) } else { 0 };
+        // nothing but a move of the node's generation not yet durable.
+        if moved && let Some(seq) = structural {
+            self.generation_seq = seq;
+        }
+        let swim_dep = if self.generation_seq > durable { self.generation_seq } else { 0 };
         // Table traffic may carry (in this input or in any later round or sync) the records of
         // a change of attachments or generation not yet durable: it waits for the last one.
         let table_dep = if self.last_structural > durable { dep.max(self.last_structural) } else { dep };
@@ -755,6 +761,8 @@ impl Agent {
                 self.staged_networks = ids;
             }
         }
+        // Only what changes: a network whose key is rewritten as it was is not in flight.
+        ops.retain(|(k, v)| self.persist.planned(k) != v.as_deref());
         let nets: Vec<String> =
             ops.iter().filter_map(|(k, _)| k.strip_prefix(NET_PREFIX)).map(str::to_string).collect();
         let seq = self.persist.stage(ops)?;
@@ -933,6 +941,15 @@ impl Agent {
         cmd: Command,
         may_wait: bool,
     ) -> Option<CommandResult> {
+        // A table write's reply rests on its network's attachment too (if that is in flight).
+        if let Command::TablePut { network, .. }
+        | Command::TableRm { network, .. }
+        | Command::TableLoad { network, .. } = &cmd
+            && id != APPLY_ID
+            && let Ok(nid) = self.table_network(network)
+        {
+            self.reply_net.insert(id, nid);
+        }
         let done = |r: Result<(), AgentError>| r.map(|_| Reply::Done);
         let net = |r: Result<NetworkDef, AgentError>| r.map(Reply::Network);
         Some(match cmd {
@@ -1486,6 +1503,35 @@ mod tests {
         a.handle_persisted(now, pending.last().unwrap().seq);
         let outs = a.outputs();
         assert!(matches!(replies(&outs)[..], [(2, Ok(Reply::Network(_)))]), "{outs:?}");
+    }
+
+    #[test]
+    fn a_write_waits_for_its_own_networks_attachment_and_not_for_anothers() {
+        let now = Instant::now();
+        let mut a = Agent::new(GossipConfig::lan(8), NodeId::new("a1", addr(1), 1), 1, 0, now).unwrap();
+        a.apply(now, create("g1")).unwrap();
+        a.persist_all(now);
+        a.outputs();
+        // g2's attachment goes to a disk that stalls.
+        a.handle_command(now, 1, create("g2"));
+        let put = |net: &str| Command::TablePut {
+            network: net.into(),
+            table: "t".into(),
+            key: "k".into(),
+            value: Bytes::from_static(b"v"),
+            force: false,
+        };
+        a.handle_command(now, 2, put("g2"));
+        a.handle_command(now, 3, put("g1"));
+        let outs = a.outputs();
+        assert!(
+            matches!(replies(&outs)[..], [(3, Ok(Reply::Done))]),
+            "only g1's write is answered: {outs:?}"
+        );
+        a.persist_all(now);
+        let outs = a.outputs();
+        let ids: Vec<CommandId> = replies(&outs).iter().map(|r| r.0).collect();
+        assert_eq!(ids, vec![1, 2], "{outs:?}");
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! | POST | `/tables/{network}/{table}` | load: one `key value` per line of the body |
 //!
 //! Errors are `{"error": "<one line>"}` with a 4xx status, or 504 when a write got no reply in
-//! time (10 s; a load gets one more second per 20,000 keys, at most 50 s). A 504 does not
+//! time (10 s; a load gets one more second per 5,000 keys, at most 50 s). A 504 does not
 //! cancel the write: it may still complete, so a client that retries must not assume it did
 //! not happen (puts and attaches are idempotent; a `network create` retried after a 504 may
 //! find its name taken by its first attempt).

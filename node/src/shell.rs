@@ -344,6 +344,8 @@ impl Shell {
         std::thread::Builder::new()
             .name("weft-agent".into())
             .spawn(move || {
+                // A panic here would leave a process whose agent is gone: stop it instead.
+                let _guard = ExitOnPanic;
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
                     Err(e) => {
@@ -388,7 +390,7 @@ impl Shell {
     pub async fn command(&self, cmd: Command) -> Result<Reply, CommandError> {
         let limit = match &cmd {
             Command::TableLoad { pairs, .. } => {
-                COMMAND_TIMEOUT + Duration::from_secs((pairs.len() / 20_000) as u64)
+                COMMAND_TIMEOUT + Duration::from_secs((pairs.len() / 5_000) as u64)
             }
             _ => COMMAND_TIMEOUT,
         }
@@ -506,19 +508,34 @@ impl Shell {
     /// Leaves the cluster for good (peers delete this node's entries) and gives the news
     /// `grace` to go out.
     pub async fn leave(&self, grace: Duration) {
+        let t0 = Instant::now();
         if let Err(e) = self.command(Command::Leave).await {
             tracing::warn!(error = %e, "leave");
         }
-        tokio::time::sleep(grace).await;
+        self.settle(t0 + grace).await;
+    }
+
+    /// Waits until `until`, and at least until what the agent handed the store is durable
+    /// (at most 5 s more): a stop never leaves a write it could still make behind.
+    async fn settle(&self, until: Instant) {
+        let limit = until + Duration::from_secs(5);
+        while Instant::now() < limit {
+            let snap = self.read().snap;
+            if Instant::now() >= until && snap.persist_durable >= snap.persist_issued {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Stops for a restart: peers keep this node's entries live for the restart grace. Gives
     /// the news `grace` to go out.
     pub async fn stop_restarting(&self, grace: Duration) {
+        let t0 = Instant::now();
         if let Err(e) = self.command(Command::StopRestarting).await {
             tracing::warn!(error = %e, "stop");
         }
-        tokio::time::sleep(grace).await;
+        self.settle(t0 + grace).await;
     }
 
     /// Asks the agent's owner (`weft agent`'s main loop) to leave the cluster and exit.
@@ -567,6 +584,18 @@ impl Shell {
                 tracing::info!("all seeds resolved");
                 return;
             }
+        }
+    }
+}
+
+/// Ends the process if the agent's thread panics.
+struct ExitOnPanic;
+
+impl Drop for ExitOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the agent's event loop panicked; exiting");
+            std::process::exit(70);
         }
     }
 }

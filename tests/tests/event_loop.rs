@@ -116,8 +116,6 @@ fn members_and_dump_answer_while_a_big_load_waits() {
     ok(&a.cli(&["members"]));
     ok(&a.cli(&["dump", "--network", "cluster", "--table", "weft:nodes"]));
     assert!(!loader.is_finished(), "the load answered before its lease was durable");
-    wait_until("every key is applied (and visible) while the answer waits", LONG, || applied(&a) == n);
-    assert!(!loader.is_finished());
     a.resume_disk();
     let out = loader.join().unwrap();
     ok(&out);

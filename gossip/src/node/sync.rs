@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use rand::RngExt;
 
+use crate::event::MemberState;
 use crate::identity::NodeId;
 use crate::store::{DIGEST_BUCKETS, bucket_of, diff_buckets};
 use crate::wire::{self, Body, WireEntry};
@@ -23,10 +24,22 @@ pub(super) struct SyncState {
     pub(super) deadline: Instant,
     /// The responder's last summary frame arrived; its answer to our wants ends the sync.
     pub(super) summary_done: bool,
-    /// The round moved a large share of `max_sync_entries`: the two nodes are far apart, so
-    /// another round with the same peer starts as soon as this one ends.
+    /// The round moved at least [`FOLLOW_UP_AFTER`] entries: the two nodes are apart, so another
+    /// round with the same peer starts as soon as this one ends.
     pub(super) follow_up: bool,
+    /// Rounds with this peer started back to back before this one.
+    pub(super) chain: u8,
 }
+
+/// Rounds with one peer that may follow each other at once; then the next waits for the sync
+/// interval (two nodes that keep disagreeing, say on entries one of them refuses, do not sync
+/// without pause).
+const MAX_SYNC_CHAIN: u8 = 8;
+/// A round that moved at least this many entries (either way) is followed by another at once.
+const FOLLOW_UP_AFTER: usize = 1024;
+/// A summary lists up to this many items (key hash, fingerprint) per entry a round may move:
+/// listing is cheap next to sending and applying.
+const SUMMARY_ITEMS_PER_ENTRY: usize = 2;
 
 impl GossipNode {
     pub(super) fn sync_round(&mut self, now: Instant) {
@@ -48,10 +61,15 @@ impl GossipNode {
 
     /// Starts anti-entropy of `network` with `peer`: step 1, send the digest.
     pub(super) fn start_sync(&mut self, now: Instant, network: &str, peer: &NodeId) -> bool {
+        self.begin_sync(now, network, peer).is_some()
+    }
+
+    /// [`start_sync`](Self::start_sync), returning the new sync's id.
+    fn begin_sync(&mut self, now: Instant, network: &str, peer: &NodeId) -> Option<u64> {
         if self.syncs.len() >= self.cfg.max_concurrent_syncs {
-            return false;
+            return None;
         }
-        let Some(net) = self.networks.get(network) else { return false };
+        let net = self.networks.get(network)?;
         let buckets = net.digest.clone();
         let sync_id = self.rng.random::<u64>();
         self.syncs.insert(
@@ -61,6 +79,7 @@ impl GossipNode {
                 deadline: now + self.cfg.sync_timeout,
                 summary_done: false,
                 follow_up: false,
+                chain: 0,
             },
         );
         self.stats.syncs_started += 1;
@@ -69,15 +88,20 @@ impl GossipNode {
             Body::SyncDigest { network: network.to_string(), sync_id, buckets },
             true,
         );
-        true
+        Some(sync_id)
     }
 
     /// A sync this node started is complete; a round that moved much starts the next at once.
     fn end_sync(&mut self, now: Instant, sync_id: u64, network: &str, peer: &NodeId) {
-        let follow_up = self.syncs.remove(&sync_id).is_some_and(|st| st.follow_up);
+        let chain = self.syncs.remove(&sync_id).filter(|st| st.follow_up).map(|st| st.chain);
         self.sync_completed(now, network);
-        if follow_up {
-            self.start_sync(now, network, peer);
+        let alive = self.membership.members.get(&peer.name).is_some_and(|m| m.state == MemberState::Alive);
+        if let Some(chain) = chain.filter(|c| *c < MAX_SYNC_CHAIN)
+            && alive
+            && let Some(id) = self.begin_sync(now, network, peer)
+            && let Some(st) = self.syncs.get_mut(&id)
+        {
+            st.chain = chain + 1;
         }
     }
 
@@ -111,14 +135,19 @@ impl GossipNode {
             per_bucket[bucket_of(e.keyhash)].push((e.keyhash, e.fp));
         }
         // Whole buckets per frame, each frame within the stream frame limit. One round covers
-        // buckets up to `max_sync_entries` items (at least one bucket): a peer far behind is
-        // repaired over several rounds, and no round keeps either node busy for long.
+        // buckets up to `SUMMARY_ITEMS_PER_ENTRY * max_sync_entries` items (at least one
+        // bucket): a peer far behind is repaired over several rounds, back to back while they
+        // move much, and no round keeps either node busy for long.
         let max_items = (self.cfg.max_stream_frame / 2 / 20).max(1);
         let mut frames: Vec<SummaryFrame> = vec![(Vec::new(), Vec::new())];
         let mut total = 0;
+        // Start at a random differing bucket, so a bounded round never starves the same ones.
+        let mut diff = diff;
+        let k = self.rng.random_range(0..diff.len());
+        diff.rotate_left(k);
         for b in diff {
             let items = std::mem::take(&mut per_bucket[b as usize]);
-            if total > 0 && total + items.len() > self.cfg.max_sync_entries {
+            if total > 0 && total + items.len() > SUMMARY_ITEMS_PER_ENTRY * self.cfg.max_sync_entries {
                 break;
             }
             total += items.len();
@@ -162,7 +191,7 @@ impl GossipNode {
             }
         }
         let want: Vec<u64> = items.iter().filter(|(_, fp)| !mine.contains(fp)).map(|(kh, _)| *kh).collect();
-        if entries.len() + want.len() >= self.cfg.max_sync_entries / 2
+        if entries.len() + want.len() >= FOLLOW_UP_AFTER
             && let Some(st) = self.syncs.get_mut(&sync_id)
         {
             st.follow_up = true;

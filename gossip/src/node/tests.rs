@@ -200,6 +200,15 @@ fn a_large_summary_is_split_by_bucket_within_the_frame_limit() {
         .map(|(_, t)| wire::decode_packet(&t.bytes).unwrap())
         .filter(|pk| matches!(&pk.body, Body::SyncSummary { network, .. } if network == "net1"))
         .collect();
+    // The first round's frames (a round that moved this much is followed by another).
+    let first = summaries.iter().find_map(|pk| match pk.body {
+        Body::SyncSummary { sync_id, .. } => Some(sync_id),
+        _ => None,
+    });
+    let summaries: Vec<Packet> = summaries
+        .into_iter()
+        .filter(|pk| matches!(pk.body, Body::SyncSummary { sync_id, .. } if Some(sync_id) == first))
+        .collect();
     assert!(summaries.len() >= 2, "{} summary frames", summaries.len());
     let lasts: Vec<bool> =
         summaries.iter().map(|pk| matches!(pk.body, Body::SyncSummary { last, .. } if last)).collect();
@@ -455,4 +464,31 @@ fn a_clash_is_a_live_node_answering_a_probe_and_ends_when_it_goes() {
     // The clashing identity goes down: the contest is over.
     p.b.own_name_down(p.now, &NodeId::new("n2", addr(1), 9).with_instance(77));
     assert!(!p.b.membership.name_contested);
+}
+
+#[test]
+fn a_peer_far_behind_is_repaired_in_bounded_rounds() {
+    let cap = 500;
+    let mut p = Pair::new(Config { max_sync_entries: cap, ..Config::default() });
+    let now = p.now;
+    p.a.join_network(now, "net1").unwrap();
+    for k in 0..3000 {
+        p.a.create_entry(now, "net1", "t", &format!("k{k:05}"), Bytes::from_static(b"v")).unwrap();
+    }
+    // b hears nothing of a's writes but what anti-entropy brings.
+    while p.a.poll_transmit().is_some() {}
+    p.a.networks.get_mut("net1").unwrap().queue = Default::default();
+    p.b.join_network(now, "net1").unwrap();
+    p.frames.clear();
+    p.run(Duration::from_secs(60));
+    assert_eq!(p.b.table_len("net1", "t"), 3000, "repaired over several rounds");
+    // No frame of any round carried more than a round's share (entries sent on their own,
+    // plus those answering a summary's wants, at most twice the bound).
+    for (_, t) in &p.frames {
+        if let Ok(Packet { body: Body::SyncEntries { entries, .. }, .. }) = wire::decode_packet(&t.bytes) {
+            assert!(entries.len() <= 2 * cap, "a frame of {} entries", entries.len());
+        }
+    }
+    let syncs = p.b.stats().syncs_started;
+    assert!(syncs >= (3000 / (2 * cap)) as u64, "{syncs} rounds");
 }
