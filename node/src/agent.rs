@@ -678,12 +678,16 @@ impl Agent {
             }
         }
         let moved = self.gossip.id().generation > self.persist.planned_num(KEY_GENERATION);
+        let issued = self.persist.issued();
         let structural = self.stage_state();
         if let Some(seq) = structural {
             self.last_structural = seq;
         }
         let durable = self.persist.durable();
         let dep = self.persist.cover(self.gossip.ltime()).max(structural.unwrap_or(0));
+        // The view's persist counters must show a batch as soon as it is handed out (a stop
+        // waits for them).
+        self.snapshot_dirty |= self.persist.issued() != issued;
         // SWIM packets carry identities and membership only, no Lamport time: they wait for
         // nothing but a move of the node's generation not yet durable.
         if moved && let Some(seq) = structural {

@@ -349,8 +349,8 @@ impl Shell {
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot start the agent's event loop");
-                        return;
+                        tracing::error!(error = %e, "cannot start the agent's event loop; exiting");
+                        std::process::exit(70);
                     }
                 };
                 rt.block_on(owner.run(control_rx, swim_rx, datagram_rx, frame_rx, durable_rx));

@@ -29,13 +29,17 @@ pub(super) struct SyncState {
     pub(super) follow_up: bool,
     /// Rounds with this peer started back to back before this one.
     pub(super) chain: u8,
+    /// Entries this node sent in the round, and entries sent plus asked for.
+    pub(super) sent: usize,
+    pub(super) moved: usize,
 }
 
-/// Rounds with one peer that may follow each other at once; then the next waits for the sync
-/// interval (two nodes that keep disagreeing, say on entries one of them refuses, do not sync
+/// Follow-up rounds with one peer that may start at once, one after the other; then the next
+/// waits for the sync interval (two nodes that keep disagreeing, say on entries one of them refuses, do not sync
 /// without pause).
 const MAX_SYNC_CHAIN: u8 = 8;
-/// A round that moved at least this many entries (either way) is followed by another at once.
+/// A round that moved at least this many entries (either way; at most `max_sync_entries`) is
+/// followed by another at once.
 const FOLLOW_UP_AFTER: usize = 1024;
 /// A summary lists up to this many items (key hash, fingerprint) per entry a round may move:
 /// listing is cheap next to sending and applying.
@@ -80,6 +84,8 @@ impl GossipNode {
                 summary_done: false,
                 follow_up: false,
                 chain: 0,
+                sent: 0,
+                moved: 0,
             },
         );
         self.stats.syncs_started += 1;
@@ -98,6 +104,7 @@ impl GossipNode {
         let alive = self.membership.members.get(&peer.name).is_some_and(|m| m.state == MemberState::Alive);
         if let Some(chain) = chain.filter(|c| *c < MAX_SYNC_CHAIN)
             && alive
+            && !self.membership.left
             && let Some(id) = self.begin_sync(now, network, peer)
             && let Some(st) = self.syncs.get_mut(&id)
         {
@@ -183,27 +190,34 @@ impl GossipNode {
         let theirs: HashMap<u64, u64> = items.iter().copied().collect();
         let mut mine: HashSet<u64> = HashSet::new();
         let mut entries = Vec::new();
+        // What is over the round's bound (all its summary frames together) goes in a later one.
+        let room = self.cfg.max_sync_entries.saturating_sub(self.syncs.get(&sync_id).map_or(0, |st| st.sent));
         for (table, key, e) in net.in_buckets(&flagged) {
             mine.insert(e.fp);
-            // What is over the round's bound goes in a later round.
-            if theirs.get(&e.keyhash) != Some(&e.fp) && entries.len() < self.cfg.max_sync_entries {
+            if theirs.get(&e.keyhash) != Some(&e.fp) && entries.len() < room {
                 entries.push(e.to_wire(table, key, now));
             }
         }
         let want: Vec<u64> = items.iter().filter(|(_, fp)| !mine.contains(fp)).map(|(kh, _)| *kh).collect();
-        if entries.len() + want.len() >= FOLLOW_UP_AFTER
+        let follow_up_after = FOLLOW_UP_AFTER.min(self.cfg.max_sync_entries);
+        if let Some(st) = self.syncs.get_mut(&sync_id) {
+            st.sent += entries.len();
+            st.moved += entries.len() + want.len();
+            st.follow_up |= st.moved >= follow_up_after;
+        }
+        let done = last && want.is_empty();
+        if last
+            && !done
             && let Some(st) = self.syncs.get_mut(&sync_id)
         {
-            st.follow_up = true;
+            st.summary_done = true;
         }
-        if last {
-            if want.is_empty() {
-                self.end_sync(now, sync_id, &network, from);
-            } else if let Some(st) = self.syncs.get_mut(&sync_id) {
-                st.summary_done = true;
-            }
-        }
+        // The entries go before any follow-up round's digest, so the peer has applied them when
+        // it compares.
         self.send_entries(from.addr, &network, sync_id, entries, want, false);
+        if done {
+            self.end_sync(now, sync_id, &network, from);
+        }
     }
 
     /// Steps 3 and 4 (both sides): apply the entries; answer what was wanted.
