@@ -744,10 +744,16 @@ impl Agent {
             ops.push((KEY_SWEEP.to_string(), Some(b"0".to_vec())));
         }
         if !self.gossip.has_left() {
-            let ids = self.attached_networks();
             // Definitions are looked up only when the attachments or the definitions table
-            // changed (a walk of that table is too dear for every datagram).
-            if std::mem::take(&mut self.defs_changed) || ids != self.staged_networks {
+            // changed (a walk of that table is too dear for every datagram); the comparison
+            // allocates nothing.
+            let same = self
+                .gossip
+                .networks()
+                .filter(|n| *n != CLUSTER_NETWORK)
+                .eq(self.staged_networks.iter().map(String::as_str));
+            if std::mem::take(&mut self.defs_changed) || !same {
+                let ids = self.attached_networks();
                 let defs: BTreeMap<String, NetworkDef> =
                     self.attached_definitions().into_iter().map(|d| (d.id.clone(), d)).collect();
                 for k in self.persist.planned_keys(NET_PREFIX).map(str::to_string).collect::<Vec<_>>() {
@@ -790,8 +796,10 @@ impl Agent {
     /// (or is older than [`SNAPSHOT_EVERY`]).
     fn update_view(&mut self, now: Instant) {
         let Some(view) = self.view.clone() else { return };
-        self.gossip.drain_changes(&mut self.changes);
-        for c in std::mem::take(&mut self.changes) {
+        // The buffer keeps its capacity from one input to the next.
+        let mut changes = std::mem::take(&mut self.changes);
+        self.gossip.drain_changes(&mut changes);
+        for c in changes.drain(..) {
             match c {
                 Change::Network { network, .. } => {
                     view.drop_network(&network);
@@ -811,6 +819,7 @@ impl Agent {
                 }
             }
         }
+        self.changes = changes;
         if self.snapshot_dirty
             || self.snapshot_at.is_none_or(|t| now.saturating_duration_since(t) >= SNAPSHOT_EVERY)
         {
@@ -1178,12 +1187,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let nid = self.table_network(network)?;
         self.check_table_write(&nid, table, force)?;
-        if self.gossip.get_entry(&nid, table, key).is_some() {
-            self.gossip.update_entry(now, &nid, table, key, value)?;
-        } else {
-            self.gossip.create_entry(now, &nid, table, key, value)?;
-        }
-        Ok(())
+        Ok(self.gossip.put_entry(now, &nid, table, key, value)?)
     }
 
     /// A live value, as `table get` reads it (here from the core; the API reads the view).
@@ -1246,12 +1250,7 @@ impl Agent {
         let end = (load.next + LOAD_SLICE).min(load.pairs.len());
         for (k, v) in &load.pairs[load.next..end] {
             let value = Bytes::copy_from_slice(v.as_bytes());
-            let r = if self.gossip.get_entry(&load.network, &load.table, k).is_some() {
-                self.gossip.update_entry(now, &load.network, &load.table, k, value)
-            } else {
-                self.gossip.create_entry(now, &load.network, &load.table, k, value)
-            };
-            if let Err(e) = r {
+            if let Err(e) = self.gossip.put_entry(now, &load.network, &load.table, k, value) {
                 return Some(Err(e.into()));
             }
         }
@@ -1657,6 +1656,42 @@ mod tests {
         net.run(Duration::from_secs(2));
         assert_eq!(*seen.lock().unwrap(), vec!["set e1", "gone e1"]);
         assert!(!net.agents[1].gossip().is_attached(&id));
+    }
+
+    /// Decodes every value as its length.
+    struct Lengths;
+
+    impl TableWatcher for Lengths {
+        fn event_notify(&mut self, _: &str, _: &str, _: &str, _: Option<&[u8]>, _: Option<&[u8]>) {}
+
+        fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
+            (key.to_string(), BTreeMap::from([("len".to_string(), value.len().to_string())]))
+        }
+    }
+
+    #[test]
+    fn a_table_registered_after_the_view_exists_is_decoded_in_it() {
+        let now = Instant::now();
+        let mut a = Agent::new(GossipConfig::lan(8), NodeId::new("a1", addr(1), 1), 1, 0, now).unwrap();
+        a.apply(now, create("g")).unwrap();
+        let put = Command::TablePut {
+            network: "g".into(),
+            table: "eps".into(),
+            key: "e".into(),
+            value: Bytes::from_static(b"abc"),
+            force: true,
+        };
+        a.apply(now, put).unwrap();
+        let view = a.attach_view(now);
+        let decoded = |view: &View| {
+            let r = crate::view::ViewRead::new(view);
+            let d = read::dump(&r, Some("g"), Some("eps")).unwrap();
+            d.networks[0].tables[0].entries[0].decoded.clone()
+        };
+        assert_eq!(decoded(&view), None, "no driver yet");
+        a.register_table(now, "eps", TableSpec::node_owned(ObjectType::Endpoint), Box::new(Lengths)).unwrap();
+        let d = decoded(&view).expect("decoded once the driver registered");
+        assert_eq!(d.fields["len"], "3");
     }
 
     /// A dump with the times that differ between two reads of one state taken out.

@@ -132,7 +132,6 @@ pub struct Persist {
     ready: VecDeque<PersistBatch>,
     /// The store's last error, until a write succeeds.
     failing: Option<String>,
-    batches: u64,
 }
 
 impl Persist {
@@ -147,7 +146,6 @@ impl Persist {
             planned_hwm: state.ltime_hwm,
             ready: VecDeque::new(),
             failing: None,
-            batches: 0,
         }
     }
 
@@ -187,7 +185,6 @@ impl Persist {
             };
         }
         self.issued += 1;
-        self.batches += 1;
         self.ready.push_back(PersistBatch { seq: self.issued, ops });
         Some(self.issued)
     }
@@ -245,11 +242,6 @@ impl Persist {
 
     pub fn failing(&self) -> Option<&str> {
         self.failing.as_deref()
-    }
-
-    /// Batches handed out since start.
-    pub fn batches(&self) -> u64 {
-        self.batches
     }
 }
 

@@ -379,10 +379,6 @@ impl Shell {
         ViewRead::new(&self.inner.view)
     }
 
-    pub fn view(&self) -> &View {
-        &self.inner.view
-    }
-
     /// Runs a command on the agent and waits for its reply: [`COMMAND_TIMEOUT`], more for a
     /// big load. On timeout the answer says in one line what the command was waiting for; the
     /// command is not cancelled and may still complete (a client that retries must expect its

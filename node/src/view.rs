@@ -102,13 +102,15 @@ type TableMap = Arc<DashMap<String, ViewEntry>>;
 /// The read view (see the module doc). Cheap to share: clone the `Arc`.
 #[derive(Debug)]
 pub struct View {
-    tables: DashMap<(String, String), TableMap>,
+    /// Network -> table -> entries; looked up by `&str`, so a write allocates only for what is
+    /// new.
+    nets: DashMap<String, DashMap<String, TableMap>>,
     snapshot: Mutex<Arc<Snapshot>>,
 }
 
 impl View {
     pub fn new(snapshot: Snapshot) -> Self {
-        View { tables: DashMap::new(), snapshot: Mutex::new(Arc::new(snapshot)) }
+        View { nets: DashMap::new(), snapshot: Mutex::new(Arc::new(snapshot)) }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -120,7 +122,7 @@ impl View {
     }
 
     fn table(&self, network: &str, table: &str) -> Option<TableMap> {
-        self.tables.get(&(network.to_string(), table.to_string())).map(|t| t.clone())
+        self.nets.get(network)?.get(table).map(|t| t.clone())
     }
 
     /// Stores (or, with `None`, removes) one entry.
@@ -129,15 +131,20 @@ impl View {
             Some(e) => {
                 let t = match self.table(network, table) {
                     Some(t) => t,
-                    None => self.tables.entry((network.to_string(), table.to_string())).or_default().clone(),
+                    None => {
+                        let tables = self.nets.entry(network.to_string()).or_default();
+                        tables.entry(table.to_string()).or_default().clone()
+                    }
                 };
                 t.insert(key.to_string(), e);
             }
             None => {
                 if let Some(t) = self.table(network, table) {
                     t.remove(key);
-                    if t.is_empty() {
-                        self.tables.remove_if(&(network.to_string(), table.to_string()), |_, t| t.is_empty());
+                    if t.is_empty()
+                        && let Some(tables) = self.nets.get(network)
+                    {
+                        tables.remove_if(table, |_, t| t.is_empty());
                     }
                 }
             }
@@ -146,12 +153,21 @@ impl View {
 
     /// Forgets everything of a network (it was detached, or attached anew).
     pub fn drop_network(&self, network: &str) {
-        self.tables.retain(|(n, _), _| n != network);
+        self.nets.remove(network);
     }
 
     /// Stored versions per (network, table).
     pub fn table_lens(&self) -> Vec<((String, String), usize)> {
-        let mut out: Vec<_> = self.tables.iter().map(|t| (t.key().clone(), t.value().len())).collect();
+        let mut out: Vec<_> = self
+            .nets
+            .iter()
+            .flat_map(|n| {
+                n.value()
+                    .iter()
+                    .map(|t| ((n.key().clone(), t.key().clone()), t.value().len()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         out.sort();
         out
     }
@@ -185,8 +201,12 @@ impl TableRead for ViewRead<'_> {
     }
 
     fn tables_of(&self, network: &str) -> Vec<String> {
-        let mut out: Vec<String> =
-            self.view.tables.iter().filter(|t| t.key().0 == network).map(|t| t.key().1.clone()).collect();
+        let mut out: Vec<String> = self
+            .view
+            .nets
+            .get(network)
+            .map(|tables| tables.iter().filter(|t| !t.value().is_empty()).map(|t| t.key().clone()).collect())
+            .unwrap_or_default();
         out.sort();
         out
     }

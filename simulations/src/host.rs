@@ -142,10 +142,7 @@ impl Host for GossipNode {
         value: Option<Bytes>,
     ) -> Result<(), String> {
         let r = match value {
-            Some(v) if self.get_entry(network, table, key).is_some() => {
-                self.update_entry(now, network, table, key, v)
-            }
-            Some(v) => self.create_entry(now, network, table, key, v),
+            Some(v) => self.put_entry(now, network, table, key, v),
             None => self.delete_entry(now, network, table, key),
         };
         r.map_err(|e| e.to_string())

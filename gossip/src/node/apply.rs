@@ -144,6 +144,20 @@ impl GossipNode {
         self.command_write(now, network, table, key, Some(value), true)
     }
 
+    /// Creates the entry, or replaces its value if it is live (networkdb's diagnostic write,
+    /// and a load).
+    pub fn put_entry(
+        &mut self,
+        now: Instant,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: Bytes,
+    ) -> Result<(), Error> {
+        let live = self.live(network, table, key);
+        self.command_write(now, network, table, key, Some(value), live)
+    }
+
     /// Deletes a live entry: it becomes a tombstone, reaped after `reap_after`.
     pub fn delete_entry(&mut self, now: Instant, network: &str, table: &str, key: &str) -> Result<(), Error> {
         self.command_write(now, network, table, key, None, true)
