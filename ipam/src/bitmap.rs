@@ -13,6 +13,9 @@ const CHUNK_BITS: u32 = 16;
 const CHUNK: u128 = 1 << CHUNK_BITS;
 const WORDS: usize = (CHUNK / 64) as usize;
 const SUMMARY: usize = WORDS / 64;
+/// Slots per page of [`Bitmap::page_words`] (64 words, 512 bytes).
+pub const PAGE_SLOTS: u128 = 4096;
+const PAGE_WORDS: usize = (PAGE_SLOTS / 64) as usize;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Chunk {
@@ -285,6 +288,29 @@ impl Bitmap {
             }
         }
         n
+    }
+
+    /// The words of page `page` (slots `page * PAGE_SLOTS ..`), empty when none is set: the
+    /// unit a change log writes, so one allocation costs one small key, not a whole chunk.
+    pub fn page_words(&self, page: u128) -> Vec<u64> {
+        let first = page.saturating_mul(PAGE_SLOTS);
+        let Some(c) = self.chunks.get(&(first >> CHUNK_BITS)) else { return Vec::new() };
+        let w = ((first % CHUNK) / 64) as usize;
+        let words = &c.words[w..w + PAGE_WORDS];
+        if words.iter().all(|&x| x == 0) { Vec::new() } else { words.to_vec() }
+    }
+
+    /// Sets the bits of page `page` from its words (restoring a change log); bits beyond the
+    /// size are ignored. Bits already set stay set.
+    pub fn load_page(&mut self, page: u128, words: &[u64]) {
+        let first = page.saturating_mul(PAGE_SLOTS);
+        for (w, &word) in words.iter().take(PAGE_WORDS).enumerate() {
+            for b in 0..64u32 {
+                if word >> b & 1 == 1 {
+                    self.set(first + w as u128 * 64 + u128::from(b));
+                }
+            }
+        }
     }
 
     /// Allocated slots in ascending order.

@@ -25,7 +25,7 @@ use thiserror::Error;
 
 use ipnet::IpNet;
 
-use crate::bitmap::Bitmap;
+use crate::bitmap::{Bitmap, PAGE_SLOTS};
 use crate::net::{net_size, reserved_offsets};
 use crate::outbox::Outbox;
 pub use crate::runs::{Name, Record, Run, Runs};
@@ -105,6 +105,21 @@ impl Space {
     pub fn block_of(&self, slot: u128) -> u32 {
         (slot / self.block_size) as u32
     }
+}
+
+/// The node name of a ring member `name@instance` (a bare name is its own).
+pub fn member_name(member: &str) -> &str {
+    member.split_once('@').map_or(member, |(n, _)| n)
+}
+
+/// Whether a seed's owners can have come out of Paxos among `acceptors`: distinct acceptors
+/// (by name; owners carry `name@instance`), at least a majority of the set.
+pub fn seed_fits(acceptors: &[Name], owners: &[Name]) -> bool {
+    let mut names: Vec<&str> = owners.iter().map(|o| member_name(o)).collect();
+    names.sort_unstable();
+    let n = names.len();
+    names.dedup();
+    n == names.len() && n > acceptors.len() / 2 && names.iter().all(|x| acceptors.iter().any(|a| &**a == *x))
 }
 
 /// The value seeding chooses: the space, split evenly among `owners` in their order.
@@ -371,6 +386,10 @@ pub struct RingDurable {
     /// Per requester: the last request id served, what it got, and when (a counter).
     pub served: BTreeMap<Name, Served>,
     pub served_count: u64,
+    /// Where the next serial allocation starts looking: a released slot is reached again only
+    /// after the cursor went round the share.
+    #[serde(default)]
+    pub cursor: u128,
 }
 
 /// A donor's memory of its last answer to one requester.
@@ -402,6 +421,38 @@ pub struct Ring {
     published_free: Option<u64>,
     want: Option<Want>,
     outbox: Outbox<Output>,
+    /// The caller's clock, milliseconds (from [`Ring::tick`] and [`Ring::handle_message`]).
+    now_ms: u64,
+    /// How long a released slot stays out of use, milliseconds.
+    reuse_after_ms: u64,
+    /// Released slots and when they may be handed out again.
+    quarantine: BTreeMap<u128, u64>,
+    /// Inherited slot ranges and when they may be handed out: the removed node's containers
+    /// may still hold any of them.
+    quarantine_ranges: Vec<(u128, u128, u64)>,
+    /// What changed since [`Ring::take_changes`] last ran.
+    dirty_meta: bool,
+    dirty_cursor: bool,
+    dirty_pages: BTreeSet<u128>,
+}
+
+/// Default time a released slot stays out of use (stale FDB entries elsewhere would send its
+/// traffic to the wrong host: moby #35401).
+pub const REUSE_AFTER_MS: u64 = 60_000;
+
+/// What changed in a ring's durable state since the last call of [`Ring::take_changes`]:
+/// written as a few keys, not the whole state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingChanges {
+    /// The generation these changes bring the disk to (pass it to [`Ring::persisted`]).
+    pub generation: u64,
+    /// Everything but the bitmap and the cursor (ownership, counters, donation memory):
+    /// changes with ownership and publications, not with each allocation.
+    pub meta: Option<RingDurable>,
+    pub cursor: Option<u128>,
+    /// Pages of the allocation bitmap ([`crate::bitmap::PAGE_SLOTS`] slots each); empty words:
+    /// the page holds nothing (delete its key).
+    pub pages: Vec<(u128, Vec<u64>)>,
 }
 
 impl Ring {
@@ -421,6 +472,7 @@ impl Ring {
             next_request: 1,
             served: BTreeMap::new(),
             served_count: 0,
+            cursor: 0,
         };
         Ring::from_durable(d)
     }
@@ -472,9 +524,104 @@ impl Ring {
             published_free: None,
             want: None,
             outbox: Outbox::default(),
+            now_ms: 0,
+            reuse_after_ms: REUSE_AFTER_MS,
+            quarantine: BTreeMap::new(),
+            quarantine_ranges: Vec::new(),
+            dirty_meta: true,
+            dirty_cursor: true,
+            dirty_pages: BTreeSet::new(),
         };
+        ring.dirty_pages = ring.d.alloc.iter().map(|s| s / PAGE_SLOTS).collect();
         ring.rebuild_owned();
         ring
+    }
+
+    /// A ring back from its change log: the meta, the cursor and the bitmap's pages. Like
+    /// [`Ring::restore`], it republishes its claims.
+    pub fn from_parts(
+        meta: RingDurable,
+        cursor: u128,
+        pages: impl IntoIterator<Item = (u128, Vec<u64>)>,
+    ) -> Ring {
+        let mut d = meta;
+        d.cursor = cursor;
+        d.alloc = Bitmap::new(d.space.size);
+        for (page, words) in pages {
+            d.alloc.load_page(page, &words);
+        }
+        let mut ring = Ring::restore(d);
+        // What was read back is on disk already.
+        ring.dirty_meta = false;
+        ring.dirty_cursor = false;
+        ring.dirty_pages.clear();
+        ring.quarantine_restart();
+        ring
+    }
+
+    /// After a restart nothing says when slots were released: every free slot behind the
+    /// cursor in this node's share waits `reuse_after` again (the cursor keeps the rest in
+    /// order), so a restart never shortens a quarantine.
+    fn quarantine_restart(&mut self) {
+        let until = self.now_ms.saturating_add(self.reuse_after_ms);
+        let cursor = self.d.cursor;
+        for &(s, e) in &self.owned.clone() {
+            if s < cursor {
+                self.quarantine_ranges.push((s, e.min(cursor), until));
+            }
+        }
+    }
+
+    /// How long a released slot stays out of use (default [`REUSE_AFTER_MS`]).
+    pub fn set_reuse_after(&mut self, ms: u64) {
+        self.reuse_after_ms = ms;
+    }
+
+    /// Takes what changed in the durable state since the last call, to write as keys. Call
+    /// [`Ring::persisted`] with its generation once written.
+    pub fn take_changes(&mut self) -> Option<RingChanges> {
+        if !self.dirty_meta && !self.dirty_cursor && self.dirty_pages.is_empty() {
+            return None;
+        }
+        let meta = std::mem::take(&mut self.dirty_meta).then(|| self.meta());
+        let cursor = std::mem::take(&mut self.dirty_cursor).then_some(self.d.cursor);
+        let pages = std::mem::take(&mut self.dirty_pages)
+            .into_iter()
+            .map(|p| (p, self.d.alloc.page_words(p)))
+            .collect();
+        Some(RingChanges { generation: self.outbox.generation(), meta, cursor, pages })
+    }
+
+    /// The durable state without the bitmap and the cursor (see [`RingChanges::meta`]).
+    pub fn meta(&self) -> RingDurable {
+        let d = &self.d;
+        RingDurable {
+            me: d.me.clone(),
+            space: d.space.clone(),
+            acceptors: d.acceptors.clone(),
+            reserved: d.reserved.clone(),
+            state: d.state.clone(),
+            alloc: Bitmap::new(d.space.size),
+            seq: d.seq,
+            clock: d.clock,
+            removed_by: d.removed_by.clone(),
+            next_request: d.next_request,
+            served: d.served.clone(),
+            served_count: d.served_count,
+            cursor: 0,
+        }
+    }
+
+    /// A change to the meta part of the durable state.
+    fn touch(&mut self) {
+        self.outbox.touch();
+        self.dirty_meta = true;
+    }
+
+    /// A change to one slot's allocation bit.
+    fn touch_slot(&mut self, slot: u128) {
+        self.outbox.touch();
+        self.dirty_pages.insert(slot / PAGE_SLOTS);
     }
 
     pub fn me(&self) -> &Name {
@@ -612,13 +759,13 @@ impl Ring {
             return Err(RingError::NotSeeded { ring });
         }
         if let Some(acceptors) = &self.d.acceptors
-            && *acceptors != seed.owners
+            && !seed_fits(acceptors, &seed.owners)
         {
             return Err(RingError::SeedOwners { ring, theirs: seed.owners.clone(), ours: acceptors.clone() });
         }
         self.d.state.seed = Some(seed.clone());
         self.d.state.blocks = self.d.state.blocks.join(&seed.runs());
-        self.outbox.touch();
+        self.touch();
         self.emit(Output::Publish(RingEntry::Seed(seed.clone())));
         self.refresh(true, true);
         Ok(())
@@ -648,7 +795,7 @@ impl Ring {
                 let new = (r.generation, r.heir.clone());
                 if self.d.state.removed.get(&r.node).is_none_or(|old| new > *old) {
                     self.d.state.removed.insert(r.node.clone(), new);
-                    self.outbox.touch();
+                    self.touch();
                     self.after_merge();
                 }
                 Ok(())
@@ -706,7 +853,7 @@ impl Ring {
             let top = ok.iter().map(|r| r.rec.version).max().unwrap_or(0);
             self.d.clock = self.d.clock.max(top);
             self.d.state.blocks = self.d.state.blocks.join(&Runs::from_runs(ok));
-            self.outbox.touch();
+            self.touch();
             self.after_merge();
         }
         if bad.is_empty() { Ok(()) } else { Err(RingError::Violations(bad)) }
@@ -760,7 +907,7 @@ impl Ring {
             && self.d.removed_by.as_ref() != Some(&by)
         {
             self.d.removed_by = Some(by.clone());
-            self.outbox.touch();
+            self.touch();
             self.want = None;
             self.event(RingEvent::Removed { by });
         }
@@ -824,7 +971,10 @@ impl Ring {
         if takes.is_empty() {
             return false;
         }
+        let until = self.now_ms.saturating_add(self.reuse_after_ms);
         for (s, e) in takes {
+            let (lo, hi) = (self.d.space.slots(s).0, self.d.space.slots(e - 1).1);
+            self.quarantine_ranges.push((lo, hi, until));
             self.d.state.blocks.rewrite(s, e, |old| Record {
                 epoch: old.epoch + 1,
                 lineage: me.clone(),
@@ -833,7 +983,7 @@ impl Ring {
                 owner: me.clone(),
             });
         }
-        self.outbox.touch();
+        self.touch();
         true
     }
 
@@ -887,7 +1037,7 @@ impl Ring {
             .cloned()
             .collect();
         self.d.seq += 1;
-        self.outbox.touch();
+        self.touch();
         self.published_free = Some(self.free_blocks);
         let c = Claims {
             ring: self.d.space.ring.clone(),
@@ -929,6 +1079,18 @@ impl Ring {
     /// Allocates `preferred`, or the lowest free slot this node owns. Hand it out only after
     /// persisting.
     pub fn allocate(&mut self, preferred: Option<u128>) -> Result<u128, RingError> {
+        self.allocate_where(preferred, &|_| true)
+    }
+
+    /// Like [`Ring::allocate`], a free slot only where `ok` holds (a default-pool subnet that no
+    /// explicit `--subnet` overlaps). Without a preferred slot the search is serial: it starts
+    /// at the cursor, wraps once, and takes a slot released less than `reuse_after` ago only
+    /// when no other is free.
+    pub fn allocate_where(
+        &mut self,
+        preferred: Option<u128>,
+        ok: &dyn Fn(u128) -> bool,
+    ) -> Result<u128, RingError> {
         self.check_can_allocate()?;
         let ring = self.d.space.ring.clone();
         let slot = match preferred {
@@ -947,12 +1109,20 @@ impl Ring {
                 }
                 slot
             }
-            None => self.lowest_free().ok_or(RingError::Exhausted { ring, owned: self.owned_blocks })?,
+            None => self
+                .next_free(ok, false)
+                .or_else(|| self.next_free(ok, true))
+                .ok_or(RingError::Exhausted { ring, owned: self.owned_blocks })?,
         };
         let b = self.d.space.block_of(slot);
         let was_free = self.block_is_free(b);
         self.d.alloc.set(slot);
-        self.outbox.touch();
+        self.touch_slot(slot);
+        if preferred.is_none() {
+            self.d.cursor = slot + 1;
+            self.dirty_cursor = true;
+        }
+        self.quarantine.remove(&slot);
         if was_free {
             self.free_blocks -= 1;
             self.maybe_publish_free();
@@ -960,11 +1130,17 @@ impl Ring {
         Ok(slot)
     }
 
-    fn lowest_free(&self) -> Option<u128> {
-        for &(s, e) in &self.owned {
+    /// The next free slot of the share from the cursor on, wrapping once; quarantined slots
+    /// only if `quarantined`.
+    fn next_free(&self, ok: &dyn Fn(u128) -> bool, quarantined: bool) -> Option<u128> {
+        let cursor = self.d.cursor;
+        let after = self.owned.iter().filter(|&&(_, e)| e > cursor).map(|&(s, e)| (s.max(cursor), e));
+        let before = self.owned.iter().filter(|&&(s, _)| s < cursor).map(|&(s, e)| (s, e.min(cursor)));
+        for (s, e) in after.chain(before) {
             let mut from = s;
             while let Some(slot) = self.d.alloc.first_clear_in(from, e) {
-                if !self.d.reserved.contains(&slot) {
+                if !self.d.reserved.contains(&slot) && (quarantined || !self.is_quarantined(slot)) && ok(slot)
+                {
                     return Some(slot);
                 }
                 from = slot + 1;
@@ -973,12 +1149,45 @@ impl Ring {
         None
     }
 
+    fn is_quarantined(&self, slot: u128) -> bool {
+        self.quarantine.get(&slot).is_some_and(|&t| t > self.now_ms)
+            || self.quarantine_ranges.iter().any(|&(s, e, t)| s <= slot && slot < e && t > self.now_ms)
+    }
+
+    /// Whether any slot of `s..e` is quarantined (such a block is not given away).
+    fn quarantined_in(&self, s: u128, e: u128) -> bool {
+        self.quarantine.range(s..e).any(|(_, &t)| t > self.now_ms)
+            || self.quarantine_ranges.iter().any(|&(qs, qe, t)| qs < e && s < qe && t > self.now_ms)
+    }
+
+    /// Slots released less than `reuse_after` ago (and inherited ranges still held back).
+    pub fn quarantined(&self) -> u128 {
+        let ranges: u128 = self
+            .quarantine_ranges
+            .iter()
+            .filter(|q| q.2 > self.now_ms)
+            .map(|&(s, e, _)| (e - s) - self.d.alloc.count_in(s, e))
+            .sum();
+        self.quarantine.values().filter(|&&t| t > self.now_ms).count() as u128 + ranges
+    }
+
+    /// Moves the ring's clock (milliseconds) and forgets quarantines that ended.
+    pub fn advance(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let now = self.now_ms;
+        if self.quarantine.first_key_value().is_some() {
+            self.quarantine.retain(|_, t| *t > now);
+        }
+        self.quarantine_ranges.retain(|q| q.2 > now);
+    }
+
     /// Releases an allocation (also one left in a block this node lost).
     pub fn release(&mut self, slot: u128) -> Result<(), RingError> {
         if !self.d.alloc.unset(slot) {
             return Err(RingError::NotAllocated { ring: self.d.space.ring.clone(), slot });
         }
-        self.outbox.touch();
+        self.touch_slot(slot);
+        self.quarantine.insert(slot, self.now_ms.saturating_add(self.reuse_after_ms));
         if self.owns_slot(slot) && self.block_is_free(self.d.space.block_of(slot)) {
             self.free_blocks += 1;
             self.maybe_publish_free();
@@ -1038,7 +1247,7 @@ impl Ring {
         };
         let id = self.d.next_request;
         self.d.next_request += 1;
-        self.outbox.touch();
+        self.touch();
         let mut asked = asked;
         asked.push(to.clone());
         self.want = Some(Want { id, to: to.clone(), deadline: now_ms + REQUEST_TIMEOUT_MS, asked });
@@ -1049,6 +1258,7 @@ impl Ring {
 
     /// Retries a request that timed out with the next owner.
     pub fn tick(&mut self, now_ms: u64, alive: &dyn Fn(&str) -> bool) -> Result<(), RingError> {
+        self.advance(now_ms);
         match &self.want {
             Some(w) if now_ms >= w.deadline => {
                 let asked = w.asked.clone();
@@ -1075,6 +1285,7 @@ impl Ring {
         if msg.ring() != self.d.space.ring {
             return Ok(());
         }
+        self.advance(now_ms);
         match msg {
             RingMsg::Request { id, want, .. } => {
                 self.donate(from, *id, *want);
@@ -1135,7 +1346,7 @@ impl Ring {
                 self.d.served.remove(&k);
             }
         }
-        self.outbox.touch();
+        self.touch();
         self.refresh(false, true);
         self.emit(Output::Send { to: from.clone(), msg: RingMsg::Grant { ring, id, runs } });
     }
@@ -1150,11 +1361,13 @@ impl Ring {
             return None;
         }
         let n = self.free_blocks.div_ceil(2).min(u64::from(want.max(1)));
+        // A block with a slot released less than `reuse_after` ago is kept: given away, that
+        // slot could be handed out again at once.
         let unused = |b: u32| {
             let (s, e) = self.d.space.slots(b);
-            self.d.alloc.count_in(s, e) == 0
+            self.d.alloc.count_in(s, e) == 0 && !self.quarantined_in(s, e)
         };
-        let free_in = |s: u32, e: u32| (s..e).filter(|&b| self.block_is_free(b)).count() as u64;
+        let free_in = |s: u32, e: u32| (s..e).filter(|&b| unused(b) && self.block_is_free(b)).count() as u64;
         let me = self.d.me.clone();
         // (free blocks, start, end) of the best tail and the best inner run.
         let mut best_tail: Option<(u64, u32, u32)> = None;
@@ -1193,7 +1406,7 @@ impl Ring {
         let mut taken = 0;
         while start > s && taken < n {
             start -= 1;
-            if self.block_is_free(start) {
+            if unused(start) && self.block_is_free(start) {
                 taken += 1;
             }
         }
@@ -1219,7 +1432,7 @@ impl Ring {
         let before = self.owned_blocks;
         let generation = self.d.state.removed.get(node).map_or(1, |(g, _)| g + 1).min(MAX_VERSION - 1);
         let removal = Removal { ring, node: node.clone(), generation, heir: self.d.me.clone() };
-        self.outbox.touch();
+        self.touch();
         self.emit(Output::Publish(RingEntry::Removal(removal.clone())));
         self.merge(&RingEntry::Removal(removal))?;
         Ok(self.owned_blocks.saturating_sub(before))

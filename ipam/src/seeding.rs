@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::outbox::Outbox;
-use crate::ring::{Name, Seed};
+use crate::ring::{Name, Seed, seed_fits};
 
 /// Rounds at or above this are refused from the network (no honest proposer gets near), so a
 /// peer can neither pin an acceptor's promise out of reach nor overflow the round counter.
@@ -39,6 +39,9 @@ pub enum PaxosMsg {
         ring: String,
         ballot: Ballot,
         accepted: Option<(Ballot, Seed)>,
+        /// The acceptor as a ring member (`name@instance`): a seed proposed after this quorum
+        /// is split among the members whose promises formed it.
+        member: Name,
     },
     Accept {
         ring: String,
@@ -109,12 +112,15 @@ pub struct SeederDurable {
     pub chosen: Option<Seed>,
     /// The highest round seen, so a restarted proposer never reuses a ballot.
     pub max_round: u64,
+    /// This node as a ring member (`name@instance`).
+    #[serde(default)]
+    pub member: Name,
 }
 
 #[derive(Debug, Clone)]
 enum Phase {
     Idle,
-    Preparing { ballot: Ballot, promises: BTreeMap<Name, Option<(Ballot, Seed)>> },
+    Preparing { ballot: Ballot, promises: BTreeMap<Name, (Name, Option<(Ballot, Seed)>)> },
     Accepting { ballot: Ballot, value: Seed, accepted: BTreeSet<Name> },
 }
 
@@ -122,7 +128,10 @@ enum Phase {
 #[derive(Debug, Clone)]
 pub struct Seeder {
     d: SeederDurable,
-    proposal: Option<Seed>,
+    proposal: Option<crate::ring::Space>,
+    /// An acceptor that lost its state (a new data dir under a name an earlier instance held)
+    /// must not promise or accept: it may have promised before and forgotten.
+    learner_only: bool,
     phase: Phase,
     deadline: Option<u64>,
     outbox: Outbox<SeedOutput>,
@@ -146,11 +155,46 @@ impl Seeder {
             accepted: None,
             chosen: None,
             max_round: 0,
+            member: "".into(),
         })
     }
 
     pub fn restore(d: SeederDurable) -> Self {
-        Seeder { d, proposal: None, phase: Phase::Idle, deadline: None, outbox: Outbox::default() }
+        let mut d = d;
+        if d.member.is_empty() {
+            d.member = d.me.clone();
+        }
+        Seeder {
+            d,
+            proposal: None,
+            learner_only: false,
+            phase: Phase::Idle,
+            deadline: None,
+            outbox: Outbox::default(),
+        }
+    }
+
+    /// This node as a ring member, `name@instance` (what the seed it helps choose names).
+    pub fn set_member(&mut self, member: impl Into<Name>) {
+        let member = member.into();
+        if self.d.member != member {
+            self.d.member = member;
+            self.outbox.touch();
+        }
+    }
+
+    /// Makes this node a learner only (see [`Seeder`]'s field): it still proposes and learns.
+    pub fn set_learner_only(&mut self, on: bool) {
+        self.learner_only = on;
+    }
+
+    pub fn is_learner_only(&self) -> bool {
+        self.learner_only
+    }
+
+    /// Whether a proposal is under way.
+    pub fn is_proposing(&self) -> bool {
+        self.proposal.is_some() && self.d.chosen.is_none()
     }
 
     pub fn acceptors(&self) -> &[Name] {
@@ -196,17 +240,20 @@ impl Seeder {
         self.outbox.emit(o);
     }
 
-    /// The seed this node proposes: the space split among the acceptors.
-    pub fn seed_for(&self, space: crate::ring::Space) -> Seed {
-        Seed { space, owners: self.d.acceptors.clone(), seeded_by: self.d.me.clone() }
+    /// The seed this node proposes once `members` promised: the space split among them.
+    pub fn seed_for(&self, space: crate::ring::Space, members: impl IntoIterator<Item = Name>) -> Seed {
+        let mut owners: Vec<Name> = members.into_iter().collect();
+        owners.sort();
+        Seed { space, owners, seeded_by: self.d.member.clone() }
     }
 
-    /// Starts proposing a seed of `space` split among the acceptors, until a value is chosen.
+    /// Starts proposing a seed of `space`, split among the acceptors whose promises form the
+    /// quorum, until a value is chosen.
     pub fn propose(&mut self, space: crate::ring::Space, now_ms: u64) {
-        if self.d.chosen.is_some() {
+        if self.d.chosen.is_some() || self.proposal.is_some() {
             return;
         }
-        self.proposal = Some(self.seed_for(space));
+        self.proposal = Some(space);
         self.start_round(now_ms);
     }
 
@@ -247,7 +294,7 @@ impl Seeder {
     }
 
     fn learn(&mut self, from: &Name, value: Seed) {
-        if value.owners != self.d.acceptors {
+        if !seed_fits(&self.d.acceptors, &value.owners) {
             // A node with another acceptor set chose among its own; never learn that.
             let (theirs, ours) = (value.owners, self.d.acceptors.clone());
             self.outbox.event(SeedOutput::Mismatch { from: from.clone(), theirs, ours });
@@ -281,13 +328,13 @@ impl Seeder {
         match msg {
             PaxosMsg::Prepare { acceptors, .. } | PaxosMsg::Accept { acceptors, .. }
                 if *acceptors != self.d.acceptors
-                    || matches!(msg, PaxosMsg::Accept { value, .. } if value.owners != self.d.acceptors) =>
+                    || matches!(msg, PaxosMsg::Accept { value, .. } if !seed_fits(&self.d.acceptors, &value.owners)) =>
             {
                 let (theirs, ours) = (acceptors.clone(), self.d.acceptors.clone());
                 self.outbox.event(SeedOutput::Mismatch { from: from.clone(), theirs, ours: ours.clone() });
                 self.reply(from, PaxosMsg::Mismatch { ring, ours });
             }
-            _ if !self.d.acceptors.contains(&self.d.me)
+            _ if (self.learner_only || !self.d.acceptors.contains(&self.d.me))
                 && matches!(msg, PaxosMsg::Prepare { .. } | PaxosMsg::Accept { .. }) => {}
             PaxosMsg::Prepare { ballot, .. } => {
                 self.d.max_round = self.d.max_round.max(ballot.round);
@@ -299,7 +346,8 @@ impl Seeder {
                         self.outbox.touch();
                     }
                     let accepted = self.d.accepted.clone();
-                    self.reply(from, PaxosMsg::Promise { ring, ballot: ballot.clone(), accepted });
+                    let member = self.d.member.clone();
+                    self.reply(from, PaxosMsg::Promise { ring, ballot: ballot.clone(), accepted, member });
                 } else {
                     let promised = self.d.promised.clone().expect("checked");
                     self.reply(from, PaxosMsg::Nack { ring, ballot: ballot.clone(), promised });
@@ -319,19 +367,29 @@ impl Seeder {
                     self.reply(from, PaxosMsg::Nack { ring, ballot: ballot.clone(), promised });
                 }
             }
-            PaxosMsg::Promise { ballot, accepted, .. } => {
+            PaxosMsg::Promise { ballot, accepted, member, .. } => {
                 let quorum = self.quorum();
                 let Phase::Preparing { ballot: mine, promises } = &mut self.phase else { return };
                 if mine != ballot || !self.d.acceptors.contains(from) {
                     return;
                 }
-                promises.insert(from.clone(), accepted.clone());
+                if crate::ring::member_name(member) != &**from {
+                    return;
+                }
+                promises.insert(from.clone(), (member.clone(), accepted.clone()));
                 if promises.len() < quorum {
                     return;
                 }
-                // The value of the highest ballot any quorum member accepted, else our own.
-                let prior = promises.values().flatten().max_by(|a, b| a.0.cmp(&b.0)).map(|(_, v)| v.clone());
-                let Some(value) = prior.or_else(|| self.proposal.clone()) else { return };
+                // The value of the highest ballot any quorum member accepted, else ours: the
+                // space split among the members whose promises formed this quorum.
+                let prior = promises
+                    .values()
+                    .filter_map(|(_, a)| a.as_ref())
+                    .max_by(|a, b| a.0.cmp(&b.0))
+                    .map(|(_, v)| v.clone());
+                let members: Vec<Name> = promises.values().map(|(m, _)| m.clone()).collect();
+                let own = self.proposal.clone().map(|space| self.seed_for(space, members));
+                let Some(value) = prior.or(own) else { return };
                 let ballot = ballot.clone();
                 self.phase = Phase::Accepting {
                     ballot: ballot.clone(),
