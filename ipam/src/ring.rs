@@ -129,6 +129,10 @@ pub struct Seed {
     pub owners: Vec<Name>,
     /// Who proposed it (informational; it makes concurrent proposals distinct).
     pub seeded_by: Name,
+    /// What the slots mean, chosen with the seed and fixed by it (the default pool's
+    /// `10.0.0.0/8` cut into `/24`s): a node configured otherwise later follows the seed.
+    #[serde(default)]
+    pub params: String,
 }
 
 impl Seed {
@@ -500,6 +504,7 @@ impl Ring {
             space: ring.d.space.clone(),
             owners: vec![ring.d.me.clone()],
             seeded_by: ring.d.me.clone(),
+            params: String::new(),
         };
         ring.install_seed(&seed).expect("a fresh ring takes its own seed");
         ring

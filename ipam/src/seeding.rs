@@ -132,6 +132,7 @@ pub struct Seeder {
     /// An acceptor that lost its state (a new data dir under a name an earlier instance held)
     /// must not promise or accept: it may have promised before and forgotten.
     learner_only: bool,
+    params: String,
     phase: Phase,
     deadline: Option<u64>,
     outbox: Outbox<SeedOutput>,
@@ -168,6 +169,7 @@ impl Seeder {
             d,
             proposal: None,
             learner_only: false,
+            params: String::new(),
             phase: Phase::Idle,
             deadline: None,
             outbox: Outbox::default(),
@@ -244,7 +246,13 @@ impl Seeder {
     pub fn seed_for(&self, space: crate::ring::Space, members: impl IntoIterator<Item = Name>) -> Seed {
         let mut owners: Vec<Name> = members.into_iter().collect();
         owners.sort();
-        Seed { space, owners, seeded_by: self.d.member.clone() }
+        let params = self.params.clone();
+        Seed { space, owners, seeded_by: self.d.member.clone(), params }
+    }
+
+    /// What the proposed seed's slots mean (see [`Seed::params`]).
+    pub fn set_params(&mut self, params: impl Into<String>) {
+        self.params = params.into();
     }
 
     /// Starts proposing a seed of `space`, split among the acceptors whose promises form the

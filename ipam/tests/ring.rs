@@ -106,7 +106,12 @@ fn a_seed_splits_the_space_evenly_and_contiguously_among_its_owners() {
     let space = Space::new("vni", (1 << 24) - 4096).unwrap();
     assert_eq!(space.block_size, 256);
     assert_eq!(space.blocks(), 65_520);
-    let seed = Seed { space: space.clone(), owners: vec![n("a"), n("b"), n("c")], seeded_by: n("a") };
+    let seed = Seed {
+        space: space.clone(),
+        owners: vec![n("a"), n("b"), n("c")],
+        seeded_by: n("a"),
+        params: String::new(),
+    };
     let mut rings: Vec<Ring> =
         ["a", "b", "c", "d"].iter().map(|m| Ring::new(n(m), space.clone(), [])).collect();
     for r in &mut rings {
@@ -195,7 +200,8 @@ fn a_donor_never_gives_a_block_with_an_allocation_and_never_allocates_in_what_it
 #[test]
 fn without_a_reachable_owner_with_space_the_error_says_so_and_a_timeout_moves_on() {
     let space = pool();
-    let seed = Seed { space: space.clone(), owners: vec![n("a"), n("b")], seeded_by: n("a") };
+    let seed =
+        Seed { space: space.clone(), owners: vec![n("a"), n("b")], seeded_by: n("a"), params: String::new() };
     let mut c = Ring::new(n("c"), space, [0, 255]);
     c.install_seed(&seed).unwrap();
     flush(&mut c);
@@ -398,14 +404,15 @@ fn a_cluster_ring_installs_only_a_seed_split_among_its_acceptors() {
     let acceptors = [n("s1"), n("s2"), n("s3")];
     let mut r = Ring::cluster(n("x"), space.clone(), [], acceptors.clone());
     // A node configured with the seed list [rogue] chose among itself.
-    let rogue = Seed { space: space.clone(), owners: vec![n("rogue")], seeded_by: n("rogue") };
+    let rogue =
+        Seed { space: space.clone(), owners: vec![n("rogue")], seeded_by: n("rogue"), params: String::new() };
     let e = r.merge(&RingEntry::Seed(rogue)).unwrap_err();
     assert_eq!(
         e.to_string(),
         "ring vni: seed split among [\"rogue\"], but this node's acceptor set is [\"s1\", \"s2\", \"s3\"]; refused"
     );
     assert!(!r.is_seeded());
-    let good = Seed { space, owners: acceptors.to_vec(), seeded_by: n("s2") };
+    let good = Seed { space, owners: acceptors.to_vec(), seeded_by: n("s2"), params: String::new() };
     r.merge(&RingEntry::Seed(good)).unwrap();
     assert!(r.is_seeded());
 }
@@ -422,7 +429,12 @@ fn gossip(from: &mut Ring, to: &mut [&mut Ring]) -> Vec<RingEntry> {
 }
 
 fn seeded(names: &[&str], owners: &[&str]) -> Vec<Ring> {
-    let seed = Seed { space: pool(), owners: owners.iter().map(|o| n(o)).collect(), seeded_by: n(owners[0]) };
+    let seed = Seed {
+        space: pool(),
+        owners: owners.iter().map(|o| n(o)).collect(),
+        seeded_by: n(owners[0]),
+        params: String::new(),
+    };
     names
         .iter()
         .map(|m| {

@@ -152,8 +152,12 @@ impl Cluster {
     fn new(seed: u64, n: usize, owners: usize, size: u128) -> Cluster {
         let rng = Rng(seed);
         let space = Space::new("pool", size).unwrap();
-        let seed_value =
-            Seed { space: space.clone(), owners: (0..owners).map(name).collect(), seeded_by: name(0) };
+        let seed_value = Seed {
+            space: space.clone(),
+            owners: (0..owners).map(name).collect(),
+            seeded_by: name(0),
+            params: String::new(),
+        };
         let reserved = [0, size - 1];
         let nodes = (0..n)
             .map(|i| {
