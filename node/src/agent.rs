@@ -19,6 +19,9 @@ use weft_gossip::{
 
 use weft_gossip::wire::{self, FrameType};
 
+use crate::alloc::{
+    ALLOC_WAIT, AllocConfig, Allocator, ENDPOINT_TABLE, Endpoint, Endpoints, IPAM_TABLE, Pending, RingEntries, RingMerge,
+};
 use crate::error::AgentError;
 use crate::persist::{KEY_GENERATION, KEY_SWEEP, NET_PREFIX, NodeState, Persist, PersistBatch};
 use crate::read::{self, TableRead};
@@ -45,6 +48,10 @@ pub struct NetworkDef {
     #[serde(default)]
     pub gateway: Option<String>,
     pub created_by: String,
+    /// Driver options, Docker's way: the overlay's VNIs under
+    /// `com.docker.network.driver.overlay.vxlanid_list`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
 }
 
 impl NetworkDef {
@@ -57,6 +64,7 @@ impl NetworkDef {
             subnets: Vec::new(),
             gateway: None,
             created_by: String::new(),
+            options: BTreeMap::new(),
         }
     }
 
@@ -75,6 +83,10 @@ pub struct NetworkInfo {
     pub attached: bool,
     pub peers: Vec<String>,
     pub name_clash: bool,
+    /// Networks whose subnets overlap this one's (both created apart, on two sides of a
+    /// partition): names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnet_overlap: Vec<String>,
     /// Attached here, but the cluster holds no definition of it (removed while this node was
     /// down long enough for the tombstone to be reaped, or not arrived yet): `weft network
     /// detach ID` detaches it.
@@ -206,6 +218,19 @@ pub enum Command {
         pairs: Vec<(String, String)>,
         force: bool,
     },
+    /// Allocates an address from this node's share of the network's subnet (attaching first
+    /// if needed) and publishes the endpoint. Waits up to [`ALLOC_WAIT`] for a share.
+    EndpointCreate {
+        network: String,
+        name: String,
+        ip: Option<std::net::IpAddr>,
+        mac: Option<String>,
+    },
+    /// Removes one of this node's endpoints (by name, id or unique id prefix).
+    EndpointRm {
+        network: String,
+        endpoint: String,
+    },
 }
 
 impl Command {
@@ -225,6 +250,8 @@ impl Command {
             Command::TableLoad { network, table, pairs, .. } => {
                 format!("table load {network} {table} ({} keys)", pairs.len())
             }
+            Command::EndpointCreate { network, name, .. } => format!("endpoint create {network} {name}"),
+            Command::EndpointRm { network, endpoint } => format!("endpoint rm {network} {endpoint}"),
         }
     }
 }
@@ -235,6 +262,7 @@ pub enum Reply {
     Done,
     Network(NetworkDef),
     Written(usize),
+    Endpoint(Endpoint),
 }
 
 pub type CommandResult = Result<Reply, AgentError>;
@@ -264,6 +292,15 @@ struct Load {
     table: String,
     pairs: Vec<(String, String)>,
     next: usize,
+}
+
+/// A command waiting for allocation to become possible (a seed, a donation).
+#[derive(Debug)]
+struct AllocParked {
+    id: CommandId,
+    cmd: Command,
+    deadline: Instant,
+    why: String,
 }
 
 /// An attach waiting for its network's definition.
@@ -334,6 +371,11 @@ pub struct Agent {
     replies: Vec<(CommandId, CommandResult)>,
     log: Option<VecDeque<Event>>,
     parked: Vec<Parked>,
+    alloc: Allocator,
+    alloc_parked: Vec<AllocParked>,
+    /// The whole seed list (this node's own address included) the acceptors are derived from,
+    /// when the caller gives it apart from the seeds it joins through.
+    acceptor_seeds: Option<Vec<SocketAddr>>,
     loads: VecDeque<Load>,
     view: Option<Arc<View>>,
     changes: Vec<Change>,
@@ -362,11 +404,17 @@ impl Agent {
         now: Instant,
     ) -> Result<Self, AgentError> {
         let id = NodeId::new(state.name.as_str(), addr, state.generation).with_instance(state.instance);
+        let mut alloc = Allocator::new(&id, AllocConfig::default(), state.fresh, now);
+        alloc.restore(&state.alloc).map_err(|e| AgentError::BadName(format!("stored allocator state: {e}")))?;
         let mut gossip = GossipNode::new(cfg, id, seed, state.ltime_hwm, now)?;
         gossip.register_table(NETWORKS_TABLE, TableSpec::cluster(ObjectType::Network))?;
+        gossip.register_table(IPAM_TABLE, TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(RingMerge)))?;
+        gossip.register_table(ENDPOINT_TABLE, TableSpec::node_owned(ObjectType::Endpoint))?;
         gossip.set_predecessor_sweep(state.sweep_pending);
         let mut watchers = Watchers::new();
         watchers.register(NETWORKS_TABLE, ObjectType::Network, Box::new(NetworkDefs));
+        watchers.register(IPAM_TABLE, ObjectType::Opaque, Box::new(RingEntries));
+        watchers.register(ENDPOINT_TABLE, ObjectType::Endpoint, Box::new(Endpoints));
         let mut agent = Agent {
             gossip,
             watchers,
@@ -396,6 +444,9 @@ impl Agent {
             replies: Vec::new(),
             log: None,
             parked: Vec::new(),
+            alloc,
+            alloc_parked: Vec::new(),
+            acceptor_seeds: None,
             loads: VecDeque::new(),
             view: None,
             changes: Vec::new(),
@@ -405,6 +456,7 @@ impl Agent {
         for id in &state.networks {
             agent.gossip.join_network(now, id)?;
         }
+        agent.alloc.republish(&mut agent.gossip, now);
         agent.restored = state
             .definitions
             .iter()
@@ -432,8 +484,25 @@ impl Agent {
             networks: Vec::new(),
             sweep_pending: false,
             definitions: Vec::new(),
+            alloc: BTreeMap::new(),
+            fresh: true,
         };
         Agent::boot(cfg, &state, id.addr, seed, now)
+    }
+
+    /// Configures allocation: the default pool, `--acceptors`, `reuse_after`, and the whole
+    /// seed list (own address included) the acceptor set is derived from. Call before joining.
+    pub fn configure_alloc(&mut self, cfg: AllocConfig, seeds: Option<Vec<SocketAddr>>) {
+        self.alloc.configure(cfg);
+        if let Some(s) = &seeds {
+            self.alloc.set_seeds(s);
+        }
+        self.acceptor_seeds = seeds;
+    }
+
+    /// The allocator (tests and the simulator's checkers).
+    pub fn allocator(&self) -> &Allocator {
+        &self.alloc
     }
 
     pub fn gossip(&self) -> &GossipNode {
@@ -532,9 +601,24 @@ impl Agent {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.gossip.handle_timeout(now);
+        self.alloc.tick(&mut self.gossip, now);
         if self.defs_checked_at.is_none_or(|t| now.saturating_duration_since(t) >= DEFINITION_CHECK) {
             self.defs_checked_at = Some(now);
             self.detach_removed_networks(now);
+            let g = &self.gossip;
+            self.alloc.reconcile(&|nid| {
+                g.entry(CLUSTER_NETWORK, NETWORKS_TABLE, nid)
+                    .is_some_and(|e| matches!(e.state, EntryState::Tombstone { .. }))
+            });
+        }
+        let (expired, waiting): (Vec<AllocParked>, Vec<AllocParked>) =
+            std::mem::take(&mut self.alloc_parked).into_iter().partition(|p| p.deadline <= now);
+        self.alloc_parked = waiting;
+        for p in expired {
+            // One last try, then what it waited for.
+            if let Some(r) = self.run_alloc(now, p.id, p.cmd, false, Some(p.deadline)) {
+                self.replies.push((p.id, r));
+            }
         }
         let (expired, waiting): (Vec<Parked>, Vec<Parked>) =
             std::mem::take(&mut self.parked).into_iter().partition(|p| p.deadline <= now);
@@ -587,6 +671,7 @@ impl Agent {
     /// Every persist batch up to `seq` is durable: outputs that waited for them come out.
     pub fn handle_persisted(&mut self, now: Instant, seq: u64) {
         self.persist.persisted(seq);
+        self.alloc.persisted(self.persist.durable());
         let durable = self.persist.durable();
         while let Some(entry) = self.held.first_entry() {
             if *entry.key() > durable {
@@ -623,7 +708,7 @@ impl Agent {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let parked = self.parked.iter().map(|p| p.deadline).min();
+        let parked = self.parked.iter().map(|p| p.deadline).chain(self.alloc_parked.iter().map(|p| p.deadline)).min();
         match (self.gossip.poll_timeout(), parked) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -635,6 +720,9 @@ impl Agent {
     pub fn waiting_for(&self, id: CommandId) -> Option<String> {
         if let Some(p) = self.parked.iter().find(|p| p.id == id) {
             return Some(format!("the definition of network {:?} to arrive", p.network));
+        }
+        if let Some(p) = self.alloc_parked.iter().find(|p| p.id == id) {
+            return Some(p.why.clone());
         }
         if let Some(l) = self.loads.iter().find(|l| l.id == id) {
             return Some(format!("the load to be applied ({} of {} keys so far)", l.next, l.pairs.len()));
@@ -673,6 +761,11 @@ impl Agent {
             if defs_seen && !self.parked.is_empty() {
                 self.retry_parked(now);
             }
+            any |= self.alloc.pump(&mut self.gossip, now);
+            if self.alloc.take_progress() && !self.alloc_parked.is_empty() {
+                self.retry_alloc_parked(now);
+                any = true;
+            }
             if !any {
                 break;
             }
@@ -683,6 +776,8 @@ impl Agent {
         if let Some(seq) = structural {
             self.last_structural = seq;
         }
+        // What staging found durable already goes out now, not at the next input.
+        self.alloc.pump(&mut self.gossip, now);
         let durable = self.persist.durable();
         let dep = self.persist.cover(self.gossip.ltime()).max(structural.unwrap_or(0));
         // The view's persist counters must show a batch as soon as it is handed out (a stop
@@ -771,11 +866,21 @@ impl Agent {
                 self.staged_networks = ids;
             }
         }
+        let covered = self.alloc.stage(&mut ops);
         // Only what changes: a network whose key is rewritten as it was is not in flight.
         ops.retain(|(k, v)| self.persist.planned(k) != v.as_deref());
         let nets: Vec<String> =
             ops.iter().filter_map(|(k, _)| k.strip_prefix(NET_PREFIX)).map(str::to_string).collect();
-        let seq = self.persist.stage(ops)?;
+        let Some(seq) = self.persist.stage(ops) else {
+            // Nothing new to write: what the allocator staged is in the batches already issued.
+            let issued = self.persist.issued();
+            self.alloc.staged(issued, covered);
+            if issued <= self.persist.durable() {
+                self.alloc.persisted(issued);
+            }
+            return None;
+        };
+        self.alloc.staged(seq, covered);
         for id in nets {
             self.net_seq.insert(id, seq);
         }
@@ -862,6 +967,7 @@ impl Agent {
             held_bytes: self.held_bytes,
             held_drops: self.held_drops,
             refused: self.refused.clone(),
+            alloc: self.alloc.report(),
         }
     }
 
@@ -887,10 +993,12 @@ impl Agent {
         for id in removed {
             tracing::info!(network = %id, "detaching a network whose definition was deleted while this node was away");
             let _ = self.gossip.leave_network(now, &id);
+            self.alloc.network_removed(&id);
         }
     }
 
     fn apply_event(&mut self, now: Instant, ev: &Event) {
+        self.alloc.handle_event(&mut self.gossip, now, ev);
         match ev {
             Event::Table(t) => {
                 self.watchers.dispatch(t);
@@ -904,6 +1012,7 @@ impl Agent {
                 {
                     tracing::info!(network = %t.key, "network removed by {}; detaching", t.owner);
                     let _ = self.gossip.leave_network(now, &t.key);
+                    self.alloc.network_removed(&t.key);
                 }
             }
             Event::Connected(true) if self.connected_at.is_none() => self.connected_at = Some(now),
@@ -957,7 +1066,9 @@ impl Agent {
         // A table write's reply rests on its network's attachment too (if that is in flight).
         if let Command::TablePut { network, .. }
         | Command::TableRm { network, .. }
-        | Command::TableLoad { network, .. } = &cmd
+        | Command::TableLoad { network, .. }
+        | Command::EndpointCreate { network, .. }
+        | Command::EndpointRm { network, .. } = &cmd
             && id != APPLY_ID
             && let Ok(nid) = self.table_network(network)
         {
@@ -969,9 +1080,6 @@ impl Agent {
             Command::Join { seeds } => done(self.join(now, &seeds)),
             Command::Leave => done(self.gossip.leave(now).map_err(AgentError::from)),
             Command::StopRestarting => done(self.gossip.stop_restarting(now).map_err(AgentError::from)),
-            Command::CreateNetwork { name, driver, subnets, gateway } => {
-                net(self.create_network(now, &name, &driver, &subnets, gateway.as_deref()))
-            }
             Command::RemoveNetwork { network, force } => net(self.remove_network(now, &network, force)),
             Command::Attach { network } => match self.attach(now, &network) {
                 Err(AgentError::NoSuchNetwork(_)) if may_wait => {
@@ -980,6 +1088,12 @@ impl Agent {
                 }
                 r => net(r),
             },
+            Command::CreateNetwork { .. } | Command::EndpointCreate { .. } => {
+                return self.run_alloc(now, id, cmd, may_wait, None);
+            }
+            Command::EndpointRm { network, endpoint } => {
+                self.endpoint_rm(now, &network, &endpoint).map(Reply::Endpoint)
+            }
             Command::AttachId { id } => done(self.reattach(now, &id)),
             Command::Detach { network } => net(self.detach(now, &network)),
             Command::TablePut { network, table, key, value, force } => {
@@ -1007,6 +1121,49 @@ impl Agent {
         })
     }
 
+    /// Runs a command that allocates: parked (up to [`ALLOC_WAIT`]) while it must wait for a
+    /// seed or a donation, failed with what it waited for when it may not wait.
+    fn run_alloc(
+        &mut self,
+        now: Instant,
+        id: CommandId,
+        cmd: Command,
+        may_wait: bool,
+        deadline: Option<Instant>,
+    ) -> Option<CommandResult> {
+        let r = match &cmd {
+            Command::CreateNetwork { name, driver, subnets, gateway } => {
+                self.create_network(now, name, driver, subnets, gateway.as_deref()).map(Reply::Network)
+            }
+            Command::EndpointCreate { network, name, ip, mac } => {
+                self.endpoint_create(now, network, name, *ip, mac.as_deref()).map(Reply::Endpoint)
+            }
+            _ => unreachable!("only allocating commands"),
+        };
+        match r {
+            Ok(r) => Some(Ok(r)),
+            Err(Err(e)) => Some(Err(e)),
+            Err(Ok(Pending(why))) => {
+                let deadline = deadline.unwrap_or(now + ALLOC_WAIT);
+                if may_wait && now < deadline {
+                    self.alloc_parked.push(AllocParked { id, cmd, deadline, why });
+                    None
+                } else {
+                    Some(Err(AgentError::WaitedTooLong(why)))
+                }
+            }
+        }
+    }
+
+    /// Runs parked allocating commands again (something they wait for may have happened).
+    fn retry_alloc_parked(&mut self, now: Instant) {
+        for p in std::mem::take(&mut self.alloc_parked) {
+            if let Some(r) = self.run_alloc(now, p.id, p.cmd, true, Some(p.deadline)) {
+                self.replies.push((p.id, r));
+            }
+        }
+    }
+
     /// Attaches parked commands whose network's definition has arrived.
     fn retry_parked(&mut self, now: Instant) {
         for p in std::mem::take(&mut self.parked) {
@@ -1019,6 +1176,9 @@ impl Agent {
 
     fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), AgentError> {
         self.has_seeds |= !seeds.is_empty();
+        if self.acceptor_seeds.is_none() {
+            self.alloc.set_seeds(seeds);
+        }
         Ok(self.gossip.join(now, seeds)?)
     }
 
@@ -1072,7 +1232,65 @@ impl Agent {
         driver: &str,
         subnets: &[String],
         gateway: Option<&str>,
-    ) -> Result<NetworkDef, AgentError> {
+    ) -> Result<NetworkDef, Result<Pending, AgentError>> {
+        self.check_new_network(name, driver, subnets, gateway).map_err(Err)?;
+        let parsed: Vec<ipnet::IpNet> = subnets.iter().map(|s| s.parse().expect("checked")).collect();
+        let known = self.networks();
+        for net in &parsed {
+            for n in &known {
+                for theirs in &n.def.subnets {
+                    if let Ok(t) = theirs.parse::<ipnet::IpNet>()
+                        && (t.contains(net) || net.contains(&t))
+                    {
+                        return Err(Err(AgentError::PoolOverlap {
+                            subnet: net.to_string(),
+                            other: n.def.name.clone(),
+                            theirs: theirs.clone(),
+                        }));
+                    }
+                }
+            }
+        }
+        let taken: Vec<ipnet::IpNet> =
+            known.iter().flat_map(|n| n.def.subnets.iter().filter_map(|s| s.parse().ok())).collect();
+        let (nets, vnis, pool_slots) = self.alloc.allocate_network(&self.gossip, now, &parsed, &taken, driver == "overlay")?;
+        let id = format!("{:016x}{:016x}", self.rng.random::<u64>(), self.rng.random::<u64>());
+        let mut options = BTreeMap::new();
+        if !vnis.is_empty() {
+            options.insert(
+                crate::alloc::VXLANID_OPTION.to_string(),
+                vnis.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+            );
+        }
+        let mut def = NetworkDef {
+            id: id.clone(),
+            name: name.to_string(),
+            driver: driver.to_string(),
+            subnets: nets.iter().map(ToString::to_string).collect(),
+            gateway: gateway.map(str::to_string),
+            created_by: self.id().name.to_string(),
+            options,
+        };
+        if def.gateway.is_none()
+            && let Some(ipnet::IpNet::V4(first)) = nets.iter().find(|n| matches!(n, ipnet::IpNet::V4(_)))
+        {
+            def.gateway = crate::alloc::gateway_of(&def, 0, first).map(|g| g.to_string());
+        }
+        self.alloc.network_created(&def, &vnis, &pool_slots).map_err(Err)?;
+        let value = Bytes::from(serde_json::to_vec(&def).expect("serializable"));
+        self.gossip.create_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &id, value).map_err(|e| Err(e.into()))?;
+        self.gossip.join_network(now, &id).map_err(|e| Err(e.into()))?;
+        Ok(def)
+    }
+
+    /// Checks a new network's name, driver, subnets and gateway.
+    fn check_new_network(
+        &self,
+        name: &str,
+        driver: &str,
+        subnets: &[String],
+        gateway: Option<&str>,
+    ) -> Result<(), AgentError> {
         validate_network_name(name)?;
         if name == CLUSTER_NETWORK {
             return Err(AgentError::Reserved(name.to_string()));
@@ -1108,25 +1326,30 @@ impl Agent {
         if driver.is_empty() {
             return Err(AgentError::BadName("driver".into()));
         }
-        let id = format!("{:016x}{:016x}", self.rng.random::<u64>(), self.rng.random::<u64>());
-        let def = NetworkDef {
-            id: id.clone(),
-            name: name.to_string(),
-            driver: driver.to_string(),
-            subnets: parsed.iter().map(ToString::to_string).collect(),
-            gateway: gateway.map(str::to_string),
-            created_by: self.id().name.to_string(),
-        };
-        let value = Bytes::from(serde_json::to_vec(&def).expect("serializable"));
-        self.gossip.create_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &id, value)?;
-        self.gossip.join_network(now, &id)?;
-        Ok(def)
+        if gateway.is_some() && parsed.is_empty() {
+            return Err(AgentError::BadGateway("--gateway needs a --subnet".into()));
+        }
+        Ok(())
     }
 
     /// Removes a network definition cluster-wide. Refused while other nodes are attached,
     /// unless `force`.
     fn remove_network(&mut self, now: Instant, r: &str, force: bool) -> Result<NetworkDef, AgentError> {
         let n = self.resolve(r)?;
+        let local: Vec<Endpoint> = self.alloc.local_endpoints(&n.def.id).into_iter().cloned().collect();
+        let mut others: Vec<String> = read::endpoints(self, Some(&n.def.id))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.node != *self.id().name)
+            .map(|e| format!("{} on {}", e.name, e.node))
+            .collect();
+        others.extend(local.iter().map(|e| e.name.clone()));
+        if !others.is_empty() && !force {
+            return Err(AgentError::HasEndpoints { network: n.def.name.clone(), names: others, hint: " or use --force" });
+        }
+        for e in &local {
+            self.alloc.remove_endpoint(&mut self.gossip, now, e)?;
+        }
         if !n.peers.is_empty() && !force {
             return Err(AgentError::NetworkInUse { name: n.def.name.clone(), peers: n.peers.clone() });
         }
@@ -1134,13 +1357,62 @@ impl Agent {
             self.gossip.leave_network(now, &n.def.id)?;
         }
         self.gossip.delete_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &n.def.id)?;
+        self.alloc.network_removed(&n.def.id);
         Ok(n.def)
     }
 
     fn attach(&mut self, now: Instant, r: &str) -> Result<NetworkDef, AgentError> {
         let n = self.resolve(r)?;
         self.gossip.join_network(now, &n.def.id)?;
+        self.alloc.network_attached(&mut self.gossip, now, &n.def);
         Ok(n.def)
+    }
+
+    /// Refuses to detach from a network this node still has endpoints in.
+    fn check_no_endpoints(&self, id: &str, name: &str) -> Result<(), AgentError> {
+        let local: Vec<String> = self.alloc.local_endpoints(id).iter().map(|e| e.name.clone()).collect();
+        if local.is_empty() {
+            Ok(())
+        } else {
+            Err(AgentError::HasEndpoints { network: name.to_string(), names: local, hint: "" })
+        }
+    }
+
+    fn endpoint_create(
+        &mut self,
+        now: Instant,
+        network: &str,
+        name: &str,
+        ip: Option<std::net::IpAddr>,
+        mac: Option<&str>,
+    ) -> Result<Endpoint, Result<Pending, AgentError>> {
+        validate_network_name(name).map_err(|_| Err(AgentError::BadName(format!("endpoint name {name:?}"))))?;
+        let n = self.resolve(network).map_err(Err)?;
+        if !n.attached {
+            self.gossip.join_network(now, &n.def.id).map_err(|e| Err(e.into()))?;
+        }
+        // (Makes the subnet rings if missing and asks for a share if this node has none.)
+        self.alloc.network_attached(&mut self.gossip, now, &n.def);
+        if let Some(e) =
+            read::endpoints(self, Some(&n.def.id)).map_err(Err)?.into_iter().find(|e| e.name == name)
+        {
+            return Err(Err(AgentError::EndpointExists { name: name.into(), network: n.def.name, node: e.node }));
+        }
+        let id: String = (0..4).map(|_| format!("{:016x}", self.rng.random::<u64>())).collect();
+        self.alloc.create_endpoint(&mut self.gossip, now, &n.def, name, ip, mac, id)
+    }
+
+    fn endpoint_rm(&mut self, now: Instant, network: &str, r: &str) -> Result<Endpoint, AgentError> {
+        let n = self.resolve(network)?;
+        let mut all = read::endpoints(self, Some(&n.def.id))?;
+        for e in self.alloc.local_endpoints(&n.def.id) {
+            if !all.iter().any(|x| x.id == e.id) {
+                all.push(e.clone());
+            }
+        }
+        let e = read::find_endpoint(&all, r, &n.def.name)?;
+        self.alloc.remove_endpoint(&mut self.gossip, now, &e)?;
+        Ok(e)
     }
 
     /// Detaches this node from a network, by reference; a network attached by id whose
@@ -1148,6 +1420,7 @@ impl Agent {
     fn detach(&mut self, now: Instant, r: &str) -> Result<NetworkDef, AgentError> {
         let n = match self.resolve(r) {
             Err(AgentError::NoSuchNetwork(_)) if is_network_id(r) && self.gossip.is_attached(r) => {
+                self.check_no_endpoints(r, r)?;
                 self.detach_id(now, r)?;
                 return Ok(self.restored.get(r).cloned().unwrap_or_else(|| NetworkDef::id_only(r)));
             }
@@ -1156,6 +1429,7 @@ impl Agent {
         if !n.attached {
             return Err(AgentError::NotAttached(n.def.name));
         }
+        self.check_no_endpoints(&n.def.id, &n.def.name)?;
         self.gossip.leave_network(now, &n.def.id)?;
         Ok(n.def)
     }
@@ -1327,7 +1601,7 @@ fn validate_network_name(name: &str) -> Result<(), AgentError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn addr(i: u8) -> SocketAddr {
@@ -1335,16 +1609,19 @@ mod tests {
     }
 
     /// Agents wired back to back, every transmit delivered at once unless cut off.
-    struct Net {
-        agents: Vec<Agent>,
-        now: Instant,
-        cut: bool,
+    pub struct Net {
+        pub agents: Vec<Agent>,
+        pub now: Instant,
+        pub cut: bool,
         /// Replies that came out: (agent, command id, result).
-        replies: Vec<(usize, CommandId, CommandResult)>,
+        pub replies: Vec<(usize, CommandId, CommandResult)>,
+        /// Each agent's disk: what its batches wrote.
+        pub disks: Vec<BTreeMap<String, Vec<u8>>>,
+        next_id: CommandId,
     }
 
     impl Net {
-        fn new(n: u8) -> Net {
+        pub fn new(n: u8) -> Net {
             Net::with_cfg(n, GossipConfig::lan(8))
         }
 
@@ -1356,7 +1633,8 @@ mod tests {
                         .unwrap()
                 })
                 .collect();
-            let mut net = Net { agents, now, cut: false, replies: Vec::new() };
+            let disks = vec![BTreeMap::new(); n as usize];
+            let mut net = Net { agents, now, cut: false, replies: Vec::new(), disks, next_id: 1 };
             for i in 1..net.agents.len() {
                 net.agents[i].join(now, &[addr(1)]).unwrap();
             }
@@ -1364,12 +1642,18 @@ mod tests {
             net
         }
 
-        fn pump(&mut self) {
+        pub fn pump(&mut self) {
             loop {
                 let mut moved = false;
                 for i in 0..self.agents.len() {
                     // The test is the disk: every batch is durable at once.
                     while let Some(b) = self.agents[i].poll_persist() {
+                        for (k, v) in b.ops {
+                            match v {
+                                Some(v) => self.disks[i].insert(k, v),
+                                None => self.disks[i].remove(&k),
+                            };
+                        }
                         self.agents[i].handle_persisted(self.now, b.seq);
                     }
                     while let Some(out) = self.agents[i].poll_output() {
@@ -1402,7 +1686,28 @@ mod tests {
             }
         }
 
-        fn run(&mut self, d: Duration) {
+        /// Runs a command on agent `i` through the event loop's interface, until it answers.
+        pub fn cmd(&mut self, i: usize, c: Command) -> CommandResult {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.agents[i].handle_command(self.now, id, c);
+            for _ in 0..500 {
+                self.pump();
+                if let Some(p) = self.replies.iter().position(|r| r.0 == i && r.1 == id) {
+                    return self.replies.remove(p).2;
+                }
+                self.run(Duration::from_millis(20));
+            }
+            panic!("no reply from agent {i} after 10 s");
+        }
+
+        /// The reply to command `id` of agent `i`, which must have come.
+        pub fn take_reply(&mut self, i: usize, id: CommandId) -> CommandResult {
+            let p = self.replies.iter().position(|r| r.0 == i && r.1 == id).expect("the reply came");
+            self.replies.remove(p).2
+        }
+
+        pub fn run(&mut self, d: Duration) {
             let end = self.now + d;
             while self.now < end {
                 self.now += Duration::from_millis(20);
@@ -1415,6 +1720,20 @@ mod tests {
     }
 
     impl Agent {
+        fn create_net(
+            &mut self,
+            now: Instant,
+            name: &str,
+            driver: &str,
+            subnets: &[String],
+            gateway: Option<&str>,
+        ) -> Result<NetworkDef, AgentError> {
+            self.create_network(now, name, driver, subnets, gateway).map_err(|e| match e {
+                Ok(p) => AgentError::WaitedTooLong(p.0),
+                Err(e) => e,
+            })
+        }
+
         fn without_def(&self) -> Vec<String> {
             read::attached_without_definition(self)
         }
@@ -1448,8 +1767,13 @@ mod tests {
         outs.iter().filter(|o| matches!(o, Output::Transmit(_))).count()
     }
 
+    /// A network that needs no cluster ring (its own subnet, a driver without VNIs), so a
+    /// lone agent that never ticked can create it.
     fn create(name: &str) -> Command {
-        Command::CreateNetwork { name: name.into(), driver: "overlay".into(), subnets: vec![], gateway: None }
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let subnet = format!("172.{}.{}.0/24", 16 + (n >> 8) % 16, n & 255);
+        Command::CreateNetwork { name: name.into(), driver: "test".into(), subnets: vec![subnet], gateway: None }
     }
 
     #[test]
@@ -1828,7 +2152,7 @@ mod tests {
         // a2 is restarting: it re-attaches by id before the definition reaches it.
         net.cut = true;
         let now = net.now;
-        let def = net.agents[0].create_network(now, "green", "overlay", &[], None).unwrap();
+        let def = net.agents[0].create_net(now, "green", "test", &["172.30.1.0/24".into()], None).unwrap();
         let a2 = &mut net.agents[1];
         assert!(a2.resolve("green").is_err(), "the definition has not arrived");
         a2.reattach(now, &def.id).unwrap();
@@ -1851,7 +2175,7 @@ mod tests {
         let cfg = GossipConfig { reap_after: Duration::from_secs(10), ..GossipConfig::lan(8) };
         let mut net = Net::with_cfg(3, cfg.clone());
         let now = net.now;
-        let def = net.agents[1].create_network(now, "green", "overlay", &[], None).unwrap();
+        let def = net.agents[1].create_net(now, "green", "test", &["172.30.2.0/24".into()], None).unwrap();
         net.run(Duration::from_secs(1));
         let now = net.now;
         net.agents[0].attach(now, "green").unwrap();
@@ -1872,6 +2196,8 @@ mod tests {
             networks: vec![def.id.clone()],
             sweep_pending: false,
             definitions: vec![def.clone()],
+            alloc: BTreeMap::new(),
+            fresh: false,
         };
         let mut a1 = Agent::boot(cfg, &state, addr(1), 2, net.now).unwrap();
         a1.apply(net.now, Command::Join { seeds: vec![addr(2), addr(3)] }).unwrap();
@@ -1911,7 +2237,7 @@ mod tests {
     fn a_network_removed_while_a_node_was_down_is_detached_when_it_returns() {
         let mut net = Net::new(2);
         let now = net.now;
-        let def = net.agents[0].create_network(now, "green", "overlay", &[], None).unwrap();
+        let def = net.agents[0].create_net(now, "green", "test", &["172.30.3.0/24".into()], None).unwrap();
         net.run(Duration::from_secs(1));
         let now = net.now;
         net.agents[1].attach(now, "green").unwrap();
@@ -1942,34 +2268,34 @@ mod tests {
         let now = net.now;
         let a = &mut net.agents[0];
         let def =
-            a.create_network(now, "blue", "overlay", &["10.1.0.0/24".into()], Some("10.1.0.1")).unwrap();
+            a.create_net(now, "blue", "overlay", &["10.1.0.0/24".into()], Some("10.1.0.1")).unwrap();
         assert_eq!(def.id.len(), 32);
         assert!(matches!(
-            a.create_network(now, "blue", "overlay", &[], None),
+            a.create_net(now, "blue", "overlay", &[], None),
             Err(AgentError::NetworkExists(_))
         ));
         assert!(matches!(
-            a.create_network(now, "x", "overlay", &["10.1.0.7/24".into()], None),
+            a.create_net(now, "x", "overlay", &["10.1.0.7/24".into()], None),
             Err(AgentError::BadSubnet(_))
         ));
         assert!(matches!(
-            a.create_network(now, "y", "overlay", &["nope".into()], None),
+            a.create_net(now, "y", "overlay", &["nope".into()], None),
             Err(AgentError::BadSubnet(_))
         ));
         assert!(matches!(
-            a.create_network(now, "z", "overlay", &["10.2.0.0/24".into(), "10.2.0.0/25".into()], None),
+            a.create_net(now, "z", "overlay", &["10.2.0.0/24".into(), "10.2.0.0/25".into()], None),
             Err(AgentError::BadSubnet(_))
         ));
         assert!(matches!(
-            a.create_network(now, "w", "overlay", &["10.3.0.0/24".into()], Some("10.4.0.1")),
+            a.create_net(now, "w", "overlay", &["10.3.0.0/24".into()], Some("10.4.0.1")),
             Err(AgentError::BadGateway(_))
         ));
         assert!(matches!(
-            a.create_network(now, "cluster", "overlay", &[], None),
+            a.create_net(now, "cluster", "overlay", &[], None),
             Err(AgentError::Reserved(_))
         ));
         assert!(matches!(
-            a.create_network(now, "bad name", "overlay", &[], None),
+            a.create_net(now, "bad name", "overlay", &[], None),
             Err(AgentError::BadName(_))
         ));
         net.run(Duration::from_secs(1));
@@ -1986,7 +2312,7 @@ mod tests {
     fn rm_refuses_while_others_are_attached_and_detaches_them_when_forced() {
         let mut net = Net::new(3);
         let now = net.now;
-        net.agents[0].create_network(now, "red", "overlay", &[], None).unwrap();
+        net.agents[0].create_net(now, "red", "test", &["172.30.4.0/24".into()], None).unwrap();
         net.run(Duration::from_secs(1));
         let now = net.now;
         net.agents[1].attach(now, "red").unwrap();
@@ -2011,8 +2337,8 @@ mod tests {
         net.cut = true;
         net.run(Duration::from_secs(1));
         let now = net.now;
-        let x = net.agents[0].create_network(now, "dup", "overlay", &[], None).unwrap();
-        let y = net.agents[1].create_network(now, "dup", "overlay", &[], None).unwrap();
+        let x = net.agents[0].create_net(now, "dup", "test", &["172.30.5.0/24".into()], None).unwrap();
+        let y = net.agents[1].create_net(now, "dup", "test", &["172.30.6.0/24".into()], None).unwrap();
         net.cut = false;
         net.run(Duration::from_secs(20));
         for a in &net.agents {
@@ -2032,7 +2358,7 @@ mod tests {
     fn diagnostic_writes_respect_protected_tables() {
         let mut net = Net::new(2);
         let now = net.now;
-        net.agents[0].create_network(now, "g", "overlay", &[], None).unwrap();
+        net.agents[0].create_net(now, "g", "test", &["172.30.7.0/24".into()], None).unwrap();
         let a = &mut net.agents[0];
         let v = || Bytes::from_static(b"v");
         assert!(matches!(a.table_put(now, "cluster", "x", "k", v(), false), Err(AgentError::Protected(_))));
@@ -2068,5 +2394,213 @@ mod tests {
             m.contains("weft_members{state=\"alive\"} 2") && m.contains("weft_decode_errors_total 0"),
             "{m}"
         );
+    }
+}
+
+#[cfg(test)]
+mod alloc_tests {
+    //! Allocation through the agent: seeding, donation, endpoints, release, restart.
+
+    use super::*;
+    use crate::alloc::VXLANID_OPTION;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, i], 7946))
+    }
+
+    fn ep(network: &str, name: &str) -> Command {
+        Command::EndpointCreate { network: network.into(), name: name.into(), ip: None, mac: None }
+    }
+
+    fn overlay(name: &str) -> Command {
+        Command::CreateNetwork { name: name.into(), driver: "overlay".into(), subnets: vec![], gateway: None }
+    }
+
+    fn network(r: CommandResult) -> NetworkDef {
+        match r {
+            Ok(Reply::Network(d)) => d,
+            other => panic!("expected a network, got {other:?}"),
+        }
+    }
+
+    fn endpoint(r: CommandResult) -> Endpoint {
+        match r {
+            Ok(Reply::Endpoint(e)) => e,
+            other => panic!("expected an endpoint, got {other:?}"),
+        }
+    }
+
+    use super::tests::Net;
+
+    #[test]
+    fn networks_created_at_once_on_two_nodes_get_different_subnets_and_vnis() {
+        let mut net = Net::new(3);
+        let a = 0;
+        // Both commands start before either node hears of the other's network.
+        let id1 = 1001;
+        let id2 = 1002;
+        net.agents[a].handle_command(net.now, id1, overlay("red"));
+        net.agents[2].handle_command(net.now, id2, overlay("blue"));
+        net.run(Duration::from_secs(5));
+        let r1 = net.take_reply(a, id1);
+        let r2 = net.take_reply(2, id2);
+        let (red, blue) = (network(r1), network(r2));
+        assert_eq!(red.subnets.len(), 1);
+        assert_ne!(red.subnets, blue.subnets, "two networks got one subnet");
+        let vni = |d: &NetworkDef| d.options.get(VXLANID_OPTION).cloned().expect("a VNI");
+        assert_ne!(vni(&red), vni(&blue), "two networks got one VNI");
+        let v: u32 = vni(&red).parse().unwrap();
+        assert!((4096..1 << 24).contains(&v), "{v}");
+        assert_eq!(red.gateway.as_deref(), Some(red.subnets[0].replace(".0/24", ".1").as_str()));
+        // An explicit subnet overlapping a known one is refused, naming it.
+        net.run(Duration::from_secs(1));
+        let e = net
+            .cmd(1, Command::CreateNetwork {
+                name: "green".into(),
+                driver: "overlay".into(),
+                subnets: vec![red.subnets[0].clone()],
+                gateway: None,
+            })
+            .unwrap_err();
+        assert!(matches!(&e, AgentError::PoolOverlap { other, .. } if other == "red"), "{e}");
+    }
+
+    #[test]
+    fn endpoints_get_distinct_addresses_from_each_nodes_share_and_everyone_sees_them() {
+        let mut net = Net::new(3);
+        let def = network(net.cmd(0, overlay("app")));
+        let mut eps = Vec::new();
+        for round in 0..4 {
+            for i in 0..3 {
+                eps.push(endpoint(net.cmd(i, ep("app", &format!("e{i}-{round}")))));
+            }
+        }
+        let mut ips: Vec<&str> = eps.iter().map(|e| e.ipv4.as_str()).collect();
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), eps.len(), "an address was handed out twice: {eps:?}");
+        let gw = def.gateway.clone().unwrap();
+        for e in &eps {
+            assert!(e.ipv4.ends_with("/24"), "{e:?}");
+            assert_ne!(e.ipv4.split('/').next(), Some(gw.as_str()), "the gateway was handed out");
+            assert_eq!(e.gateway.as_deref(), Some(gw.as_str()));
+            let ip: std::net::Ipv4Addr = e.ipv4.split('/').next().unwrap().parse().unwrap();
+            let o = ip.octets();
+            assert_eq!(e.mac, format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]));
+        }
+        // Nodes 2 and 3 got their shares by donation when they attached.
+        for i in 1..3 {
+            let r = net.agents[i].allocator().report();
+            let ring = r.rings.iter().find(|g| g.network == def.id).expect("a subnet ring");
+            assert!(ring.owned_blocks > 0, "{ring:?}");
+        }
+        net.run(Duration::from_secs(2));
+        for a in &net.agents {
+            let seen = read::endpoints(a, Some(&def.id)).unwrap();
+            assert_eq!(seen.len(), eps.len(), "{} sees {} endpoints", a.id().name, seen.len());
+        }
+    }
+
+    #[test]
+    fn a_removed_endpoints_address_is_not_handed_out_again_at_once() {
+        let mut net = Net::new(1);
+        network(net.cmd(0, overlay("n")));
+        let first = endpoint(net.cmd(0, ep("n", "a")));
+        endpoint(net.cmd(0, Command::EndpointRm { network: "n".into(), endpoint: "a".into() }));
+        let second = endpoint(net.cmd(0, ep("n", "b")));
+        assert_ne!(first.ipv4, second.ipv4, "immediate reuse (moby #35401)");
+        // Removing someone else's endpoint, or one that does not exist, is refused.
+        let e = net.cmd(0, Command::EndpointRm { network: "n".into(), endpoint: "zz".into() }).unwrap_err();
+        assert!(matches!(e, AgentError::NoSuchEndpoint(_)), "{e}");
+        // Names are unique in a network.
+        let e = net.cmd(0, ep("n", "b")).unwrap_err();
+        assert!(matches!(e, AgentError::EndpointExists { .. }), "{e}");
+    }
+
+    #[test]
+    fn an_address_in_another_nodes_block_is_refused_naming_that_node() {
+        let mut net = Net::new(2);
+        let def = network(net.cmd(0, overlay("n")));
+        endpoint(net.cmd(1, ep("n", "x")));
+        // Node 2's share came from the top of node 1's range; ask node 1 for an address there.
+        let r = net.agents[1].allocator().report();
+        let theirs = r.rings.iter().find(|g| g.network == def.id).unwrap().owned[0].clone();
+        let ip: std::net::IpAddr = theirs.split('-').next().unwrap().parse().unwrap();
+        let e = net
+            .cmd(0, Command::EndpointCreate { network: "n".into(), name: "y".into(), ip: Some(ip), mac: None })
+            .unwrap_err();
+        assert!(e.to_string().contains("a2@"), "{e}");
+        // A free address of its own share works.
+        let mine: std::net::IpAddr = def.subnets[0].replace(".0/24", ".9").parse().unwrap();
+        let got = endpoint(net.cmd(0, Command::EndpointCreate {
+            network: "n".into(),
+            name: "z".into(),
+            ip: Some(mine),
+            mac: Some("02:00:00:00:00:09".into()),
+        }));
+        assert_eq!(got.ipv4, format!("{mine}/24"));
+        assert_eq!(got.mac, "02:00:00:00:00:09");
+    }
+
+    #[test]
+    fn network_rm_is_refused_while_endpoints_exist_and_returns_the_vni() {
+        let mut net = Net::new(1);
+        let def = network(net.cmd(0, overlay("n")));
+        endpoint(net.cmd(0, ep("n", "a")));
+        let e = net.cmd(0, Command::RemoveNetwork { network: "n".into(), force: false }).unwrap_err();
+        assert!(matches!(e, AgentError::HasEndpoints { .. }), "{e}");
+        let e = net.cmd(0, Command::Detach { network: "n".into() }).unwrap_err();
+        assert!(matches!(e, AgentError::HasEndpoints { .. }), "{e}");
+        let vni_ring = |net: &Net| {
+            net.agents[0].allocator().report().rings.into_iter().find(|g| g.ring == "vni").unwrap().allocated
+        };
+        assert_eq!(vni_ring(&net), 1);
+        network(net.cmd(0, Command::RemoveNetwork { network: "n".into(), force: true }));
+        net.run(Duration::from_secs(1));
+        assert_eq!(vni_ring(&net), 0, "the VNI was released");
+        assert!(net.agents[0].allocator().report().rings.iter().all(|g| g.network != def.id), "subnet ring dropped");
+        assert!(net.disks[0].keys().all(|k| !k.starts_with(&format!("ep/{}", def.id))), "endpoint records deleted");
+    }
+
+    #[test]
+    fn a_restarted_node_keeps_its_endpoints_and_never_hands_out_an_address_twice() {
+        let mut net = Net::new(2);
+        network(net.cmd(0, overlay("n")));
+        let before: Vec<Endpoint> = (0..5).map(|k| endpoint(net.cmd(1, ep("n", &format!("e{k}"))))).collect();
+        net.run(Duration::from_secs(1));
+        // Node 2 restarts from what its disk holds.
+        let mut image = net.disks[1].clone();
+        // (What the store wrote when the data dir was made: the node's identity.)
+        let made = NodeState {
+            name: "a2".into(),
+            instance: 0,
+            generation: 1,
+            ltime_hwm: 0,
+            networks: vec![],
+            sweep_pending: false,
+            definitions: vec![],
+            alloc: BTreeMap::new(),
+            fresh: false,
+        };
+        for (k, v) in made.to_image() {
+            image.entry(k).or_insert(v);
+        }
+        let mut state = NodeState::from_image(&image).unwrap().unwrap();
+        state.generation += 1;
+        let cfg = GossipConfig::lan(8);
+        let mut a2 = Agent::boot(cfg, &state, addr(2), 99, net.now).unwrap();
+        a2.join(net.now, &[addr(1)]).unwrap();
+        net.agents[1] = a2;
+        net.run(Duration::from_secs(3));
+        let after: Vec<Endpoint> = (5..10).map(|k| endpoint(net.cmd(1, ep("n", &format!("e{k}"))))).collect();
+        let mut ips: Vec<&str> = before.iter().chain(&after).map(|e| e.ipv4.as_str()).collect();
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), 10, "an address was handed out twice across the restart");
+        net.run(Duration::from_secs(2));
+        let seen = read::endpoints(&net.agents[0], None).unwrap();
+        for e in &before {
+            assert!(seen.iter().any(|s| s.id == e.id), "endpoint {} lost across the restart", e.name);
+        }
     }
 }

@@ -26,6 +26,22 @@ pub enum AgentError {
     BadGateway(String),
     #[error("bad {0}")]
     BadName(String),
+    #[error("subnet {subnet} overlaps network {other:?} ({theirs})")]
+    PoolOverlap { subnet: String, other: String, theirs: String },
+    #[error("no free {0}")]
+    Exhausted(String),
+    #[error("cannot allocate: {0}")]
+    NoAddress(String),
+    #[error("{0}")]
+    NotLocal(String),
+    #[error("no such endpoint: {0}")]
+    NoSuchEndpoint(String),
+    #[error("an endpoint named {name:?} already exists in network {network:?} (on node {node})")]
+    EndpointExists { name: String, network: String, node: String },
+    #[error("network {network:?} still has endpoints on this node ({}): remove them first{hint}", names.join(", "))]
+    HasEndpoints { network: String, names: Vec<String>, hint: &'static str },
+    #[error("timed out waiting for {0}")]
+    WaitedTooLong(String),
 }
 
 impl AgentError {
@@ -34,7 +50,10 @@ impl AgentError {
         match self {
             AgentError::NoSuchNetwork(_) => 404,
             AgentError::Gossip(weft_gossip::Error::EntryNotFound { .. }) => 404,
+            AgentError::NoSuchEndpoint(_) => 404,
             AgentError::NetworkExists(_) | AgentError::NetworkInUse { .. } => 409,
+            AgentError::PoolOverlap { .. } | AgentError::EndpointExists { .. } | AgentError::HasEndpoints { .. } => 409,
+            AgentError::Exhausted(_) | AgentError::NoAddress(_) | AgentError::WaitedTooLong(_) => 503,
             AgentError::Gossip(weft_gossip::Error::EntryExists { .. }) => 409,
             AgentError::Protected(_) => 403,
             _ => 400,

@@ -70,7 +70,13 @@ pub fn networks(ns: &[NetworkInfo]) -> String {
                     n.def.name.clone()
                 },
                 n.def.driver.clone(),
-                if n.def.subnets.is_empty() { "-".into() } else { n.def.subnets.join(",") },
+                if n.def.subnets.is_empty() {
+                    "-".into()
+                } else if !n.subnet_overlap.is_empty() {
+                    format!("{} (!)", n.def.subnets.join(","))
+                } else {
+                    n.def.subnets.join(",")
+                },
                 if n.attached { "yes".into() } else { "no".into() },
                 n.peers.len().to_string(),
             ]
@@ -80,6 +86,11 @@ pub fn networks(ns: &[NetworkInfo]) -> String {
     if ns.iter().any(|n| n.name_clash) {
         out.push_str(
             "\n(!) two networks share this name (created on both sides of a partition): name them by id\n",
+        );
+    }
+    if ns.iter().any(|n| !n.subnet_overlap.is_empty()) {
+        out.push_str(
+            "\n(!) subnet overlaps another network's (both created on two sides of a partition): remove one\n",
         );
     }
     if ns.iter().any(|n| n.missing_definition) {
@@ -105,8 +116,14 @@ pub fn inspect(n: &NetworkInfo) -> String {
         "Subnets:    {}",
         if n.def.subnets.is_empty() { "-".into() } else { n.def.subnets.join(", ") }
     );
+    if !n.subnet_overlap.is_empty() {
+        let _ = writeln!(out, "Overlaps:   {}  (created apart in a partition: remove one)", n.subnet_overlap.join(", "));
+    }
     if let Some(gw) = &n.def.gateway {
         let _ = writeln!(out, "Gateway:    {gw}");
+    }
+    for (k, v) in &n.def.options {
+        let _ = writeln!(out, "Option:     {k}={v}");
     }
     let _ = writeln!(out, "Created by: {}", n.def.created_by);
     let _ = writeln!(out, "Attached:   {}", if n.attached { "yes" } else { "no" });

@@ -2,6 +2,7 @@
 //! the command line.
 
 pub mod agent;
+pub mod alloc;
 pub mod api;
 pub mod cli;
 pub mod client;

@@ -58,6 +58,20 @@ pub struct NodeState {
     /// The definitions of the attached networks, as last known.
     #[serde(default)]
     pub definitions: Vec<NetworkDef>,
+    /// The allocator's keys (see [`crate::alloc`]): ring change logs, acceptor state, endpoint
+    /// records, what this node allocated for networks it created.
+    #[serde(default)]
+    pub alloc: BTreeMap<String, Vec<u8>>,
+    /// The data dir was new at this start (not stored).
+    #[serde(skip)]
+    pub fresh: bool,
+}
+
+/// Whether a key belongs to the allocator.
+pub fn is_alloc_key(k: &str) -> bool {
+    [crate::alloc::IPAM_PREFIX, crate::alloc::PAXOS_PREFIX, crate::alloc::EP_PREFIX, crate::alloc::OWN_PREFIX]
+        .iter()
+        .any(|p| k.starts_with(p))
 }
 
 fn num(v: u64) -> Vec<u8> {
@@ -86,6 +100,7 @@ impl NodeState {
                 .unwrap_or_else(|| NetworkDef::id_only(id));
             m.insert(format!("{NET_PREFIX}{id}"), serde_json::to_vec(&def).expect("serializable"));
         }
+        m.extend(self.alloc.iter().map(|(k, v)| (k.clone(), v.clone())));
         m
     }
 
@@ -102,6 +117,8 @@ impl NodeState {
             networks: Vec::new(),
             sweep_pending: get(KEY_SWEEP)? != 0,
             definitions: Vec::new(),
+            alloc: m.iter().filter(|(k, _)| is_alloc_key(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
+            fresh: false,
         };
         for (k, v) in m.range(NET_PREFIX.to_string()..) {
             let Some(id) = k.strip_prefix(NET_PREFIX) else { break };
@@ -258,6 +275,8 @@ mod tests {
             networks: vec!["n1".into()],
             sweep_pending: true,
             definitions: vec![],
+            alloc: BTreeMap::new(),
+            fresh: false,
         }
     }
 

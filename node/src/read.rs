@@ -12,6 +12,7 @@ use weft_gossip::{
 use crate::agent::{
     Decoded, Dump, DumpEntry, DumpNetwork, DumpTable, NETWORKS_TABLE, NetworkDef, NetworkInfo,
 };
+use crate::alloc::{ENDPOINT_TABLE, Endpoint};
 use crate::error::AgentError;
 
 /// What the reads need of a node's stored state.
@@ -61,12 +62,24 @@ pub fn networks(r: &impl TableRead) -> Vec<NetworkInfo> {
     for d in &defs {
         *names.entry(d.name.as_str()).or_default() += 1;
     }
+    let nets: Vec<Vec<ipnet::IpNet>> =
+        defs.iter().map(|d| d.subnets.iter().filter_map(|s| s.parse().ok()).collect()).collect();
+    let overlap = |i: usize| -> Vec<String> {
+        defs.iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .filter(|(j, _)| nets[i].iter().any(|a| nets[*j].iter().any(|b| a.contains(b) || b.contains(a))))
+            .map(|(_, d)| d.name.clone())
+            .collect()
+    };
     let mut out: Vec<NetworkInfo> = defs
         .iter()
-        .map(|d| NetworkInfo {
+        .enumerate()
+        .map(|(i, d)| NetworkInfo {
             attached: r.is_attached(&d.id),
             peers: r.peers(&d.id),
             name_clash: names[d.name.as_str()] > 1,
+            subnet_overlap: overlap(i),
             missing_definition: false,
             def: d.clone(),
         })
@@ -93,6 +106,7 @@ pub fn network_list(r: &impl TableRead) -> Vec<NetworkInfo> {
         attached: true,
         peers: r.peers(&id),
         name_clash: false,
+        subnet_overlap: Vec::new(),
         missing_definition: true,
     }));
     all
@@ -235,4 +249,50 @@ fn decode_node_record(key: &str, value: &[u8]) -> Option<Decoded> {
     fields.insert("data address".into(), r.data_addr.to_string());
     fields.insert("status".into(), format!("{:?}", r.status).to_lowercase());
     Some(Decoded { object_id: key.to_string(), fields })
+}
+
+/// Endpoints this node sees: in network `nid` (an id), or in every network it is attached to;
+/// sorted by network name, then endpoint name.
+pub fn endpoints(r: &impl TableRead, nid: Option<&str>) -> Result<Vec<Endpoint>, AgentError> {
+    let nets = match nid {
+        Some(n) => vec![n.to_string()],
+        None => r.attached().into_iter().filter(|n| n != CLUSTER_NETWORK).collect(),
+    };
+    let mut out = Vec::new();
+    for n in nets {
+        for (key, v) in r.live(&n, ENDPOINT_TABLE) {
+            // Only well-formed records under their own id, in their own network, count.
+            if let Ok(e) = serde_json::from_slice::<Endpoint>(&v)
+                && e.id == key
+                && e.network_id == n
+            {
+                out.push(e);
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.network, &a.name, &a.id).cmp(&(&b.network, &b.name, &b.id)));
+    Ok(out)
+}
+
+/// The endpoint a client names (id, unique id prefix, or name) among `all` of one network.
+pub fn find_endpoint(all: &[Endpoint], r: &str, network: &str) -> Result<Endpoint, AgentError> {
+    if let Some(e) = all.iter().find(|e| e.id == r) {
+        return Ok(e.clone());
+    }
+    let named: Vec<&Endpoint> = all.iter().filter(|e| e.name == r).collect();
+    match named.as_slice() {
+        [e] => return Ok((*e).clone()),
+        [] => {}
+        many => {
+            return Err(AgentError::BadName(format!(
+                "endpoint name {r:?} is ambiguous in network {network:?} (ids {}): use the id",
+                many.iter().map(|e| e.short_id()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    let prefixed: Vec<&Endpoint> = all.iter().filter(|e| r.len() >= 4 && e.id.starts_with(r)).collect();
+    match prefixed.as_slice() {
+        [e] => Ok((*e).clone()),
+        _ => Err(AgentError::NoSuchEndpoint(format!("{r} in network {network:?}"))),
+    }
 }

@@ -101,6 +101,8 @@ impl Store {
                 networks: Vec::new(),
                 sweep_pending: true,
                 definitions: Vec::new(),
+                alloc: BTreeMap::new(),
+                fresh: true,
             },
         };
         // The whole node state, rewritten: stale `net/` keys of an import go with it.
@@ -109,7 +111,8 @@ impl Store {
             .filter(|k| k.starts_with(crate::persist::NET_PREFIX))
             .map(|k| (k.clone(), None))
             .collect();
-        ops.extend(state.to_image().into_iter().map(|(k, v)| (k, Some(v))));
+        // (The allocator's keys are as they were: not rewritten.)
+        ops.extend(state.to_image().into_iter().filter(|(k, _)| !crate::persist::is_alloc_key(k)).map(|(k, v)| (k, Some(v))));
         store.write(&[PersistBatch { seq: 0, ops }])?;
         if legacy.exists() {
             fs::rename(&legacy, dir.join("node.json.imported"))
@@ -334,6 +337,8 @@ mod tests {
                 networks: vec!["abc".into()],
                 sweep_pending: true,
                 definitions: vec![],
+                alloc: BTreeMap::new(),
+                fresh: false,
             }
         );
         s2.write(&[put(1, KEY_GENERATION, "1700000000500")]).unwrap();

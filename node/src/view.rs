@@ -95,6 +95,8 @@ pub struct Snapshot {
     pub held_bytes: usize,
     pub held_drops: u64,
     pub refused: Option<String>,
+    /// The allocator: acceptors, rings, counters.
+    pub alloc: crate::alloc::AllocReport,
 }
 
 type TableMap = Arc<DashMap<String, ViewEntry>>;
@@ -351,5 +353,65 @@ pub fn metrics(view: &View) -> String {
         "Outbound packets dropped because too much waited for the disk.",
         snap.held_drops,
     );
+    alloc_metrics(&mut out, &r);
     out
+}
+
+/// The allocator's part of `/metrics`.
+fn alloc_metrics(out: &mut String, r: &ViewRead<'_>) {
+    use std::fmt::Write;
+    let a = &r.snap.alloc;
+    let st = &a.stats;
+    for (name, help, v) in [
+        ("weft_ipam_allocations_total", "Addresses, subnets and VNIs this node allocated.", st.allocations),
+        ("weft_ipam_releases_total", "Addresses, subnets and VNIs this node released.", st.releases),
+        ("weft_ipam_donations_asked_total", "Donation requests this node sent.", st.donations_asked),
+        ("weft_ipam_donations_granted_total", "Donations this node received.", st.donations_granted),
+        ("weft_ipam_donations_refused_total", "Donation requests refused to this node.", st.donations_refused),
+        ("weft_ipam_donations_given_total", "Donations this node made to others.", st.donations_given),
+        ("weft_ipam_no_space_total", "Times no reachable owner had space for this node.", st.no_space),
+        ("weft_ipam_violations_total", "Ring records refused for breaking ownership.", st.violations),
+        ("weft_ipam_seed_conflicts_total", "Seeds seen that conflict with the installed one.", st.seed_conflicts),
+        ("weft_ipam_bad_messages_total", "Allocator messages or records that did not decode.", st.bad_messages),
+    ] {
+        write_counter(out, name, help, v);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP weft_ipam_free_slots Slots this node can still hand out, per ring.
+# TYPE weft_ipam_free_slots gauge"
+    );
+    for g in &a.rings {
+        let _ = writeln!(out, "weft_ipam_free_slots{{network=\"{}\",ring=\"{}\"}} {}", g.network, g.ring, g.free_slots);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP weft_ipam_allocated Slots this node holds allocated, per ring.
+# TYPE weft_ipam_allocated gauge"
+    );
+    for g in &a.rings {
+        let _ = writeln!(out, "weft_ipam_allocated{{network=\"{}\",ring=\"{}\"}} {}", g.network, g.ring, g.allocated);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP weft_ipam_ring_seeded Whether a ring is seeded (1), and usable (no seed conflict, not removed).
+# TYPE weft_ipam_ring_seeded gauge"
+    );
+    for g in &a.rings {
+        let usable = if g.problem.is_none() { "true" } else { "false" };
+        let _ = writeln!(
+            out,
+            "weft_ipam_ring_seeded{{network=\"{}\",ring=\"{}\",usable=\"{usable}\"}} {}",
+            g.network,
+            g.ring,
+            u8::from(g.seeded)
+        );
+    }
+    let overlaps = crate::read::networks(r).iter().filter(|n| !n.subnet_overlap.is_empty()).count();
+    let _ = writeln!(
+        out,
+        "# HELP weft_network_subnet_overlaps Networks whose subnet overlaps another's (created apart in a partition).
+# TYPE weft_network_subnet_overlaps gauge
+weft_network_subnet_overlaps {overlaps}"
+    );
 }

@@ -1,0 +1,1575 @@
+//! The agent's allocator: weft's "global-scope NetworkAllocator that splits pools by node".
+//!
+//! It wires the rings of `weft-ipam` into the agent, sans-IO like the rest of it:
+//!
+//! * **Cluster rings**, in the `cluster` network: the VNI range and the default global pool
+//!   (Docker's `10.0.0.0/8` cut into `/24`s). Each is seeded once by single-decree Paxos among
+//!   a fixed acceptor set (the names of the nodes at the seed addresses, or `--acceptors`) and
+//!   split among the (name, instance) members whose promises formed the quorum.
+//! * **Subnet rings**, one per IPv4 subnet of a network, in that network: created wholly owned
+//!   by the network's creator; every node that attaches asks for a share by donation.
+//! * **Endpoints**: a node allocates its endpoints' addresses from its own share, with no round
+//!   trip, and publishes each in the network's node-owned `endpoint_table`.
+//!
+//! Ring state travels in the reserved cluster table [`IPAM_TABLE`] (its merge rule is the
+//! ring's); donation and Paxos messages go point to point. Everything a node owns, has handed
+//! out and its endpoint records go into the agent's one durable store as a few keys per change
+//! (the ring's change log) before anything that rests on them leaves: the rings hold their
+//! publications and answers until [`Allocator::persisted`] says the batch that carried them is
+//! durable, and a command's reply waits for its batch like any other.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ipnet::{IpNet, Ipv4Net};
+use serde::{Deserialize, Serialize};
+use weft_gossip::{
+    CLUSTER_NETWORK, Event, GossipNode, MemberState, MergeRule, NodeId, TableEventKind, VersionRef,
+};
+use weft_ipam::net::{addr_at, offset_of};
+use weft_ipam::ring::{Name, Output as RingOutput, RingChanges, RingDurable, member_name};
+use weft_ipam::seeding::{SeedOutput, SeederDurable};
+use weft_ipam::{PaxosMsg, Ring, RingEntry, RingError, RingEvent, RingMsg, Seed, Seeder, Space};
+
+use crate::agent::NetworkDef;
+use crate::error::AgentError;
+
+/// The reserved cluster table holding ring state (seeds, claims, removals), keyed by
+/// [`RingEntry::key`]; in `cluster` for the cluster rings, in each network for its subnets.
+pub const IPAM_TABLE: &str = "ipam";
+/// libnetwork's endpoint table: node-owned, one endpoint object per key (its id).
+pub const ENDPOINT_TABLE: &str = "endpoint_table";
+/// The default global pool's ring.
+pub const POOL_RING: &str = "pool";
+/// Docker's option naming a network's VNIs, one per IPv4 subnet, comma-separated.
+pub const VXLANID_OPTION: &str = "com.docker.network.driver.overlay.vxlanid_list";
+/// How long a command waits for allocation to become possible (a seed being chosen, a
+/// donation answered) before it fails with what it waited for.
+pub const ALLOC_WAIT: Duration = Duration::from_secs(5);
+/// A share with fewer free slots than this asks for more.
+pub const LOW_WATER: u128 = 4;
+/// How often a low share asks again.
+const REFILL_EVERY_MS: u64 = 2_000;
+/// Delay before acceptor `rank` proposes a seed (so the first in the set usually wins alone).
+const PROPOSE_STAGGER_MS: u64 = 300;
+/// Endpoints one network may hold on one node.
+pub const MAX_ENDPOINTS: usize = 1 << 16;
+
+/// Keys of the durable store (see `persist`): ring change logs, acceptor state, endpoint
+/// records, and what this node allocated for the networks it created.
+pub const IPAM_PREFIX: &str = "ipam/";
+pub const PAXOS_PREFIX: &str = "paxos/";
+pub const EP_PREFIX: &str = "ep/";
+pub const OWN_PREFIX: &str = "own/";
+
+const MSG_MAGIC: &[u8] = b"weft-ipam\x01";
+
+/// What the allocator is configured with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocConfig {
+    /// The default global pool, and the prefix length of the subnets cut from it.
+    pub default_pool: Ipv4Net,
+    pub pool_prefix: u8,
+    /// The acceptor set (node names); `None`: derived from the seed list.
+    pub acceptors: Option<Vec<String>>,
+    /// How long a released address or VNI stays out of use.
+    pub reuse_after: Duration,
+}
+
+impl Default for AllocConfig {
+    fn default() -> Self {
+        AllocConfig {
+            default_pool: "10.0.0.0/8".parse().expect("valid"),
+            pool_prefix: 24,
+            acceptors: None,
+            reuse_after: Duration::from_millis(weft_ipam::ring::REUSE_AFTER_MS),
+        }
+    }
+}
+
+impl AllocConfig {
+    /// `10.0.0.0/8/24`: what the pool ring's seed records as its params.
+    pub fn pool_params(&self) -> String {
+        format!("{}/{}", self.default_pool, self.pool_prefix)
+    }
+
+    fn pool_space(&self) -> Result<Space, String> {
+        let bits = self.pool_prefix.checked_sub(self.default_pool.prefix_len()).filter(|b| *b <= 24);
+        let Some(bits) = bits.filter(|_| self.pool_prefix <= 30) else {
+            return Err(format!(
+                "default pool {} cannot be cut into /{} subnets (at most 2^24 of them, /30 at most)",
+                self.default_pool, self.pool_prefix
+            ));
+        };
+        Space::new(POOL_RING, 1u128 << bits).map_err(|e| e.to_string())
+    }
+}
+
+/// Parses `10.0.0.0/8/24` (a pool and the prefix of its subnets).
+pub fn parse_pool(s: &str) -> Result<(Ipv4Net, u8), String> {
+    let (net, prefix) = s.rsplit_once('/').ok_or_else(|| format!("{s:?}: expected POOL/PREFIX, e.g. 10.0.0.0/8/24"))?;
+    let net: Ipv4Net = net.parse().map_err(|_| format!("{s:?}: {net} is not an IPv4 CIDR"))?;
+    let prefix: u8 = prefix.parse().map_err(|_| format!("{s:?}: {prefix} is not a prefix length"))?;
+    if net.trunc() != net {
+        return Err(format!("{s:?}: host bits set in {net}"));
+    }
+    let cfg = AllocConfig { default_pool: net, pool_prefix: prefix, ..AllocConfig::default() };
+    cfg.pool_space()?;
+    Ok((net, prefix))
+}
+
+/// An endpoint: the value of its `endpoint_table` entry, and what `endpoint ls --json` lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub id: String,
+    pub name: String,
+    /// The network's name.
+    pub network: String,
+    pub network_id: String,
+    /// The node that allocated it (its owner).
+    pub node: String,
+    /// The owner's instance (hex).
+    #[serde(default)]
+    pub instance: String,
+    /// Address with prefix, e.g. `10.0.1.5/24`.
+    pub ipv4: String,
+    pub mac: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+}
+
+impl Endpoint {
+    pub fn short_id(&self) -> &str {
+        self.id.get(..12).unwrap_or(&self.id)
+    }
+}
+
+/// What the creator of a network allocated for it from the cluster rings: released when it
+/// sees the definition deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Owned {
+    pool_slots: Vec<u128>,
+    vnis: Vec<u32>,
+}
+
+/// Messages between allocators.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum AllocMsg {
+    Paxos(PaxosMsg),
+    Ring { network: String, msg: RingMsg },
+}
+
+/// The merge rule of [`IPAM_TABLE`]: the ring's total order on versions of one key.
+#[derive(Debug)]
+pub struct RingMerge;
+
+impl MergeRule for RingMerge {
+    fn compare(&self, a: &VersionRef<'_>, b: &VersionRef<'_>) -> std::cmp::Ordering {
+        match (decode_entry(a.value), decode_entry(b.value)) {
+            (Some(x), Some(y)) => x.compare(&y),
+            _ => std::cmp::Ordering::Equal,
+        }
+    }
+}
+
+pub fn decode_entry(v: &[u8]) -> Option<RingEntry> {
+    serde_json::from_slice(v).ok()
+}
+
+/// A node as a ring member: `name@instance`.
+pub fn member_of(id: &NodeId) -> Name {
+    format!("{}@{}", id.name, id.instance_hex()).into()
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AllocStats {
+    pub allocations: u64,
+    pub releases: u64,
+    pub donations_asked: u64,
+    pub donations_granted: u64,
+    pub donations_refused: u64,
+    pub donations_given: u64,
+    pub no_space: u64,
+    pub violations: u64,
+    pub seed_conflicts: u64,
+    pub bad_messages: u64,
+}
+
+/// One ring as this node sees it (`network inspect --verbose`, `/metrics`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RingReport {
+    pub network: String,
+    pub ring: String,
+    pub seeded: bool,
+    /// Who seeded it, with the seed's owners.
+    pub seed_owners: Vec<String>,
+    /// What this node owns, as slot ranges shown in the ring's terms (addresses, VNIs, subnets).
+    pub owned: Vec<String>,
+    pub owned_blocks: u64,
+    pub free_slots: u128,
+    pub allocated: u128,
+    pub quarantined: u128,
+    pub requesting_from: Option<String>,
+    /// The owners asked last time no space was found.
+    pub last_no_space: Vec<String>,
+    /// Allocations in blocks this node no longer owns.
+    pub conflicts: usize,
+    /// Why the ring cannot be used, if it cannot (a seed conflict, a removal).
+    pub problem: Option<String>,
+}
+
+/// The allocator's state for the view.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AllocReport {
+    pub member: String,
+    pub acceptors: Option<Vec<String>>,
+    /// Why acceptors are not known yet, or why this node cannot seed.
+    pub acceptors_pending: Option<String>,
+    pub learner_only: bool,
+    pub rings: Vec<RingReport>,
+    pub stats: AllocStats,
+}
+
+/// What a command waits for before it can allocate (the agent parks it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending(pub String);
+
+type RingKey = (String, String);
+
+#[derive(Debug, Clone)]
+pub enum Staged {
+    Ring(RingKey, u64),
+    Seeder(String, u64),
+}
+
+/// See the module docs.
+pub struct Allocator {
+    me: Name,
+    name: Arc<str>,
+    addr: SocketAddr,
+    cfg: AllocConfig,
+    epoch: Instant,
+    /// This node's data dir was new: its acceptor state may have been lost with an old one.
+    fresh: bool,
+    seeds: Vec<SocketAddr>,
+    acceptors: Option<Vec<Name>>,
+    acceptors_pending: Option<String>,
+    /// Started without seeds nor `--acceptors`, and another member appeared before the rings
+    /// were seeded: this node never seeds.
+    solo_lost: bool,
+    rings: BTreeMap<RingKey, Ring>,
+    problems: BTreeMap<RingKey, String>,
+    seeders: BTreeMap<String, Seeder>,
+    propose_at: Option<u64>,
+    staged_seeder_gen: BTreeMap<String, u64>,
+    staged: VecDeque<(u64, Vec<Staged>)>,
+    /// Local endpoints by (network id, endpoint id).
+    endpoints: BTreeMap<RingKey, Endpoint>,
+    owned: BTreeMap<String, Owned>,
+    ops: Vec<(String, Option<Vec<u8>>)>,
+    last_refill: BTreeMap<RingKey, u64>,
+    last_no_space: BTreeMap<RingKey, Vec<Name>>,
+    local: VecDeque<(Name, PaxosMsg)>,
+    warned: BTreeSet<String>,
+    /// A ring gained space or a seed was chosen since the agent last looked.
+    progress: bool,
+    pub stats: AllocStats,
+}
+
+impl std::fmt::Debug for Allocator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Allocator").field("me", &self.me).field("rings", &self.rings.len()).finish_non_exhaustive()
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("serializable")
+}
+
+fn words_to_bytes(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn bytes_to_words(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+}
+
+impl Allocator {
+    pub fn new(id: &NodeId, cfg: AllocConfig, fresh: bool, now: Instant) -> Self {
+        Allocator {
+            me: member_of(id),
+            name: id.name.clone(),
+            addr: id.addr,
+            cfg,
+            epoch: now,
+            fresh,
+            seeds: Vec::new(),
+            acceptors: None,
+            acceptors_pending: None,
+            solo_lost: false,
+            rings: BTreeMap::new(),
+            problems: BTreeMap::new(),
+            seeders: BTreeMap::new(),
+            propose_at: None,
+            staged_seeder_gen: BTreeMap::new(),
+            staged: VecDeque::new(),
+            endpoints: BTreeMap::new(),
+            owned: BTreeMap::new(),
+            ops: Vec::new(),
+            last_refill: BTreeMap::new(),
+            last_no_space: BTreeMap::new(),
+            local: VecDeque::new(),
+            warned: BTreeSet::new(),
+            progress: false,
+            stats: AllocStats::default(),
+        }
+    }
+
+    /// Sets the configuration (before the cluster rings exist: the pool is fixed once seeded).
+    pub fn configure(&mut self, cfg: AllocConfig) {
+        for r in self.rings.values_mut() {
+            r.set_reuse_after(cfg.reuse_after.as_millis() as u64);
+        }
+        self.cfg = cfg;
+    }
+
+    pub fn member(&self) -> &Name {
+        &self.me
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn warn_once(&mut self, key: String, line: impl FnOnce() -> String) {
+        if self.warned.insert(key) {
+            tracing::warn!("{}", line());
+        }
+    }
+
+    /// Reads back what the store holds under the allocator's prefixes.
+    pub fn restore(&mut self, keys: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
+        // ipam/<net>/<ring>/{meta,cursor,page/<n>}; a ring name may hold '/' (a CIDR).
+        let mut parts: BTreeMap<RingKey, (Option<RingDurable>, u128, Vec<(u128, Vec<u64>)>)> = BTreeMap::new();
+        for (k, v) in keys.range(IPAM_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(IPAM_PREFIX)) {
+            let rest = &k[IPAM_PREFIX.len()..];
+            let (net, rest) = rest.split_once('/').ok_or_else(|| format!("bad key {k}"))?;
+            let (ring, field) = if let Some(r) = rest.strip_suffix("/meta") {
+                (r, "meta")
+            } else if let Some(r) = rest.strip_suffix("/cursor") {
+                (r, "cursor")
+            } else if let Some((r, p)) = rest.rsplit_once("/page/") {
+                (r, p)
+            } else {
+                return Err(format!("bad key {k}"));
+            };
+            let e = parts.entry((net.to_string(), ring.to_string())).or_default();
+            match field {
+                "meta" => e.0 = Some(serde_json::from_slice(v).map_err(|err| format!("{k}: {err}"))?),
+                "cursor" => {
+                    let b: [u8; 16] = v.as_slice().try_into().map_err(|_| format!("{k}: not 16 bytes"))?;
+                    e.1 = u128::from_le_bytes(b);
+                }
+                p => {
+                    let page: u128 = p.parse().map_err(|_| format!("bad key {k}"))?;
+                    e.2.push((page, bytes_to_words(v)));
+                }
+            }
+        }
+        for (key, (meta, cursor, pages)) in parts {
+            let meta = meta.ok_or_else(|| format!("ring {}/{} has pages but no meta", key.0, key.1))?;
+            let mut ring = Ring::from_parts(meta, cursor, pages);
+            ring.set_reuse_after(self.cfg.reuse_after.as_millis() as u64);
+            self.rings.insert(key, ring);
+        }
+        for (k, v) in keys.range(PAXOS_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(PAXOS_PREFIX)) {
+            let d: SeederDurable = serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))?;
+            let ring = k[PAXOS_PREFIX.len()..].to_string();
+            self.staged_seeder_gen.insert(ring.clone(), 0);
+            self.seeders.insert(ring, Seeder::restore(d));
+        }
+        for (k, v) in keys.range(EP_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(EP_PREFIX)) {
+            let e: Endpoint = serde_json::from_slice(v).map_err(|err| format!("{k}: {err}"))?;
+            self.endpoints.insert((e.network_id.clone(), e.id.clone()), e);
+        }
+        for (k, v) in keys.range(OWN_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(OWN_PREFIX)) {
+            let o: Owned = serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))?;
+            self.owned.insert(k[OWN_PREFIX.len()..].to_string(), o);
+        }
+        // The restored cluster rings fix the acceptor set (it is permanent for a ring).
+        if let Some(r) = self.rings.get(&(CLUSTER_NETWORK.to_string(), weft_ipam::ring::VNI_RING.to_string()))
+            && let Some(a) = &r.durable().acceptors
+        {
+            self.acceptors = Some(a.clone());
+        }
+        Ok(())
+    }
+
+    /// Re-publishes this node's endpoints after a restart (they are its own entries).
+    pub fn republish(&mut self, gossip: &mut GossipNode, now: Instant) {
+        for ((nid, id), e) in &self.endpoints {
+            if gossip.is_attached(nid)
+                && let Err(err) = gossip.put_entry(now, nid, ENDPOINT_TABLE, id, Bytes::from(json(e)))
+            {
+                tracing::warn!(endpoint = %id, error = %err, "cannot republish endpoint");
+            }
+        }
+    }
+
+    pub fn set_seeds(&mut self, seeds: &[SocketAddr]) {
+        self.seeds = seeds.to_vec();
+    }
+
+    /// Whether something a parked command may be waiting for happened (and clears it).
+    pub fn take_progress(&mut self) -> bool {
+        std::mem::take(&mut self.progress)
+    }
+
+    // ----- acceptors and seeding -------------------------------------------------------------
+
+    fn alive_members(gossip: &GossipNode) -> BTreeSet<Name> {
+        gossip
+            .members()
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Suspect))
+            .map(|m| member_of(&m.id))
+            .collect()
+    }
+
+    /// Learns the acceptor set once every seed's name is known.
+    fn resolve_acceptors(&mut self, gossip: &GossipNode) {
+        if self.acceptors.is_some() {
+            return;
+        }
+        if let Some(a) = &self.cfg.acceptors {
+            self.acceptors = Some(a.iter().map(|s| Name::from(s.as_str())).collect());
+        } else if self.seeds.is_empty() {
+            let others = gossip.members().iter().any(|m| m.id.name != self.name && m.state == MemberState::Alive);
+            if others {
+                self.solo_lost = true;
+                self.acceptors_pending = Some(
+                    "this node was started without --join or --acceptors and is no longer alone: it cannot \
+                     seed the cluster rings (give every agent the same --join list)"
+                        .into(),
+                );
+                return;
+            }
+            self.acceptors = Some(vec![Name::from(&*self.name)]);
+        } else {
+            let members = gossip.members();
+            let mut names = Vec::new();
+            let mut missing = Vec::new();
+            for s in &self.seeds {
+                if *s == self.addr {
+                    names.push(Name::from(&*self.name));
+                } else if let Some(m) = members.iter().find(|m| m.id.addr == *s) {
+                    names.push(Name::from(&*m.id.name));
+                } else {
+                    missing.push(s.to_string());
+                }
+            }
+            if !missing.is_empty() {
+                self.acceptors_pending =
+                    Some(format!("acceptors not known yet: no name learned for seed(s) {}", missing.join(", ")));
+                return;
+            }
+            self.acceptors = Some(names);
+        }
+        if let Some(a) = &mut self.acceptors {
+            a.sort();
+            a.dedup();
+            tracing::info!(acceptors = ?a, "acceptor set of the cluster rings");
+        }
+        self.acceptors_pending = None;
+    }
+
+    fn cluster_key(ring: &str) -> RingKey {
+        (CLUSTER_NETWORK.to_string(), ring.to_string())
+    }
+
+    /// Creates the cluster rings and their seeders once the acceptor set is known, and starts
+    /// a proposal from an acceptor while they are unseeded.
+    fn ensure_cluster_rings(&mut self, gossip: &mut GossipNode, now: Instant) {
+        let Some(acceptors) = self.acceptors.clone() else { return };
+        let pool_space = match self.cfg.pool_space() {
+            Ok(s) => s,
+            Err(e) => {
+                self.warn_once("pool-config".into(), || e.clone());
+                return;
+            }
+        };
+        for (ring, space) in [(weft_ipam::ring::VNI_RING, Space::vnis()), (POOL_RING, pool_space)] {
+            let key = Self::cluster_key(ring);
+            if !self.rings.contains_key(&key) {
+                let mut r = Ring::cluster(self.me.clone(), space.clone(), [], acceptors.iter().cloned());
+                r.set_reuse_after(self.cfg.reuse_after.as_millis() as u64);
+                self.rings.insert(key.clone(), r);
+                self.replay_table(gossip, CLUSTER_NETWORK, ring);
+            }
+            if !self.seeders.contains_key(ring) {
+                let mut s = Seeder::new(Name::from(&*self.name), ring, acceptors.iter().cloned());
+                s.set_member(self.me.clone());
+                self.seeders.insert(ring.to_string(), s);
+            }
+            let params = if ring == POOL_RING { self.cfg.pool_params() } else { String::new() };
+            let s = self.seeders.get_mut(ring).expect("inserted");
+            s.set_params(params);
+            s.set_member(self.me.clone());
+        }
+        // A chosen seed the ring has not installed (learned by Paxos before a crash).
+        let chosen: Vec<(String, Seed)> =
+            self.seeders.iter().filter_map(|(r, s)| s.chosen().map(|c| (r.clone(), c.clone()))).collect();
+        for (ring, seed) in chosen {
+            self.install(&Self::cluster_key(&ring), &seed);
+        }
+        let is_acceptor = acceptors.iter().any(|a| **a == *self.name);
+        let unseeded = [weft_ipam::ring::VNI_RING, POOL_RING]
+            .iter()
+            .any(|r| self.rings.get(&Self::cluster_key(r)).is_some_and(|x| !x.is_seeded()));
+        if !is_acceptor || !unseeded || self.solo_lost {
+            return;
+        }
+        let now_ms = self.ms(now);
+        let rank = acceptors.iter().position(|a| **a == *self.name).unwrap_or(0) as u64;
+        let at = *self.propose_at.get_or_insert(now_ms + rank * PROPOSE_STAGGER_MS);
+        if now_ms < at {
+            return;
+        }
+        for ring in [weft_ipam::ring::VNI_RING, POOL_RING] {
+            let seeded = self.rings.get(&Self::cluster_key(ring)).is_some_and(Ring::is_seeded);
+            let space = self.rings.get(&Self::cluster_key(ring)).map(|r| r.space().clone());
+            if let (false, Some(space), Some(s)) = (seeded, space, self.seeders.get_mut(ring))
+                && !s.is_proposing()
+                && s.chosen().is_none()
+            {
+                s.propose(space, now_ms);
+            }
+        }
+    }
+
+    /// Merges every live entry of a ring's table into it (a ring just created).
+    fn replay_table(&mut self, gossip: &GossipNode, network: &str, ring: &str) {
+        let mut entries = Vec::new();
+        gossip.walk(network, IPAM_TABLE, |_, v, _| {
+            if let Some(e) = decode_entry(v)
+                && e.ring() == ring
+            {
+                entries.push(e);
+            }
+            true
+        });
+        // Seeds first: claims of an unseeded ring have nothing to land on.
+        entries.sort_by_key(|e| !matches!(e, RingEntry::Seed(_)));
+        let key = (network.to_string(), ring.to_string());
+        for e in entries {
+            self.merge(&key, &e);
+        }
+    }
+
+    fn install(&mut self, key: &RingKey, seed: &Seed) {
+        let Some(r) = self.rings.get_mut(key) else { return };
+        if r.state().seed.as_ref() == Some(seed) {
+            return;
+        }
+        match r.install_seed(seed) {
+            Ok(()) => {
+                self.progress = true;
+                self.check_seed_params(key, seed);
+            }
+            Err(e) => self.ring_error(key, e),
+        }
+    }
+
+    fn check_seed_params(&mut self, key: &RingKey, seed: &Seed) {
+        if key.1 == POOL_RING && !seed.params.is_empty() && seed.params != self.cfg.pool_params() {
+            let (theirs, ours) = (seed.params.clone(), self.cfg.pool_params());
+            self.warn_once(format!("params/{theirs}"), || {
+                format!("the default pool was seeded as {theirs}; this node's --default-pool {ours} is ignored")
+            });
+        }
+        // A reinstalled acceptor (new data dir) that sees its name under another instance in a
+        // chosen seed may have promised in that earlier life: it only learns from now on.
+        if self.fresh
+            && seed.owners.iter().any(|o| member_name(o) == &*self.name && *o != self.me)
+            && let Some(s) = self.seeders.get_mut(&key.1)
+            && !s.is_learner_only()
+        {
+            s.set_learner_only(true);
+            tracing::warn!(
+                ring = %key.1,
+                "an earlier instance of this node's name is an owner of the seed: this node lost its acceptor \
+                 state with its data dir and takes part in seeding as a learner only"
+            );
+        }
+    }
+
+    fn ring_error(&mut self, key: &RingKey, e: RingError) {
+        match &e {
+            RingError::Violations(v) => {
+                self.stats.violations += v.len() as u64;
+                tracing::warn!(network = %key.0, error = %e, "refused ring records");
+            }
+            RingError::SeedConflict { .. } => {
+                self.stats.seed_conflicts += 1;
+                let line = format!(
+                    "ring {} holds two different seeds (two clusters seeded apart and merged?): nothing is \
+                     allocated from it; rebuild the smaller cluster ({e})",
+                    key.1
+                );
+                if self.problems.insert(key.clone(), line.clone()).is_none() {
+                    tracing::error!("{line}");
+                }
+            }
+            _ => {
+                let line = e.to_string();
+                if self.problems.insert(key.clone(), line.clone()).is_none() {
+                    tracing::error!(network = %key.0, "{line}");
+                }
+            }
+        }
+    }
+
+    fn merge(&mut self, key: &RingKey, entry: &RingEntry) {
+        if let RingEntry::Seed(s) = entry {
+            return self.install(key, s);
+        }
+        let Some(r) = self.rings.get_mut(key) else { return };
+        let before = r.free_slots();
+        if let Err(e) = r.merge(entry) {
+            self.ring_error(key, e);
+        }
+        if self.rings.get(key).is_some_and(|r| r.free_slots() > before) {
+            self.progress = true;
+        }
+    }
+
+    // ----- inputs ----------------------------------------------------------------------------
+
+    /// Applies one event of the gossip core.
+    pub fn handle_event(&mut self, gossip: &mut GossipNode, now: Instant, ev: &Event) {
+        match ev {
+            Event::Table(t) if t.table == IPAM_TABLE => {
+                let Some(v) = &t.value else { return };
+                let Some(entry) = decode_entry(v) else {
+                    self.stats.bad_messages += 1;
+                    return;
+                };
+                let key = (t.network.clone(), entry.ring().to_string());
+                if self.rings.contains_key(&key) {
+                    self.merge(&key, &entry);
+                }
+            }
+            Event::Table(t)
+                if t.network == CLUSTER_NETWORK
+                    && t.table == crate::agent::NETWORKS_TABLE
+                    && t.kind == TableEventKind::Delete =>
+            {
+                self.definition_deleted(&t.key);
+            }
+            Event::Message { from, data } => {
+                let Some(body) = data.strip_prefix(MSG_MAGIC) else { return };
+                let Ok(msg) = serde_json::from_slice::<AllocMsg>(body) else {
+                    self.stats.bad_messages += 1;
+                    tracing::debug!(from = %from.name, "undecodable allocator message dropped");
+                    return;
+                };
+                self.handle_message(gossip, now, from, msg);
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_message(&mut self, gossip: &GossipNode, now: Instant, from: &NodeId, msg: AllocMsg) {
+        match msg {
+            AllocMsg::Paxos(m) => {
+                if let Some(s) = self.seeders.get_mut(m.ring()) {
+                    s.handle(&Name::from(&*from.name), &m);
+                }
+            }
+            AllocMsg::Ring { network, msg } => {
+                let key = (network, msg.ring().to_string());
+                let alive = Self::alive_members(gossip);
+                let now_ms = self.ms(now);
+                match &msg {
+                    RingMsg::Grant { .. } => self.stats.donations_granted += 1,
+                    RingMsg::Refuse { .. } => self.stats.donations_refused += 1,
+                    RingMsg::Request { .. } => {}
+                }
+                let Some(r) = self.rings.get_mut(&key) else { return };
+                let before = r.free_slots();
+                let res = r.handle_message(&member_of(from), &msg, now_ms, &|m| alive.contains(m));
+                let gained = r.free_slots() > before;
+                if let Err(e) = res {
+                    self.ring_error(&key, e);
+                }
+                if gained || matches!(msg, RingMsg::Refuse { .. }) {
+                    self.progress = true;
+                }
+            }
+        }
+    }
+
+    /// Timers: acceptors, proposals, donation timeouts, refills of low shares.
+    pub fn tick(&mut self, gossip: &mut GossipNode, now: Instant) {
+        if gossip.has_left() {
+            return;
+        }
+        self.resolve_acceptors(gossip);
+        self.ensure_cluster_rings(gossip, now);
+        let now_ms = self.ms(now);
+        for s in self.seeders.values_mut() {
+            s.tick(now_ms);
+        }
+        let alive = Self::alive_members(gossip);
+        let keys: Vec<RingKey> = self.rings.keys().cloned().collect();
+        for key in keys {
+            let attached = key.0 == CLUSTER_NETWORK || gossip.is_attached(&key.0);
+            let r = self.rings.get_mut(&key).expect("listed");
+            let asking = r.requesting_from().cloned();
+            if let Err(e) = r.tick(now_ms, &|m| alive.contains(m)) {
+                let _ = e;
+            }
+            if asking.is_some() && r.requesting_from() != asking.as_ref() {
+                self.progress = true;
+            }
+            // A subnet share running low asks for more (the cluster rings only when a
+            // command needs it: one VNI or subnet per network lasts long).
+            let low = key.0 != CLUSTER_NETWORK
+                && attached
+                && r.is_seeded()
+                && r.removed_by().is_none()
+                && r.free_slots() < LOW_WATER
+                && r.requesting_from().is_none();
+            if low && self.last_refill.get(&key).is_none_or(|t| now_ms >= t + REFILL_EVERY_MS) {
+                self.last_refill.insert(key.clone(), now_ms);
+                let r = self.rings.get_mut(&key).expect("listed");
+                if r.request_space(now_ms, &|m| alive.contains(m)).is_ok() && r.requesting_from().is_some() {
+                    self.stats.donations_asked += 1;
+                }
+            }
+        }
+    }
+
+    /// Hands the rings' and seeders' released outputs to the gossip core. Returns whether it
+    /// did anything.
+    pub fn pump(&mut self, gossip: &mut GossipNode, now: Instant) -> bool {
+        let mut any = false;
+        loop {
+            let mut moved = false;
+            let keys: Vec<RingKey> = self.rings.keys().cloned().collect();
+            for key in keys {
+                while let Some(o) = self.rings.get_mut(&key).and_then(Ring::poll_output) {
+                    moved = true;
+                    self.ring_output(gossip, now, &key, o);
+                }
+            }
+            let rings: Vec<String> = self.seeders.keys().cloned().collect();
+            for ring in rings {
+                while let Some(o) = self.seeders.get_mut(&ring).and_then(Seeder::poll_output) {
+                    moved = true;
+                    match o {
+                        SeedOutput::Send { to, msg } => {
+                            if *to == *self.name {
+                                self.local.push_back((to, msg));
+                            } else {
+                                self.send(gossip, now, &to, &AllocMsg::Paxos(msg));
+                            }
+                        }
+                        SeedOutput::Chosen(seed) => {
+                            tracing::info!(ring = %ring, owners = ?seed.owners, "cluster ring seeded");
+                            self.install(&Self::cluster_key(&ring), &seed);
+                        }
+                        SeedOutput::Mismatch { from, theirs, ours } => {
+                            self.warn_once(format!("mismatch/{from}/{theirs:?}"), || {
+                                format!(
+                                    "ring {ring}: {from} runs with acceptors {theirs:?}, this node with {ours:?}: \
+                                     refused (give every agent the same --join list or --acceptors)"
+                                )
+                            });
+                        }
+                    }
+                }
+            }
+            while let Some((from, msg)) = self.local.pop_front() {
+                moved = true;
+                if let Some(s) = self.seeders.get_mut(msg.ring()) {
+                    s.handle(&from, &msg);
+                }
+            }
+            if !moved {
+                return any;
+            }
+            any = true;
+        }
+    }
+
+    fn ring_output(&mut self, gossip: &mut GossipNode, now: Instant, key: &RingKey, o: RingOutput) {
+        match o {
+            RingOutput::Publish(entry) => {
+                if key.0 != CLUSTER_NETWORK && !gossip.is_attached(&key.0) {
+                    return;
+                }
+                let value = Bytes::from(json(&entry));
+                if let Err(e) = gossip.put_entry(now, &key.0, IPAM_TABLE, &entry.key(), value) {
+                    tracing::debug!(network = %key.0, error = %e, "ring publication not written");
+                }
+            }
+            RingOutput::Send { to, msg } => {
+                if matches!(msg, RingMsg::Grant { .. }) {
+                    self.stats.donations_given += 1;
+                }
+                if matches!(msg, RingMsg::Request { .. }) {
+                    tracing::debug!(network = %key.0, ring = %key.1, to = %to, "asking for a share");
+                }
+                self.send_member(gossip, now, &to, &AllocMsg::Ring { network: key.0.clone(), msg });
+            }
+            RingOutput::Event(e) => match e {
+                RingEvent::Owned { .. } => self.progress = true,
+                RingEvent::Lost { blocks, to, allocated } => tracing::warn!(
+                    network = %key.0, ring = %key.1, blocks, to = %to, allocated,
+                    "blocks this node owned went to another node"
+                ),
+                RingEvent::Removed { by } => tracing::error!(
+                    network = %key.0, ring = %key.1, by = %by,
+                    "this node was removed from the ring: it allocates nothing more from it"
+                ),
+                RingEvent::NoSpace { asked } => {
+                    self.stats.no_space += 1;
+                    self.progress = true;
+                    self.last_no_space.insert(key.clone(), asked);
+                }
+            },
+        }
+    }
+
+    fn send(&mut self, gossip: &mut GossipNode, now: Instant, to: &str, msg: &AllocMsg) {
+        let mut data = MSG_MAGIC.to_vec();
+        data.extend_from_slice(&json(msg));
+        if let Err(e) = gossip.send_message(now, to, Bytes::from(data)) {
+            tracing::debug!(to, error = %e, "allocator message not sent");
+        }
+    }
+
+    /// Sends to a ring member `name@instance`, if that instance is the one membership knows.
+    fn send_member(&mut self, gossip: &mut GossipNode, now: Instant, to: &Name, msg: &AllocMsg) {
+        let name = member_name(to);
+        let current = gossip.members().iter().any(|m| &*m.id.name == name && member_of(&m.id) == *to);
+        if current {
+            self.send(gossip, now, name, msg);
+        }
+    }
+
+    // ----- persistence -----------------------------------------------------------------------
+
+    /// Adds what changed to `ops` (keys of the durable store); returns what the batch covers,
+    /// for [`Allocator::staged`].
+    pub fn stage(&mut self, ops: &mut Vec<(String, Option<Vec<u8>>)>) -> Vec<Staged> {
+        let mut covered = Vec::new();
+        for (key, ring) in &mut self.rings {
+            let Some(RingChanges { generation, meta, cursor, pages }) = ring.take_changes() else { continue };
+            let prefix = format!("{IPAM_PREFIX}{}/{}/", key.0, key.1);
+            if let Some(m) = meta {
+                ops.push((format!("{prefix}meta"), Some(json(&m))));
+            }
+            if let Some(c) = cursor {
+                ops.push((format!("{prefix}cursor"), Some(c.to_le_bytes().to_vec())));
+            }
+            for (p, words) in pages {
+                let v = (!words.is_empty()).then(|| words_to_bytes(&words));
+                ops.push((format!("{prefix}page/{p}"), v));
+            }
+            covered.push(Staged::Ring(key.clone(), generation));
+        }
+        for (ring, s) in &self.seeders {
+            let g = s.generation();
+            if s.is_dirty() && self.staged_seeder_gen.get(ring).is_none_or(|x| *x < g) {
+                ops.push((format!("{PAXOS_PREFIX}{ring}"), Some(json(s.durable()))));
+                self.staged_seeder_gen.insert(ring.clone(), g);
+                covered.push(Staged::Seeder(ring.clone(), g));
+            }
+        }
+        ops.append(&mut self.ops);
+        covered
+    }
+
+    /// The batch `seq` carries `covered` (from [`Allocator::stage`]).
+    pub fn staged(&mut self, seq: u64, covered: Vec<Staged>) {
+        if !covered.is_empty() {
+            self.staged.push_back((seq, covered));
+        }
+    }
+
+    /// Every batch up to `seq` is durable: the rings and seeders release what waited for it.
+    pub fn persisted(&mut self, seq: u64) {
+        while self.staged.front().is_some_and(|(s, _)| *s <= seq) {
+            let (_, covered) = self.staged.pop_front().expect("checked");
+            for c in covered {
+                match c {
+                    Staged::Ring(key, g) => {
+                        if let Some(r) = self.rings.get_mut(&key) {
+                            r.persisted(g);
+                        }
+                    }
+                    Staged::Seeder(ring, g) => {
+                        if let Some(s) = self.seeders.get_mut(&ring) {
+                            s.persisted(g);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- networks --------------------------------------------------------------------------
+
+    fn cluster_ring_ready(&self, ring: &str, gossip: &GossipNode) -> Result<(), Pending> {
+        let key = Self::cluster_key(ring);
+        if let Some(p) = self.problems.get(&key) {
+            return Err(Pending(p.clone()));
+        }
+        if self.rings.get(&key).is_some_and(Ring::is_seeded) {
+            return Ok(());
+        }
+        let what = if ring == POOL_RING { "the default address pool" } else { "the VNI range" };
+        let Some(acceptors) = &self.acceptors else {
+            let why = self.acceptors_pending.clone().unwrap_or_else(|| "acceptors not known yet".into());
+            return Err(Pending(format!("{what} is not seeded yet: {why}")));
+        };
+        let alive: BTreeSet<String> = gossip
+            .members()
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| m.id.name.to_string())
+            .collect();
+        let reachable = acceptors.iter().filter(|a| alive.contains(&***a) || ***a == *self.name).count();
+        let needed = acceptors.len() / 2 + 1;
+        Err(Pending(format!(
+            "{what} is not seeded yet: {reachable} of {} acceptors reachable ({}), {needed} needed",
+            acceptors.len(),
+            acceptors.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+        )))
+    }
+
+    /// The subnet the pool's slot stands for.
+    fn pool_subnet(&self, slot: u128) -> Option<Ipv4Net> {
+        let (base, prefix) = self
+            .rings
+            .get(&Self::cluster_key(POOL_RING))
+            .and_then(|r| r.state().seed.as_ref())
+            .filter(|s| !s.params.is_empty())
+            .and_then(|s| parse_pool(&s.params).ok())
+            .unwrap_or((self.cfg.default_pool, self.cfg.pool_prefix));
+        let step = 1u64 << (32 - prefix);
+        let addr = u64::from(u32::from(base.network())) + u64::try_from(slot).ok()? * step;
+        Ipv4Net::new(Ipv4Addr::from(u32::try_from(addr).ok()?), prefix).ok()
+    }
+
+    /// Allocates what a new network needs from the cluster rings: a subnet from the default
+    /// pool when none is given (avoiding `taken`, the subnets of known networks), and one VNI
+    /// per IPv4 subnet. `Err(Ok(pending))` when it must wait (unseeded rings); nothing is kept
+    /// on failure.
+    pub fn allocate_network(
+        &mut self,
+        gossip: &GossipNode,
+        now: Instant,
+        subnets: &[IpNet],
+        taken: &[IpNet],
+        vxlan: bool,
+    ) -> Result<(Vec<IpNet>, Vec<u32>, Vec<u128>), Result<Pending, AgentError>> {
+        let mut subnets = subnets.to_vec();
+        let mut pool_slots = Vec::new();
+        if subnets.is_empty() {
+            self.cluster_ring_ready(POOL_RING, gossip).map_err(Ok)?;
+        }
+        let v4 = if subnets.is_empty() { 1 } else { subnets.iter().filter(|n| matches!(n, IpNet::V4(_))).count() };
+        if vxlan && v4 > 0 {
+            self.cluster_ring_ready(weft_ipam::ring::VNI_RING, gossip).map_err(Ok)?;
+        }
+        // A ring whose share here is used up (a node outside the acceptor set starts with
+        // none) asks an owner for a donation first.
+        let pool_key = Self::cluster_key(POOL_RING);
+        let vni_key = Self::cluster_key(weft_ipam::ring::VNI_RING);
+        let mut waits = Vec::new();
+        if subnets.is_empty() && self.rings.get(&pool_key).is_some_and(|r| r.free_slots() == 0) {
+            waits.push(pool_key.clone());
+        }
+        if vxlan && v4 > 0 && self.rings.get(&vni_key).is_some_and(|r| (r.free_slots() as usize) < v4) {
+            waits.push(vni_key.clone());
+        }
+        if !waits.is_empty() {
+            let mut why = Vec::new();
+            for key in waits {
+                self.ask_share(gossip, now, &key, u128::MAX);
+                let what = if key.1 == POOL_RING { "the default address pool" } else { "the VNI range" };
+                match self.rings.get(&key).and_then(Ring::requesting_from) {
+                    Some(to) => why.push(format!("a share of {what} from {to}")),
+                    None => {
+                        let asked = self.last_no_space.get(&key).cloned().unwrap_or_default();
+                        return Err(Err(AgentError::Exhausted(format!(
+                            "{what}: this node has no share left and no reachable owner has space (asked: {})",
+                            if asked.is_empty() {
+                                "nobody reachable".to_string()
+                            } else {
+                                asked.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+                            }
+                        ))));
+                    }
+                }
+            }
+            return Err(Ok(Pending(why.join("; "))));
+        }
+        if subnets.is_empty() {
+            let me = self.clone_pool_mapper();
+            let key = Self::cluster_key(POOL_RING);
+            let ring = self.rings.get_mut(&key).expect("ready");
+            let ok = |slot: u128| {
+                me(slot).is_some_and(|n| !taken.iter().any(|t| t.contains(&IpNet::V4(n)) || IpNet::V4(n).contains(t)))
+            };
+            match ring.allocate_where(None, &ok) {
+                Ok(slot) => {
+                    pool_slots.push(slot);
+                    subnets.push(IpNet::V4(me(slot).expect("checked")));
+                    self.stats.allocations += 1;
+                }
+                Err(RingError::Exhausted { .. }) => {
+                    let r = self.rings.get(&key).expect("ready");
+                    return Err(Err(AgentError::Exhausted(format!(
+                        "the default address pool: this node's share ({} subnets) is used up; node rm of \
+                         departed nodes or a network rm frees some",
+                        r.owned().iter().map(|(s, e)| e - s).sum::<u128>()
+                    ))));
+                }
+                Err(e) => return Err(Err(AgentError::Exhausted(e.to_string()))),
+            }
+        }
+        let mut vnis = Vec::new();
+        let key = Self::cluster_key(weft_ipam::ring::VNI_RING);
+        for _ in subnets.iter().filter(|n| vxlan && matches!(n, IpNet::V4(_))) {
+            let ring = self.rings.get_mut(&key).expect("ready");
+            match ring.allocate(None) {
+                Ok(slot) => {
+                    vnis.push(Space::vni(slot).expect("a slot of the VNI space"));
+                    self.stats.allocations += 1;
+                }
+                Err(e) => {
+                    // Give back what this call took (it was never acknowledged).
+                    for v in &vnis {
+                        let _ = ring.release(Space::vni_slot(*v).expect("a VNI"));
+                    }
+                    if let Some(pr) = self.rings.get_mut(&Self::cluster_key(POOL_RING)) {
+                        for s in &pool_slots {
+                            let _ = pr.release(*s);
+                        }
+                    }
+                    return Err(Err(AgentError::Exhausted(format!("the VNI range: {e}"))));
+                }
+            }
+        }
+        Ok((subnets, vnis, pool_slots))
+    }
+
+    /// A function from pool slots to subnets, detached from `self` (for filters).
+    fn clone_pool_mapper(&self) -> impl Fn(u128) -> Option<Ipv4Net> + use<> {
+        let (base, prefix) = self
+            .rings
+            .get(&Self::cluster_key(POOL_RING))
+            .and_then(|r| r.state().seed.as_ref())
+            .filter(|s| !s.params.is_empty())
+            .and_then(|s| parse_pool(&s.params).ok())
+            .unwrap_or((self.cfg.default_pool, self.cfg.pool_prefix));
+        move |slot| {
+            let step = 1u64 << (32 - prefix);
+            let addr = u64::from(u32::from(base.network())) + u64::try_from(slot).ok()? * step;
+            Ipv4Net::new(Ipv4Addr::from(u32::try_from(addr).ok()?), prefix).ok()
+        }
+    }
+
+    /// Records what a network created here holds of the cluster rings, and creates its subnet
+    /// rings wholly owned by this node with each gateway allocated.
+    pub fn network_created(&mut self, def: &NetworkDef, vnis: &[u32], pool_slots: &[u128]) -> Result<(), AgentError> {
+        let own = Owned { pool_slots: pool_slots.to_vec(), vnis: vnis.to_vec() };
+        if !own.pool_slots.is_empty() || !own.vnis.is_empty() {
+            self.ops.push((format!("{OWN_PREFIX}{}", def.id), Some(json(&own))));
+            self.owned.insert(def.id.clone(), own);
+        }
+        for (i, s) in def.subnets.iter().enumerate() {
+            let Ok(IpNet::V4(net)) = s.parse::<IpNet>() else { continue };
+            let (space, reserved) = Space::subnet(net.to_string(), &IpNet::V4(net));
+            let mut ring = Ring::created_by(self.me.clone(), space, reserved);
+            ring.set_reuse_after(self.cfg.reuse_after.as_millis() as u64);
+            let gw = gateway_of(def, i, &net);
+            if let Some(gw) = gw
+                && let Some(slot) = offset_of(&IpNet::V4(net), IpAddr::V4(gw))
+            {
+                ring.allocate(Some(slot)).map_err(|e| AgentError::BadGateway(format!("{gw}: {e}")))?;
+            }
+            self.rings.insert((def.id.clone(), net.to_string()), ring);
+        }
+        Ok(())
+    }
+
+    /// The creator of a network sees its definition deleted: it releases the subnet and VNIs
+    /// it allocated for it.
+    fn definition_deleted(&mut self, nid: &str) {
+        let Some(own) = self.owned.remove(nid) else { return };
+        self.ops.push((format!("{OWN_PREFIX}{nid}"), None));
+        if let Some(r) = self.rings.get_mut(&Self::cluster_key(POOL_RING)) {
+            for s in &own.pool_slots {
+                if r.release(*s).is_ok() {
+                    self.stats.releases += 1;
+                }
+            }
+        }
+        if let Some(r) = self.rings.get_mut(&Self::cluster_key(weft_ipam::ring::VNI_RING)) {
+            for v in &own.vnis {
+                if let Some(slot) = Space::vni_slot(*v)
+                    && r.release(slot).is_ok()
+                {
+                    self.stats.releases += 1;
+                }
+            }
+        }
+        tracing::info!(network = %nid, vnis = ?own.vnis, "released the network's VNIs and pool subnet");
+    }
+
+    /// Networks created here whose definition is a tombstone, or gone, while this node is
+    /// connected: released (a delete seen before a restart, or missed while down).
+    pub fn reconcile(&mut self, deleted: &dyn Fn(&str) -> bool) {
+        let gone: Vec<String> = self.owned.keys().filter(|n| deleted(n)).cloned().collect();
+        for nid in gone {
+            self.definition_deleted(&nid);
+        }
+    }
+
+    /// This node attaches to a network: it makes the network's subnet rings (learning their
+    /// state from the network's table) and asks for a share where it has none.
+    pub fn network_attached(&mut self, gossip: &mut GossipNode, now: Instant, def: &NetworkDef) {
+        for s in &def.subnets {
+            let Ok(IpNet::V4(net)) = s.parse::<IpNet>() else { continue };
+            let key = (def.id.clone(), net.to_string());
+            if !self.rings.contains_key(&key) {
+                let (space, reserved) = Space::subnet(net.to_string(), &IpNet::V4(net));
+                let mut ring = Ring::new(self.me.clone(), space, reserved);
+                ring.set_reuse_after(self.cfg.reuse_after.as_millis() as u64);
+                self.rings.insert(key.clone(), ring);
+                self.replay_table(gossip, &def.id, &key.1);
+            }
+            self.ask_share(gossip, now, &key, LOW_WATER);
+        }
+    }
+
+    /// Asks for a share of a ring if this node has fewer than `low` free slots there.
+    fn ask_share(&mut self, gossip: &GossipNode, now: Instant, key: &RingKey, low: u128) {
+        let alive = Self::alive_members(gossip);
+        let now_ms = self.ms(now);
+        let Some(r) = self.rings.get_mut(key) else { return };
+        if !r.is_seeded() || r.removed_by().is_some() || r.requesting_from().is_some() || r.free_slots() >= low {
+            return;
+        }
+        match r.request_space(now_ms, &|m| alive.contains(m)) {
+            Ok(()) => {
+                if r.requesting_from().is_some() {
+                    self.stats.donations_asked += 1;
+                }
+                self.last_refill.insert(key.clone(), now_ms);
+            }
+            Err(e) => tracing::debug!(network = %key.0, error = %e, "no share to ask for"),
+        }
+    }
+
+    /// The network is gone (removed cluster-wide, or this node detached from a removed one):
+    /// its subnet rings and local endpoints go, from memory and from the store.
+    pub fn network_removed(&mut self, nid: &str) {
+        let keys: Vec<RingKey> = self.rings.keys().filter(|k| k.0 == nid).cloned().collect();
+        for key in keys {
+            let ring = self.rings.remove(&key).expect("listed");
+            let prefix = format!("{IPAM_PREFIX}{}/{}/", key.0, key.1);
+            self.ops.push((format!("{prefix}meta"), None));
+            self.ops.push((format!("{prefix}cursor"), None));
+            let pages: BTreeSet<u128> = ring.allocations().map(|s| s / weft_ipam::bitmap::PAGE_SLOTS).collect();
+            for p in pages {
+                self.ops.push((format!("{prefix}page/{p}"), None));
+            }
+        }
+        let eps: Vec<RingKey> = self.endpoints.keys().filter(|k| k.0 == nid).cloned().collect();
+        for k in eps {
+            self.endpoints.remove(&k);
+            self.ops.push((format!("{EP_PREFIX}{}/{}", k.0, k.1), None));
+        }
+    }
+
+    /// Local endpoints in a network.
+    pub fn local_endpoints(&self, nid: &str) -> Vec<&Endpoint> {
+        self.endpoints.range((nid.to_string(), String::new())..).take_while(|(k, _)| k.0 == nid).map(|(_, e)| e).collect()
+    }
+
+    // ----- endpoints -------------------------------------------------------------------------
+
+    /// Allocates an endpoint's address in `def` (attached) and publishes it. `Err(Ok(_))`: it
+    /// must wait (a share is being asked for); nothing is kept then.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_endpoint(
+        &mut self,
+        gossip: &mut GossipNode,
+        now: Instant,
+        def: &NetworkDef,
+        name: &str,
+        ip: Option<IpAddr>,
+        mac: Option<&str>,
+        id: String,
+    ) -> Result<Endpoint, Result<Pending, AgentError>> {
+        let nets: Vec<(usize, Ipv4Net)> = def
+            .subnets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s.parse::<IpNet>() {
+                Ok(IpNet::V4(n)) => Some((i, n)),
+                _ => None,
+            })
+            .collect();
+        if nets.is_empty() {
+            return Err(Err(AgentError::NoAddress(format!("network {:?} has no IPv4 subnet", def.name))));
+        }
+        if self.local_endpoints(&def.id).len() >= MAX_ENDPOINTS {
+            return Err(Err(AgentError::NoAddress(format!(
+                "network {:?}: this node holds {MAX_ENDPOINTS} endpoints already",
+                def.name
+            ))));
+        }
+        let mac = match mac {
+            Some(m) => Some(parse_mac(m).map_err(|e| Err(AgentError::BadName(e)))?),
+            None => None,
+        };
+        let now_ms = self.ms(now);
+        let (i, net, slot) = match ip {
+            Some(IpAddr::V4(ip)) => {
+                let Some(&(i, net)) = nets.iter().find(|(_, n)| n.contains(&ip)) else {
+                    return Err(Err(AgentError::NoAddress(format!(
+                        "{ip} is not in any subnet of network {:?} ({})",
+                        def.name,
+                        def.subnets.join(", ")
+                    ))));
+                };
+                let key = (def.id.clone(), net.to_string());
+                let Some(r) = self.rings.get_mut(&key) else {
+                    return Err(Ok(Pending(format!("the state of subnet {net} to arrive from its creator"))));
+                };
+                r.advance(now_ms);
+                let slot = offset_of(&IpNet::V4(net), IpAddr::V4(ip)).expect("inside");
+                match r.allocate(Some(slot)) {
+                    Ok(s) => (i, net, s),
+                    Err(RingError::NotSeeded { .. }) => {
+                        return Err(Ok(Pending(format!("the state of subnet {net} to arrive from its creator"))));
+                    }
+                    Err(RingError::NotOwned { .. }) => {
+                        let b = r.space().block_of(slot);
+                        let owner = r.state().owner_of(b).map_or("nobody".to_string(), |o| o.to_string());
+                        return Err(Err(AgentError::NoAddress(format!(
+                            "{ip} is in a block node {owner} owns, not this node: create the endpoint there, or \
+                             let weft pick an address here"
+                        ))));
+                    }
+                    Err(e) => return Err(Err(AgentError::NoAddress(format!("{ip}: {e}")))),
+                }
+            }
+            Some(IpAddr::V6(ip)) => {
+                return Err(Err(AgentError::NoAddress(format!("{ip}: only IPv4 endpoint addresses so far"))));
+            }
+            None => {
+                let mut found = None;
+                let mut waiting = Vec::new();
+                for &(i, net) in &nets {
+                    let key = (def.id.clone(), net.to_string());
+                    let Some(r) = self.rings.get_mut(&key) else { continue };
+                    r.advance(now_ms);
+                    match r.allocate(None) {
+                        Ok(s) => {
+                            found = Some((i, net, s));
+                            break;
+                        }
+                        Err(RingError::Removed { by, .. }) => {
+                            return Err(Err(AgentError::NoAddress(format!(
+                                "this node was removed from subnet {net} by {by}: it allocates nothing more there"
+                            ))));
+                        }
+                        Err(_) => waiting.push(key),
+                    }
+                }
+                match found {
+                    Some(f) => f,
+                    None => {
+                        // No share with space: ask (once) and wait, unless nobody has space.
+                        let mut why = Vec::new();
+                        for key in waiting {
+                            self.ask_share(gossip, now, &key, LOW_WATER);
+                            let r = self.rings.get(&key).expect("listed");
+                            if let Some(p) = self.problems.get(&key) {
+                                why.push(p.clone());
+                            } else if !r.is_seeded() {
+                                why.push(format!("the state of subnet {} to arrive from its creator", key.1));
+                            } else if let Some(to) = r.requesting_from() {
+                                why.push(format!("a share of subnet {} from {to}", key.1));
+                            } else {
+                                let asked = self.last_no_space.get(&key).cloned().unwrap_or_default();
+                                return Err(Err(AgentError::NoAddress(format!(
+                                    "network {:?} has no free address this node can get: no reachable owner has \
+                                     space in subnet {} (asked: {})",
+                                    def.name,
+                                    key.1,
+                                    if asked.is_empty() {
+                                        "nobody reachable".to_string()
+                                    } else {
+                                        asked.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+                                    }
+                                ))));
+                            }
+                        }
+                        return Err(Ok(Pending(why.join("; "))));
+                    }
+                }
+            }
+        };
+        self.stats.allocations += 1;
+        let addr = addr_at(&IpNet::V4(net), slot);
+        let IpAddr::V4(v4) = addr else { unreachable!("an IPv4 subnet") };
+        let mac = mac.unwrap_or_else(|| {
+            let o = v4.octets();
+            format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+        });
+        let ep = Endpoint {
+            id,
+            name: name.to_string(),
+            network: def.name.clone(),
+            network_id: def.id.clone(),
+            node: self.name.to_string(),
+            instance: member_name_instance(&self.me).to_string(),
+            ipv4: format!("{v4}/{}", net.prefix_len()),
+            mac,
+            gateway: gateway_of(def, i, &net).map(|g| g.to_string()),
+        };
+        let value = Bytes::from(json(&ep));
+        if let Err(e) = gossip.put_entry(now, &def.id, ENDPOINT_TABLE, &ep.id, value) {
+            let _ = self.rings.get_mut(&(def.id.clone(), net.to_string())).map(|r| r.release(slot));
+            return Err(Err(e.into()));
+        }
+        self.ops.push((format!("{EP_PREFIX}{}/{}", def.id, ep.id), Some(json(&ep))));
+        self.endpoints.insert((def.id.clone(), ep.id.clone()), ep.clone());
+        Ok(ep)
+    }
+
+    /// Removes a local endpoint: its entry, its record, and its address (held back for
+    /// `reuse_after`).
+    pub fn remove_endpoint(&mut self, gossip: &mut GossipNode, now: Instant, ep: &Endpoint) -> Result<(), AgentError> {
+        let key = (ep.network_id.clone(), ep.id.clone());
+        if !self.endpoints.contains_key(&key) {
+            return Err(AgentError::NotLocal(format!(
+                "endpoint {} is on node {}: remove it there",
+                ep.name, ep.node
+            )));
+        }
+        if gossip.is_attached(&ep.network_id) {
+            match gossip.delete_entry(now, &ep.network_id, ENDPOINT_TABLE, &ep.id) {
+                Ok(()) | Err(weft_gossip::Error::EntryNotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.endpoints.remove(&key);
+        self.ops.push((format!("{EP_PREFIX}{}/{}", ep.network_id, ep.id), None));
+        if let Ok(IpNet::V4(net)) = ep.ipv4.parse::<IpNet>() {
+            let subnet = net.trunc();
+            let ring_key = (ep.network_id.clone(), subnet.to_string());
+            let now_ms = self.ms(now);
+            if let Some(r) = self.rings.get_mut(&ring_key)
+                && let Some(slot) = offset_of(&IpNet::V4(subnet), IpAddr::V4(net.addr()))
+            {
+                r.advance(now_ms);
+                if r.release(slot).is_ok() {
+                    self.stats.releases += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ----- reads -----------------------------------------------------------------------------
+
+    pub fn report(&self) -> AllocReport {
+        let rings = self
+            .rings
+            .iter()
+            .map(|(key, r)| {
+                let show = |s: u128, e: u128| -> String { self.show_range(key, s, e) };
+                RingReport {
+                    network: key.0.clone(),
+                    ring: key.1.clone(),
+                    seeded: r.is_seeded(),
+                    seed_owners: r.state().seed.as_ref().map(|s| s.owners.iter().map(|o| o.to_string()).collect()).unwrap_or_default(),
+                    owned: r.owned().iter().map(|&(s, e)| show(s, e)).collect(),
+                    owned_blocks: r.owned_blocks(),
+                    free_slots: r.free_slots(),
+                    allocated: r.allocations().count() as u128,
+                    quarantined: r.quarantined(),
+                    requesting_from: r.requesting_from().map(|n| n.to_string()),
+                    last_no_space: self.last_no_space.get(key).map(|v| v.iter().map(|n| n.to_string()).collect()).unwrap_or_default(),
+                    conflicts: r.conflicts().len(),
+                    problem: self
+                        .problems
+                        .get(key)
+                        .cloned()
+                        .or_else(|| r.removed_by().map(|b| format!("removed from this ring by {b}"))),
+                }
+            })
+            .collect();
+        AllocReport {
+            member: self.me.to_string(),
+            acceptors: self.acceptors.as_ref().map(|a| a.iter().map(|x| x.to_string()).collect()),
+            acceptors_pending: self.acceptors_pending.clone(),
+            learner_only: self.seeders.values().any(Seeder::is_learner_only),
+            rings,
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// A slot range in the ring's own terms.
+    fn show_range(&self, key: &RingKey, s: u128, e: u128) -> String {
+        if key.0 == CLUSTER_NETWORK && key.1 == weft_ipam::ring::VNI_RING {
+            let (a, b) = (Space::vni(s).unwrap_or(0), Space::vni(e - 1).unwrap_or(0));
+            return format!("vni {a}-{b}");
+        }
+        if key.0 == CLUSTER_NETWORK && key.1 == POOL_RING {
+            let a = self.pool_subnet(s).map(|n| n.to_string()).unwrap_or_default();
+            let b = self.pool_subnet(e - 1).map(|n| n.to_string()).unwrap_or_default();
+            return format!("{a} .. {b} ({} subnets)", e - s);
+        }
+        match key.1.parse::<IpNet>() {
+            Ok(net) => format!("{}-{} ({} addresses)", addr_at(&net, s), addr_at(&net, e - 1), e - s),
+            Err(_) => format!("{s}-{}", e - 1),
+        }
+    }
+}
+
+/// The instance part of `name@instance`.
+fn member_name_instance(m: &str) -> &str {
+    m.split_once('@').map_or("", |(_, i)| i)
+}
+
+/// The gateway of subnet `i` of a network: `--gateway` when it lies in that subnet, else the
+/// lowest usable address.
+pub fn gateway_of(def: &NetworkDef, _i: usize, net: &Ipv4Net) -> Option<Ipv4Addr> {
+    if let Some(gw) = def.gateway.as_deref().and_then(|g| g.parse::<Ipv4Addr>().ok())
+        && net.contains(&gw)
+    {
+        return Some(gw);
+    }
+    if net.prefix_len() >= 31 {
+        return None;
+    }
+    Some(Ipv4Addr::from(u32::from(net.network()) + 1))
+}
+
+/// A MAC address `aa:bb:cc:dd:ee:ff`, unicast.
+pub fn parse_mac(s: &str) -> Result<String, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bytes: Option<Vec<u8>> =
+        (parts.len() == 6).then(|| parts.iter().map(|p| u8::from_str_radix(p, 16).ok().filter(|_| p.len() == 2)).collect()).flatten();
+    match bytes {
+        Some(b) if b[0] & 1 == 0 => Ok(b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")),
+        Some(_) => Err(format!("MAC {s}: a multicast address cannot be an endpoint's")),
+        None => Err(format!("MAC {s}: expected six hex bytes like 02:42:0a:00:01:05")),
+    }
+}
+
+/// Per node, what it owns of a ring as the replicated claims say (for `network inspect
+/// --verbose`): (owner, ranges of slots, blocks, advertised free blocks).
+pub fn shares(entries: &[RingEntry], ring: &str) -> Vec<(String, Vec<(u128, u128)>, u64, Option<u64>)> {
+    let mut state = weft_ipam::RingState::default();
+    let mut adverts: BTreeMap<String, u64> = BTreeMap::new();
+    for e in entries.iter().filter(|e| e.ring() == ring) {
+        match e {
+            RingEntry::Seed(s) => {
+                state.seed = Some(s.clone());
+                state.blocks = state.blocks.join(&s.runs());
+            }
+            RingEntry::Claims(c) => {
+                adverts.insert(c.writer.to_string(), c.free_blocks);
+                state.blocks = state.blocks.join(&weft_ipam::ring::Runs::from_runs(c.runs.iter().cloned()));
+            }
+            RingEntry::Removal(r) => {
+                let v = (r.generation, r.heir.clone());
+                let cur = state.removed.entry(r.node.clone()).or_insert_with(|| v.clone());
+                if v > *cur {
+                    *cur = v;
+                }
+            }
+        }
+    }
+    let Some(seed) = &state.seed else { return Vec::new() };
+    let bs = seed.space.block_size;
+    let size = seed.space.size;
+    let mut by: BTreeMap<String, (Vec<(u128, u128)>, u64)> = BTreeMap::new();
+    for (s, e, o) in state.ownership() {
+        let entry = by.entry(o.to_string()).or_default();
+        entry.0.push((u128::from(s) * bs, (u128::from(e) * bs).min(size)));
+        entry.1 += u64::from(e - s);
+    }
+    by.into_iter().map(|(o, (r, b))| { let a = adverts.get(&o).copied(); (o, r, b, a) }).collect()
+}
+
+/// Decodes ring entries for `dump --verbose`.
+#[derive(Debug)]
+pub struct RingEntries;
+
+impl weft_gossip::TableWatcher for RingEntries {
+    fn event_notify(&mut self, _: &str, _: &str, _: &str, _: Option<&[u8]>, _: Option<&[u8]>) {}
+
+    fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
+        let mut m = BTreeMap::new();
+        match decode_entry(value) {
+            Some(RingEntry::Seed(s)) => {
+                m.insert("kind".into(), "seed".into());
+                m.insert("owners".into(), s.owners.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(","));
+                m.insert("seeded by".into(), s.seeded_by.to_string());
+                m.insert("slots".into(), s.space.size.to_string());
+                if !s.params.is_empty() {
+                    m.insert("params".into(), s.params);
+                }
+            }
+            Some(RingEntry::Claims(c)) => {
+                m.insert("kind".into(), "claims".into());
+                m.insert("writer".into(), c.writer.to_string());
+                m.insert("runs".into(), c.runs.len().to_string());
+                m.insert("free blocks".into(), c.free_blocks.to_string());
+            }
+            Some(RingEntry::Removal(r)) => {
+                m.insert("kind".into(), "removal".into());
+                m.insert("removed".into(), r.node.to_string());
+                m.insert("heir".into(), r.heir.to_string());
+            }
+            None => {}
+        }
+        (key.to_string(), m)
+    }
+}
+
+/// Decodes endpoints for `dump --verbose`.
+#[derive(Debug)]
+pub struct Endpoints;
+
+impl weft_gossip::TableWatcher for Endpoints {
+    fn event_notify(&mut self, _: &str, _: &str, _: &str, _: Option<&[u8]>, _: Option<&[u8]>) {}
+
+    fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
+        let mut m = BTreeMap::new();
+        if let Ok(e) = serde_json::from_slice::<Endpoint>(value) {
+            m.insert("name".into(), e.name);
+            m.insert("ipv4".into(), e.ipv4);
+            m.insert("mac".into(), e.mac);
+            m.insert("node".into(), e.node);
+        }
+        (key.to_string(), m)
+    }
+}
