@@ -20,7 +20,8 @@ use weft_gossip::{
 use weft_gossip::wire::{self, FrameType};
 
 use crate::alloc::{
-    ALLOC_WAIT, AllocConfig, Allocator, ENDPOINT_TABLE, Endpoint, Endpoints, IPAM_TABLE, Pending, RingEntries, RingMerge,
+    ALLOC_WAIT, AllocConfig, Allocator, ENDPOINT_TABLE, Endpoint, Endpoints, IPAM_TABLE, Pending,
+    RingEntries, RingMerge,
 };
 use crate::error::AgentError;
 use crate::persist::{KEY_GENERATION, KEY_SWEEP, NET_PREFIX, NodeState, Persist, PersistBatch};
@@ -405,10 +406,15 @@ impl Agent {
     ) -> Result<Self, AgentError> {
         let id = NodeId::new(state.name.as_str(), addr, state.generation).with_instance(state.instance);
         let mut alloc = Allocator::new(&id, AllocConfig::default(), state.fresh, now);
-        alloc.restore(&state.alloc).map_err(|e| AgentError::BadName(format!("stored allocator state: {e}")))?;
+        alloc
+            .restore(&state.alloc)
+            .map_err(|e| AgentError::BadName(format!("stored allocator state: {e}")))?;
         let mut gossip = GossipNode::new(cfg, id, seed, state.ltime_hwm, now)?;
         gossip.register_table(NETWORKS_TABLE, TableSpec::cluster(ObjectType::Network))?;
-        gossip.register_table(IPAM_TABLE, TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(RingMerge)))?;
+        gossip.register_table(
+            IPAM_TABLE,
+            TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(RingMerge)),
+        )?;
         gossip.register_table(ENDPOINT_TABLE, TableSpec::node_owned(ObjectType::Endpoint))?;
         gossip.set_predecessor_sweep(state.sweep_pending);
         let mut watchers = Watchers::new();
@@ -492,11 +498,18 @@ impl Agent {
 
     /// Configures allocation: the default pool, `--acceptors`, `reuse_after`, and the whole
     /// seed list (own address included) the acceptor set is derived from. Call before joining.
-    pub fn configure_alloc(&mut self, cfg: AllocConfig, seeds: Option<Vec<SocketAddr>>) {
+    /// `unresolved`: seeds given by a name that did not resolve (the set stays unknown).
+    pub fn configure_alloc(
+        &mut self,
+        cfg: AllocConfig,
+        seeds: Option<Vec<SocketAddr>>,
+        unresolved: Vec<String>,
+    ) {
         self.alloc.configure(cfg);
         if let Some(s) = &seeds {
             self.alloc.set_seeds(s);
         }
+        self.alloc.set_unresolved_seeds(unresolved);
         self.acceptor_seeds = seeds;
     }
 
@@ -708,7 +721,8 @@ impl Agent {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let parked = self.parked.iter().map(|p| p.deadline).chain(self.alloc_parked.iter().map(|p| p.deadline)).min();
+        let parked =
+            self.parked.iter().map(|p| p.deadline).chain(self.alloc_parked.iter().map(|p| p.deadline)).min();
         match (self.gossip.poll_timeout(), parked) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1253,7 +1267,8 @@ impl Agent {
         }
         let taken: Vec<ipnet::IpNet> =
             known.iter().flat_map(|n| n.def.subnets.iter().filter_map(|s| s.parse().ok())).collect();
-        let (nets, vnis, pool_slots) = self.alloc.allocate_network(&self.gossip, now, &parsed, &taken, driver == "overlay")?;
+        let (nets, vnis, pool_slots) =
+            self.alloc.allocate_network(&self.gossip, now, &parsed, &taken, driver == "overlay")?;
         let id = format!("{:016x}{:016x}", self.rng.random::<u64>(), self.rng.random::<u64>());
         let mut options = BTreeMap::new();
         if !vnis.is_empty() {
@@ -1278,7 +1293,9 @@ impl Agent {
         }
         self.alloc.network_created(&def, &vnis, &pool_slots).map_err(Err)?;
         let value = Bytes::from(serde_json::to_vec(&def).expect("serializable"));
-        self.gossip.create_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &id, value).map_err(|e| Err(e.into()))?;
+        self.gossip
+            .create_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &id, value)
+            .map_err(|e| Err(e.into()))?;
         self.gossip.join_network(now, &id).map_err(|e| Err(e.into()))?;
         Ok(def)
     }
@@ -1345,7 +1362,11 @@ impl Agent {
             .collect();
         others.extend(local.iter().map(|e| e.name.clone()));
         if !others.is_empty() && !force {
-            return Err(AgentError::HasEndpoints { network: n.def.name.clone(), names: others, hint: " or use --force" });
+            return Err(AgentError::HasEndpoints {
+                network: n.def.name.clone(),
+                names: others,
+                hint: " or use --force",
+            });
         }
         for e in &local {
             self.alloc.remove_endpoint(&mut self.gossip, now, e)?;
@@ -1386,7 +1407,8 @@ impl Agent {
         ip: Option<std::net::IpAddr>,
         mac: Option<&str>,
     ) -> Result<Endpoint, Result<Pending, AgentError>> {
-        validate_network_name(name).map_err(|_| Err(AgentError::BadName(format!("endpoint name {name:?}"))))?;
+        validate_network_name(name)
+            .map_err(|_| Err(AgentError::BadName(format!("endpoint name {name:?}"))))?;
         let n = self.resolve(network).map_err(Err)?;
         if !n.attached {
             self.gossip.join_network(now, &n.def.id).map_err(|e| Err(e.into()))?;
@@ -1396,7 +1418,11 @@ impl Agent {
         if let Some(e) =
             read::endpoints(self, Some(&n.def.id)).map_err(Err)?.into_iter().find(|e| e.name == name)
         {
-            return Err(Err(AgentError::EndpointExists { name: name.into(), network: n.def.name, node: e.node }));
+            return Err(Err(AgentError::EndpointExists {
+                name: name.into(),
+                network: n.def.name,
+                node: e.node,
+            }));
         }
         let id: String = (0..4).map(|_| format!("{:016x}", self.rng.random::<u64>())).collect();
         self.alloc.create_endpoint(&mut self.gossip, now, &n.def, name, ip, mac, id)
@@ -1773,7 +1799,12 @@ pub(crate) mod tests {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let subnet = format!("172.{}.{}.0/24", 16 + (n >> 8) % 16, n & 255);
-        Command::CreateNetwork { name: name.into(), driver: "test".into(), subnets: vec![subnet], gateway: None }
+        Command::CreateNetwork {
+            name: name.into(),
+            driver: "test".into(),
+            subnets: vec![subnet],
+            gateway: None,
+        }
     }
 
     #[test]
@@ -2267,13 +2298,9 @@ pub(crate) mod tests {
         let mut net = Net::new(3);
         let now = net.now;
         let a = &mut net.agents[0];
-        let def =
-            a.create_net(now, "blue", "overlay", &["10.1.0.0/24".into()], Some("10.1.0.1")).unwrap();
+        let def = a.create_net(now, "blue", "overlay", &["10.1.0.0/24".into()], Some("10.1.0.1")).unwrap();
         assert_eq!(def.id.len(), 32);
-        assert!(matches!(
-            a.create_net(now, "blue", "overlay", &[], None),
-            Err(AgentError::NetworkExists(_))
-        ));
+        assert!(matches!(a.create_net(now, "blue", "overlay", &[], None), Err(AgentError::NetworkExists(_))));
         assert!(matches!(
             a.create_net(now, "x", "overlay", &["10.1.0.7/24".into()], None),
             Err(AgentError::BadSubnet(_))
@@ -2290,14 +2317,8 @@ pub(crate) mod tests {
             a.create_net(now, "w", "overlay", &["10.3.0.0/24".into()], Some("10.4.0.1")),
             Err(AgentError::BadGateway(_))
         ));
-        assert!(matches!(
-            a.create_net(now, "cluster", "overlay", &[], None),
-            Err(AgentError::Reserved(_))
-        ));
-        assert!(matches!(
-            a.create_net(now, "bad name", "overlay", &[], None),
-            Err(AgentError::BadName(_))
-        ));
+        assert!(matches!(a.create_net(now, "cluster", "overlay", &[], None), Err(AgentError::Reserved(_))));
+        assert!(matches!(a.create_net(now, "bad name", "overlay", &[], None), Err(AgentError::BadName(_))));
         net.run(Duration::from_secs(1));
         for a in &net.agents {
             let n = a.resolve("blue").unwrap();
@@ -2455,12 +2476,15 @@ mod alloc_tests {
         // An explicit subnet overlapping a known one is refused, naming it.
         net.run(Duration::from_secs(1));
         let e = net
-            .cmd(1, Command::CreateNetwork {
-                name: "green".into(),
-                driver: "overlay".into(),
-                subnets: vec![red.subnets[0].clone()],
-                gateway: None,
-            })
+            .cmd(
+                1,
+                Command::CreateNetwork {
+                    name: "green".into(),
+                    driver: "overlay".into(),
+                    subnets: vec![red.subnets[0].clone()],
+                    gateway: None,
+                },
+            )
             .unwrap_err();
         assert!(matches!(&e, AgentError::PoolOverlap { other, .. } if other == "red"), "{e}");
     }
@@ -2527,17 +2551,23 @@ mod alloc_tests {
         let theirs = r.rings.iter().find(|g| g.network == def.id).unwrap().owned[0].clone();
         let ip: std::net::IpAddr = theirs.split('-').next().unwrap().parse().unwrap();
         let e = net
-            .cmd(0, Command::EndpointCreate { network: "n".into(), name: "y".into(), ip: Some(ip), mac: None })
+            .cmd(
+                0,
+                Command::EndpointCreate { network: "n".into(), name: "y".into(), ip: Some(ip), mac: None },
+            )
             .unwrap_err();
         assert!(e.to_string().contains("a2@"), "{e}");
         // A free address of its own share works.
         let mine: std::net::IpAddr = def.subnets[0].replace(".0/24", ".9").parse().unwrap();
-        let got = endpoint(net.cmd(0, Command::EndpointCreate {
-            network: "n".into(),
-            name: "z".into(),
-            ip: Some(mine),
-            mac: Some("02:00:00:00:00:09".into()),
-        }));
+        let got = endpoint(net.cmd(
+            0,
+            Command::EndpointCreate {
+                network: "n".into(),
+                name: "z".into(),
+                ip: Some(mine),
+                mac: Some("02:00:00:00:00:09".into()),
+            },
+        ));
         assert_eq!(got.ipv4, format!("{mine}/24"));
         assert_eq!(got.mac, "02:00:00:00:00:09");
     }
@@ -2558,8 +2588,14 @@ mod alloc_tests {
         network(net.cmd(0, Command::RemoveNetwork { network: "n".into(), force: true }));
         net.run(Duration::from_secs(1));
         assert_eq!(vni_ring(&net), 0, "the VNI was released");
-        assert!(net.agents[0].allocator().report().rings.iter().all(|g| g.network != def.id), "subnet ring dropped");
-        assert!(net.disks[0].keys().all(|k| !k.starts_with(&format!("ep/{}", def.id))), "endpoint records deleted");
+        assert!(
+            net.agents[0].allocator().report().rings.iter().all(|g| g.network != def.id),
+            "subnet ring dropped"
+        );
+        assert!(
+            net.disks[0].keys().all(|k| !k.starts_with(&format!("ep/{}", def.id))),
+            "endpoint records deleted"
+        );
     }
 
     #[test]

@@ -110,7 +110,8 @@ impl AllocConfig {
 
 /// Parses `10.0.0.0/8/24` (a pool and the prefix of its subnets).
 pub fn parse_pool(s: &str) -> Result<(Ipv4Net, u8), String> {
-    let (net, prefix) = s.rsplit_once('/').ok_or_else(|| format!("{s:?}: expected POOL/PREFIX, e.g. 10.0.0.0/8/24"))?;
+    let (net, prefix) =
+        s.rsplit_once('/').ok_or_else(|| format!("{s:?}: expected POOL/PREFIX, e.g. 10.0.0.0/8/24"))?;
     let net: Ipv4Net = net.parse().map_err(|_| format!("{s:?}: {net} is not an IPv4 CIDR"))?;
     let prefix: u8 = prefix.parse().map_err(|_| format!("{s:?}: {prefix} is not a prefix length"))?;
     if net.trunc() != net {
@@ -185,7 +186,7 @@ pub fn member_of(id: &NodeId) -> Name {
 }
 
 /// Counters for `/metrics`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocStats {
     pub allocations: u64,
     pub releases: u64,
@@ -200,7 +201,7 @@ pub struct AllocStats {
 }
 
 /// One ring as this node sees it (`network inspect --verbose`, `/metrics`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RingReport {
     pub network: String,
     pub ring: String,
@@ -223,7 +224,7 @@ pub struct RingReport {
 }
 
 /// The allocator's state for the view.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocReport {
     pub member: String,
     pub acceptors: Option<Vec<String>>,
@@ -256,6 +257,7 @@ pub struct Allocator {
     /// This node's data dir was new: its acceptor state may have been lost with an old one.
     fresh: bool,
     seeds: Vec<SocketAddr>,
+    unresolved: Vec<String>,
     acceptors: Option<Vec<Name>>,
     acceptors_pending: Option<String>,
     /// Started without seeds nor `--acceptors`, and another member appeared before the rings
@@ -282,7 +284,10 @@ pub struct Allocator {
 
 impl std::fmt::Debug for Allocator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Allocator").field("me", &self.me).field("rings", &self.rings.len()).finish_non_exhaustive()
+        f.debug_struct("Allocator")
+            .field("me", &self.me)
+            .field("rings", &self.rings.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -308,6 +313,7 @@ impl Allocator {
             epoch: now,
             fresh,
             seeds: Vec::new(),
+            unresolved: Vec::new(),
             acceptors: None,
             acceptors_pending: None,
             solo_lost: false,
@@ -354,7 +360,8 @@ impl Allocator {
     /// Reads back what the store holds under the allocator's prefixes.
     pub fn restore(&mut self, keys: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
         // ipam/<net>/<ring>/{meta,cursor,page/<n>}; a ring name may hold '/' (a CIDR).
-        let mut parts: BTreeMap<RingKey, (Option<RingDurable>, u128, Vec<(u128, Vec<u64>)>)> = BTreeMap::new();
+        let mut parts: BTreeMap<RingKey, (Option<RingDurable>, u128, Vec<(u128, Vec<u64>)>)> =
+            BTreeMap::new();
         for (k, v) in keys.range(IPAM_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(IPAM_PREFIX)) {
             let rest = &k[IPAM_PREFIX.len()..];
             let (net, rest) = rest.split_once('/').ok_or_else(|| format!("bad key {k}"))?;
@@ -386,7 +393,8 @@ impl Allocator {
             ring.set_reuse_after(self.cfg.reuse_after.as_millis() as u64);
             self.rings.insert(key, ring);
         }
-        for (k, v) in keys.range(PAXOS_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(PAXOS_PREFIX)) {
+        for (k, v) in keys.range(PAXOS_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(PAXOS_PREFIX))
+        {
             let d: SeederDurable = serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))?;
             let ring = k[PAXOS_PREFIX.len()..].to_string();
             self.staged_seeder_gen.insert(ring.clone(), 0);
@@ -424,6 +432,12 @@ impl Allocator {
         self.seeds = seeds.to_vec();
     }
 
+    /// Seeds named by a host name that did not resolve at start: the acceptor set cannot be
+    /// derived alike on every node without them.
+    pub fn set_unresolved_seeds(&mut self, unresolved: Vec<String>) {
+        self.unresolved = unresolved;
+    }
+
     /// Whether something a parked command may be waiting for happened (and clears it).
     pub fn take_progress(&mut self) -> bool {
         std::mem::take(&mut self.progress)
@@ -447,8 +461,16 @@ impl Allocator {
         }
         if let Some(a) = &self.cfg.acceptors {
             self.acceptors = Some(a.iter().map(|s| Name::from(s.as_str())).collect());
+        } else if !self.unresolved.is_empty() {
+            self.acceptors_pending = Some(format!(
+                "acceptors unknown: seed(s) {} did not resolve at start (restart the agent once they do, or \
+                 give --acceptors)",
+                self.unresolved.join(", ")
+            ));
+            return;
         } else if self.seeds.is_empty() {
-            let others = gossip.members().iter().any(|m| m.id.name != self.name && m.state == MemberState::Alive);
+            let others =
+                gossip.members().iter().any(|m| m.id.name != self.name && m.state == MemberState::Alive);
             if others {
                 self.solo_lost = true;
                 self.acceptors_pending = Some(
@@ -473,8 +495,10 @@ impl Allocator {
                 }
             }
             if !missing.is_empty() {
-                self.acceptors_pending =
-                    Some(format!("acceptors not known yet: no name learned for seed(s) {}", missing.join(", ")));
+                self.acceptors_pending = Some(format!(
+                    "acceptors not known yet: no name learned for seed(s) {}",
+                    missing.join(", ")
+                ));
                 return;
             }
             self.acceptors = Some(names);
@@ -588,7 +612,9 @@ impl Allocator {
         if key.1 == POOL_RING && !seed.params.is_empty() && seed.params != self.cfg.pool_params() {
             let (theirs, ours) = (seed.params.clone(), self.cfg.pool_params());
             self.warn_once(format!("params/{theirs}"), || {
-                format!("the default pool was seeded as {theirs}; this node's --default-pool {ours} is ignored")
+                format!(
+                    "the default pool was seeded as {theirs}; this node's --default-pool {ours} is ignored"
+                )
             });
         }
         // A reinstalled acceptor (new data dir) that sees its name under another instance in a
@@ -985,7 +1011,8 @@ impl Allocator {
         if subnets.is_empty() {
             self.cluster_ring_ready(POOL_RING, gossip).map_err(Ok)?;
         }
-        let v4 = if subnets.is_empty() { 1 } else { subnets.iter().filter(|n| matches!(n, IpNet::V4(_))).count() };
+        let v4 =
+            if subnets.is_empty() { 1 } else { subnets.iter().filter(|n| matches!(n, IpNet::V4(_))).count() };
         if vxlan && v4 > 0 {
             self.cluster_ring_ready(weft_ipam::ring::VNI_RING, gossip).map_err(Ok)?;
         }
@@ -1027,7 +1054,9 @@ impl Allocator {
             let key = Self::cluster_key(POOL_RING);
             let ring = self.rings.get_mut(&key).expect("ready");
             let ok = |slot: u128| {
-                me(slot).is_some_and(|n| !taken.iter().any(|t| t.contains(&IpNet::V4(n)) || IpNet::V4(n).contains(t)))
+                me(slot).is_some_and(|n| {
+                    !taken.iter().any(|t| t.contains(&IpNet::V4(n)) || IpNet::V4(n).contains(t))
+                })
             };
             match ring.allocate_where(None, &ok) {
                 Ok(slot) => {
@@ -1090,7 +1119,12 @@ impl Allocator {
 
     /// Records what a network created here holds of the cluster rings, and creates its subnet
     /// rings wholly owned by this node with each gateway allocated.
-    pub fn network_created(&mut self, def: &NetworkDef, vnis: &[u32], pool_slots: &[u128]) -> Result<(), AgentError> {
+    pub fn network_created(
+        &mut self,
+        def: &NetworkDef,
+        vnis: &[u32],
+        pool_slots: &[u128],
+    ) -> Result<(), AgentError> {
         let own = Owned { pool_slots: pool_slots.to_vec(), vnis: vnis.to_vec() };
         if !own.pool_slots.is_empty() || !own.vnis.is_empty() {
             self.ops.push((format!("{OWN_PREFIX}{}", def.id), Some(json(&own))));
@@ -1167,7 +1201,11 @@ impl Allocator {
         let alive = Self::alive_members(gossip);
         let now_ms = self.ms(now);
         let Some(r) = self.rings.get_mut(key) else { return };
-        if !r.is_seeded() || r.removed_by().is_some() || r.requesting_from().is_some() || r.free_slots() >= low {
+        if !r.is_seeded()
+            || r.removed_by().is_some()
+            || r.requesting_from().is_some()
+            || r.free_slots() >= low
+        {
             return;
         }
         match r.request_space(now_ms, &|m| alive.contains(m)) {
@@ -1190,7 +1228,8 @@ impl Allocator {
             let prefix = format!("{IPAM_PREFIX}{}/{}/", key.0, key.1);
             self.ops.push((format!("{prefix}meta"), None));
             self.ops.push((format!("{prefix}cursor"), None));
-            let pages: BTreeSet<u128> = ring.allocations().map(|s| s / weft_ipam::bitmap::PAGE_SLOTS).collect();
+            let pages: BTreeSet<u128> =
+                ring.allocations().map(|s| s / weft_ipam::bitmap::PAGE_SLOTS).collect();
             for p in pages {
                 self.ops.push((format!("{prefix}page/{p}"), None));
             }
@@ -1204,7 +1243,11 @@ impl Allocator {
 
     /// Local endpoints in a network.
     pub fn local_endpoints(&self, nid: &str) -> Vec<&Endpoint> {
-        self.endpoints.range((nid.to_string(), String::new())..).take_while(|(k, _)| k.0 == nid).map(|(_, e)| e).collect()
+        self.endpoints
+            .range((nid.to_string(), String::new())..)
+            .take_while(|(k, _)| k.0 == nid)
+            .map(|(_, e)| e)
+            .collect()
     }
 
     // ----- endpoints -------------------------------------------------------------------------
@@ -1263,7 +1306,9 @@ impl Allocator {
                 match r.allocate(Some(slot)) {
                     Ok(s) => (i, net, s),
                     Err(RingError::NotSeeded { .. }) => {
-                        return Err(Ok(Pending(format!("the state of subnet {net} to arrive from its creator"))));
+                        return Err(Ok(Pending(format!(
+                            "the state of subnet {net} to arrive from its creator"
+                        ))));
                     }
                     Err(RingError::NotOwned { .. }) => {
                         let b = r.space().block_of(slot);
@@ -1363,7 +1408,12 @@ impl Allocator {
 
     /// Removes a local endpoint: its entry, its record, and its address (held back for
     /// `reuse_after`).
-    pub fn remove_endpoint(&mut self, gossip: &mut GossipNode, now: Instant, ep: &Endpoint) -> Result<(), AgentError> {
+    pub fn remove_endpoint(
+        &mut self,
+        gossip: &mut GossipNode,
+        now: Instant,
+        ep: &Endpoint,
+    ) -> Result<(), AgentError> {
         let key = (ep.network_id.clone(), ep.id.clone());
         if !self.endpoints.contains_key(&key) {
             return Err(AgentError::NotLocal(format!(
@@ -1407,14 +1457,23 @@ impl Allocator {
                     network: key.0.clone(),
                     ring: key.1.clone(),
                     seeded: r.is_seeded(),
-                    seed_owners: r.state().seed.as_ref().map(|s| s.owners.iter().map(|o| o.to_string()).collect()).unwrap_or_default(),
+                    seed_owners: r
+                        .state()
+                        .seed
+                        .as_ref()
+                        .map(|s| s.owners.iter().map(|o| o.to_string()).collect())
+                        .unwrap_or_default(),
                     owned: r.owned().iter().map(|&(s, e)| show(s, e)).collect(),
                     owned_blocks: r.owned_blocks(),
                     free_slots: r.free_slots(),
                     allocated: r.allocations().count() as u128,
                     quarantined: r.quarantined(),
                     requesting_from: r.requesting_from().map(|n| n.to_string()),
-                    last_no_space: self.last_no_space.get(key).map(|v| v.iter().map(|n| n.to_string()).collect()).unwrap_or_default(),
+                    last_no_space: self
+                        .last_no_space
+                        .get(key)
+                        .map(|v| v.iter().map(|n| n.to_string()).collect())
+                        .unwrap_or_default(),
                     conflicts: r.conflicts().len(),
                     problem: self
                         .problems
@@ -1474,8 +1533,9 @@ pub fn gateway_of(def: &NetworkDef, _i: usize, net: &Ipv4Net) -> Option<Ipv4Addr
 /// A MAC address `aa:bb:cc:dd:ee:ff`, unicast.
 pub fn parse_mac(s: &str) -> Result<String, String> {
     let parts: Vec<&str> = s.split(':').collect();
-    let bytes: Option<Vec<u8>> =
-        (parts.len() == 6).then(|| parts.iter().map(|p| u8::from_str_radix(p, 16).ok().filter(|_| p.len() == 2)).collect()).flatten();
+    let bytes: Option<Vec<u8>> = (parts.len() == 6)
+        .then(|| parts.iter().map(|p| u8::from_str_radix(p, 16).ok().filter(|_| p.len() == 2)).collect())
+        .flatten();
     match bytes {
         Some(b) if b[0] & 1 == 0 => Ok(b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")),
         Some(_) => Err(format!("MAC {s}: a multicast address cannot be an endpoint's")),
@@ -1516,7 +1576,12 @@ pub fn shares(entries: &[RingEntry], ring: &str) -> Vec<(String, Vec<(u128, u128
         entry.0.push((u128::from(s) * bs, (u128::from(e) * bs).min(size)));
         entry.1 += u64::from(e - s);
     }
-    by.into_iter().map(|(o, (r, b))| { let a = adverts.get(&o).copied(); (o, r, b, a) }).collect()
+    by.into_iter()
+        .map(|(o, (r, b))| {
+            let a = adverts.get(&o).copied();
+            (o, r, b, a)
+        })
+        .collect()
 }
 
 /// Decodes ring entries for `dump --verbose`.
@@ -1531,7 +1596,10 @@ impl weft_gossip::TableWatcher for RingEntries {
         match decode_entry(value) {
             Some(RingEntry::Seed(s)) => {
                 m.insert("kind".into(), "seed".into());
-                m.insert("owners".into(), s.owners.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(","));
+                m.insert(
+                    "owners".into(),
+                    s.owners.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(","),
+                );
                 m.insert("seeded by".into(), s.seeded_by.to_string());
                 m.insert("slots".into(), s.space.size.to_string());
                 if !s.params.is_empty() {

@@ -13,6 +13,9 @@
 //! | GET | `/dump` | `?network=&table=`: every entry this node holds |
 //! | GET, PUT, DELETE | `/tables/{network}/{table}/{key}` | raw value; `?force=true` for protected tables |
 //! | POST | `/tables/{network}/{table}` | load: one `key value` per line of the body |
+//! | GET | `/endpoints` | `?network=`: endpoints this node sees `[{id,name,network,network_id,node,instance,ipv4,mac,gateway}]` |
+//! | POST | `/networks/{ref}/endpoints` | create `{name,ip,mac}` (attaches this node if needed); the endpoint |
+//! | GET, DELETE | `/networks/{ref}/endpoints/{ref}` | inspect; remove (this node's own only) |
 //!
 //! Errors are `{"error": "<one line>"}` with a 4xx status, or 504 when a write got no reply in
 //! time (10 s; a load gets one more second per 5,000 keys, at most 50 s). A 504 does not
@@ -40,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::agent::{Command, Dump, NetworkDef, NetworkInfo, Reply};
+use crate::alloc::{Endpoint, IPAM_TABLE, RingReport};
 use crate::error::AgentError;
 use crate::read;
 use crate::shell::{CommandError, Shell};
@@ -88,6 +92,62 @@ pub struct Inspect {
     pub network: NetworkInfo,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dump: Option<Dump>,
+    /// With `?verbose=true`: who owns which part of each subnet, as the replicated ring says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<Share>,
+    /// With `?verbose=true`: this node's own view of each of the network's rings (free, used,
+    /// held back, a donation it waits for, the owners asked last time none had space).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub local: Vec<RingReport>,
+}
+
+/// One node's share of a ring, as the replicated claims say.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    pub ring: String,
+    /// `name@instance`.
+    pub node: String,
+    pub ranges: Vec<String>,
+    pub blocks: u64,
+    /// Free blocks it last advertised (what it could donate).
+    pub free_blocks: Option<u64>,
+    /// Its endpoints in the network.
+    pub endpoints: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateEndpoint {
+    pub name: String,
+    #[serde(default)]
+    pub ip: Option<std::net::IpAddr>,
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// The shares of a network's subnet rings.
+pub fn shares(view: &impl read::TableRead, def: &NetworkDef) -> Vec<Share> {
+    let entries: Vec<weft_ipam::RingEntry> = view
+        .live(&def.id, IPAM_TABLE)
+        .into_iter()
+        .filter_map(|(_, v)| crate::alloc::decode_entry(&v))
+        .collect();
+    let eps = read::endpoints(view, Some(&def.id)).unwrap_or_default();
+    let mut out = Vec::new();
+    for s in &def.subnets {
+        let Ok(net) = s.parse::<ipnet::IpNet>() else { continue };
+        for (node, ranges, blocks, free_blocks) in crate::alloc::shares(&entries, &net.to_string()) {
+            let ranges = ranges
+                .iter()
+                .map(|&(a, b)| {
+                    format!("{}-{}", weft_ipam::net::addr_at(&net, a), weft_ipam::net::addr_at(&net, b - 1))
+                })
+                .collect();
+            let name = weft_ipam::ring::member_name(&node).to_string();
+            let endpoints = eps.iter().filter(|e| e.node == name).count();
+            out.push(Share { ring: net.to_string(), node, ranges, blocks, free_blocks, endpoints });
+        }
+    }
+    out
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -212,7 +272,14 @@ async fn inspect_network(
         let view = s.read();
         let network = read::resolve(&view, &r)?;
         let dump = if f.verbose { Some(read::dump(&view, Some(&network.def.id), None)?) } else { None };
-        Ok(Inspect { network, dump })
+        let (shares, local) = if f.verbose {
+            let local =
+                view.snap.alloc.rings.iter().filter(|r| r.network == network.def.id).cloned().collect();
+            (shares(&view, &network.def), local)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(Inspect { network, dump, shares, local })
     })
     .await??;
     Ok(Json(out))
@@ -301,6 +368,51 @@ async fn table_load(
     Ok(Json(json!({ "written": written })))
 }
 
+fn endpoint_reply(r: Reply) -> ApiResult<Json<Endpoint>> {
+    match r {
+        Reply::Endpoint(e) => Ok(Json(e)),
+        other => Err(ApiError(500, format!("unexpected reply {other:?}"))),
+    }
+}
+
+async fn create_endpoint(
+    State(s): State<Shell>,
+    UrlPath(network): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Json<Endpoint>> {
+    let req: CreateEndpoint =
+        serde_json::from_slice(&body).map_err(|e| ApiError(400, format!("bad request body: {e}")))?;
+    endpoint_reply(
+        s.command(Command::EndpointCreate { network, name: req.name, ip: req.ip, mac: req.mac }).await?,
+    )
+}
+
+async fn list_endpoints(State(s): State<Shell>, Query(f): Query<Flags>) -> ApiResult<Json<Vec<Endpoint>>> {
+    let view = s.read();
+    let nid = match &f.network {
+        Some(n) => Some(read::resolve(&view, n)?.def.id),
+        None => None,
+    };
+    Ok(Json(read::endpoints(&view, nid.as_deref())?))
+}
+
+async fn inspect_endpoint(
+    State(s): State<Shell>,
+    UrlPath((net, ep)): UrlPath<(String, String)>,
+) -> ApiResult<Json<Endpoint>> {
+    let view = s.read();
+    let n = read::resolve(&view, &net)?;
+    let all = read::endpoints(&view, Some(&n.def.id))?;
+    Ok(Json(read::find_endpoint(&all, &ep, &n.def.name)?))
+}
+
+async fn remove_endpoint(
+    State(s): State<Shell>,
+    UrlPath((network, endpoint)): UrlPath<(String, String)>,
+) -> ApiResult<Json<Endpoint>> {
+    endpoint_reply(s.command(Command::EndpointRm { network, endpoint }).await?)
+}
+
 pub fn router(shell: Shell) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -311,6 +423,9 @@ pub fn router(shell: Shell) -> Router {
         .route("/networks/{net}", get(inspect_network).delete(remove_network))
         .route("/networks/{net}/attach", post(attach))
         .route("/networks/{net}/detach", post(detach))
+        .route("/networks/{net}/endpoints", post(create_endpoint))
+        .route("/networks/{net}/endpoints/{ep}", get(inspect_endpoint).delete(remove_endpoint))
+        .route("/endpoints", get(list_endpoints))
         .route("/dump", get(dump))
         .route("/tables/{net}/{table}", post(table_load))
         .route("/tables/{net}/{table}/{key}", get(table_get).put(table_put).delete(table_rm))

@@ -10,7 +10,8 @@ use hyper::Method;
 use weft_gossip::Config as GossipConfig;
 
 use crate::agent::{Dump, NetworkDef, NetworkInfo};
-use crate::api::{self, CreateNetwork, Inspect, MembersJson};
+use crate::alloc::Endpoint;
+use crate::api::{self, CreateEndpoint, CreateNetwork, Inspect, MembersJson};
 use crate::client::{Client, Host, enc};
 use crate::config::{self, Layer};
 use crate::format;
@@ -41,6 +42,9 @@ pub enum Cmd {
     /// Create, list, inspect, remove, attach to and detach from networks
     #[command(subcommand)]
     Network(NetworkCmd),
+    /// Create, list, inspect and remove endpoints: addresses from this node's share
+    #[command(subcommand)]
+    Endpoint(EndpointCmd),
     /// Show every table entry this agent holds
     Dump {
         /// Only this network (id, id prefix or name; `cluster` for the reserved one)
@@ -100,8 +104,21 @@ pub struct AgentArgs {
     /// WEFT_LEAVE_ON_STOP]
     #[arg(long)]
     pub leave_on_stop: bool,
+    /// Node names of the acceptors that seed the VNI range and the default pool, comma-separated
+    /// (give every agent the same) [env: WEFT_ACCEPTORS; default: the names of the nodes at the
+    /// --join addresses]
+    #[arg(long, value_delimiter = ',')]
+    pub acceptors: Option<Vec<String>>,
+    /// The default global pool and the prefix of the subnets cut from it, as POOL/PREFIX; fixed
+    /// once the cluster seeded it [env: WEFT_DEFAULT_POOL; default: 10.0.0.0/8/24]
+    #[arg(long, value_name = "POOL/PREFIX")]
+    pub default_pool: Option<String>,
+    /// Seconds a released address or VNI stays out of use, unless nothing else is free [env:
+    /// WEFT_REUSE_AFTER; default: 60]
+    #[arg(long, value_name = "SECONDS")]
+    pub reuse_after: Option<u64>,
     /// TOML config file (keys: name, bind, advertise, join, data_dir, data_addr, restart_grace,
-    /// leave_on_stop) [env: WEFT_CONFIG]
+    /// leave_on_stop, acceptors, default_pool, reuse_after) [env: WEFT_CONFIG]
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
@@ -143,6 +160,39 @@ pub enum NetworkCmd {
     Attach { network: String },
     /// Detach this node from a network
     Detach { network: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCmd {
+    /// Allocate an address from this node's share of the network's subnet (attaching this node
+    /// if needed) and publish the endpoint
+    Create {
+        network: String,
+        name: String,
+        /// A specific free address in this node's share
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+        /// MAC address [default: 02:42 and the IPv4 address's bytes, as Docker]
+        #[arg(long)]
+        mac: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List endpoints (of one network, or of every network this node is attached to)
+    Ls {
+        network: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one endpoint (by name, id or id prefix)
+    Inspect {
+        network: String,
+        endpoint: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove one of this node's endpoints; its address is held back for reuse_after
+    Rm { network: String, endpoint: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +303,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Table(cmd) => table(host()?, cmd).await,
+        Cmd::Endpoint(cmd) => endpoint(host()?, cmd).await,
         Cmd::Demo { nodes, exit } => {
             init_logs("warn");
             crate::demo::run(nodes as usize, exit).await
@@ -285,6 +336,9 @@ async fn network(c: Client, cmd: NetworkCmd) -> anyhow::Result<()> {
                 outln(&serde_json::to_string_pretty(&i)?);
             } else {
                 out(&format::inspect(&i.network));
+                if verbose {
+                    out(&format::shares(&i.shares, &i.local));
+                }
                 if let Some(d) = &i.dump {
                     out(&format::dump(d, true));
                 }
@@ -305,6 +359,50 @@ async fn network(c: Client, cmd: NetworkCmd) -> anyhow::Result<()> {
             let def: NetworkDef =
                 c.send_json(Method::POST, &format!("/networks/{}/detach", enc(&network)), &()).await?;
             outln(&def.id);
+        }
+    }
+    Ok(())
+}
+
+async fn endpoint(c: Client, cmd: EndpointCmd) -> anyhow::Result<()> {
+    match cmd {
+        EndpointCmd::Create { network, name, ip, mac, json } => {
+            let req = CreateEndpoint { name, ip, mac };
+            let e: Endpoint =
+                c.send_json(Method::POST, &format!("/networks/{}/endpoints", enc(&network)), &req).await?;
+            if json {
+                outln(&serde_json::to_string_pretty(&e)?);
+            } else {
+                out(&format::endpoint(&e));
+            }
+        }
+        EndpointCmd::Ls { network, json } => {
+            let q = network.map(|n| format!("?network={}", enc(&n))).unwrap_or_default();
+            let es: Vec<Endpoint> = c.get_json(&format!("/endpoints{q}")).await?;
+            if json {
+                outln(&serde_json::to_string_pretty(&es)?);
+            } else {
+                out(&format::endpoints(&es));
+            }
+        }
+        EndpointCmd::Inspect { network, endpoint, json } => {
+            let e: Endpoint =
+                c.get_json(&format!("/networks/{}/endpoints/{}", enc(&network), enc(&endpoint))).await?;
+            if json {
+                outln(&serde_json::to_string_pretty(&e)?);
+            } else {
+                out(&format::endpoint(&e));
+            }
+        }
+        EndpointCmd::Rm { network, endpoint } => {
+            let e: Endpoint = c
+                .send_json(
+                    Method::DELETE,
+                    &format!("/networks/{}/endpoints/{}", enc(&network), enc(&endpoint)),
+                    &(),
+                )
+                .await?;
+            outln(&e.id);
         }
     }
     Ok(())
@@ -364,6 +462,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         data_addr: args.data_addr,
         restart_grace: args.restart_grace,
         leave_on_stop: args.leave_on_stop.then_some(true),
+        acceptors: args.acceptors,
+        default_pool: args.default_pool,
+        reuse_after: args.reuse_after,
     };
     let cfg = config::resolve(flags, args.config, std::env::vars().collect())?;
     let sock = cfg.data_dir.join("weft.sock");

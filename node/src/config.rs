@@ -26,6 +26,12 @@ pub struct Layer {
     /// Seconds.
     pub restart_grace: Option<u64>,
     pub leave_on_stop: Option<bool>,
+    /// Node names of the acceptors that seed the cluster rings (default: the seeds' names).
+    pub acceptors: Option<Vec<String>>,
+    /// `10.0.0.0/8/24`: the default global pool and the size of its subnets (fixed once seeded).
+    pub default_pool: Option<String>,
+    /// Seconds a released address or VNI stays out of use.
+    pub reuse_after: Option<u64>,
 }
 
 impl Layer {
@@ -39,6 +45,9 @@ impl Layer {
             data_addr: self.data_addr.or(lower.data_addr),
             restart_grace: self.restart_grace.or(lower.restart_grace),
             leave_on_stop: self.leave_on_stop.or(lower.leave_on_stop),
+            acceptors: self.acceptors.or(lower.acceptors),
+            default_pool: self.default_pool.or(lower.default_pool),
+            reuse_after: self.reuse_after.or(lower.reuse_after),
         }
     }
 }
@@ -61,10 +70,15 @@ pub struct AgentConfig {
     /// SIGTERM/SIGINT leave the cluster for good (peers delete this node's entries) instead of
     /// announcing a restart.
     pub leave_on_stop: bool,
+    /// Allocation: acceptors, default pool, reuse delay.
+    pub alloc: crate::alloc::AllocConfig,
 }
 
 /// Environment variables the agent reads (`WEFT_HOST` is the clients').
-pub const ENV_KEYS: [&str; 10] = [
+pub const ENV_KEYS: [&str; 13] = [
+    "WEFT_ACCEPTORS",
+    "WEFT_DEFAULT_POOL",
+    "WEFT_REUSE_AFTER",
     "WEFT_NAME",
     "WEFT_BIND",
     "WEFT_ADVERTISE",
@@ -122,6 +136,13 @@ pub fn parse_env(
                     "0" | "false" | "no" | "" => false,
                     _ => bail!("WEFT_LEAVE_ON_STOP: {v:?} is not true or false"),
                 })
+            }
+            "WEFT_ACCEPTORS" => l.acceptors = Some(split_list(&v)),
+            "WEFT_DEFAULT_POOL" => l.default_pool = Some(v),
+            "WEFT_REUSE_AFTER" => {
+                l.reuse_after = Some(
+                    v.parse().map_err(|_| anyhow!("WEFT_REUSE_AFTER: {v:?} is not a number of seconds"))?,
+                )
             }
             "WEFT_CONFIG" => config = Some(PathBuf::from(v)),
             "WEFT_HOST" => {}
@@ -192,6 +213,29 @@ pub fn resolve(
             Ok(ip)
         })
         .transpose()?;
+    let mut alloc = crate::alloc::AllocConfig::default();
+    if let Some(p) = &l.default_pool {
+        let (net, prefix) = crate::alloc::parse_pool(p).map_err(|e| anyhow!("default_pool: {e}"))?;
+        alloc.default_pool = net;
+        alloc.pool_prefix = prefix;
+    }
+    if let Some(a) = &l.acceptors {
+        if a.is_empty() || a.len() > 15 {
+            bail!(
+                "acceptors: give 1 to 15 node names (an odd number: a majority of them must be up to seed)"
+            );
+        }
+        if let Some(bad) = a.iter().find(|n| n.is_empty() || n.contains(char::is_whitespace)) {
+            bail!("acceptors: {bad:?} is not a node name");
+        }
+        alloc.acceptors = Some(a.clone());
+    }
+    if let Some(r) = l.reuse_after {
+        if r > 24 * 3600 {
+            bail!("reuse_after: {r} s is more than a day");
+        }
+        alloc.reuse_after = Duration::from_secs(r);
+    }
     let grace = l.restart_grace.unwrap_or(DEFAULT_RESTART_GRACE_S);
     if grace > 24 * 3600 {
         bail!("restart_grace: {grace} s is more than a day");
@@ -205,6 +249,7 @@ pub fn resolve(
         data_addr,
         restart_grace: Duration::from_secs(grace),
         leave_on_stop: l.leave_on_stop.unwrap_or(false),
+        alloc,
     })
 }
 
@@ -264,6 +309,26 @@ mod tests {
         let err =
             resolve(Layer::default(), None, env(&[("WEFT_RESTART_GRACE", "1m")])).unwrap_err().to_string();
         assert!(err.starts_with("WEFT_RESTART_GRACE:"), "{err}");
+        let err = resolve(Layer::default(), None, env(&[("WEFT_DEFAULT_POOL", "10.0.0.0/8")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("default_pool:"), "{err}");
+        let err = resolve(Layer::default(), None, env(&[("WEFT_DEFAULT_POOL", "10.0.0.0/8/31")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("default_pool:"), "{err}");
+        let err = resolve(Layer { acceptors: Some(vec!["a b".into()]), ..Layer::default() }, None, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("acceptors:"), "{err}");
+        let c = resolve(
+            Layer::default(),
+            None,
+            env(&[("WEFT_DEFAULT_POOL", "172.20.0.0/14/26"), ("WEFT_REUSE_AFTER", "5")]),
+        )
+        .unwrap();
+        assert_eq!(c.alloc.pool_params(), "172.20.0.0/14/26");
+        assert_eq!(c.alloc.reuse_after, Duration::from_secs(5));
         let c = resolve(Layer::default(), None, env(&[("WEFT_LEAVE_ON_STOP", "true")])).unwrap();
         assert!(c.leave_on_stop);
         assert_eq!(c.restart_grace, Duration::from_secs(DEFAULT_RESTART_GRACE_S));

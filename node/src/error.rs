@@ -52,7 +52,9 @@ impl AgentError {
             AgentError::Gossip(weft_gossip::Error::EntryNotFound { .. }) => 404,
             AgentError::NoSuchEndpoint(_) => 404,
             AgentError::NetworkExists(_) | AgentError::NetworkInUse { .. } => 409,
-            AgentError::PoolOverlap { .. } | AgentError::EndpointExists { .. } | AgentError::HasEndpoints { .. } => 409,
+            AgentError::PoolOverlap { .. }
+            | AgentError::EndpointExists { .. }
+            | AgentError::HasEndpoints { .. } => 409,
             AgentError::Exhausted(_) | AgentError::NoAddress(_) | AgentError::WaitedTooLong(_) => 503,
             AgentError::Gossip(weft_gossip::Error::EntryExists { .. }) => 409,
             AgentError::Protected(_) => 403,

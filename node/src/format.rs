@@ -117,7 +117,11 @@ pub fn inspect(n: &NetworkInfo) -> String {
         if n.def.subnets.is_empty() { "-".into() } else { n.def.subnets.join(", ") }
     );
     if !n.subnet_overlap.is_empty() {
-        let _ = writeln!(out, "Overlaps:   {}  (created apart in a partition: remove one)", n.subnet_overlap.join(", "));
+        let _ = writeln!(
+            out,
+            "Overlaps:   {}  (created apart in a partition: remove one)",
+            n.subnet_overlap.join(", ")
+        );
     }
     if let Some(gw) = &n.def.gateway {
         let _ = writeln!(out, "Gateway:    {gw}");
@@ -128,6 +132,75 @@ pub fn inspect(n: &NetworkInfo) -> String {
     let _ = writeln!(out, "Created by: {}", n.def.created_by);
     let _ = writeln!(out, "Attached:   {}", if n.attached { "yes" } else { "no" });
     let _ = writeln!(out, "Peers:      {}", if n.peers.is_empty() { "-".into() } else { n.peers.join(", ") });
+    out
+}
+
+pub fn endpoints(es: &[crate::alloc::Endpoint]) -> String {
+    let rows: Vec<Vec<String>> = es
+        .iter()
+        .map(|e| {
+            vec![
+                e.short_id().to_string(),
+                e.name.clone(),
+                e.network.clone(),
+                e.node.clone(),
+                e.ipv4.clone(),
+                e.mac.clone(),
+            ]
+        })
+        .collect();
+    table(&["ENDPOINT ID", "NAME", "NETWORK", "NODE", "IPV4", "MAC"], &rows)
+}
+
+pub fn endpoint(e: &crate::alloc::Endpoint) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "ID:       {}", e.id);
+    let _ = writeln!(out, "Name:     {}", e.name);
+    let _ = writeln!(out, "Network:  {} ({})", e.network, e.network_id.get(..12).unwrap_or(&e.network_id));
+    let _ = writeln!(out, "Node:     {}", e.node);
+    let _ = writeln!(out, "IPv4:     {}", e.ipv4);
+    let _ = writeln!(out, "MAC:      {}", e.mac);
+    let _ = writeln!(out, "Gateway:  {}", e.gateway.as_deref().unwrap_or("-"));
+    out
+}
+
+/// `network inspect --verbose`: who owns which part of each subnet, and this node's view.
+pub fn shares(shares: &[crate::api::Share], local: &[crate::alloc::RingReport]) -> String {
+    let mut out = String::new();
+    if !shares.is_empty() {
+        let rows: Vec<Vec<String>> = shares
+            .iter()
+            .map(|s| {
+                vec![
+                    s.ring.clone(),
+                    s.node.clone(),
+                    s.ranges.join(", "),
+                    s.free_blocks.map_or("?".into(), |f| f.to_string()),
+                    s.endpoints.to_string(),
+                ]
+            })
+            .collect();
+        let _ = writeln!(out, "\nShares (as the replicated ring says):");
+        out.push_str(&table(&["SUBNET", "NODE", "RANGES", "FREE BLOCKS", "ENDPOINTS"], &rows));
+    }
+    for r in local {
+        let _ = writeln!(
+            out,
+            "\nThis node in {}: owns {} ({} free, {} used, {} held back after release){}{}{}",
+            r.ring,
+            if r.owned.is_empty() { "nothing".to_string() } else { r.owned.join(", ") },
+            r.free_slots,
+            r.allocated,
+            r.quarantined,
+            r.requesting_from.as_ref().map(|t| format!("; asking {t} for a share")).unwrap_or_default(),
+            if r.last_no_space.is_empty() {
+                String::new()
+            } else {
+                format!("; last time no owner had space (asked {})", r.last_no_space.join(", "))
+            },
+            r.problem.as_ref().map(|p| format!("; {p}")).unwrap_or_default(),
+        );
+    }
     out
 }
 

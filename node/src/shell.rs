@@ -294,6 +294,8 @@ impl Shell {
             Some(a) => a,
             None => guess_advertise(bound, &seeds)?,
         };
+        // The acceptor set is derived from the whole list, this node's own address included.
+        let all_seeds = seeds.clone();
         let seeds: Vec<SocketAddr> = seeds.into_iter().filter(|s| *s != advertise).collect();
         let seed = {
             use rand::TryRng;
@@ -303,6 +305,7 @@ impl Shell {
         let max_frame = gossip_cfg.max_stream_frame;
         let mut agent = Agent::boot(gossip_cfg, &st, advertise, seed, now)?;
         agent.set_data_addr(now, cfg.data_addr.unwrap_or(advertise.ip()));
+        agent.configure_alloc(cfg.alloc.clone(), Some(all_seeds), unresolved.clone());
         let view = agent.attach_view(now);
         agent.apply(now, Command::Join { seeds })?;
 

@@ -112,7 +112,13 @@ impl Store {
             .map(|k| (k.clone(), None))
             .collect();
         // (The allocator's keys are as they were: not rewritten.)
-        ops.extend(state.to_image().into_iter().filter(|(k, _)| !crate::persist::is_alloc_key(k)).map(|(k, v)| (k, Some(v))));
+        ops.extend(
+            state
+                .to_image()
+                .into_iter()
+                .filter(|(k, _)| !crate::persist::is_alloc_key(k))
+                .map(|(k, v)| (k, Some(v))),
+        );
         store.write(&[PersistBatch { seq: 0, ops }])?;
         if legacy.exists() {
             fs::rename(&legacy, dir.join("node.json.imported"))

@@ -367,12 +367,24 @@ fn alloc_metrics(out: &mut String, r: &ViewRead<'_>) {
         ("weft_ipam_releases_total", "Addresses, subnets and VNIs this node released.", st.releases),
         ("weft_ipam_donations_asked_total", "Donation requests this node sent.", st.donations_asked),
         ("weft_ipam_donations_granted_total", "Donations this node received.", st.donations_granted),
-        ("weft_ipam_donations_refused_total", "Donation requests refused to this node.", st.donations_refused),
+        (
+            "weft_ipam_donations_refused_total",
+            "Donation requests refused to this node.",
+            st.donations_refused,
+        ),
         ("weft_ipam_donations_given_total", "Donations this node made to others.", st.donations_given),
         ("weft_ipam_no_space_total", "Times no reachable owner had space for this node.", st.no_space),
         ("weft_ipam_violations_total", "Ring records refused for breaking ownership.", st.violations),
-        ("weft_ipam_seed_conflicts_total", "Seeds seen that conflict with the installed one.", st.seed_conflicts),
-        ("weft_ipam_bad_messages_total", "Allocator messages or records that did not decode.", st.bad_messages),
+        (
+            "weft_ipam_seed_conflicts_total",
+            "Seeds seen that conflict with the installed one.",
+            st.seed_conflicts,
+        ),
+        (
+            "weft_ipam_bad_messages_total",
+            "Allocator messages or records that did not decode.",
+            st.bad_messages,
+        ),
     ] {
         write_counter(out, name, help, v);
     }
@@ -382,7 +394,11 @@ fn alloc_metrics(out: &mut String, r: &ViewRead<'_>) {
 # TYPE weft_ipam_free_slots gauge"
     );
     for g in &a.rings {
-        let _ = writeln!(out, "weft_ipam_free_slots{{network=\"{}\",ring=\"{}\"}} {}", g.network, g.ring, g.free_slots);
+        let _ = writeln!(
+            out,
+            "weft_ipam_free_slots{{network=\"{}\",ring=\"{}\"}} {}",
+            g.network, g.ring, g.free_slots
+        );
     }
     let _ = writeln!(
         out,
@@ -390,7 +406,11 @@ fn alloc_metrics(out: &mut String, r: &ViewRead<'_>) {
 # TYPE weft_ipam_allocated gauge"
     );
     for g in &a.rings {
-        let _ = writeln!(out, "weft_ipam_allocated{{network=\"{}\",ring=\"{}\"}} {}", g.network, g.ring, g.allocated);
+        let _ = writeln!(
+            out,
+            "weft_ipam_allocated{{network=\"{}\",ring=\"{}\"}} {}",
+            g.network, g.ring, g.allocated
+        );
     }
     let _ = writeln!(
         out,
