@@ -124,6 +124,18 @@ impl BroadcastQueue {
         outcome
     }
 
+    /// Moves an own event to the front of the own list (a departing node's record must be in
+    /// the first packet, whatever else it wrote last).
+    pub(crate) fn promote(&mut self, key: u64) {
+        let Some(slot) = self.slots.get(&key) else { return };
+        if !slot.own {
+            return;
+        }
+        let seq = slot.seq;
+        self.own.retain(|&(k, _)| k != key);
+        self.own.push_front((key, seq));
+    }
+
     fn list(&mut self, which: List) -> &mut VecDeque<(u64, u64)> {
         match which {
             List::Own => &mut self.own,

@@ -18,6 +18,8 @@ pub(crate) enum TimerKind {
     Relay,
     /// The restart grace of this member is over (see `Config::restart_grace`).
     Grace(Arc<str>),
+    /// A node stopping for a restart leaves membership now: its record went out first.
+    Depart,
 }
 
 #[derive(Debug, Default)]

@@ -377,6 +377,8 @@ pub struct Agent {
     /// The whole seed list (this node's own address included) the acceptors are derived from,
     /// when the caller gives it apart from the seeds it joins through.
     acceptor_seeds: Option<Vec<SocketAddr>>,
+    /// This input stops or leaves: SWIM waits for the record's lease too.
+    hold_swim: bool,
     loads: VecDeque<Load>,
     view: Option<Arc<View>>,
     changes: Vec<Change>,
@@ -453,6 +455,7 @@ impl Agent {
             alloc,
             alloc_parked: Vec::new(),
             acceptor_seeds: None,
+            hold_swim: false,
             loads: VecDeque::new(),
             view: None,
             changes: Vec::new(),
@@ -803,6 +806,9 @@ impl Agent {
             self.generation_seq = seq;
         }
         let swim_dep = if self.generation_seq > durable { self.generation_seq } else { 0 };
+        // A stop's or leave's SWIM announcement must not overtake the node record saying which
+        // it is (peers would take a restart for a failure and hide this node's entries).
+        let swim_dep = if std::mem::take(&mut self.hold_swim) { swim_dep.max(dep) } else { swim_dep };
         // Table traffic may carry (in this input or in any later round or sync) the records of
         // a change of attachments or generation not yet durable: it waits for the last one.
         let table_dep = if self.last_structural > durable { dep.max(self.last_structural) } else { dep };
@@ -895,6 +901,7 @@ impl Agent {
             return None;
         };
         self.alloc.staged(seq, covered);
+
         for id in nets {
             self.net_seq.insert(id, seq);
         }
@@ -1092,8 +1099,14 @@ impl Agent {
         let net = |r: Result<NetworkDef, AgentError>| r.map(Reply::Network);
         Some(match cmd {
             Command::Join { seeds } => done(self.join(now, &seeds)),
-            Command::Leave => done(self.gossip.leave(now).map_err(AgentError::from)),
-            Command::StopRestarting => done(self.gossip.stop_restarting(now).map_err(AgentError::from)),
+            Command::Leave => {
+                self.hold_swim = true;
+                done(self.gossip.leave(now).map_err(AgentError::from))
+            }
+            Command::StopRestarting => {
+                self.hold_swim = true;
+                done(self.gossip.stop_restarting(now).map_err(AgentError::from))
+            }
             Command::RemoveNetwork { network, force } => net(self.remove_network(now, &network, force)),
             Command::Attach { network } => match self.attach(now, &network) {
                 Err(AgentError::NoSuchNetwork(_)) if may_wait => {
@@ -1163,7 +1176,19 @@ impl Agent {
                     self.alloc_parked.push(AllocParked { id, cmd, deadline, why });
                     None
                 } else {
-                    Some(Err(AgentError::WaitedTooLong(why)))
+                    // A request for a share waits for its own write like any output: say so
+                    // when that is what held it.
+                    let disk = match self.persist.failing() {
+                        Some(e) => format!(" (the data dir fails: {e})"),
+                        None if self.persist.issued() > self.persist.durable() => {
+                            format!(
+                                " (the data dir has not made write #{} durable yet)",
+                                self.persist.durable() + 1
+                            )
+                        }
+                        None => String::new(),
+                    };
+                    Some(Err(AgentError::WaitedTooLong(format!("{why}{disk}"))))
                 }
             }
         }
@@ -1268,7 +1293,7 @@ impl Agent {
         let taken: Vec<ipnet::IpNet> =
             known.iter().flat_map(|n| n.def.subnets.iter().filter_map(|s| s.parse().ok())).collect();
         let (nets, vnis, pool_slots) =
-            self.alloc.allocate_network(&self.gossip, now, &parsed, &taken, driver == "overlay")?;
+            self.alloc.allocate_network(&self.gossip, now, &parsed, &taken, driver == "overlay", driver == NULL_DRIVER)?;
         let id = format!("{:016x}{:016x}", self.rng.random::<u64>(), self.rng.random::<u64>());
         let mut options = BTreeMap::new();
         if !vnis.is_empty() {
@@ -1611,6 +1636,9 @@ impl TableRead for Agent {
 
 /// Subnets one network may have.
 pub const MAX_SUBNETS: usize = 64;
+/// The driver of networks with no addressing (Docker's `none`): no subnet from the default
+/// pool, no VNI.
+pub const NULL_DRIVER: &str = "null";
 
 fn validate_network_name(name: &str) -> Result<(), AgentError> {
     let ok = !name.is_empty()
@@ -1661,6 +1689,8 @@ pub(crate) mod tests {
                 .collect();
             let disks = vec![BTreeMap::new(); n as usize];
             let mut net = Net { agents, now, cut: false, replies: Vec::new(), disks, next_id: 1 };
+            // The first founds the cluster (no seeds), the others join it.
+            net.agents[0].join(now, &[]).unwrap();
             for i in 1..net.agents.len() {
                 net.agents[i].join(now, &[addr(1)]).unwrap();
             }

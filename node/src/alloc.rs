@@ -257,6 +257,7 @@ pub struct Allocator {
     /// This node's data dir was new: its acceptor state may have been lost with an old one.
     fresh: bool,
     seeds: Vec<SocketAddr>,
+    seeds_known: bool,
     unresolved: Vec<String>,
     acceptors: Option<Vec<Name>>,
     acceptors_pending: Option<String>,
@@ -313,6 +314,7 @@ impl Allocator {
             epoch: now,
             fresh,
             seeds: Vec::new(),
+            seeds_known: false,
             unresolved: Vec::new(),
             acceptors: None,
             acceptors_pending: None,
@@ -428,8 +430,11 @@ impl Allocator {
         }
     }
 
+    /// The seed list the acceptors are derived from. Until it is given (or `--acceptors`), the
+    /// node does not know whether it is alone by design, and seeds nothing.
     pub fn set_seeds(&mut self, seeds: &[SocketAddr]) {
         self.seeds = seeds.to_vec();
+        self.seeds_known = true;
     }
 
     /// Seeds named by a host name that did not resolve at start: the acceptor set cannot be
@@ -467,6 +472,9 @@ impl Allocator {
                  give --acceptors)",
                 self.unresolved.join(", ")
             ));
+            return;
+        } else if !self.seeds_known {
+            self.acceptors_pending = Some("acceptors not known yet: this node has not joined".into());
             return;
         } else if self.seeds.is_empty() {
             let others =
@@ -1005,14 +1013,15 @@ impl Allocator {
         subnets: &[IpNet],
         taken: &[IpNet],
         vxlan: bool,
+        no_ipam: bool,
     ) -> Result<(Vec<IpNet>, Vec<u32>, Vec<u128>), Result<Pending, AgentError>> {
         let mut subnets = subnets.to_vec();
         let mut pool_slots = Vec::new();
-        if subnets.is_empty() {
+        let from_pool = subnets.is_empty() && !no_ipam;
+        if from_pool {
             self.cluster_ring_ready(POOL_RING, gossip).map_err(Ok)?;
         }
-        let v4 =
-            if subnets.is_empty() { 1 } else { subnets.iter().filter(|n| matches!(n, IpNet::V4(_))).count() };
+        let v4 = if from_pool { 1 } else { subnets.iter().filter(|n| matches!(n, IpNet::V4(_))).count() };
         if vxlan && v4 > 0 {
             self.cluster_ring_ready(weft_ipam::ring::VNI_RING, gossip).map_err(Ok)?;
         }
@@ -1021,7 +1030,7 @@ impl Allocator {
         let pool_key = Self::cluster_key(POOL_RING);
         let vni_key = Self::cluster_key(weft_ipam::ring::VNI_RING);
         let mut waits = Vec::new();
-        if subnets.is_empty() && self.rings.get(&pool_key).is_some_and(|r| r.free_slots() == 0) {
+        if from_pool && self.rings.get(&pool_key).is_some_and(|r| r.free_slots() == 0) {
             waits.push(pool_key.clone());
         }
         if vxlan && v4 > 0 && self.rings.get(&vni_key).is_some_and(|r| (r.free_slots() as usize) < v4) {
@@ -1049,7 +1058,7 @@ impl Allocator {
             }
             return Err(Ok(Pending(why.join("; "))));
         }
-        if subnets.is_empty() {
+        if from_pool {
             let me = self.clone_pool_mapper();
             let key = Self::cluster_key(POOL_RING);
             let ring = self.rings.get_mut(&key).expect("ready");

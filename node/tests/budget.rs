@@ -26,6 +26,7 @@ async fn streams_claiming_huge_frames_hold_no_more_than_the_budget() {
         data_addr: None,
         restart_grace: Duration::from_secs(60),
         leave_on_stop: false,
+        alloc: Default::default(),
     };
     let gossip = GossipConfig::lan(8);
     let frame = gossip.max_stream_frame;

@@ -19,7 +19,7 @@ use weft_gossip::wire::{self, FrameType};
 use weft_gossip::{
     CLUSTER_NETWORK, Config, Event, GossipNode, NodeId, TableEvent, TableEventKind, Transmit, TransmitKind,
 };
-use weft_node::persist;
+use weft_node::persist::{self, PersistBatch};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::host::{Host, TABLES};
@@ -223,6 +223,12 @@ pub struct SimNode<H> {
     pub persisted_ltime: u64,
     /// Whether the agent would persist that an earlier instance's entries are still to delete.
     pub persisted_sweep: bool,
+    /// Everything the agent's store holds (the allocator's keys with the rest): what a boot
+    /// reads back.
+    pub disk: BTreeMap<String, Vec<u8>>,
+    /// Batches handed to the disk and not durable yet (a crash loses them; a graceful stop
+    /// waits for them).
+    pub in_flight: Vec<PersistBatch>,
     /// The host crashed (or was wiped) since its last boot: its disk writes in flight are lost.
     pub crashed: bool,
     /// Global virtual time of the timer armed on the queue.
@@ -371,6 +377,8 @@ impl<H: Host> Sim<H> {
                 wall_offset_ms: 0,
                 persisted_ltime: 0,
                 persisted_sweep: true,
+                disk: BTreeMap::new(),
+                in_flight: Vec::new(),
                 crashed: false,
                 armed: None,
                 watched: Watched::default(),
@@ -475,7 +483,7 @@ impl<H: Host> Sim<H> {
         s.persisted_generation = (s.persisted_generation + 1).max(wall);
         let id = NodeId::new(s.name.as_str(), s.addr, s.persisted_generation).with_instance(s.instance);
         let seed = mix(self.seed, i as u64 ^ (s.generation << 32));
-        let mut node = H::boot(&self.cfg, id, seed, s.persisted_ltime, now);
+        let mut node = H::boot(&self.cfg, id, seed, s.persisted_ltime, &s.disk, now);
         node.set_predecessor_sweep(s.persisted_sweep);
         s.node = Some(node);
         s.crashed = false;
@@ -541,6 +549,7 @@ impl<H: Host> Sim<H> {
         }
         for batch in batches {
             let life = self.nodes[i].generation;
+            self.nodes[i].in_flight.push(batch.clone());
             self.schedule(self.now + DISK_LATENCY, Ev::Persisted { node: i, life, batch });
         }
         let Some(node) = self.nodes[i].node.as_ref() else { return };
@@ -561,6 +570,46 @@ impl<H: Host> Sim<H> {
             self.nodes[i].armed = Some(at);
             self.schedule(at.max(self.now), Ev::Timer { node: i, at });
         }
+    }
+
+    /// Writes node `i`'s in-flight batches up to `seq` to its disk; false if none was left
+    /// (a graceful stop landed them already).
+    fn land(&mut self, i: usize, seq: u64) -> bool {
+        let s = &mut self.nodes[i];
+        let (done, rest): (Vec<PersistBatch>, Vec<PersistBatch>) =
+            std::mem::take(&mut s.in_flight).into_iter().partition(|b| b.seq <= seq);
+        s.in_flight = rest;
+        let landed = !done.is_empty();
+        for batch in done {
+            for (k, v) in batch.ops {
+                let n = v.as_deref().and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok());
+                match (k.as_str(), n) {
+                    (persist::KEY_LTIME, Some(n)) => s.persisted_ltime = n,
+                    (persist::KEY_GENERATION, Some(n)) => {
+                        s.persisted_generation = s.persisted_generation.max(n)
+                    }
+                    (persist::KEY_SWEEP, Some(n)) => s.persisted_sweep = n != 0,
+                    _ => {}
+                }
+                match v {
+                    Some(v) => s.disk.insert(k, v),
+                    None => s.disk.remove(&k),
+                };
+            }
+        }
+        landed
+    }
+
+    /// A graceful stop waits for the store (as the shell's `settle`): what was in flight lands
+    /// and what waited for it goes out, then the process is gone.
+    fn settle(&mut self, i: usize) {
+        let Some(last) = self.nodes[i].in_flight.last().map(|b| b.seq) else { return };
+        self.land(i, last);
+        let now = self.local(i);
+        if let Some(node) = self.nodes[i].node.as_mut() {
+            node.handle_persisted(now, last);
+        }
+        self.flush(i);
     }
 
     fn observe(&mut self, i: usize, ev: Event) {
@@ -701,17 +750,8 @@ impl<H: Host> Sim<H> {
                         continue;
                     }
                     self.fold(stamp ^ (i as u64) << 44 ^ batch.seq);
-                    let s = &mut self.nodes[i];
-                    for (k, v) in &batch.ops {
-                        let n = v.as_deref().and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok());
-                        match (k.as_str(), n) {
-                            (persist::KEY_LTIME, Some(n)) => s.persisted_ltime = n,
-                            (persist::KEY_GENERATION, Some(n)) => {
-                                s.persisted_generation = s.persisted_generation.max(n)
-                            }
-                            (persist::KEY_SWEEP, Some(n)) => s.persisted_sweep = n != 0,
-                            _ => {}
-                        }
+                    if !self.land(i, batch.seq) {
+                        continue;
                     }
                     let now = self.local(i);
                     if let Some(node) = self.nodes[i].node.as_mut() {
@@ -750,6 +790,7 @@ impl<H: Host> Sim<H> {
     /// Node `i` leaves cleanly.
     pub fn leave(&mut self, i: usize) {
         self.with(i, |n, now| n.leave(now)).expect("leave");
+        self.settle(i);
         self.nodes[i].left = true;
     }
 
@@ -757,6 +798,7 @@ impl<H: Host> Sim<H> {
     /// persisted state stays.
     pub fn stop_restarting(&mut self, i: usize) {
         self.with(i, |n, now| n.stop_restarting(now)).expect("stop");
+        self.settle(i);
         self.nodes[i].node = None;
         self.nodes[i].armed = None;
     }
@@ -891,6 +933,7 @@ impl<H: Host> Sim<H> {
     /// Crashes node `i`: its state is gone except what it persisted.
     pub fn crash(&mut self, i: usize) {
         self.nodes[i].crashed = true;
+        self.nodes[i].in_flight.clear();
         self.nodes[i].node = None;
         self.nodes[i].armed = None;
     }
@@ -904,6 +947,7 @@ impl<H: Host> Sim<H> {
         s.persisted_generation = 0;
         s.persisted_ltime = 0;
         s.persisted_sweep = true;
+        s.disk.clear();
         s.networks.clear();
     }
 

@@ -30,7 +30,15 @@ pub trait Host: Sized {
     const PERSISTS: bool = false;
     /// Builds the host for `id` at `now`, its Lamport clock starting at the persisted `ltime`,
     /// with [`TABLES`] registered.
-    fn boot(cfg: &Config, id: NodeId, seed: u64, ltime: u64, now: Instant) -> Self;
+    /// `disk` is what the host's store holds (empty for a new data dir).
+    fn boot(
+        cfg: &Config,
+        id: NodeId,
+        seed: u64,
+        ltime: u64,
+        disk: &std::collections::BTreeMap<String, Vec<u8>>,
+        now: Instant,
+    ) -> Self;
     /// The gossip core, for reads.
     fn core(&self) -> &GossipNode;
     fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]);
@@ -68,7 +76,14 @@ pub trait Host: Sized {
 }
 
 impl Host for GossipNode {
-    fn boot(cfg: &Config, id: NodeId, seed: u64, ltime: u64, now: Instant) -> Self {
+    fn boot(
+        cfg: &Config,
+        id: NodeId,
+        seed: u64,
+        ltime: u64,
+        _disk: &std::collections::BTreeMap<String, Vec<u8>>,
+        now: Instant,
+    ) -> Self {
         let mut node = GossipNode::new(cfg.clone(), id, seed, ltime, now).expect("a valid config");
         for t in TABLES {
             node.register_table(t, spec(t)).expect("register");
@@ -168,8 +183,32 @@ impl TableWatcher for Quiet {
 impl Host for Agent {
     const PERSISTS: bool = true;
 
-    fn boot(cfg: &Config, id: NodeId, seed: u64, ltime: u64, now: Instant) -> Self {
-        let mut agent = Agent::new(cfg.clone(), id, seed, ltime, now).expect("a valid config");
+    fn boot(
+        cfg: &Config,
+        id: NodeId,
+        seed: u64,
+        ltime: u64,
+        disk: &std::collections::BTreeMap<String, Vec<u8>>,
+        now: Instant,
+    ) -> Self {
+        // The allocator's state comes back from the disk; identity, clock and networks as the
+        // simulator models them (the test re-attaches networks itself).
+        let state = weft_node::persist::NodeState {
+            name: id.name.to_string(),
+            instance: id.instance,
+            generation: id.generation,
+            ltime_hwm: ltime,
+            networks: Vec::new(),
+            sweep_pending: false,
+            definitions: Vec::new(),
+            alloc: disk
+                .iter()
+                .filter(|(k, _)| weft_node::persist::is_alloc_key(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            fresh: disk.is_empty(),
+        };
+        let mut agent = Agent::boot(cfg.clone(), &state, id.addr, seed, now).expect("a valid config");
         agent.record_events(true);
         for t in TABLES {
             agent.register_table(now, t, spec(t), Box::new(Quiet)).expect("register");
@@ -236,9 +275,11 @@ impl Host for Agent {
     }
 
     fn define_network(&mut self, now: Instant, name: &str) -> Result<String, String> {
+        // Scenarios about tables define networks with no addressing: `apply` cannot wait for
+        // the cluster rings to be seeded or for a donation.
         let create = Command::CreateNetwork {
             name: name.to_string(),
-            driver: "overlay".into(),
+            driver: weft_node::agent::NULL_DRIVER.into(),
             subnets: Vec::new(),
             gateway: None,
         };

@@ -184,17 +184,32 @@ impl GossipNode {
             return Ok(());
         }
         self.write_node_record(now, NodeStatus::Restarting);
-        self.depart(now)
+        self.depart(now, true)
     }
 
     /// Sends what this node wrote last to more peers than usual (it will not relay it) and
     /// leaves membership.
-    pub(super) fn depart(&mut self, now: Instant) -> Result<(), Error> {
+    ///
+    /// A restart leaves SWIM half a gossip interval later: a peer that heard of the departure
+    /// before the record saying it is a restart would hide this node's entries (a stopping
+    /// agent keeps running 600 ms for its news to go out).
+    pub(super) fn depart(&mut self, now: Instant, restarting: bool) -> Result<(), Error> {
+        // The record saying why this node goes (restart or leave) goes first, whatever else it
+        // wrote last: peers that hear of the departure from SWIM before it take a restart for
+        // a failure.
+        let record = crate::store::keyhash(NODES_TABLE, &self.id.name);
+        if let Some(net) = self.networks.get_mut(CLUSTER_NETWORK) {
+            net.queue.promote(record);
+        }
         let mut peers = self.pick_peers(CLUSTER_NETWORK, 2 * self.cfg.gossip_fanout);
         peers.sort();
         self.send_queue_to(CLUSTER_NETWORK, Push::Own, &peers);
-        let result = self.with_foca(now, |foca, rt| foca.leave_cluster(rt));
         self.membership.left = true;
+        if restarting {
+            self.timers.add(now + self.cfg.gossip_interval / 2, TimerKind::Depart);
+            return Ok(());
+        }
+        let result = self.with_foca(now, |foca, rt| foca.leave_cluster(rt));
         self.process_notes(now);
         result.map_err(|e| Error::Membership(e.to_string()))
     }

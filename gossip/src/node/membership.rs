@@ -166,7 +166,7 @@ impl GossipNode {
             self.write_attachment(now, &n, false);
         }
         self.write_node_record(now, NodeStatus::Left);
-        self.depart(now)
+        self.depart(now, false)
     }
 
     pub(super) fn process_notes(&mut self, now: Instant) {

@@ -409,6 +409,13 @@ impl GossipNode {
                     }
                 }
                 TimerKind::Grace(name) => self.grace_over(now, &name),
+                TimerKind::Depart => {
+                    let result = self.with_foca(now, |foca, rt| foca.leave_cluster(rt));
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "leaving membership");
+                    }
+                    self.process_notes(now);
+                }
             }
         }
         self.settle_own_name(now);
