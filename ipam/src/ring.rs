@@ -555,30 +555,46 @@ impl Ring {
         for (page, words) in pages {
             d.alloc.load_page(page, &words);
         }
-        let mut ring = Ring::restore(d);
-        // What was read back is on disk already.
+        let mut ring = Ring::from_durable(d);
+        // What was read back is on disk already; what it republishes is not.
         ring.dirty_meta = false;
         ring.dirty_cursor = false;
         ring.dirty_pages.clear();
         ring.quarantine_restart();
+        ring.republish();
         ring
     }
 
-    /// After a restart nothing says when slots were released: every free slot behind the
-    /// cursor in this node's share waits `reuse_after` again (the cursor keeps the rest in
-    /// order), so a restart never shortens a quarantine.
+    /// After a restart the cluster tables may have lost everything (they live in memory):
+    /// the seed, the removals this node knows and its claims go out again.
+    fn republish(&mut self) {
+        let Some(seed) = self.d.state.seed.clone() else { return };
+        self.emit(Output::Publish(RingEntry::Seed(seed)));
+        let ring = self.d.space.ring.clone();
+        for (node, (generation, heir)) in self.d.state.removed.clone() {
+            let r = Removal { ring: ring.clone(), node, generation, heir };
+            self.emit(Output::Publish(RingEntry::Removal(r)));
+        }
+        self.publish_claims();
+    }
+
+    /// After a restart nothing says when slots were released: every free slot of this node's
+    /// share waits `reuse_after` again (when nothing else is free, allocation still goes on from
+    /// the cursor), so a restart never shortens a quarantine.
     fn quarantine_restart(&mut self) {
         let until = self.now_ms.saturating_add(self.reuse_after_ms);
-        let cursor = self.d.cursor;
         for &(s, e) in &self.owned.clone() {
-            if s < cursor {
-                self.quarantine_ranges.push((s, e.min(cursor), until));
-            }
+            self.quarantine_ranges.push((s, e, until));
         }
     }
 
-    /// How long a released slot stays out of use (default [`REUSE_AFTER_MS`]).
+    /// How long a released slot stays out of use (default [`REUSE_AFTER_MS`]); quarantines
+    /// already running are moved to the new length.
     pub fn set_reuse_after(&mut self, ms: u64) {
+        let old = self.reuse_after_ms;
+        let shift = |t: &mut u64| *t = t.saturating_sub(old).saturating_add(ms);
+        self.quarantine.values_mut().for_each(shift);
+        self.quarantine_ranges.iter_mut().for_each(|q| shift(&mut q.2));
         self.reuse_after_ms = ms;
     }
 

@@ -115,6 +115,9 @@ pub struct SeederDurable {
     /// This node as a ring member (`name@instance`).
     #[serde(default)]
     pub member: Name,
+    /// It lost its acceptor state once (see [`Seeder::set_learner_only`]): kept for good.
+    #[serde(default)]
+    pub learner_only: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -129,9 +132,6 @@ enum Phase {
 pub struct Seeder {
     d: SeederDurable,
     proposal: Option<crate::ring::Space>,
-    /// An acceptor that lost its state (a new data dir under a name an earlier instance held)
-    /// must not promise or accept: it may have promised before and forgotten.
-    learner_only: bool,
     params: String,
     phase: Phase,
     deadline: Option<u64>,
@@ -157,6 +157,7 @@ impl Seeder {
             chosen: None,
             max_round: 0,
             member: "".into(),
+            learner_only: false,
         })
     }
 
@@ -168,7 +169,6 @@ impl Seeder {
         Seeder {
             d,
             proposal: None,
-            learner_only: false,
             params: String::new(),
             phase: Phase::Idle,
             deadline: None,
@@ -185,13 +185,18 @@ impl Seeder {
         }
     }
 
-    /// Makes this node a learner only (see [`Seeder`]'s field): it still proposes and learns.
-    pub fn set_learner_only(&mut self, on: bool) {
-        self.learner_only = on;
+    /// Makes this node a learner only, for good (persisted): an acceptor that lost its state
+    /// (a new data dir under a name an earlier instance held) may have promised and forgotten.
+    /// It still proposes and learns.
+    pub fn set_learner_only(&mut self) {
+        if !self.d.learner_only {
+            self.d.learner_only = true;
+            self.outbox.touch();
+        }
     }
 
     pub fn is_learner_only(&self) -> bool {
-        self.learner_only
+        self.d.learner_only
     }
 
     /// Whether a proposal is under way.
@@ -273,7 +278,9 @@ impl Seeder {
     fn start_round(&mut self, now_ms: u64) {
         self.d.max_round += 1;
         self.outbox.touch();
-        let ballot = Ballot { round: self.d.max_round, proposer: self.d.me.clone() };
+        // The proposer is the member (`name@instance`): a reinstalled node that lost its round
+        // counter never reuses a ballot of its earlier life with another value.
+        let ballot = Ballot { round: self.d.max_round, proposer: self.d.member.clone() };
         self.phase = Phase::Preparing { ballot: ballot.clone(), promises: BTreeMap::new() };
         self.deadline = Some(now_ms + self.retry_delay());
         for a in self.d.acceptors.clone() {
@@ -342,7 +349,7 @@ impl Seeder {
                 self.outbox.event(SeedOutput::Mismatch { from: from.clone(), theirs, ours: ours.clone() });
                 self.reply(from, PaxosMsg::Mismatch { ring, ours });
             }
-            _ if (self.learner_only || !self.d.acceptors.contains(&self.d.me))
+            _ if (self.d.learner_only || !self.d.acceptors.contains(&self.d.me))
                 && matches!(msg, PaxosMsg::Prepare { .. } | PaxosMsg::Accept { .. }) => {}
             PaxosMsg::Prepare { ballot, .. } => {
                 self.d.max_round = self.d.max_round.max(ballot.round);
@@ -363,7 +370,9 @@ impl Seeder {
             }
             PaxosMsg::Accept { ballot, value, .. } => {
                 self.d.max_round = self.d.max_round.max(ballot.round);
-                if self.d.promised.as_ref().is_none_or(|p| ballot >= p) {
+                let same_ballot_other_value =
+                    self.d.accepted.as_ref().is_some_and(|(b, v)| b == ballot && v != value);
+                if self.d.promised.as_ref().is_none_or(|p| ballot >= p) && !same_ballot_other_value {
                     if self.d.accepted.as_ref().map(|(b, _)| b) != Some(ballot) {
                         self.d.promised = Some(ballot.clone());
                         self.d.accepted = Some((ballot.clone(), value.clone()));

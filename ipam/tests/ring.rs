@@ -671,3 +671,73 @@ fn a_donor_keeps_blocks_with_recently_released_slots() {
 }
 
 const REUSE_AFTER: u64 = weft_ipam::ring::REUSE_AFTER_MS;
+
+#[test]
+fn an_acceptor_never_acknowledges_a_second_value_under_a_ballot_it_accepted() {
+    use weft_ipam::seeding::{Ballot, PaxosMsg};
+    let set: Vec<Name> = vec![n("a"), n("b"), n("c")];
+    let mut c = weft_ipam::Seeder::new(n("c"), "vni", set.clone());
+    let seed = |by: &str| Seed {
+        space: Space::vnis(),
+        owners: vec![n("a@1"), n("c@1")],
+        seeded_by: n(by),
+        params: String::new(),
+    };
+    let ballot = Ballot { round: 1, proposer: n("a@1") };
+    let accept = |v: Seed| PaxosMsg::Accept {
+        ring: "vni".into(),
+        ballot: ballot.clone(),
+        value: v,
+        acceptors: set.clone(),
+    };
+    c.handle(&n("a"), &accept(seed("a@1")));
+    c.persisted(c.generation());
+    let first: Vec<_> = std::iter::from_fn(|| c.poll_output()).collect();
+    assert!(
+        first.iter().any(|o| matches!(o, weft_ipam::SeedOutput::Send { msg: PaxosMsg::Accepted { .. }, .. }))
+    );
+    // The same ballot with another value (a proposer that forgot its round): refused.
+    c.handle(&n("a"), &accept(seed("a@2")));
+    c.persisted(c.generation());
+    let second: Vec<_> = std::iter::from_fn(|| c.poll_output()).collect();
+    assert!(
+        !second
+            .iter()
+            .any(|o| matches!(o, weft_ipam::SeedOutput::Send { msg: PaxosMsg::Accepted { .. }, .. })),
+        "{second:?}"
+    );
+    // A learner only (lost its state once, persisted) neither promises nor accepts.
+    let mut b = weft_ipam::Seeder::new(n("b"), "vni", set.clone());
+    b.set_learner_only();
+    assert!(b.durable().learner_only);
+    let mut b = weft_ipam::Seeder::restore(b.durable().clone());
+    b.handle(
+        &n("a"),
+        &PaxosMsg::Prepare {
+            ring: "vni".into(),
+            ballot: Ballot { round: 9, proposer: n("a@1") },
+            acceptors: set,
+        },
+    );
+    b.persisted(b.generation());
+    assert_eq!(std::iter::from_fn(|| b.poll_output()).count(), 0);
+}
+
+#[test]
+fn a_ring_read_back_from_its_change_log_publishes_its_seed_and_claims_again() {
+    let mut a = Ring::created_by(n("a@1"), pool(), [0, 255]);
+    let (mut disk, mut meta) = (Default::default(), None);
+    write_changes(&mut a, &mut disk, &mut meta);
+    a.allocate(None).unwrap();
+    write_changes(&mut a, &mut disk, &mut meta);
+    let mut back = from_disk(&disk, &meta);
+    // The seed is on disk already: it goes out at once. The claims carry a new sequence: they
+    // wait until it is written.
+    let now: Vec<Output> = std::iter::from_fn(|| back.poll_output()).collect();
+    let pubs = publications(&now);
+    assert!(matches!(pubs[..], [RingEntry::Seed(_)]), "{pubs:?}");
+    let written = write_changes(&mut back, &mut disk, &mut meta);
+    assert!(written > 0, "the republished claims' sequence is written");
+    let later: Vec<Output> = std::iter::from_fn(|| back.poll_output()).collect();
+    assert!(publications(&later).iter().any(|e| matches!(e, RingEntry::Claims(_))), "{later:?}");
+}

@@ -377,8 +377,10 @@ pub struct Agent {
     /// The whole seed list (this node's own address included) the acceptors are derived from,
     /// when the caller gives it apart from the seeds it joins through.
     acceptor_seeds: Option<Vec<SocketAddr>>,
-    /// This input stops or leaves: SWIM waits for the record's lease too.
+    /// This input stops or leaves: SWIM waits for the record's lease too, until
+    /// `hold_swim_until` is durable.
     hold_swim: bool,
+    hold_swim_until: u64,
     loads: VecDeque<Load>,
     view: Option<Arc<View>>,
     changes: Vec<Change>,
@@ -407,10 +409,8 @@ impl Agent {
         now: Instant,
     ) -> Result<Self, AgentError> {
         let id = NodeId::new(state.name.as_str(), addr, state.generation).with_instance(state.instance);
-        let mut alloc = Allocator::new(&id, AllocConfig::default(), state.fresh, now);
-        alloc
-            .restore(&state.alloc)
-            .map_err(|e| AgentError::BadName(format!("stored allocator state: {e}")))?;
+        let mut alloc = Allocator::new(&id, AllocConfig::default(), now);
+        alloc.restore(&state.alloc).map_err(AgentError::CorruptStore)?;
         let mut gossip = GossipNode::new(cfg, id, seed, state.ltime_hwm, now)?;
         gossip.register_table(NETWORKS_TABLE, TableSpec::cluster(ObjectType::Network))?;
         gossip.register_table(
@@ -456,6 +456,7 @@ impl Agent {
             alloc_parked: Vec::new(),
             acceptor_seeds: None,
             hold_swim: false,
+            hold_swim_until: 0,
             loads: VecDeque::new(),
             view: None,
             changes: Vec::new(),
@@ -494,7 +495,6 @@ impl Agent {
             sweep_pending: false,
             definitions: Vec::new(),
             alloc: BTreeMap::new(),
-            fresh: true,
         };
         Agent::boot(cfg, &state, id.addr, seed, now)
     }
@@ -808,7 +808,12 @@ impl Agent {
         let swim_dep = if self.generation_seq > durable { self.generation_seq } else { 0 };
         // A stop's or leave's SWIM announcement must not overtake the node record saying which
         // it is (peers would take a restart for a failure and hide this node's entries).
-        let swim_dep = if std::mem::take(&mut self.hold_swim) { swim_dep.max(dep) } else { swim_dep };
+        // (A restart leaves SWIM in a later input, so the hold lasts until that batch is durable.)
+        if std::mem::take(&mut self.hold_swim) {
+            self.hold_swim_until = self.hold_swim_until.max(dep);
+        }
+        let swim_dep =
+            if self.hold_swim_until > durable { swim_dep.max(self.hold_swim_until) } else { swim_dep };
         // Table traffic may carry (in this input or in any later round or sync) the records of
         // a change of attachments or generation not yet durable: it waits for the last one.
         let table_dep = if self.last_structural > durable { dep.max(self.last_structural) } else { dep };
@@ -1014,7 +1019,7 @@ impl Agent {
         for id in removed {
             tracing::info!(network = %id, "detaching a network whose definition was deleted while this node was away");
             let _ = self.gossip.leave_network(now, &id);
-            self.alloc.network_removed(&id);
+            self.drop_network_alloc(&id);
         }
     }
 
@@ -1029,11 +1034,13 @@ impl Agent {
                 if t.network == CLUSTER_NETWORK
                     && t.table == NETWORKS_TABLE
                     && t.kind == TableEventKind::Delete
-                    && self.gossip.is_attached(&t.key)
                 {
-                    tracing::info!(network = %t.key, "network removed by {}; detaching", t.owner);
-                    let _ = self.gossip.leave_network(now, &t.key);
-                    self.alloc.network_removed(&t.key);
+                    if self.gossip.is_attached(&t.key) {
+                        tracing::info!(network = %t.key, "network removed by {}; detaching", t.owner);
+                        let _ = self.gossip.leave_network(now, &t.key);
+                    }
+                    // Also when detached before: its rings and records go.
+                    self.drop_network_alloc(&t.key);
                 }
             }
             Event::Connected(true) if self.connected_at.is_none() => self.connected_at = Some(now),
@@ -1292,8 +1299,14 @@ impl Agent {
         }
         let taken: Vec<ipnet::IpNet> =
             known.iter().flat_map(|n| n.def.subnets.iter().filter_map(|s| s.parse().ok())).collect();
-        let (nets, vnis, pool_slots) =
-            self.alloc.allocate_network(&self.gossip, now, &parsed, &taken, driver == "overlay", driver == NULL_DRIVER)?;
+        let (nets, vnis, pool_slots) = self.alloc.allocate_network(
+            &self.gossip,
+            now,
+            &parsed,
+            &taken,
+            driver == "overlay",
+            driver == NULL_DRIVER,
+        )?;
         let id = format!("{:016x}{:016x}", self.rng.random::<u64>(), self.rng.random::<u64>());
         let mut options = BTreeMap::new();
         if !vnis.is_empty() {
@@ -1316,12 +1329,15 @@ impl Agent {
         {
             def.gateway = crate::alloc::gateway_of(&def, 0, first).map(|g| g.to_string());
         }
-        self.alloc.network_created(&def, &vnis, &pool_slots).map_err(Err)?;
         let value = Bytes::from(serde_json::to_vec(&def).expect("serializable"));
-        self.gossip
-            .create_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &id, value)
-            .map_err(|e| Err(e.into()))?;
-        self.gossip.join_network(now, &id).map_err(|e| Err(e.into()))?;
+        let made = self.alloc.network_created(&def, &vnis, &pool_slots).and_then(|()| {
+            self.gossip.create_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &id, value)?;
+            Ok(self.gossip.join_network(now, &id)?)
+        });
+        if let Err(e) = made {
+            self.alloc.abandon_network(&id, &vnis, &pool_slots);
+            return Err(Err(e));
+        }
         Ok(def)
     }
 
@@ -1371,6 +1387,13 @@ impl Agent {
         if gateway.is_some() && parsed.is_empty() {
             return Err(AgentError::BadGateway("--gateway needs a --subnet".into()));
         }
+        if let Some(gw) = gateway.and_then(|g| g.parse::<std::net::IpAddr>().ok())
+            && let Some(net) = parsed.iter().find(|n| n.contains(&gw))
+            && weft_ipam::net::offset_of(net, gw)
+                .is_some_and(|o| weft_ipam::net::reserved_offsets(net).contains(&o))
+        {
+            return Err(AgentError::BadGateway(format!("{gw} is {net}'s network or broadcast address")));
+        }
         Ok(())
     }
 
@@ -1403,7 +1426,7 @@ impl Agent {
             self.gossip.leave_network(now, &n.def.id)?;
         }
         self.gossip.delete_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &n.def.id)?;
-        self.alloc.network_removed(&n.def.id);
+        self.drop_network_alloc(&n.def.id);
         Ok(n.def)
     }
 
@@ -1412,6 +1435,15 @@ impl Agent {
         self.gossip.join_network(now, &n.def.id)?;
         self.alloc.network_attached(&mut self.gossip, now, &n.def);
         Ok(n.def)
+    }
+
+    /// A removed network's subnet rings and endpoint records go, every key of them in the store.
+    fn drop_network_alloc(&mut self, nid: &str) {
+        let stored: Vec<String> = Allocator::network_prefixes(nid)
+            .iter()
+            .flat_map(|p| self.persist.planned_keys(p).map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        self.alloc.network_removed(nid, stored);
     }
 
     /// Refuses to detach from a network this node still has endpoints in.
@@ -2258,7 +2290,6 @@ pub(crate) mod tests {
             sweep_pending: false,
             definitions: vec![def.clone()],
             alloc: BTreeMap::new(),
-            fresh: false,
         };
         let mut a1 = Agent::boot(cfg, &state, addr(1), 2, net.now).unwrap();
         a1.apply(net.now, Command::Join { seeds: vec![addr(2), addr(3)] }).unwrap();
@@ -2629,16 +2660,61 @@ mod alloc_tests {
     }
 
     #[test]
-    fn a_restarted_node_keeps_its_endpoints_and_never_hands_out_an_address_twice() {
+    fn a_network_removed_with_force_leaves_no_keys_behind_and_every_node_still_boots() {
         let mut net = Net::new(2);
-        network(net.cmd(0, overlay("n")));
-        let before: Vec<Endpoint> = (0..5).map(|k| endpoint(net.cmd(1, ep("n", &format!("e{k}"))))).collect();
+        let def = network(net.cmd(0, overlay("n")));
+        endpoint(net.cmd(1, ep("n", "x")));
+        endpoint(net.cmd(0, ep("n", "y")));
         net.run(Duration::from_secs(1));
-        // Node 2 restarts from what its disk holds.
-        let mut image = net.disks[1].clone();
-        // (What the store wrote when the data dir was made: the node's identity.)
+        // Removed from the node that did not create it, endpoints and all.
+        network(net.cmd(1, Command::RemoveNetwork { network: "n".into(), force: true }));
+        net.run(Duration::from_secs(2));
+        for (i, disk) in net.disks.iter().enumerate() {
+            let left: Vec<&String> = disk.keys().filter(|k| k.contains(&def.id)).collect();
+            assert!(left.is_empty(), "node {i} kept {left:?}");
+            let mut state =
+                NodeState::from_image(&with_identity(disk, &format!("a{}", i + 1))).unwrap().unwrap();
+            state.generation += 1;
+            Agent::boot(GossipConfig::lan(8), &state, addr(i as u8 + 1), 7, net.now).expect("boots");
+        }
+        // The creator gave the VNI back when it saw the definition go.
+        let vnis = net.agents[0].allocator().report().rings.into_iter().find(|g| g.ring == "vni").unwrap();
+        assert_eq!(vnis.allocated, 0);
+    }
+
+    #[test]
+    fn a_network_create_that_fails_takes_nothing() {
+        let mut net = Net::new(1);
+        let before = net.agents[0].allocator().report();
+        let e = net
+            .cmd(
+                0,
+                Command::CreateNetwork {
+                    name: "bad".into(),
+                    driver: "overlay".into(),
+                    subnets: vec!["10.1.0.0/24".into()],
+                    gateway: Some("10.1.0.255".into()),
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(e, AgentError::BadGateway(_)), "{e}");
+        net.run(Duration::from_secs(1));
+        let after = net.agents[0].allocator().report();
+        let vni =
+            |r: &crate::alloc::AllocReport| r.rings.iter().find(|g| g.ring == "vni").map(|g| g.allocated);
+        assert_eq!(vni(&after), vni(&before));
+        assert!(
+            net.disks[0].keys().all(|k| !k.starts_with("own/")),
+            "{:?}",
+            net.disks[0].keys().collect::<Vec<_>>()
+        );
+    }
+
+    /// A node's disk with the identity keys the store wrote when the data dir was made.
+    fn with_identity(disk: &BTreeMap<String, Vec<u8>>, name: &str) -> BTreeMap<String, Vec<u8>> {
+        let mut image = disk.clone();
         let made = NodeState {
-            name: "a2".into(),
+            name: name.into(),
             instance: 0,
             generation: 1,
             ltime_hwm: 0,
@@ -2646,11 +2722,21 @@ mod alloc_tests {
             sweep_pending: false,
             definitions: vec![],
             alloc: BTreeMap::new(),
-            fresh: false,
         };
         for (k, v) in made.to_image() {
             image.entry(k).or_insert(v);
         }
+        image
+    }
+
+    #[test]
+    fn a_restarted_node_keeps_its_endpoints_and_never_hands_out_an_address_twice() {
+        let mut net = Net::new(2);
+        network(net.cmd(0, overlay("n")));
+        let before: Vec<Endpoint> = (0..5).map(|k| endpoint(net.cmd(1, ep("n", &format!("e{k}"))))).collect();
+        net.run(Duration::from_secs(1));
+        // Node 2 restarts from what its disk holds.
+        let image = with_identity(&net.disks[1], "a2");
         let mut state = NodeState::from_image(&image).unwrap().unwrap();
         state.generation += 1;
         let cfg = GossipConfig::lan(8);

@@ -254,8 +254,6 @@ pub struct Allocator {
     addr: SocketAddr,
     cfg: AllocConfig,
     epoch: Instant,
-    /// This node's data dir was new: its acceptor state may have been lost with an old one.
-    fresh: bool,
     seeds: Vec<SocketAddr>,
     seeds_known: bool,
     unresolved: Vec<String>,
@@ -305,14 +303,13 @@ fn bytes_to_words(b: &[u8]) -> Vec<u64> {
 }
 
 impl Allocator {
-    pub fn new(id: &NodeId, cfg: AllocConfig, fresh: bool, now: Instant) -> Self {
+    pub fn new(id: &NodeId, cfg: AllocConfig, now: Instant) -> Self {
         Allocator {
             me: member_of(id),
             name: id.name.clone(),
             addr: id.addr,
             cfg,
             epoch: now,
-            fresh,
             seeds: Vec::new(),
             seeds_known: false,
             unresolved: Vec::new(),
@@ -390,7 +387,11 @@ impl Allocator {
             }
         }
         for (key, (meta, cursor, pages)) in parts {
-            let meta = meta.ok_or_else(|| format!("ring {}/{} has pages but no meta", key.0, key.1))?;
+            let Some(meta) = meta else {
+                // Pages of a ring whose meta went (a removal interrupted): nothing to restore.
+                tracing::warn!(network = %key.0, ring = %key.1, "stored ring pages without their ring; ignored");
+                continue;
+            };
             let mut ring = Ring::from_parts(meta, cursor, pages);
             ring.set_reuse_after(self.cfg.reuse_after.as_millis() as u64);
             self.rings.insert(key, ring);
@@ -409,6 +410,13 @@ impl Allocator {
         for (k, v) in keys.range(OWN_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(OWN_PREFIX)) {
             let o: Owned = serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))?;
             self.owned.insert(k[OWN_PREFIX.len()..].to_string(), o);
+        }
+        for ((_, ring), r) in &self.rings {
+            if let (Some(seed), Some(s)) = (r.state().seed.as_ref(), self.seeders.get_mut(ring))
+                && seed.owners.iter().any(|o| member_name(o) == &*self.name && *o != self.me)
+            {
+                s.set_learner_only();
+            }
         }
         // The restored cluster rings fix the acceptor set (it is permanent for a ring).
         if let Some(r) = self.rings.get(&(CLUSTER_NETWORK.to_string(), weft_ipam::ring::VNI_RING.to_string()))
@@ -536,16 +544,17 @@ impl Allocator {
         };
         for (ring, space) in [(weft_ipam::ring::VNI_RING, Space::vnis()), (POOL_RING, pool_space)] {
             let key = Self::cluster_key(ring);
+            // The seeder first: a seed replayed into the ring may make it a learner only.
+            if !self.seeders.contains_key(ring) {
+                let mut s = Seeder::new(Name::from(&*self.name), ring, acceptors.iter().cloned());
+                s.set_member(self.me.clone());
+                self.seeders.insert(ring.to_string(), s);
+            }
             if !self.rings.contains_key(&key) {
                 let mut r = Ring::cluster(self.me.clone(), space.clone(), [], acceptors.iter().cloned());
                 r.set_reuse_after(self.cfg.reuse_after.as_millis() as u64);
                 self.rings.insert(key.clone(), r);
                 self.replay_table(gossip, CLUSTER_NETWORK, ring);
-            }
-            if !self.seeders.contains_key(ring) {
-                let mut s = Seeder::new(Name::from(&*self.name), ring, acceptors.iter().cloned());
-                s.set_member(self.me.clone());
-                self.seeders.insert(ring.to_string(), s);
             }
             let params = if ring == POOL_RING { self.cfg.pool_params() } else { String::new() };
             let s = self.seeders.get_mut(ring).expect("inserted");
@@ -625,14 +634,14 @@ impl Allocator {
                 )
             });
         }
-        // A reinstalled acceptor (new data dir) that sees its name under another instance in a
-        // chosen seed may have promised in that earlier life: it only learns from now on.
-        if self.fresh
-            && seed.owners.iter().any(|o| member_name(o) == &*self.name && *o != self.me)
+        // An acceptor that sees its name under another instance in a chosen seed is a
+        // reinstalled host (its data dir lost): it may have promised in that earlier life and
+        // forgotten, so it only learns from now on (persisted).
+        if seed.owners.iter().any(|o| member_name(o) == &*self.name && *o != self.me)
             && let Some(s) = self.seeders.get_mut(&key.1)
             && !s.is_learner_only()
         {
-            s.set_learner_only(true);
+            s.set_learner_only();
             tracing::warn!(
                 ring = %key.1,
                 "an earlier instance of this node's name is an owner of the seed: this node lost its acceptor \
@@ -758,15 +767,17 @@ impl Allocator {
         for s in self.seeders.values_mut() {
             s.tick(now_ms);
         }
-        let alive = Self::alive_members(gossip);
+        // Membership is listed only when a ring needs it (a request timing out, a refill): a
+        // thousand-node cluster ticks often.
+        let alive_cell: std::cell::OnceCell<BTreeSet<Name>> = std::cell::OnceCell::new();
+        let alive = |m: &str| alive_cell.get_or_init(|| Self::alive_members(gossip)).contains(m);
         let keys: Vec<RingKey> = self.rings.keys().cloned().collect();
         for key in keys {
             let attached = key.0 == CLUSTER_NETWORK || gossip.is_attached(&key.0);
             let r = self.rings.get_mut(&key).expect("listed");
             let asking = r.requesting_from().cloned();
-            if let Err(e) = r.tick(now_ms, &|m| alive.contains(m)) {
-                let _ = e;
-            }
+            // (An error here is a NoSpace event the pump reports.)
+            let _ = r.tick(now_ms, &alive);
             if asking.is_some() && r.requesting_from() != asking.as_ref() {
                 self.progress = true;
             }
@@ -781,7 +792,7 @@ impl Allocator {
             if low && self.last_refill.get(&key).is_none_or(|t| now_ms >= t + REFILL_EVERY_MS) {
                 self.last_refill.insert(key.clone(), now_ms);
                 let r = self.rings.get_mut(&key).expect("listed");
-                if r.request_space(now_ms, &|m| alive.contains(m)).is_ok() && r.requesting_from().is_some() {
+                if r.request_space(now_ms, &alive).is_ok() && r.requesting_from().is_some() {
                     self.stats.donations_asked += 1;
                 }
             }
@@ -1046,7 +1057,8 @@ impl Allocator {
                     None => {
                         let asked = self.last_no_space.get(&key).cloned().unwrap_or_default();
                         return Err(Err(AgentError::Exhausted(format!(
-                            "{what}: this node has no share left and no reachable owner has space (asked: {})",
+                            "nothing free in {what}: this node has no share left and no reachable owner has \
+                             space (asked: {})",
                             if asked.is_empty() {
                                 "nobody reachable".to_string()
                             } else {
@@ -1076,12 +1088,14 @@ impl Allocator {
                 Err(RingError::Exhausted { .. }) => {
                     let r = self.rings.get(&key).expect("ready");
                     return Err(Err(AgentError::Exhausted(format!(
-                        "the default address pool: this node's share ({} subnets) is used up; node rm of \
-                         departed nodes or a network rm frees some",
+                        "no free subnet in the default address pool: this node's share ({} subnets) is used \
+                         up; node rm of departed nodes or a network rm frees some",
                         r.owned().iter().map(|(s, e)| e - s).sum::<u128>()
                     ))));
                 }
-                Err(e) => return Err(Err(AgentError::Exhausted(e.to_string()))),
+                Err(e) => {
+                    return Err(Err(AgentError::Exhausted(format!("no subnet from the default pool: {e}"))));
+                }
             }
         }
         let mut vnis = Vec::new();
@@ -1103,7 +1117,7 @@ impl Allocator {
                             let _ = pr.release(*s);
                         }
                     }
-                    return Err(Err(AgentError::Exhausted(format!("the VNI range: {e}"))));
+                    return Err(Err(AgentError::Exhausted(format!("no free VNI: {e}"))));
                 }
             }
         }
@@ -1153,6 +1167,26 @@ impl Allocator {
             self.rings.insert((def.id.clone(), net.to_string()), ring);
         }
         Ok(())
+    }
+
+    /// A network create failed after its allocation: what it took goes back (nothing of it
+    /// was acknowledged) and nothing of it stays in memory or the store.
+    pub fn abandon_network(&mut self, nid: &str, vnis: &[u32], pool_slots: &[u128]) {
+        if let Some(r) = self.rings.get_mut(&Self::cluster_key(POOL_RING)) {
+            for s in pool_slots {
+                let _ = r.release(*s);
+            }
+        }
+        if let Some(r) = self.rings.get_mut(&Self::cluster_key(weft_ipam::ring::VNI_RING)) {
+            for v in vnis {
+                if let Some(slot) = Space::vni_slot(*v) {
+                    let _ = r.release(slot);
+                }
+            }
+        }
+        self.owned.remove(nid);
+        self.ops.retain(|(k, _)| *k != format!("{OWN_PREFIX}{nid}"));
+        self.rings.retain(|k, _| k.0 != nid);
     }
 
     /// The creator of a network sees its definition deleted: it releases the subnet and VNIs
@@ -1230,24 +1264,19 @@ impl Allocator {
 
     /// The network is gone (removed cluster-wide, or this node detached from a removed one):
     /// its subnet rings and local endpoints go, from memory and from the store.
-    pub fn network_removed(&mut self, nid: &str) {
-        let keys: Vec<RingKey> = self.rings.keys().filter(|k| k.0 == nid).cloned().collect();
-        for key in keys {
-            let ring = self.rings.remove(&key).expect("listed");
-            let prefix = format!("{IPAM_PREFIX}{}/{}/", key.0, key.1);
-            self.ops.push((format!("{prefix}meta"), None));
-            self.ops.push((format!("{prefix}cursor"), None));
-            let pages: BTreeSet<u128> =
-                ring.allocations().map(|s| s / weft_ipam::bitmap::PAGE_SLOTS).collect();
-            for p in pages {
-                self.ops.push((format!("{prefix}page/{p}"), None));
-            }
-        }
-        let eps: Vec<RingKey> = self.endpoints.keys().filter(|k| k.0 == nid).cloned().collect();
-        for k in eps {
-            self.endpoints.remove(&k);
-            self.ops.push((format!("{EP_PREFIX}{}/{}", k.0, k.1), None));
-        }
+    /// `stored`: every key the store holds (or is about to) under [`Allocator::network_prefixes`].
+    pub fn network_removed(&mut self, nid: &str, stored: Vec<String>) {
+        self.rings.retain(|k, _| k.0 != nid);
+        self.endpoints.retain(|k, _| k.0 != nid);
+        // Changes staged later for what was just dropped must not bring keys back.
+        let prefixes = Self::network_prefixes(nid);
+        self.ops.retain(|(k, _)| !prefixes.iter().any(|p| k.starts_with(p.as_str())));
+        self.ops.extend(stored.into_iter().map(|k| (k, None)));
+    }
+
+    /// The store prefixes of a network's rings and endpoint records.
+    pub fn network_prefixes(nid: &str) -> [String; 2] {
+        [format!("{IPAM_PREFIX}{nid}/"), format!("{EP_PREFIX}{nid}/")]
     }
 
     /// Local endpoints in a network.

@@ -28,8 +28,12 @@ pub enum AgentError {
     BadName(String),
     #[error("subnet {subnet} overlaps network {other:?} ({theirs})")]
     PoolOverlap { subnet: String, other: String, theirs: String },
-    #[error("no free {0}")]
+    #[error("{0}")]
     Exhausted(String),
+    #[error(
+        "the data dir's allocator state is unreadable ({0}); move the data dir away to start as a new node"
+    )]
+    CorruptStore(String),
     #[error("cannot allocate: {0}")]
     NoAddress(String),
     #[error("{0}")]

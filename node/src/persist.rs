@@ -62,9 +62,6 @@ pub struct NodeState {
     /// records, what this node allocated for networks it created.
     #[serde(default)]
     pub alloc: BTreeMap<String, Vec<u8>>,
-    /// The data dir was new at this start (not stored).
-    #[serde(skip)]
-    pub fresh: bool,
 }
 
 /// Whether a key belongs to the allocator.
@@ -118,7 +115,6 @@ impl NodeState {
             sweep_pending: get(KEY_SWEEP)? != 0,
             definitions: Vec::new(),
             alloc: m.iter().filter(|(k, _)| is_alloc_key(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
-            fresh: false,
         };
         for (k, v) in m.range(NET_PREFIX.to_string()..) {
             let Some(id) = k.strip_prefix(NET_PREFIX) else { break };
@@ -276,7 +272,6 @@ mod tests {
             sweep_pending: true,
             definitions: vec![],
             alloc: BTreeMap::new(),
-            fresh: false,
         }
     }
 

@@ -102,7 +102,6 @@ impl Store {
                 sweep_pending: true,
                 definitions: Vec::new(),
                 alloc: BTreeMap::new(),
-                fresh: true,
             },
         };
         // The whole node state, rewritten: stale `net/` keys of an import go with it.
@@ -344,7 +343,6 @@ mod tests {
                 sweep_pending: true,
                 definitions: vec![],
                 alloc: BTreeMap::new(),
-                fresh: false,
             }
         );
         s2.write(&[put(1, KEY_GENERATION, "1700000000500")]).unwrap();

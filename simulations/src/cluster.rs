@@ -603,13 +603,17 @@ impl<H: Host> Sim<H> {
     /// A graceful stop waits for the store (as the shell's `settle`): what was in flight lands
     /// and what waited for it goes out, then the process is gone.
     fn settle(&mut self, i: usize) {
-        let Some(last) = self.nodes[i].in_flight.last().map(|b| b.seq) else { return };
-        self.land(i, last);
-        let now = self.local(i);
-        if let Some(node) = self.nodes[i].node.as_mut() {
-            node.handle_persisted(now, last);
+        // Landing a batch may release outputs that stage another: until nothing is in flight.
+        for _ in 0..16 {
+            let Some(last) = self.nodes[i].in_flight.last().map(|b| b.seq) else { return };
+            self.land(i, last);
+            let now = self.local(i);
+            if let Some(node) = self.nodes[i].node.as_mut() {
+                node.handle_persisted(now, last);
+            }
+            self.flush(i);
         }
-        self.flush(i);
+        self.nodes[i].in_flight.clear();
     }
 
     fn observe(&mut self, i: usize, ev: Event) {

@@ -206,7 +206,6 @@ impl Host for Agent {
                 .filter(|(k, _)| weft_node::persist::is_alloc_key(k))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            fresh: disk.is_empty(),
         };
         let mut agent = Agent::boot(cfg.clone(), &state, id.addr, seed, now).expect("a valid config");
         agent.record_events(true);

@@ -127,18 +127,26 @@ fn endpoints_created_through_sigkills_are_never_duplicated_and_never_lost() {
             last = eps;
             acked.keys().all(|name| last.iter().any(|e| e["name"] == name.as_str()))
         });
-        let names: BTreeSet<String> = last.iter().map(|e| e["name"].as_str().unwrap_or("").to_string()).collect();
+        let names: BTreeSet<String> =
+            last.iter().map(|e| e["name"].as_str().unwrap_or("").to_string()).collect();
         let missing: Vec<&String> = acked.keys().filter(|n| !names.contains(*n)).collect();
         assert!(ok, "seed {seed}: {} lost acknowledged endpoints {missing:?}", a.name);
         let mut by_ip: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for e in &last {
-            by_ip.entry(e["ipv4"].as_str().unwrap_or("").to_string()).or_default().push(e["name"].to_string());
+            by_ip
+                .entry(e["ipv4"].as_str().unwrap_or("").to_string())
+                .or_default()
+                .push(e["name"].to_string());
         }
         let dups: Vec<_> = by_ip.iter().filter(|(_, v)| v.len() > 1).collect();
         assert!(dups.is_empty(), "seed {seed}: addresses held twice on {}: {dups:?}", a.name);
         for (name, (node, ip)) in &acked {
             let e = last.iter().find(|e| e["name"] == name.as_str()).expect("present");
-            assert_eq!((e["node"].as_str(), e["ipv4"].as_str()), (Some(node.as_str()), Some(ip.as_str())), "seed {seed}: {name}");
+            assert_eq!(
+                (e["node"].as_str(), e["ipv4"].as_str()),
+                (Some(node.as_str()), Some(ip.as_str())),
+                "seed {seed}: {name}"
+            );
         }
     }
 }
@@ -173,7 +181,9 @@ fn two_networks_created_at_once_on_two_nodes_get_different_subnets_and_vnis() {
         defs.len() == 2
     });
     let subnet = |d: &Value| d["subnets"][0].as_str().unwrap_or("").to_string();
-    let vni = |d: &Value| d["options"]["com.docker.network.driver.overlay.vxlanid_list"].as_str().unwrap_or("").to_string();
+    let vni = |d: &Value| {
+        d["options"]["com.docker.network.driver.overlay.vxlanid_list"].as_str().unwrap_or("").to_string()
+    };
     assert_ne!(subnet(&defs[0]), subnet(&defs[1]), "{defs:?}");
     assert_ne!(vni(&defs[0]), vni(&defs[1]), "{defs:?}");
     assert!(!vni(&defs[0]).is_empty() && !subnet(&defs[0]).is_empty(), "{defs:?}");
