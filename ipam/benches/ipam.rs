@@ -162,7 +162,7 @@ fn ring_merge(c: &mut Criterion) {
     // A node's merge of another node's 10,000-range claims, ownership checks included.
     let space = Space::new("bench", 40_002).unwrap();
     let mut ring = Ring::new("observer", space.clone(), []);
-    let seed = Seed { space, owners: vec!["n00".into()], seeded_by: "n00".into() };
+    let seed = Seed { space, owners: vec!["n00".into()], seeded_by: "n00".into(), params: String::new() };
     ring.install_seed(&seed).unwrap();
     let claims = |runs: Vec<Run>| {
         RingEntry::Claims(Claims { ring: "bench".into(), writer: "n00".into(), seq: 1, runs, free_blocks: 0 })
@@ -184,7 +184,12 @@ fn ring_merge(c: &mut Criterion) {
     let half = |runs: Vec<Run>| runs.into_iter().filter(|r| r.end <= 32_768).collect::<Vec<_>>();
     let space = Space::new("bench", 1 << 16).unwrap();
     let mut owner = Ring::new("observer", space.clone(), []);
-    let seed = Seed { space, owners: vec!["n00".into(), "observer".into()], seeded_by: "n00".into() };
+    let seed = Seed {
+        space,
+        owners: vec!["n00".into(), "observer".into()],
+        seeded_by: "n00".into(),
+        params: String::new(),
+    };
     owner.install_seed(&seed).unwrap();
     owner.merge(&claims(half(ranges(0, 0)))).unwrap();
     for slot in (32_768..65_536).step_by(2) {

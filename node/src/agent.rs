@@ -1278,7 +1278,7 @@ impl Agent {
         driver: &str,
         subnets: &[String],
         gateway: Option<&str>,
-    ) -> Result<NetworkDef, Result<Pending, AgentError>> {
+    ) -> crate::alloc::Try<NetworkDef> {
         self.check_new_network(name, driver, subnets, gateway).map_err(Err)?;
         let parsed: Vec<ipnet::IpNet> = subnets.iter().map(|s| s.parse().expect("checked")).collect();
         let known = self.networks();
@@ -1299,7 +1299,7 @@ impl Agent {
         }
         let taken: Vec<ipnet::IpNet> =
             known.iter().flat_map(|n| n.def.subnets.iter().filter_map(|s| s.parse().ok())).collect();
-        let (nets, vnis, pool_slots) = self.alloc.allocate_network(
+        let crate::alloc::NetworkAlloc { subnets: nets, vnis, pool_slots } = self.alloc.allocate_network(
             &self.gossip,
             now,
             &parsed,
@@ -1463,7 +1463,7 @@ impl Agent {
         name: &str,
         ip: Option<std::net::IpAddr>,
         mac: Option<&str>,
-    ) -> Result<Endpoint, Result<Pending, AgentError>> {
+    ) -> crate::alloc::Try<Endpoint> {
         validate_network_name(name)
             .map_err(|_| Err(AgentError::BadName(format!("endpoint name {name:?}"))))?;
         let n = self.resolve(network).map_err(Err)?;

@@ -241,6 +241,33 @@ pub struct Pending(pub String);
 
 type RingKey = (String, String);
 
+/// A ring as the store holds it: meta, cursor, bitmap pages.
+type StoredRing = (Option<RingDurable>, u128, Vec<(u128, Vec<u64>)>);
+
+/// A command's outcome: done, waiting (`Err(Ok(why))`), or failed.
+pub type Try<T> = Result<T, Result<Pending, AgentError>>;
+
+/// What a new network got from the cluster rings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkAlloc {
+    pub subnets: Vec<IpNet>,
+    pub vnis: Vec<u32>,
+    /// Default-pool slots (one per subnet taken from the pool).
+    pub pool_slots: Vec<u128>,
+}
+
+/// One owner's share of a ring, as the replicated claims say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerShare {
+    /// `name@instance`.
+    pub owner: String,
+    /// Slot ranges.
+    pub ranges: Vec<(u128, u128)>,
+    pub blocks: u64,
+    /// Free blocks it last advertised.
+    pub free_blocks: Option<u64>,
+}
+
 #[derive(Debug, Clone)]
 pub enum Staged {
     Ring(RingKey, u64),
@@ -359,8 +386,7 @@ impl Allocator {
     /// Reads back what the store holds under the allocator's prefixes.
     pub fn restore(&mut self, keys: &BTreeMap<String, Vec<u8>>) -> Result<(), String> {
         // ipam/<net>/<ring>/{meta,cursor,page/<n>}; a ring name may hold '/' (a CIDR).
-        let mut parts: BTreeMap<RingKey, (Option<RingDurable>, u128, Vec<(u128, Vec<u64>)>)> =
-            BTreeMap::new();
+        let mut parts: BTreeMap<RingKey, StoredRing> = BTreeMap::new();
         for (k, v) in keys.range(IPAM_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(IPAM_PREFIX)) {
             let rest = &k[IPAM_PREFIX.len()..];
             let (net, rest) = rest.split_once('/').ok_or_else(|| format!("bad key {k}"))?;
@@ -1025,7 +1051,7 @@ impl Allocator {
         taken: &[IpNet],
         vxlan: bool,
         no_ipam: bool,
-    ) -> Result<(Vec<IpNet>, Vec<u32>, Vec<u128>), Result<Pending, AgentError>> {
+    ) -> Try<NetworkAlloc> {
         let mut subnets = subnets.to_vec();
         let mut pool_slots = Vec::new();
         let from_pool = subnets.is_empty() && !no_ipam;
@@ -1121,7 +1147,7 @@ impl Allocator {
                 }
             }
         }
-        Ok((subnets, vnis, pool_slots))
+        Ok(NetworkAlloc { subnets, vnis, pool_slots })
     }
 
     /// A function from pool slots to subnets, detached from `self` (for filters).
@@ -1302,7 +1328,7 @@ impl Allocator {
         ip: Option<IpAddr>,
         mac: Option<&str>,
         id: String,
-    ) -> Result<Endpoint, Result<Pending, AgentError>> {
+    ) -> Try<Endpoint> {
         let nets: Vec<(usize, Ipv4Net)> = def
             .subnets
             .iter()
@@ -1583,7 +1609,7 @@ pub fn parse_mac(s: &str) -> Result<String, String> {
 
 /// Per node, what it owns of a ring as the replicated claims say (for `network inspect
 /// --verbose`): (owner, ranges of slots, blocks, advertised free blocks).
-pub fn shares(entries: &[RingEntry], ring: &str) -> Vec<(String, Vec<(u128, u128)>, u64, Option<u64>)> {
+pub fn shares(entries: &[RingEntry], ring: &str) -> Vec<OwnerShare> {
     let mut state = weft_ipam::RingState::default();
     let mut adverts: BTreeMap<String, u64> = BTreeMap::new();
     for e in entries.iter().filter(|e| e.ring() == ring) {
@@ -1615,9 +1641,9 @@ pub fn shares(entries: &[RingEntry], ring: &str) -> Vec<(String, Vec<(u128, u128
         entry.1 += u64::from(e - s);
     }
     by.into_iter()
-        .map(|(o, (r, b))| {
-            let a = adverts.get(&o).copied();
-            (o, r, b, a)
+        .map(|(owner, (ranges, blocks))| {
+            let free_blocks = adverts.get(&owner).copied();
+            OwnerShare { owner, ranges, blocks, free_blocks }
         })
         .collect()
 }

@@ -135,7 +135,9 @@ pub fn shares(view: &impl read::TableRead, def: &NetworkDef) -> Vec<Share> {
     let mut out = Vec::new();
     for s in &def.subnets {
         let Ok(net) = s.parse::<ipnet::IpNet>() else { continue };
-        for (node, ranges, blocks, free_blocks) in crate::alloc::shares(&entries, &net.to_string()) {
+        for crate::alloc::OwnerShare { owner: node, ranges, blocks, free_blocks } in
+            crate::alloc::shares(&entries, &net.to_string())
+        {
             let ranges = ranges
                 .iter()
                 .map(|&(a, b)| {

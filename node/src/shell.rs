@@ -289,13 +289,16 @@ impl Shell {
                 .context("the store's opening thread failed")??
         };
         let store_file = store.file();
-        let (seeds, unresolved) = resolve_seeds(&cfg.join, &[bound]).await;
+        let (listed, unresolved) = resolve_seeds(&cfg.join, &[]).await;
+        let seeds: Vec<SocketAddr> = listed.iter().copied().filter(|s| *s != bound).collect();
         let advertise = match cfg.advertise {
             Some(a) => a,
             None => guess_advertise(bound, &seeds)?,
         };
-        // The acceptor set is derived from the whole list, this node's own address included.
-        let all_seeds = seeds.clone();
+        // The acceptor set is derived from the whole list, this node's own address included
+        // (as the address peers know it by).
+        let all_seeds: Vec<SocketAddr> =
+            listed.iter().map(|s| if *s == bound { advertise } else { *s }).collect();
         let seeds: Vec<SocketAddr> = seeds.into_iter().filter(|s| *s != advertise).collect();
         let seed = {
             use rand::TryRng;
