@@ -147,18 +147,26 @@ def throughput(bin_, base, clients, seconds):
                 i += 1
 
         m0 = a.metrics()
-        t0 = time.time()
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.time() - t0
+        load = os.path.join(os.path.dirname(bin_), "examples", "alloc_load")
+        if os.path.exists(load):
+            # The Rust client (keep-alive connections, no interpreter in the way).
+            out = subprocess.run([load, a.sock, "bench", str(clients), str(seconds)],
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout)
+            pairs, elapsed = r["pairs"], r["seconds"]
+        else:
+            t0 = time.time()
+            threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.time() - t0
+            if errors:
+                raise RuntimeError(f"client failed: {errors[0]}")
+            pairs = sum(counts)
         m1 = a.metrics()
         a.stop()
-        if errors:
-            raise RuntimeError(f"client failed: {errors[0]}")
-        pairs = sum(counts)
         allocs = metric(m1, "weft_ipam_allocations_total") - metric(m0, "weft_ipam_allocations_total")
         commits = metric(m1, "weft_persist_commits_total") - metric(m0, "weft_persist_commits_total")
         return {
@@ -221,7 +229,8 @@ def main():
     args = ap.parse_args()
     bin_ = args.bin or os.path.join(ROOT, "target", "release", "weft")
     if not args.bin:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "weft-node"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "weft-node", "--bin", "weft", "--example", "alloc_load"],
+                       cwd=ROOT, check=True)
     runs = [throughput(bin_, args.dir, args.clients, args.seconds) for _ in range(args.runs)]
     for r in runs:
         print(f"  run: {r['pairs_per_s']:.0f} create+rm/s, {r['commits_per_alloc']:.3f} fsyncs/allocation, "

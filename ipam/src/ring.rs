@@ -702,6 +702,17 @@ impl Ring {
         self.d.alloc.is_set(slot)
     }
 
+    /// How many slots this node holds allocated.
+    pub fn allocated_count(&self) -> u128 {
+        self.d.alloc.allocated()
+    }
+
+    /// How many of them lie in blocks it no longer owns, counted without walking them.
+    pub fn conflict_count(&self) -> u128 {
+        let inside: u128 = self.owned.iter().map(|&(s, e)| self.d.alloc.count_in(s, e)).sum();
+        self.d.alloc.allocated() - inside.min(self.d.alloc.allocated())
+    }
+
     /// Allocations of this node in blocks it no longer owns (after losing them to a takeover).
     pub fn conflicts(&self) -> Vec<u128> {
         self.d.alloc.iter().filter(|&s| !self.owns_slot(s)).collect()

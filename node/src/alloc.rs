@@ -1530,7 +1530,7 @@ impl Allocator {
                     owned: r.owned().iter().map(|&(s, e)| show(s, e)).collect(),
                     owned_blocks: r.owned_blocks(),
                     free_slots: r.free_slots(),
-                    allocated: r.allocations().count() as u128,
+                    allocated: r.allocated_count(),
                     quarantined: r.quarantined(),
                     requesting_from: r.requesting_from().map(|n| n.to_string()),
                     last_no_space: self
@@ -1538,7 +1538,7 @@ impl Allocator {
                         .get(key)
                         .map(|v| v.iter().map(|n| n.to_string()).collect())
                         .unwrap_or_default(),
-                    conflicts: r.conflicts().len(),
+                    conflicts: r.conflict_count() as usize,
                     problem: self
                         .problems
                         .get(key)
