@@ -434,6 +434,9 @@ pub struct Ring {
     /// Inherited slot ranges and when they may be handed out: the removed node's containers
     /// may still hold any of them.
     quarantine_ranges: Vec<(u128, u128, u64)>,
+    /// After a restart, until when every free slot of the share is held back from allocation
+    /// (taken only when nothing else is free).
+    restart_hold: Option<u64>,
     /// What changed since [`Ring::take_changes`] last ran.
     dirty_meta: bool,
     dirty_cursor: bool,
@@ -533,6 +536,7 @@ impl Ring {
             reuse_after_ms: REUSE_AFTER_MS,
             quarantine: BTreeMap::new(),
             quarantine_ranges: Vec::new(),
+            restart_hold: None,
             dirty_meta: true,
             dirty_cursor: true,
             dirty_pages: BTreeSet::new(),
@@ -581,10 +585,18 @@ impl Ring {
     /// After a restart nothing says when slots were released: every free slot of this node's
     /// share waits `reuse_after` again (when nothing else is free, allocation still goes on from
     /// the cursor), so a restart never shortens a quarantine.
+    ///
+    /// For donation it is narrower: a block is kept only if it lies behind the cursor (where
+    /// serial allocation released what it released); a share frozen whole after every restart
+    /// would leave its neighbours without space for `reuse_after`.
     fn quarantine_restart(&mut self) {
         let until = self.now_ms.saturating_add(self.reuse_after_ms);
+        self.restart_hold = Some(until);
+        let cursor = self.d.cursor;
         for &(s, e) in &self.owned.clone() {
-            self.quarantine_ranges.push((s, e, until));
+            if s < cursor {
+                self.quarantine_ranges.push((s, e.min(cursor), until));
+            }
         }
     }
 
@@ -595,6 +607,9 @@ impl Ring {
         let shift = |t: &mut u64| *t = t.saturating_sub(old).saturating_add(ms);
         self.quarantine.values_mut().for_each(shift);
         self.quarantine_ranges.iter_mut().for_each(|q| shift(&mut q.2));
+        if let Some(t) = &mut self.restart_hold {
+            shift(t);
+        }
         self.reuse_after_ms = ms;
     }
 
@@ -1182,7 +1197,8 @@ impl Ring {
     }
 
     fn is_quarantined(&self, slot: u128) -> bool {
-        self.quarantine.get(&slot).is_some_and(|&t| t > self.now_ms)
+        self.restart_hold.is_some_and(|t| t > self.now_ms)
+            || self.quarantine.get(&slot).is_some_and(|&t| t > self.now_ms)
             || self.quarantine_ranges.iter().any(|&(s, e, t)| s <= slot && slot < e && t > self.now_ms)
     }
 
@@ -1211,6 +1227,9 @@ impl Ring {
             self.quarantine.retain(|_, t| *t > now);
         }
         self.quarantine_ranges.retain(|q| q.2 > now);
+        if self.restart_hold.is_some_and(|t| t <= now) {
+            self.restart_hold = None;
+        }
     }
 
     /// Releases an allocation (also one left in a block this node lost).

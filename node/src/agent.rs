@@ -377,6 +377,8 @@ pub struct Agent {
     /// The whole seed list (this node's own address included) the acceptors are derived from,
     /// when the caller gives it apart from the seeds it joins through.
     acceptor_seeds: Option<Vec<SocketAddr>>,
+    /// Inside `boot`: the allocator's outputs wait for the first input.
+    booting: bool,
     /// This input stops or leaves: SWIM waits for the record's lease too, until
     /// `hold_swim_until` is durable.
     hold_swim: bool,
@@ -457,6 +459,7 @@ impl Agent {
             acceptor_seeds: None,
             hold_swim: false,
             hold_swim_until: 0,
+            booting: true,
             loads: VecDeque::new(),
             view: None,
             changes: Vec::new(),
@@ -466,7 +469,6 @@ impl Agent {
         for id in &state.networks {
             agent.gossip.join_network(now, id)?;
         }
-        agent.alloc.republish(&mut agent.gossip, now);
         agent.restored = state
             .definitions
             .iter()
@@ -474,6 +476,7 @@ impl Agent {
             .map(|d| (d.id.clone(), d.clone()))
             .collect();
         agent.finish(now);
+        agent.booting = false;
         Ok(agent)
     }
 
@@ -778,7 +781,10 @@ impl Agent {
             if defs_seen && !self.parked.is_empty() {
                 self.retry_parked(now);
             }
-            any |= self.alloc.pump(&mut self.gossip, now);
+            // (Not while booting: an observer attached after `boot` must see every event.)
+            if !self.booting {
+                any |= self.alloc.pump(&mut self.gossip, now);
+            }
             if self.alloc.take_progress() && !self.alloc_parked.is_empty() {
                 self.retry_alloc_parked(now);
                 any = true;
@@ -794,7 +800,9 @@ impl Agent {
             self.last_structural = seq;
         }
         // What staging found durable already goes out now, not at the next input.
-        self.alloc.pump(&mut self.gossip, now);
+        if !self.booting {
+            self.alloc.pump(&mut self.gossip, now);
+        }
         let durable = self.persist.durable();
         let dep = self.persist.cover(self.gossip.ltime()).max(structural.unwrap_or(0));
         // The view's persist counters must show a batch as soon as it is handed out (a stop

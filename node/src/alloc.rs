@@ -305,6 +305,8 @@ pub struct Allocator {
     warned: BTreeSet<String>,
     /// A ring gained space or a seed was chosen since the agent last looked.
     progress: bool,
+    /// Restored endpoints not yet published again.
+    republish_pending: bool,
     pub stats: AllocStats,
 }
 
@@ -357,6 +359,7 @@ impl Allocator {
             local: VecDeque::new(),
             warned: BTreeSet::new(),
             progress: false,
+            republish_pending: false,
             stats: AllocStats::default(),
         }
     }
@@ -432,6 +435,7 @@ impl Allocator {
         for (k, v) in keys.range(EP_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(EP_PREFIX)) {
             let e: Endpoint = serde_json::from_slice(v).map_err(|err| format!("{k}: {err}"))?;
             self.endpoints.insert((e.network_id.clone(), e.id.clone()), e);
+            self.republish_pending = true;
         }
         for (k, v) in keys.range(OWN_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(OWN_PREFIX)) {
             let o: Owned = serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))?;
@@ -453,8 +457,12 @@ impl Allocator {
         Ok(())
     }
 
-    /// Re-publishes this node's endpoints after a restart (they are its own entries).
-    pub fn republish(&mut self, gossip: &mut GossipNode, now: Instant) {
+    /// Re-publishes this node's endpoints after a restart (they are its own entries): at the
+    /// first tick after a restore.
+    fn republish(&mut self, gossip: &mut GossipNode, now: Instant) {
+        if !std::mem::take(&mut self.republish_pending) {
+            return;
+        }
         for ((nid, id), e) in &self.endpoints {
             if gossip.is_attached(nid)
                 && let Err(err) = gossip.put_entry(now, nid, ENDPOINT_TABLE, id, Bytes::from(json(e)))
@@ -693,12 +701,17 @@ impl Allocator {
                     tracing::error!("{line}");
                 }
             }
-            _ => {
+            // A seed that cannot be this ring's: nothing is allocated from it until an operator
+            // acts.
+            RingError::SeedOwners { .. } | RingError::SeedMismatch { .. } => {
                 let line = e.to_string();
                 if self.problems.insert(key.clone(), line.clone()).is_none() {
                     tracing::error!(network = %key.0, "{line}");
                 }
             }
+            // Transient (no owner with space now, a request refused): reported by the ring's
+            // events and the command that waits, not a lasting problem.
+            _ => tracing::debug!(network = %key.0, error = %e, "ring"),
         }
     }
 
@@ -730,6 +743,20 @@ impl Allocator {
                 let key = (t.network.clone(), entry.ring().to_string());
                 if self.rings.contains_key(&key) {
                     self.merge(&key, &entry);
+                }
+            }
+            // An endpoint under this node's name that it does not hold: a version an earlier
+            // life wrote and removed (the removal was lost with that life's memory) or an
+            // earlier instance's. The store is the truth of this node's endpoints: it goes.
+            Event::Table(t)
+                if t.table == ENDPOINT_TABLE
+                    && t.value.is_some()
+                    && t.owner == *self.name
+                    && !self.endpoints.contains_key(&(t.network.clone(), t.key.clone())) =>
+            {
+                tracing::info!(network = %t.network, endpoint = %t.key, "deleting an endpoint this node no longer holds");
+                if let Err(e) = gossip.delete_entry(now, &t.network, ENDPOINT_TABLE, &t.key) {
+                    tracing::debug!(error = %e, "stale endpoint not deleted");
                 }
             }
             Event::Table(t)
@@ -787,6 +814,7 @@ impl Allocator {
         if gossip.has_left() {
             return;
         }
+        self.republish(gossip, now);
         self.resolve_acceptors(gossip);
         self.ensure_cluster_rings(gossip, now);
         let now_ms = self.ms(now);
@@ -882,6 +910,17 @@ impl Allocator {
         match o {
             RingOutput::Publish(entry) => {
                 if key.0 != CLUSTER_NETWORK && !gossip.is_attached(&key.0) {
+                    return;
+                }
+                let held = gossip.get_entry(&key.0, IPAM_TABLE, &entry.key());
+                let skip = match &entry {
+                    // Every node installs the seed; the table needs it once, not a write from each.
+                    RingEntry::Seed(_) => held.as_deref().and_then(decode_entry).as_ref() == Some(&entry),
+                    // A node that owns nothing and never wrote claims has nothing to say.
+                    RingEntry::Claims(c) => c.runs.is_empty() && c.free_blocks == 0 && held.is_none(),
+                    RingEntry::Removal(_) => false,
+                };
+                if skip {
                     return;
                 }
                 let value = Bytes::from(json(&entry));
@@ -1405,7 +1444,10 @@ impl Allocator {
                                 "this node was removed from subnet {net} by {by}: it allocates nothing more there"
                             ))));
                         }
-                        Err(_) => waiting.push(key),
+                        Err(e) => {
+                            tracing::debug!(network = %key.0, ring = %key.1, error = %e, "no address from this share");
+                            waiting.push(key)
+                        }
                     }
                 }
                 match found {

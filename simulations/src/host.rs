@@ -191,16 +191,24 @@ impl Host for Agent {
         disk: &std::collections::BTreeMap<String, Vec<u8>>,
         now: Instant,
     ) -> Self {
-        // The allocator's state comes back from the disk; identity, clock and networks as the
-        // simulator models them (the test re-attaches networks itself).
+        // The allocator's state and the attached networks come back from the disk; identity
+        // and clock as the simulator models them.
+        // Networks attached in the earlier life come back from the disk, as in the shell.
+        let nets: Vec<(String, weft_node::NetworkDef)> = disk
+            .iter()
+            .filter_map(|(k, v)| {
+                let id = k.strip_prefix(weft_node::persist::NET_PREFIX)?;
+                Some((id.to_string(), serde_json::from_slice(v).ok()?))
+            })
+            .collect();
         let state = weft_node::persist::NodeState {
             name: id.name.to_string(),
             instance: id.instance,
             generation: id.generation,
             ltime_hwm: ltime,
-            networks: Vec::new(),
+            networks: nets.iter().map(|(id, _)| id.clone()).collect(),
             sweep_pending: false,
-            definitions: Vec::new(),
+            definitions: nets.into_iter().map(|(_, d)| d).filter(|d| !d.name.is_empty()).collect(),
             alloc: disk
                 .iter()
                 .filter(|(k, _)| weft_node::persist::is_alloc_key(k))
