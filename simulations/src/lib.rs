@@ -2,8 +2,9 @@
 //!
 //! It holds the in-memory cluster ([`Sim`], over [`Host`]s: the agent that ships, or the bare
 //! gossip core for the core's own tests), the scenarios measured on it ([`scenarios`],
-//! [`matrix`]) and the `weft-sim` command line.
+//! [`matrix`], [`allocation`]) and the `weft-sim` command line.
 
+pub mod allocation;
 pub mod cluster;
 pub mod host;
 pub mod matrix;

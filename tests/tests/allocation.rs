@@ -60,12 +60,25 @@ fn poll_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-fn endpoints(a: &Agent, network: &str) -> Option<Vec<Value>> {
-    let out = a.cli(&["endpoint", "ls", network, "--json"]);
+/// The live endpoint records an agent holds in network `nid`, read from its table by network
+/// id (so they are checked even where the network's definition is missing; see below).
+fn endpoints(a: &Agent, nid: &str) -> Option<Vec<Value>> {
+    use base64::Engine;
+    let out = a.cli(&["dump", "--network", nid, "--table", "endpoint_table", "--json"]);
     if !out.status.success() {
         return None;
     }
-    serde_json::from_slice::<Value>(&out.stdout).ok()?.as_array().cloned()
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let mut eps = Vec::new();
+    for n in v["networks"].as_array()? {
+        for t in n["tables"].as_array()? {
+            for e in t["entries"].as_array()?.iter().filter(|e| e["state"] == "live") {
+                let raw = base64::engine::general_purpose::STANDARD.decode(e["value"].as_str()?).ok()?;
+                eps.push(serde_json::from_slice(&raw).ok()?);
+            }
+        }
+    }
+    Some(eps)
 }
 
 #[test]
@@ -77,6 +90,7 @@ fn endpoints_created_through_sigkills_are_never_duplicated_and_never_lost() {
     let mut agents = three(&root, 31);
     let out = agents[0].cli(&["network", "create", "web"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let nid = String::from_utf8_lossy(&out.stdout).trim().to_string();
     wait_until("the definition reaches every agent", LONG, || {
         agents.iter().all(|a| a.cli(&["network", "inspect", "web"]).status.success())
     });
@@ -113,9 +127,10 @@ fn endpoints_created_through_sigkills_are_never_duplicated_and_never_lost() {
             w.join().expect("worker");
         }
         agents[victim].start_again();
-        wait_until("the restarted agent is back in the cluster", LONG, || {
+        let back = wait_until("the restarted agent is back in the cluster", LONG, || {
             agents.iter().all(|a| alive_count(a) == 3)
         });
+        eprintln!("round {round}: killed {} after {kill_after:?}; back in {back:?}", agents[victim].name);
     }
     let acked = acked.lock().unwrap().clone();
     eprintln!("{} endpoints acknowledged over 3 rounds with a SIGKILL each", acked.len());
@@ -123,14 +138,64 @@ fn endpoints_created_through_sigkills_are_never_duplicated_and_never_lost() {
     // Every agent converges on a set that holds every acknowledged endpoint, no address twice.
     for a in &agents {
         let mut last = Vec::new();
+        let t0 = std::time::Instant::now();
         let ok = poll_until(LONG, || {
-            let Some(eps) = endpoints(a, "web") else { return false };
+            let Some(eps) = endpoints(a, &nid) else { return false };
             last = eps;
             acked.keys().all(|name| last.iter().any(|e| e["name"] == name.as_str()))
         });
         let names: BTreeSet<String> =
             last.iter().map(|e| e["name"].as_str().unwrap_or("").to_string()).collect();
         let missing: Vec<&String> = acked.keys().filter(|n| !names.contains(*n)).collect();
+        eprintln!("{} converged in {:?}", a.name, t0.elapsed());
+        if !ok {
+            let o = a.cli(&["endpoint", "ls", "web", "--json"]);
+            eprintln!(
+                "{} endpoint ls: {} / {}",
+                a.name,
+                String::from_utf8_lossy(&o.stdout).len(),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let o = a.cli(&["network", "ls"]);
+            eprintln!(
+                "{} network ls: {}{}",
+                a.name,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            for b in &agents {
+                let o = b.cli(&["dump", "--network", "cluster", "--table", "networks", "-v"]);
+                eprintln!(
+                    "{} dump: {}{}",
+                    b.name,
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                eprintln!(
+                    "{} log: {}",
+                    b.name,
+                    b.log()
+                        .lines()
+                        .filter(|l| l.contains("network") || l.contains("WARN") || l.contains("ERROR"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+            let m = a.http_get("/metrics");
+            for l in m.lines().filter(|l| {
+                l.starts_with("weft_persist")
+                    || l.starts_with("weft_held")
+                    || l.starts_with("weft_sync")
+                    || l.starts_with("weft_datagram")
+                    || l.starts_with("weft_entries")
+            }) {
+                eprintln!("{} {l}", a.name);
+            }
+            eprintln!("{} health {}", a.name, a.http_get("/health"));
+            let log = a.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("{} log tail:\n{}", a.name, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
         assert!(ok, "seed {seed}: {} lost acknowledged endpoints {missing:?}", a.name);
         let mut by_ip: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for e in &last {

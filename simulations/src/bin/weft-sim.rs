@@ -185,6 +185,20 @@ enum Cmd {
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<PathBuf>,
     },
+    /// Endpoint churn with loss, a partition, crashes and restarts, an allocation checker after
+    /// every step: allocations per second, the share that needed a donation, allocation
+    /// latency (virtual time, local and donated apart), duplicates (must be 0).
+    Allocation {
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        /// Steps of churn per seed (a create, a remove or a fault each, 50-300 ms apart).
+        #[arg(long, default_value_t = 300)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        seeds: u64,
+    },
     /// Random mixed load and faults with every checker on, over many seeds: how many pass.
     Soak {
         #[arg(long, default_value_t = 8)]
@@ -488,6 +502,60 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
                 max_rss: max_rss_mib.map(|m| m << 20),
             };
             run_scale(&o, json, progress, csv, plot)?;
+        }
+        Cmd::Allocation { nodes, steps, seed, seeds } => {
+            if nodes < 2 {
+                return Err(Failure::Usage(format!(
+                    "--nodes: a cluster needs at least 2 nodes, got {nodes}"
+                )));
+            }
+            let mut failed = Vec::new();
+            let (mut created, mut donated, mut secs) = (0u64, 0u64, 0f64);
+            let (mut local, mut donated_p) = (Vec::new(), Vec::new());
+            for s in seed..seed + seeds {
+                match weft_sim::allocation::allocation(nodes, s, steps) {
+                    Ok(r) => {
+                        out!(
+                            "seed {s}: pass: {} created, {} removed in {:.1} s virtual ({:.1}/s), {} after a donation, \
+                             {} gave up; latency local {}, donated {}; duplicates {}",
+                            r.created,
+                            r.removed,
+                            r.virtual_s,
+                            r.created as f64 / r.virtual_s,
+                            r.donated,
+                            r.gave_up,
+                            r.local_latency,
+                            r.donated_latency,
+                            r.duplicates
+                        );
+                        created += r.created;
+                        donated += r.donated;
+                        secs += r.virtual_s;
+                        local.push(r.local_latency.p99);
+                        donated_p.push(r.donated_latency.p99);
+                    }
+                    Err(e) => {
+                        out!("seed {s}: FAIL {e}");
+                        failed.push(s);
+                    }
+                }
+            }
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+            };
+            out!(
+                "allocation: {} of {seeds} seeds passed ({nodes} nodes); {:.1} allocations/s virtual; {:.1}% needed a \
+                 donation; median p99 latency local {:.0} ms, donated {:.0} ms; duplicates 0",
+                seeds - failed.len() as u64,
+                created as f64 / secs.max(1e-9),
+                100.0 * donated as f64 / created.max(1) as f64,
+                median(local),
+                median(donated_p)
+            );
+            if !failed.is_empty() {
+                return Err(Failure::Run(format!("seeds failed: {failed:?}")));
+            }
         }
         Cmd::Soak { nodes, duration_s, seed, seeds, networks, check_determinism, csv: csv_path } => {
             check_outputs(&[("--csv", &csv_path)])?;
