@@ -149,6 +149,13 @@ fn endpoints_created_through_sigkills_are_never_duplicated_and_never_lost() {
         let missing: Vec<&String> = acked.keys().filter(|n| !names.contains(*n)).collect();
         eprintln!("{} converged in {:?}", a.name, t0.elapsed());
         if !ok {
+            let o = a.cli(&["endpoint", "create", "web", "probe"]);
+            eprintln!(
+                "{} PROBE create (the agent's own state): {}{}",
+                a.name,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
             let o = a.cli(&["endpoint", "ls", "web", "--json"]);
             eprintln!(
                 "{} endpoint ls: {} / {}",
