@@ -1066,16 +1066,7 @@ impl Allocator {
 
     /// The subnet the pool's slot stands for.
     fn pool_subnet(&self, slot: u128) -> Option<Ipv4Net> {
-        let (base, prefix) = self
-            .rings
-            .get(&Self::cluster_key(POOL_RING))
-            .and_then(|r| r.state().seed.as_ref())
-            .filter(|s| !s.params.is_empty())
-            .and_then(|s| parse_pool(&s.params).ok())
-            .unwrap_or((self.cfg.default_pool, self.cfg.pool_prefix));
-        let step = 1u64 << (32 - prefix);
-        let addr = u64::from(u32::from(base.network())) + u64::try_from(slot).ok()? * step;
-        Ipv4Net::new(Ipv4Addr::from(u32::try_from(addr).ok()?), prefix).ok()
+        self.clone_pool_mapper()(slot)
     }
 
     /// Allocates what a new network needs from the cluster rings: a subnet from the default
@@ -1237,21 +1228,24 @@ impl Allocator {
     /// A network create failed after its allocation: what it took goes back (nothing of it
     /// was acknowledged) and nothing of it stays in memory or the store.
     pub fn abandon_network(&mut self, nid: &str, vnis: &[u32], pool_slots: &[u128]) {
-        if let Some(r) = self.rings.get_mut(&Self::cluster_key(POOL_RING)) {
-            for s in pool_slots {
-                let _ = r.release(*s);
-            }
-        }
-        if let Some(r) = self.rings.get_mut(&Self::cluster_key(weft_ipam::ring::VNI_RING)) {
-            for v in vnis {
-                if let Some(slot) = Space::vni_slot(*v) {
-                    let _ = r.release(slot);
-                }
-            }
-        }
+        self.release_cluster(vnis, pool_slots);
         self.owned.remove(nid);
         self.ops.retain(|(k, _)| *k != format!("{OWN_PREFIX}{nid}"));
         self.rings.retain(|k, _| k.0 != nid);
+    }
+
+    /// Gives VNIs and default-pool subnets back to the cluster rings; how many were held.
+    fn release_cluster(&mut self, vnis: &[u32], pool_slots: &[u128]) -> u64 {
+        let mut released = 0;
+        if let Some(r) = self.rings.get_mut(&Self::cluster_key(POOL_RING)) {
+            released += pool_slots.iter().filter(|s| r.release(**s).is_ok()).count() as u64;
+        }
+        if let Some(r) = self.rings.get_mut(&Self::cluster_key(weft_ipam::ring::VNI_RING)) {
+            released +=
+                vnis.iter().filter_map(|v| Space::vni_slot(*v)).filter(|s| r.release(*s).is_ok()).count()
+                    as u64;
+        }
+        released
     }
 
     /// The creator of a network sees its definition deleted: it releases the subnet and VNIs
@@ -1259,22 +1253,7 @@ impl Allocator {
     fn definition_deleted(&mut self, nid: &str) {
         let Some(own) = self.owned.remove(nid) else { return };
         self.ops.push((format!("{OWN_PREFIX}{nid}"), None));
-        if let Some(r) = self.rings.get_mut(&Self::cluster_key(POOL_RING)) {
-            for s in &own.pool_slots {
-                if r.release(*s).is_ok() {
-                    self.stats.releases += 1;
-                }
-            }
-        }
-        if let Some(r) = self.rings.get_mut(&Self::cluster_key(weft_ipam::ring::VNI_RING)) {
-            for v in &own.vnis {
-                if let Some(slot) = Space::vni_slot(*v)
-                    && r.release(slot).is_ok()
-                {
-                    self.stats.releases += 1;
-                }
-            }
-        }
+        self.stats.releases += self.release_cluster(&own.vnis, &own.pool_slots);
         tracing::info!(network = %nid, vnis = ?own.vnis, "released the network's VNIs and pool subnet");
     }
 
