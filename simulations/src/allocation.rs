@@ -227,6 +227,9 @@ pub fn allocation(n: usize, seed: u64, steps: usize) -> Result<AllocationReport,
     let mut want: Vec<&String> = acked.keys().collect();
     want.sort();
     for i in 0..n {
+        if weft_node::read::resolve(c.host(i), &nid).is_err() {
+            return Err(err(format!("node {i} lost the network's definition")));
+        }
         let seen = weft_node::read::endpoints(c.host(i), Some(&nid)).map_err(|e| err(e.to_string()))?;
         let mut ids: Vec<&String> = seen.iter().map(|e| &e.id).collect();
         ids.sort();
