@@ -95,9 +95,19 @@ impl Agent {
         }
         self.child = Some(cmd.spawn().expect("spawn weft agent"));
         let sock = self.socket();
-        wait_until(&format!("{} serves its control socket", self.name), Duration::from_secs(10), || {
-            self.cli(&["members", "--json"]).status.success()
-        });
+        let t0 = Instant::now();
+        while !self.cli(&["members", "--json"]).status.success() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                panic!(
+                    "{} does not serve its control socket after 10 s; its log ends:\n{}",
+                    self.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = sock;
     }
 
