@@ -275,6 +275,19 @@ mod tests {
     }
 
     #[test]
+    fn a_promoted_own_event_goes_first_whatever_was_queued_before_it() {
+        let mut q = BroadcastQueue::default();
+        for k in 1..=5 {
+            q.push(k, b(&format!("e{k}")), 3, true, 10, usize::MAX);
+        }
+        q.promote(5);
+        q.promote(99); // not queued: nothing happens
+        assert_eq!(round(&mut q, true, 1), vec![b("e5")]);
+        // It keeps its later transmissions, behind the others.
+        assert_eq!(round(&mut q, true, 10), ["e1", "e2", "e3", "e4", "e5"].map(b).to_vec());
+    }
+
+    #[test]
     fn newer_event_for_a_key_replaces_the_older() {
         let mut q = BroadcastQueue::default();
         assert_eq!(q.push(1, b("v1"), 3, true, 10, usize::MAX), Pushed::New);

@@ -1335,7 +1335,7 @@ impl Agent {
         if def.gateway.is_none()
             && let Some(ipnet::IpNet::V4(first)) = nets.iter().find(|n| matches!(n, ipnet::IpNet::V4(_)))
         {
-            def.gateway = crate::alloc::gateway_of(&def, 0, first).map(|g| g.to_string());
+            def.gateway = crate::alloc::gateway_of(&def, first).map(|g| g.to_string());
         }
         let value = Bytes::from(serde_json::to_vec(&def).expect("serializable"));
         let made = self.alloc.network_created(&def, &vnis, &pool_slots).and_then(|()| {

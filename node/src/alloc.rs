@@ -372,10 +372,6 @@ impl Allocator {
         self.cfg = cfg;
     }
 
-    pub fn member(&self) -> &Name {
-        &self.me
-    }
-
     fn ms(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_millis() as u64
     }
@@ -1165,14 +1161,7 @@ impl Allocator {
                 }
                 Err(e) => {
                     // Give back what this call took (it was never acknowledged).
-                    for v in &vnis {
-                        let _ = ring.release(Space::vni_slot(*v).expect("a VNI"));
-                    }
-                    if let Some(pr) = self.rings.get_mut(&Self::cluster_key(POOL_RING)) {
-                        for s in &pool_slots {
-                            let _ = pr.release(*s);
-                        }
-                    }
+                    self.release_cluster(&vnis, &pool_slots);
                     return Err(Err(AgentError::Exhausted(format!("no free VNI: {e}"))));
                 }
             }
@@ -1209,12 +1198,12 @@ impl Allocator {
             self.ops.push((format!("{OWN_PREFIX}{}", def.id), Some(json(&own))));
             self.owned.insert(def.id.clone(), own);
         }
-        for (i, s) in def.subnets.iter().enumerate() {
+        for s in &def.subnets {
             let Ok(IpNet::V4(net)) = s.parse::<IpNet>() else { continue };
             let (space, reserved) = Space::subnet(net.to_string(), &IpNet::V4(net));
             let mut ring = Ring::created_by(self.me.clone(), space, reserved);
             ring.set_reuse_after(self.cfg.reuse_after.as_millis() as u64);
-            let gw = gateway_of(def, i, &net);
+            let gw = gateway_of(def, &net);
             if let Some(gw) = gw
                 && let Some(slot) = offset_of(&IpNet::V4(net), IpAddr::V4(gw))
             {
@@ -1347,12 +1336,11 @@ impl Allocator {
         mac: Option<&str>,
         id: String,
     ) -> Try<Endpoint> {
-        let nets: Vec<(usize, Ipv4Net)> = def
+        let nets: Vec<Ipv4Net> = def
             .subnets
             .iter()
-            .enumerate()
-            .filter_map(|(i, s)| match s.parse::<IpNet>() {
-                Ok(IpNet::V4(n)) => Some((i, n)),
+            .filter_map(|s| match s.parse::<IpNet>() {
+                Ok(IpNet::V4(n)) => Some(n),
                 _ => None,
             })
             .collect();
@@ -1370,9 +1358,9 @@ impl Allocator {
             None => None,
         };
         let now_ms = self.ms(now);
-        let (i, net, slot) = match ip {
+        let (net, slot) = match ip {
             Some(IpAddr::V4(ip)) => {
-                let Some(&(i, net)) = nets.iter().find(|(_, n)| n.contains(&ip)) else {
+                let Some(&net) = nets.iter().find(|n| n.contains(&ip)) else {
                     return Err(Err(AgentError::NoAddress(format!(
                         "{ip} is not in any subnet of network {:?} ({})",
                         def.name,
@@ -1386,7 +1374,7 @@ impl Allocator {
                 r.advance(now_ms);
                 let slot = offset_of(&IpNet::V4(net), IpAddr::V4(ip)).expect("inside");
                 match r.allocate(Some(slot)) {
-                    Ok(s) => (i, net, s),
+                    Ok(s) => (net, s),
                     Err(RingError::NotSeeded { .. }) => {
                         return Err(Ok(Pending(format!(
                             "the state of subnet {net} to arrive from its creator"
@@ -1409,13 +1397,13 @@ impl Allocator {
             None => {
                 let mut found = None;
                 let mut waiting = Vec::new();
-                for &(i, net) in &nets {
+                for &net in &nets {
                     let key = (def.id.clone(), net.to_string());
                     let Some(r) = self.rings.get_mut(&key) else { continue };
                     r.advance(now_ms);
                     match r.allocate(None) {
                         Ok(s) => {
-                            found = Some((i, net, s));
+                            found = Some((net, s));
                             break;
                         }
                         Err(RingError::Removed { by, .. }) => {
@@ -1479,7 +1467,7 @@ impl Allocator {
             instance: member_name_instance(&self.me).to_string(),
             ipv4: format!("{v4}/{}", net.prefix_len()),
             mac,
-            gateway: gateway_of(def, i, &net).map(|g| g.to_string()),
+            gateway: gateway_of(def, &net).map(|g| g.to_string()),
         };
         let value = Bytes::from(json(&ep));
         if let Err(e) = gossip.put_entry(now, &def.id, ENDPOINT_TABLE, &ep.id, value) {
@@ -1603,7 +1591,7 @@ fn member_name_instance(m: &str) -> &str {
 
 /// The gateway of subnet `i` of a network: `--gateway` when it lies in that subnet, else the
 /// lowest usable address.
-pub fn gateway_of(def: &NetworkDef, _i: usize, net: &Ipv4Net) -> Option<Ipv4Addr> {
+pub fn gateway_of(def: &NetworkDef, net: &Ipv4Net) -> Option<Ipv4Addr> {
     if let Some(gw) = def.gateway.as_deref().and_then(|g| g.parse::<Ipv4Addr>().ok())
         && net.contains(&gw)
     {

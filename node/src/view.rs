@@ -388,45 +388,26 @@ fn alloc_metrics(out: &mut String, r: &ViewRead<'_>) {
     ] {
         write_counter(out, name, help, v);
     }
-    let _ = writeln!(
+    // One gauge per ring: (name, help, value and extra labels of each ring).
+    let per_ring =
+        |out: &mut String, name: &str, help: &str, v: &dyn Fn(&crate::alloc::RingReport) -> String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for g in &a.rings {
+                let _ = writeln!(out, "{name}{{network=\"{}\",ring=\"{}\"{}", g.network, g.ring, v(g));
+            }
+        };
+    per_ring(out, "weft_ipam_free_slots", "Slots this node can still hand out, per ring.", &|g| {
+        format!("}} {}", g.free_slots)
+    });
+    per_ring(out, "weft_ipam_allocated", "Slots this node holds allocated, per ring.", &|g| {
+        format!("}} {}", g.allocated)
+    });
+    per_ring(
         out,
-        "# HELP weft_ipam_free_slots Slots this node can still hand out, per ring.
-# TYPE weft_ipam_free_slots gauge"
+        "weft_ipam_ring_seeded",
+        "Whether a ring is seeded (1), and usable (no seed conflict, not removed).",
+        &|g| format!(",usable=\"{}\"}} {}", g.problem.is_none(), u8::from(g.seeded)),
     );
-    for g in &a.rings {
-        let _ = writeln!(
-            out,
-            "weft_ipam_free_slots{{network=\"{}\",ring=\"{}\"}} {}",
-            g.network, g.ring, g.free_slots
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP weft_ipam_allocated Slots this node holds allocated, per ring.
-# TYPE weft_ipam_allocated gauge"
-    );
-    for g in &a.rings {
-        let _ = writeln!(
-            out,
-            "weft_ipam_allocated{{network=\"{}\",ring=\"{}\"}} {}",
-            g.network, g.ring, g.allocated
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP weft_ipam_ring_seeded Whether a ring is seeded (1), and usable (no seed conflict, not removed).
-# TYPE weft_ipam_ring_seeded gauge"
-    );
-    for g in &a.rings {
-        let usable = if g.problem.is_none() { "true" } else { "false" };
-        let _ = writeln!(
-            out,
-            "weft_ipam_ring_seeded{{network=\"{}\",ring=\"{}\",usable=\"{usable}\"}} {}",
-            g.network,
-            g.ring,
-            u8::from(g.seeded)
-        );
-    }
     let overlaps = crate::read::networks(r).iter().filter(|n| !n.subnet_overlap.is_empty()).count();
     let _ = writeln!(
         out,
