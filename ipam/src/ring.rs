@@ -335,6 +335,11 @@ pub enum RingError {
     SeedConflict { ring: String, theirs: Name, ours: Name },
     #[error("ring {ring}: seed split among {theirs:?}, but this node's acceptor set is {ours:?}; refused")]
     SeedOwners { ring: String, theirs: Vec<Name>, ours: Vec<Name> },
+    #[error(
+        "ring {ring}: slot {slot} is in a block inherited from a removed node, held back (its containers may \
+         still use it)"
+    )]
+    Held { ring: String, slot: u128 },
     #[error("ring {ring}: this node was removed by {by}; it allocates nothing more")]
     Removed { ring: String, by: Name },
     #[error("ring {ring}: no free slot in the {owned} blocks this node owns")]
@@ -394,6 +399,10 @@ pub struct RingDurable {
     /// after the cursor went round the share.
     #[serde(default)]
     pub cursor: u128,
+    /// Inherited slot ranges held back until the agent lifts the fence (a `node rm --force` of
+    /// an instance that may still run): `(first slot, end, removed node)`.
+    #[serde(default)]
+    pub fenced: Vec<(u128, u128, Name)>,
 }
 
 /// A donor's memory of its last answer to one requester.
@@ -431,9 +440,13 @@ pub struct Ring {
     reuse_after_ms: u64,
     /// Released slots and when they may be handed out again.
     quarantine: BTreeMap<u128, u64>,
-    /// Inherited slot ranges and when they may be handed out: the removed node's containers
-    /// may still hold any of them.
+    /// Slot ranges held back (behind the cursor after a restart) and until when: taken only
+    /// when nothing else is free.
     quarantine_ranges: Vec<(u128, u128, u64)>,
+    /// Inherited slot ranges, the node they came from, and until when none of their slots is
+    /// handed out whatever else is free: the removed node's containers may still hold any of
+    /// them. `u64::MAX` while fenced.
+    held: Vec<(u128, u128, Name, u64)>,
     /// After a restart, until when every free slot of the share is held back from allocation
     /// (taken only when nothing else is free).
     restart_hold: Option<u64>,
@@ -480,6 +493,7 @@ impl Ring {
             served: BTreeMap::new(),
             served_count: 0,
             cursor: 0,
+            fenced: Vec::new(),
         };
         Ring::from_durable(d)
     }
@@ -536,12 +550,14 @@ impl Ring {
             reuse_after_ms: REUSE_AFTER_MS,
             quarantine: BTreeMap::new(),
             quarantine_ranges: Vec::new(),
+            held: Vec::new(),
             restart_hold: None,
             dirty_meta: true,
             dirty_cursor: true,
             dirty_pages: BTreeSet::new(),
         };
         ring.dirty_pages = ring.d.alloc.iter().map(|s| s / PAGE_SLOTS).collect();
+        ring.held = ring.d.fenced.iter().map(|(s, e, from)| (*s, *e, from.clone(), u64::MAX)).collect();
         ring.rebuild_owned();
         ring
     }
@@ -607,6 +623,7 @@ impl Ring {
         let shift = |t: &mut u64| *t = t.saturating_sub(old).saturating_add(ms);
         self.quarantine.values_mut().for_each(shift);
         self.quarantine_ranges.iter_mut().for_each(|q| shift(&mut q.2));
+        self.held.iter_mut().filter(|q| q.3 != u64::MAX).for_each(|q| shift(&mut q.3));
         if let Some(t) = &mut self.restart_hold {
             shift(t);
         }
@@ -645,6 +662,7 @@ impl Ring {
             served: d.served.clone(),
             served_count: d.served_count,
             cursor: 0,
+            fenced: d.fenced.clone(),
         }
     }
 
@@ -1012,16 +1030,16 @@ impl Ring {
         let mut takes = Vec::new();
         for r in self.d.state.blocks.iter() {
             if r.rec.owner != me && self.d.state.resolve(&r.rec.owner).as_ref() == Some(&me) {
-                takes.push((r.start, r.end));
+                takes.push((r.start, r.end, r.rec.owner.clone()));
             }
         }
         if takes.is_empty() {
             return false;
         }
         let until = self.now_ms.saturating_add(self.reuse_after_ms);
-        for (s, e) in takes {
+        for (s, e, from) in takes {
             let (lo, hi) = (self.d.space.slots(s).0, self.d.space.slots(e - 1).1);
-            self.quarantine_ranges.push((lo, hi, until));
+            self.held.push((lo, hi, from, until));
             self.d.state.blocks.rewrite(s, e, |old| Record {
                 epoch: old.epoch + 1,
                 lineage: me.clone(),
@@ -1154,6 +1172,9 @@ impl Ring {
                 if self.d.alloc.is_set(slot) {
                     return Err(RingError::InUse { ring, slot });
                 }
+                if self.is_held(slot) {
+                    return Err(RingError::Held { ring, slot });
+                }
                 slot
             }
             None => self
@@ -1186,7 +1207,10 @@ impl Ring {
         for (s, e) in after.chain(before) {
             let mut from = s;
             while let Some(slot) = self.d.alloc.first_clear_in(from, e) {
-                if !self.d.reserved.contains(&slot) && (quarantined || !self.is_quarantined(slot)) && ok(slot)
+                if !self.d.reserved.contains(&slot)
+                    && !self.is_held(slot)
+                    && (quarantined || !self.is_quarantined(slot))
+                    && ok(slot)
                 {
                     return Some(slot);
                 }
@@ -1194,6 +1218,11 @@ impl Ring {
             }
         }
         None
+    }
+
+    /// In an inherited range still held back: never handed out.
+    fn is_held(&self, slot: u128) -> bool {
+        self.held.iter().any(|&(s, e, _, t)| s <= slot && slot < e && t > self.now_ms)
     }
 
     fn is_quarantined(&self, slot: u128) -> bool {
@@ -1206,6 +1235,7 @@ impl Ring {
     fn quarantined_in(&self, s: u128, e: u128) -> bool {
         self.quarantine.range(s..e).any(|(_, &t)| t > self.now_ms)
             || self.quarantine_ranges.iter().any(|&(qs, qe, t)| qs < e && s < qe && t > self.now_ms)
+            || self.held.iter().any(|&(qs, qe, _, t)| qs < e && s < qe && t > self.now_ms)
     }
 
     /// Slots released less than `reuse_after` ago (and inherited ranges still held back).
@@ -1213,8 +1243,10 @@ impl Ring {
         let ranges: u128 = self
             .quarantine_ranges
             .iter()
+            .map(|&(s, e, t)| (s, e, t))
+            .chain(self.held.iter().map(|&(s, e, _, t)| (s, e, t)))
             .filter(|q| q.2 > self.now_ms)
-            .map(|&(s, e, _)| (e - s) - self.d.alloc.count_in(s, e))
+            .map(|(s, e, _)| (e - s) - self.d.alloc.count_in(s, e))
             .sum();
         self.quarantine.values().filter(|&&t| t > self.now_ms).count() as u128 + ranges
     }
@@ -1227,6 +1259,7 @@ impl Ring {
             self.quarantine.retain(|_, t| *t > now);
         }
         self.quarantine_ranges.retain(|q| q.2 > now);
+        self.held.retain(|q| q.3 > now);
         if self.restart_hold.is_some_and(|t| t <= now) {
             self.restart_hold = None;
         }
@@ -1487,5 +1520,49 @@ impl Ring {
         self.emit(Output::Publish(RingEntry::Removal(removal.clone())));
         self.merge(&RingEntry::Removal(removal))?;
         Ok(self.owned_blocks.saturating_sub(before))
+    }
+
+    /// Holds every block inherited from `from` until [`Ring::lift_hold`] (persisted): `node rm
+    /// --force` of an instance that may still be running and handing out their slots.
+    pub fn fence(&mut self, from: &Name) {
+        let mut any = false;
+        for h in self.held.iter_mut().filter(|h| h.2 == *from) {
+            h.3 = u64::MAX;
+            any = true;
+        }
+        if any {
+            self.d.fenced =
+                self.held.iter().filter(|h| h.3 == u64::MAX).map(|h| (h.0, h.1, h.2.clone())).collect();
+            self.touch();
+        }
+    }
+
+    /// The nodes whose inherited blocks are fenced.
+    pub fn fenced_from(&self) -> BTreeSet<Name> {
+        self.d.fenced.iter().map(|f| f.2.clone()).collect()
+    }
+
+    /// Ends the fence on blocks inherited from `from`: they are held until `until_ms` (now +
+    /// `reuse_after` once that instance is down; now once it confirmed its teardown).
+    pub fn lift_hold(&mut self, from: &Name, until_ms: u64) {
+        for h in self.held.iter_mut().filter(|h| h.2 == *from) {
+            h.3 = h.3.min(until_ms);
+        }
+        let before = self.d.fenced.len();
+        self.d.fenced.retain(|f| f.2 != *from);
+        if self.d.fenced.len() != before {
+            self.touch();
+        }
+        let now = self.now_ms;
+        self.held.retain(|q| q.3 > now);
+    }
+
+    /// Inherited slots held back now (not handed out whatever else is free).
+    pub fn held(&self) -> u128 {
+        self.held
+            .iter()
+            .filter(|q| q.3 > self.now_ms)
+            .map(|&(s, e, _, _)| (e - s) - self.d.alloc.count_in(s, e))
+            .sum()
     }
 }

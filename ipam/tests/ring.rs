@@ -1,7 +1,7 @@
 //! The ring's rules, one by one: seeding, local allocation, donation, ownership checks,
 //! removal, and persist-before-use.
 
-use weft_ipam::ring::{Name, Output, REQUEST_TIMEOUT_MS, Record, RingDurable, Run};
+use weft_ipam::ring::{Name, Output, REQUEST_TIMEOUT_MS, REUSE_AFTER_MS, Record, RingDurable, Run};
 use weft_ipam::{Ring, RingEntry, RingError, RingEvent, RingMsg, Seed, Space};
 
 fn n(s: &str) -> Name {
@@ -740,4 +740,45 @@ fn a_ring_read_back_from_its_change_log_publishes_its_seed_and_claims_again() {
     assert!(written > 0, "the republished claims' sequence is written");
     let later: Vec<Output> = std::iter::from_fn(|| back.poll_output()).collect();
     assert!(publications(&later).iter().any(|e| matches!(e, RingEntry::Claims(_))), "{later:?}");
+}
+
+#[test]
+fn an_heir_hands_out_nothing_it_inherited_until_the_hold_ends_and_a_fence_survives_a_restart() {
+    let mut rings = seeded(&["a@1", "b@1"], &["a@1", "b@1"]);
+    let [a, _b] = &mut rings[..] else { unreachable!() };
+    let (mut disk, mut meta) = (Default::default(), None);
+    // a's own half runs out first.
+    while a.allocate(None).is_ok() {}
+    write_changes(a, &mut disk, &mut meta);
+    assert_eq!(a.transfer_dead(&n("b@1"), false, false), Ok(128));
+    assert!(a.held() > 0, "everything inherited is held back");
+    let e = a.allocate(None).unwrap_err();
+    assert!(
+        matches!(e, RingError::Exhausted { .. }),
+        "nothing else free, still nothing from b's blocks: {e}"
+    );
+    assert!(matches!(a.allocate(Some(200)), Err(RingError::Held { .. })), "not even asked for by name");
+    a.advance(REUSE_AFTER_MS - 1);
+    assert!(a.allocate(None).is_err());
+    a.advance(REUSE_AFTER_MS);
+    let slot = a.allocate(None).unwrap();
+    assert!(slot >= 128, "after reuse_after the inherited blocks are a's: {slot}");
+
+    // Forced: fenced, whatever the clock says, across a restart, until lifted.
+    let mut rings = seeded(&["a@1", "b@1"], &["a@1", "b@1"]);
+    let [a, _b] = &mut rings[..] else { unreachable!() };
+    while a.allocate(None).is_ok() {}
+    a.transfer_dead(&n("b@1"), true, true).unwrap();
+    a.fence(&n("b@1"));
+    assert_eq!(a.fenced_from().into_iter().collect::<Vec<_>>(), vec![n("b@1")]);
+    let (mut disk, mut meta) = (Default::default(), None);
+    write_changes(a, &mut disk, &mut meta);
+    let mut back = from_disk(&disk, &meta);
+    back.advance(10 * REUSE_AFTER_MS);
+    assert!(back.allocate(None).is_err(), "the fence came back from disk");
+    back.lift_hold(&n("b@1"), 10 * REUSE_AFTER_MS + 5);
+    assert!(back.fenced_from().is_empty());
+    assert!(back.allocate(None).is_err(), "held until the time given");
+    back.advance(10 * REUSE_AFTER_MS + 5);
+    assert!(back.allocate(None).unwrap() >= 128);
 }
