@@ -166,6 +166,8 @@ pub struct Stats {
     pub identity_moves: u64,
     /// Entries of earlier lives of this node's name that this life tombstoned.
     pub old_life_entries_removed: u64,
+    /// Dead nodes this node removed (`weft node rm`).
+    pub nodes_removed: u64,
     /// Node and attachment records of members gone longer than `reap_after`, dropped locally.
     pub records_expired: u64,
     /// Records and entries of expired members refused on receipt.

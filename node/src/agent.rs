@@ -140,6 +140,23 @@ pub struct Dump {
     pub networks: Vec<DumpNetwork>,
 }
 
+/// Network ids are random and never reused: once deleted, a network stays deleted. A
+/// tombstone of a definition therefore wins over any live version of it, whatever the Lamport
+/// times, so a definition written again (republished after a rolling restart lost it, see
+/// [`Agent::republish_lost_definitions`]) can never bring back a network someone removed.
+#[derive(Debug)]
+struct NetworkDefRule;
+
+impl weft_gossip::MergeRule for NetworkDefRule {
+    fn compare(
+        &self,
+        a: &weft_gossip::VersionRef<'_>,
+        b: &weft_gossip::VersionRef<'_>,
+    ) -> std::cmp::Ordering {
+        a.deleted.cmp(&b.deleted)
+    }
+}
+
 /// Decodes network definitions for dumps.
 struct NetworkDefs;
 
@@ -352,6 +369,8 @@ pub struct Agent {
     restored: BTreeMap<String, NetworkDef>,
     /// The network definitions changed since the attachments were last staged for the store.
     defs_changed: bool,
+    /// Attached networks whose definition the cluster held no trace of at the last check.
+    defs_missing: std::collections::BTreeSet<String>,
     persist: Persist,
     /// Attached networks as last staged for the store, sorted.
     staged_networks: Vec<String>,
@@ -414,7 +433,10 @@ impl Agent {
         let mut alloc = Allocator::new(&id, AllocConfig::default(), now);
         alloc.restore(&state.alloc).map_err(AgentError::CorruptStore)?;
         let mut gossip = GossipNode::new(cfg, id, seed, state.ltime_hwm, now)?;
-        gossip.register_table(NETWORKS_TABLE, TableSpec::cluster(ObjectType::Network))?;
+        gossip.register_table(
+            NETWORKS_TABLE,
+            TableSpec::cluster(ObjectType::Network).with_merge(Arc::new(NetworkDefRule)),
+        )?;
         gossip.register_table(
             IPAM_TABLE,
             TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(RingMerge)),
@@ -435,6 +457,7 @@ impl Agent {
             defs_checked_at: None,
             restored: BTreeMap::new(),
             defs_changed: false,
+            defs_missing: Default::default(),
             persist: Persist::new(state),
             staged_networks: state
                 .networks
@@ -624,6 +647,7 @@ impl Agent {
         if self.defs_checked_at.is_none_or(|t| now.saturating_duration_since(t) >= DEFINITION_CHECK) {
             self.defs_checked_at = Some(now);
             self.detach_removed_networks(now);
+            self.republish_lost_definitions(now);
             let g = &self.gossip;
             self.alloc.reconcile(&|nid| {
                 g.entry(CLUSTER_NETWORK, NETWORKS_TABLE, nid)
@@ -1028,6 +1052,46 @@ impl Agent {
             tracing::info!(network = %id, "detaching a network whose definition was deleted while this node was away");
             let _ = self.gossip.leave_network(now, &id);
             self.drop_network_alloc(&id);
+        }
+    }
+
+    /// Writes again the definitions the cluster lost. Cluster tables live in memory: when every
+    /// node holding a definition restarts before the one restarted before it learned it back
+    /// (a rolling crash), no copy is left, and `endpoint create NET` says "no such network" on
+    /// every node while the network is in use. A node attached to such a network writes back
+    /// the definition it persisted once it has synced the cluster table, the cluster holds no
+    /// trace of the definition (no live version, no tombstone) at two checks in a row, and
+    /// another live node is attached to it too (a network removed while this node was away
+    /// leaves nobody else attached: `network rm` detaches them). A tombstone, wherever one
+    /// still lives, wins over the copy written back ([`NetworkDefRule`]).
+    fn republish_lost_definitions(&mut self, now: Instant) {
+        if !self.gossip.has_synced(CLUSTER_NETWORK) {
+            return;
+        }
+        let missing: Vec<String> = self
+            .attached_networks()
+            .into_iter()
+            .filter(|id| {
+                self.restored.contains_key(id)
+                    && self.gossip.entry(CLUSTER_NETWORK, NETWORKS_TABLE, id).is_none()
+                    && self.gossip.network_peer_count(id) > 0
+            })
+            .collect();
+        let seen_before = std::mem::take(&mut self.defs_missing);
+        for id in missing {
+            if !seen_before.contains(&id) {
+                self.defs_missing.insert(id);
+                continue;
+            }
+            let def = self.restored[&id].clone();
+            tracing::warn!(
+                network = %id, name = %def.name,
+                "the cluster lost this network's definition (every node holding it restarted); writing back the one this node stored"
+            );
+            let value = Bytes::from(serde_json::to_vec(&def).expect("serializable"));
+            if let Err(e) = self.gossip.create_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &id, value) {
+                tracing::debug!(network = %id, error = %e, "definition not written back");
+            }
         }
     }
 
@@ -1816,7 +1880,7 @@ pub(crate) mod tests {
     }
 
     impl Agent {
-        fn create_net(
+        pub(crate) fn create_net(
             &mut self,
             now: Instant,
             name: &str,
@@ -1830,7 +1894,7 @@ pub(crate) mod tests {
             })
         }
 
-        fn without_def(&self) -> Vec<String> {
+        pub(crate) fn without_def(&self) -> Vec<String> {
             read::attached_without_definition(self)
         }
 
@@ -2761,6 +2825,89 @@ mod alloc_tests {
         let seen = read::endpoints(&net.agents[0], None).unwrap();
         for e in &before {
             assert!(seen.iter().any(|s| s.id == e.id), "endpoint {} lost across the restart", e.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod definition_tests {
+    //! Network definitions across restarts of the whole cluster.
+
+    use super::tests::Net;
+    use super::*;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, i], 7946))
+    }
+
+    /// Agent `i` crashes and comes back from its disk: cluster tables, which live in memory,
+    /// are gone with it.
+    fn reboot(net: &mut Net, i: usize) {
+        let name = net.agents[i].id().name.to_string();
+        let mut image = net.disks[i].clone();
+        let made = NodeState {
+            name: name.clone(),
+            instance: 0,
+            generation: 1,
+            ltime_hwm: 0,
+            networks: vec![],
+            sweep_pending: false,
+            definitions: vec![],
+            alloc: BTreeMap::new(),
+        };
+        for (k, v) in made.to_image() {
+            image.entry(k).or_insert(v);
+        }
+        let mut state = NodeState::from_image(&image).unwrap().unwrap();
+        state.generation = net.agents[i].id().generation + 1;
+        state.ltime_hwm = state.ltime_hwm.max(net.agents[i].gossip().ltime());
+        let mut a =
+            Agent::boot(GossipConfig::lan(8), &state, addr(i as u8 + 1), 50 + i as u64, net.now).unwrap();
+        let seeds: Vec<SocketAddr> =
+            (1..=net.agents.len() as u8).filter(|&j| j != i as u8 + 1).map(addr).collect();
+        a.join(net.now, &seeds).unwrap();
+        net.agents[i] = a;
+    }
+
+    #[test]
+    fn a_definition_every_holder_lost_in_a_restart_is_written_back_and_a_removal_still_wins() {
+        let mut net = Net::new(3);
+        let now = net.now;
+        let def = net.agents[1].create_net(now, "web", "test", &["172.29.1.0/24".into()], None).unwrap();
+        net.run(Duration::from_secs(1));
+        for i in [0, 2] {
+            let now = net.now;
+            net.agents[i].attach(now, "web").unwrap();
+        }
+        net.run(Duration::from_secs(2));
+        // Every node restarts before any learned the definition back: no copy is left.
+        for i in 0..3 {
+            reboot(&mut net, i);
+        }
+        net.run(Duration::from_millis(40));
+        for i in 0..3 {
+            assert_eq!(net.agents[i].without_def(), vec![def.id.clone()], "agent {i} lost it");
+        }
+        net.run(Duration::from_secs(6));
+        for i in 0..3 {
+            let found = read::resolve(&net.agents[i], "web").unwrap_or_else(|e| panic!("agent {i}: {e}"));
+            assert_eq!(found.def, def, "agent {i} holds the definition again");
+            assert!(net.agents[i].without_def().is_empty());
+        }
+        // Removed now: no node can write the definition back over the tombstone.
+        net.agents[0].detach(net.now, "web").unwrap();
+        net.agents[2].detach(net.now, "web").unwrap();
+        net.run(Duration::from_secs(1));
+        let now = net.now;
+        net.agents[1].remove_network(now, "web", false).unwrap();
+        net.run(Duration::from_secs(1));
+        let value = Bytes::from(serde_json::to_vec(&def).unwrap());
+        let now = net.now;
+        let refused = net.agents[2].gossip.create_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &def.id, value);
+        assert!(refused.is_err(), "a removed network's definition cannot come back: {refused:?}");
+        net.run(Duration::from_secs(1));
+        for i in 0..3 {
+            assert!(read::resolve(&net.agents[i], "web").is_err(), "agent {i} still sees the network");
         }
     }
 }

@@ -273,7 +273,7 @@ pub fn metrics(view: &View) -> String {
         let _ = writeln!(out, "weft_queue_length{{network=\"{nid}\"}} {n}");
     }
     let s = &snap.stats;
-    let counters: [(&str, &str, u64); 23] = [
+    let counters: [(&str, &str, u64); 24] = [
         ("weft_datagrams_in_total", "Datagrams received.", s.datagrams_in),
         ("weft_datagrams_out_total", "Datagrams sent.", s.datagrams_out),
         ("weft_datagram_bytes_in_total", "Datagram bytes received.", s.bytes_in),
@@ -321,6 +321,7 @@ pub fn metrics(view: &View) -> String {
             s.records_expired,
         ),
         ("weft_records_refused_total", "Records of expired members refused.", s.records_refused),
+        ("weft_nodes_removed_total", "Dead nodes this node removed (weft node rm).", s.nodes_removed),
     ];
     for (name, help, v) in counters {
         write_counter(&mut out, name, help, v);

@@ -175,6 +175,43 @@ impl GossipNode {
         );
     }
 
+    /// Removes a dead life of another node for good (`weft node rm`): writes, above its node
+    /// record, a tombstone that still names that life (same instance and generation), which
+    /// every node applies as that life leaving: its node-owned entries, hidden ones included,
+    /// are deleted everywhere, and versions of them that arrive later arrive deleted. The
+    /// tombstone's Lamport time is put [`REMOVAL_LTIME_MARGIN`] above this node's clock, so it
+    /// also goes above what the removed node wrote in networks this node does not see.
+    ///
+    /// Returns whether a tombstone was written: not when `name`'s record is of another
+    /// instance (a reinstalled host deletes what its earlier instance left itself), says it
+    /// left, or is unknown. Refused for this node's own life and for a member membership
+    /// sees alive or suspect (a live node would write its record back above the tombstone).
+    pub fn remove_node(&mut self, now: Instant, name: &str, instance: u64) -> Result<bool, Error> {
+        self.tick(now);
+        if self.membership.left {
+            return Err(Error::Left);
+        }
+        if *name == *self.id.name && instance == self.id.instance {
+            return Err(Error::Membership("a node cannot remove itself".into()));
+        }
+        if let Some(m) = self.membership.members.get(name)
+            && m.id.instance == instance
+            && m.state == MemberState::Alive
+        {
+            return Err(Error::Membership(format!(
+                "{name} is alive; only a node that is down can be removed"
+            )));
+        }
+        let Some(r) = self.life.records.get(name) else { return Ok(false) };
+        if r.rec.instance != instance || r.status == NodeStatus::Left {
+            return Ok(false);
+        }
+        let value = r.rec.encode();
+        self.clock = self.clock.saturating_add(super::REMOVAL_LTIME_MARGIN).min(crate::wire::MAX_LTIME - 2);
+        self.stats.nodes_removed += 1;
+        Ok(self.write_local_version(now, CLUSTER_NETWORK, NODES_TABLE, name, value, true))
+    }
+
     /// Stops for a restart: peers keep this node's entries live for their `restart_grace`, and
     /// hide them after it unless a new life of this node came up first. Like
     /// [`leave`](Self::leave), keep polling transmits for a moment so the news goes out.

@@ -59,6 +59,11 @@ const MAX_NAME_LEN: usize = 255;
 /// How far ahead of this node's clock a remote Lamport time may be.
 pub const MAX_LTIME_JUMP: u64 = 1 << 40;
 const MAX_KEY_LEN: usize = 1024;
+/// How far above its own clock a node puts the tombstone that removes a dead node
+/// ([`GossipNode::remove_node`]): the removed node may have written, in networks the remover
+/// is not attached to, at Lamport times the remover never witnessed. Far below
+/// [`MAX_LTIME_JUMP`], so peers accept it.
+pub const REMOVAL_LTIME_MARGIN: u64 = 1 << 24;
 
 /// The sans-IO gossip core of one agent.
 ///

@@ -75,6 +75,12 @@ impl GossipNode {
         self.networks.contains_key(network)
     }
 
+    /// Whether a sync (anti-entropy) of `network` with a peer has completed in this life: what
+    /// the cluster held then has arrived.
+    pub fn has_synced(&self, network: &str) -> bool {
+        self.networks.get(network).is_some_and(|n| n.synced)
+    }
+
     /// The live value of an entry, if this node holds one (tombstones and hidden entries are
     /// not live).
     pub fn get_entry(&self, network: &str, table: &str, key: &str) -> Option<Bytes> {
