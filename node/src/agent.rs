@@ -21,7 +21,7 @@ use weft_gossip::wire::{self, FrameType};
 
 use crate::alloc::{
     ALLOC_WAIT, AllocConfig, Allocator, ENDPOINT_TABLE, Endpoint, Endpoints, IPAM_TABLE, Pending,
-    RingEntries, RingMerge,
+    REMOVED_TABLE, RemovalMerge, RingEntries, RingMerge,
 };
 use crate::error::AgentError;
 use crate::persist::{KEY_GENERATION, KEY_SWEEP, NET_PREFIX, NodeState, Persist, PersistBatch};
@@ -249,6 +249,12 @@ pub enum Command {
         network: String,
         endpoint: String,
     },
+    /// `weft node rm NAME[@INSTANCE]`: removes instances of a node that are down (or, with
+    /// `force`, one that may still run) and takes over their shares.
+    NodeRm {
+        node: String,
+        force: bool,
+    },
 }
 
 impl Command {
@@ -270,6 +276,7 @@ impl Command {
             }
             Command::EndpointCreate { network, name, .. } => format!("endpoint create {network} {name}"),
             Command::EndpointRm { network, endpoint } => format!("endpoint rm {network} {endpoint}"),
+            Command::NodeRm { node, .. } => format!("node rm {node}"),
         }
     }
 }
@@ -281,6 +288,7 @@ pub enum Reply {
     Network(NetworkDef),
     Written(usize),
     Endpoint(Endpoint),
+    NodeRemoved(crate::alloc::NodeRmReply),
 }
 
 pub type CommandResult = Result<Reply, AgentError>;
@@ -442,11 +450,16 @@ impl Agent {
             TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(RingMerge)),
         )?;
         gossip.register_table(ENDPOINT_TABLE, TableSpec::node_owned(ObjectType::Endpoint))?;
+        gossip.register_table(
+            REMOVED_TABLE,
+            TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(RemovalMerge)),
+        )?;
         gossip.set_predecessor_sweep(state.sweep_pending);
         let mut watchers = Watchers::new();
         watchers.register(NETWORKS_TABLE, ObjectType::Network, Box::new(NetworkDefs));
         watchers.register(IPAM_TABLE, ObjectType::Opaque, Box::new(RingEntries));
         watchers.register(ENDPOINT_TABLE, ObjectType::Endpoint, Box::new(Endpoints));
+        watchers.register(REMOVED_TABLE, ObjectType::Opaque, Box::new(crate::alloc::removal::Removals));
         let mut agent = Agent {
             gossip,
             watchers,
@@ -1200,6 +1213,9 @@ impl Agent {
             Command::EndpointRm { network, endpoint } => {
                 self.endpoint_rm(now, &network, &endpoint).map(Reply::Endpoint)
             }
+            Command::NodeRm { node, force } => {
+                self.alloc.remove_node(&mut self.gossip, now, &node, force).map(Reply::NodeRemoved)
+            }
             Command::AttachId { id } => done(self.reattach(now, &id)),
             Command::Detach { network } => net(self.detach(now, &network)),
             Command::TablePut { network, table, key, value, force } => {
@@ -1775,6 +1791,8 @@ pub(crate) mod tests {
         pub replies: Vec<(usize, CommandId, CommandResult)>,
         /// Each agent's disk: what its batches wrote.
         pub disks: Vec<BTreeMap<String, Vec<u8>>>,
+        /// Agents that are down: no timers, nothing in or out.
+        pub down: std::collections::BTreeSet<usize>,
         next_id: CommandId,
     }
 
@@ -1792,7 +1810,15 @@ pub(crate) mod tests {
                 })
                 .collect();
             let disks = vec![BTreeMap::new(); n as usize];
-            let mut net = Net { agents, now, cut: false, replies: Vec::new(), disks, next_id: 1 };
+            let mut net = Net {
+                agents,
+                now,
+                cut: false,
+                replies: Vec::new(),
+                disks,
+                down: Default::default(),
+                next_id: 1,
+            };
             // The first founds the cluster (no seeds), the others join it.
             net.agents[0].join(now, &[]).unwrap();
             for i in 1..net.agents.len() {
@@ -1806,6 +1832,9 @@ pub(crate) mod tests {
             loop {
                 let mut moved = false;
                 for i in 0..self.agents.len() {
+                    if self.down.contains(&i) {
+                        continue;
+                    }
                     // The test is the disk: every batch is durable at once.
                     while let Some(b) = self.agents[i].poll_persist() {
                         for (k, v) in b.ops {
@@ -1826,6 +1855,9 @@ pub(crate) mod tests {
                         };
                         moved = true;
                         let Some(j) = self.agents.iter().position(|a| a.id().addr == t.dst) else { continue };
+                        if self.down.contains(&j) {
+                            continue;
+                        }
                         if self.cut && (i == 0) != (j == 0) {
                             continue;
                         }
@@ -1861,6 +1893,36 @@ pub(crate) mod tests {
             panic!("no reply from agent {i} after 10 s");
         }
 
+        /// Agent `i` crashes and comes back from its disk: cluster tables, which live in memory,
+        /// are gone with it.
+        pub fn reboot(&mut self, i: usize) {
+            let name = self.agents[i].id().name.to_string();
+            let mut image = self.disks[i].clone();
+            let made = NodeState {
+                name: name.clone(),
+                instance: 0,
+                generation: 1,
+                ltime_hwm: 0,
+                networks: vec![],
+                sweep_pending: false,
+                definitions: vec![],
+                alloc: BTreeMap::new(),
+            };
+            for (k, v) in made.to_image() {
+                image.entry(k).or_insert(v);
+            }
+            let mut state = NodeState::from_image(&image).unwrap().unwrap();
+            state.generation = self.agents[i].id().generation + 1;
+            state.ltime_hwm = state.ltime_hwm.max(self.agents[i].gossip().ltime());
+            let mut a = Agent::boot(GossipConfig::lan(8), &state, addr(i as u8 + 1), 50 + i as u64, self.now)
+                .unwrap();
+            let seeds: Vec<SocketAddr> =
+                (1..=self.agents.len() as u8).filter(|&j| j != i as u8 + 1).map(addr).collect();
+            a.join(self.now, &seeds).unwrap();
+            self.agents[i] = a;
+            self.down.remove(&i);
+        }
+
         /// The reply to command `id` of agent `i`, which must have come.
         pub fn take_reply(&mut self, i: usize, id: CommandId) -> CommandResult {
             let p = self.replies.iter().position(|r| r.0 == i && r.1 == id).expect("the reply came");
@@ -1871,8 +1933,10 @@ pub(crate) mod tests {
             let end = self.now + d;
             while self.now < end {
                 self.now += Duration::from_millis(20);
-                for a in &mut self.agents {
-                    a.handle_timeout(self.now);
+                for (i, a) in self.agents.iter_mut().enumerate() {
+                    if !self.down.contains(&i) {
+                        a.handle_timeout(self.now);
+                    }
                 }
                 self.pump();
             }
@@ -2830,44 +2894,161 @@ mod alloc_tests {
 }
 
 #[cfg(test)]
+mod removal_tests {
+    //! `weft node rm` through the agent.
+
+    use super::tests::Net;
+    use super::*;
+    use crate::alloc::NodeRmReply;
+
+    fn ep(network: &str, name: &str) -> Command {
+        Command::EndpointCreate { network: network.into(), name: name.into(), ip: None, mac: None }
+    }
+
+    fn endpoint(r: CommandResult) -> Endpoint {
+        match r {
+            Ok(Reply::Endpoint(e)) => e,
+            other => panic!("expected an endpoint, got {other:?}"),
+        }
+    }
+
+    fn rm(net: &mut Net, i: usize, node: &str, force: bool) -> Result<NodeRmReply, AgentError> {
+        net.cmd(i, Command::NodeRm { node: node.into(), force }).map(|r| match r {
+            Reply::NodeRemoved(r) => r,
+            other => panic!("expected a removal, got {other:?}"),
+        })
+    }
+
+    fn subnet_ring(a: &Agent, nid: &str) -> crate::alloc::RingReport {
+        a.allocator().report().rings.into_iter().find(|r| r.network == nid).expect("the subnet ring")
+    }
+
+    fn endpoints_of(a: &Agent, node: &str) -> Vec<Endpoint> {
+        read::endpoints(a, None).unwrap().into_iter().filter(|e| e.node == node).collect()
+    }
+
+    #[test]
+    fn node_rm_takes_a_dead_nodes_share_deletes_its_entries_and_a_returning_instance_tears_down() {
+        let mut net = Net::new(3);
+        let web = match net.cmd(
+            0,
+            Command::CreateNetwork {
+                name: "web".into(),
+                driver: "test".into(),
+                subnets: vec!["10.9.0.0/26".into()],
+                gateway: None,
+            },
+        ) {
+            Ok(Reply::Network(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        let theirs: Vec<Endpoint> =
+            (0..3).map(|k| endpoint(net.cmd(2, ep("web", &format!("e{k}"))))).collect();
+        endpoint(net.cmd(1, ep("web", "b0")));
+        net.run(Duration::from_secs(2));
+        assert_eq!(endpoints_of(&net.agents[1], "a3").len(), 3);
+
+        // Refused: a live node, this node itself, a name nobody knows.
+        let e = rm(&mut net, 0, "a2", false).unwrap_err();
+        assert!(matches!(e, AgentError::NodeAlive(_)), "{e}");
+        assert!(e.to_string().contains("a2@") && e.to_string().contains("alive"), "{e}");
+        assert!(matches!(rm(&mut net, 0, "a1", false), Err(AgentError::NodeAlive(_))));
+        assert!(matches!(rm(&mut net, 0, "zz", false), Err(AgentError::NoSuchNode(_))));
+        assert!(matches!(rm(&mut net, 0, "a3@xyz", false), Err(AgentError::BadName(_))));
+
+        // a3 dies; membership declares it failed; its endpoints are hidden, not deleted.
+        net.down.insert(2);
+        net.run(Duration::from_secs(20));
+        assert!(endpoints_of(&net.agents[1], "a3").is_empty());
+        let owned_before = subnet_ring(&net.agents[0], &web.id).owned_blocks;
+        let r = rm(&mut net, 0, "a3", false).unwrap();
+        assert_eq!(r.removed.len(), 1, "{r:?}");
+        let gone = &r.removed[0];
+        assert!(
+            gone.node.starts_with("a3@") && gone.state == "failed" && gone.entries_deleted && !gone.fenced,
+            "{r:?}"
+        );
+        let blocks: u64 = gone.rings.iter().filter(|x| x.network == web.id).map(|x| x.blocks).sum();
+        assert!(blocks > 0, "a3's share came to a1: {r:?}");
+        net.run(Duration::from_secs(2));
+        assert_eq!(subnet_ring(&net.agents[0], &web.id).owned_blocks, owned_before + blocks);
+        // Its entries are tombstones everywhere now, not hidden ones waiting for its return.
+        for i in [0, 1] {
+            let held = net.agents[i].gossip().table(&web.id, ENDPOINT_TABLE);
+            for e in held.iter().filter(|e| e.owner == "a3") {
+                assert!(matches!(e.state, EntryState::Tombstone { .. }), "agent {i}: {e:?}");
+            }
+            let m = net.agents[i].gossip().members().into_iter().find(|m| &*m.id.name == "a3").unwrap();
+            assert_eq!(m.state, weft_gossip::MemberState::Left, "agent {i}");
+        }
+        // What a3 handed out is not handed out again at once, even once a1 has nothing else.
+        let mut mine = 0;
+        while let Ok(Reply::Endpoint(e)) = net.cmd(0, ep("web", &format!("m{mine}"))) {
+            assert!(theirs.iter().all(|t| t.ipv4 != e.ipv4), "{} handed out again at once", e.ipv4);
+            mine += 1;
+            assert!(mine < 64, "more endpoints than addresses");
+        }
+        assert!(mine > 10, "a1 allocated {mine}");
+
+        // a3 comes back from its disk: it tears down, says so, and allocates nothing more.
+        net.reboot(2);
+        net.run(Duration::from_secs(5));
+        assert!(net.agents[2].allocator().removed_by().is_some_and(|b| b.starts_with("a1@")));
+        assert!(net.agents[2].allocator().local_endpoints(&web.id).is_empty());
+        assert!(
+            net.disks[2].keys().all(|k| !k.starts_with(crate::alloc::EP_PREFIX)),
+            "its endpoint records left its store"
+        );
+        let e = net.cmd(2, ep("web", "again")).unwrap_err();
+        assert!(matches!(e, AgentError::Removed(_)), "{e}");
+        assert!(e.to_string().contains("was removed from the cluster by a1@"), "{e}");
+        for i in 0..3 {
+            assert!(endpoints_of(&net.agents[i], "a3").is_empty(), "agent {i} still lists a3's endpoints");
+        }
+        // Still removed after another restart.
+        net.reboot(2);
+        net.run(Duration::from_secs(2));
+        assert!(matches!(net.cmd(2, ep("web", "again")), Err(AgentError::Removed(_))));
+    }
+
+    #[test]
+    fn a_forced_removal_of_a_running_instance_holds_its_blocks_until_it_tears_down() {
+        let mut net = Net::new(3);
+        let web = match net.cmd(
+            0,
+            Command::CreateNetwork {
+                name: "web".into(),
+                driver: "test".into(),
+                subnets: vec!["10.9.1.0/24".into()],
+                gateway: None,
+            },
+        ) {
+            Ok(Reply::Network(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        endpoint(net.cmd(2, ep("web", "c0")));
+        net.run(Duration::from_secs(2));
+        // a3 runs: only --force removes an instance membership lists alive.
+        assert!(matches!(rm(&mut net, 0, "a3", false), Err(AgentError::NodeAlive(_))));
+        let r = rm(&mut net, 0, "a3", true).unwrap();
+        let gone = &r.removed[0];
+        assert!(gone.fenced && gone.state == "alive" && !gone.entries_deleted, "{r:?}");
+        let ring = subnet_ring(&net.agents[0], &web.id);
+        assert_eq!(ring.fenced.len(), 1, "{ring:?}");
+        // a3 learns it was removed, deletes its endpoint and confirms; the fence lifts.
+        net.run(Duration::from_secs(3));
+        assert!(net.agents[2].allocator().removed_by().is_some());
+        assert!(endpoints_of(&net.agents[0], "a3").is_empty());
+        assert!(subnet_ring(&net.agents[0], &web.id).fenced.is_empty(), "torn down: the fence is lifted");
+    }
+}
+
+#[cfg(test)]
 mod definition_tests {
     //! Network definitions across restarts of the whole cluster.
 
     use super::tests::Net;
     use super::*;
-
-    fn addr(i: u8) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, i], 7946))
-    }
-
-    /// Agent `i` crashes and comes back from its disk: cluster tables, which live in memory,
-    /// are gone with it.
-    fn reboot(net: &mut Net, i: usize) {
-        let name = net.agents[i].id().name.to_string();
-        let mut image = net.disks[i].clone();
-        let made = NodeState {
-            name: name.clone(),
-            instance: 0,
-            generation: 1,
-            ltime_hwm: 0,
-            networks: vec![],
-            sweep_pending: false,
-            definitions: vec![],
-            alloc: BTreeMap::new(),
-        };
-        for (k, v) in made.to_image() {
-            image.entry(k).or_insert(v);
-        }
-        let mut state = NodeState::from_image(&image).unwrap().unwrap();
-        state.generation = net.agents[i].id().generation + 1;
-        state.ltime_hwm = state.ltime_hwm.max(net.agents[i].gossip().ltime());
-        let mut a =
-            Agent::boot(GossipConfig::lan(8), &state, addr(i as u8 + 1), 50 + i as u64, net.now).unwrap();
-        let seeds: Vec<SocketAddr> =
-            (1..=net.agents.len() as u8).filter(|&j| j != i as u8 + 1).map(addr).collect();
-        a.join(net.now, &seeds).unwrap();
-        net.agents[i] = a;
-    }
 
     #[test]
     fn a_definition_every_holder_lost_in_a_restart_is_written_back_and_a_removal_still_wins() {
@@ -2882,7 +3063,7 @@ mod definition_tests {
         net.run(Duration::from_secs(2));
         // Every node restarts before any learned the definition back: no copy is left.
         for i in 0..3 {
-            reboot(&mut net, i);
+            net.reboot(i);
         }
         net.run(Duration::from_millis(40));
         for i in 0..3 {

@@ -17,6 +17,9 @@
 //! (the ring's change log) before anything that rests on them leaves: the rings hold their
 //! publications and answers until [`Allocator::persisted`] says the batch that carried them is
 //! durable, and a command's reply waits for its batch like any other.
+//!
+//! * **Removal** (`weft node rm`, [`removal`]): a dead instance's shares go to an heir, and a
+//!   removed instance that comes back tears down.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -36,6 +39,9 @@ use weft_ipam::{PaxosMsg, Ring, RingEntry, RingError, RingEvent, RingMsg, Seed, 
 
 use crate::agent::NetworkDef;
 use crate::error::AgentError;
+
+pub mod removal;
+pub use removal::{NodeRemoval, NodeRmReply, REMOVED_KEY, REMOVED_TABLE, RemovalMerge};
 
 /// The reserved cluster table holding ring state (seeds, claims, removals), keyed by
 /// [`RingEntry::key`]; in `cluster` for the cluster rings, in each network for its subnets.
@@ -221,6 +227,9 @@ pub struct RingReport {
     pub conflicts: usize,
     /// Why the ring cannot be used, if it cannot (a seed conflict, a removal).
     pub problem: Option<String>,
+    /// Removed nodes whose inherited blocks are held until they are down or tore down.
+    #[serde(default)]
+    pub fenced: Vec<String>,
 }
 
 /// The allocator's state for the view.
@@ -233,6 +242,9 @@ pub struct AllocReport {
     pub learner_only: bool,
     pub rings: Vec<RingReport>,
     pub stats: AllocStats,
+    /// This instance was removed (`node rm`), by whom.
+    #[serde(default)]
+    pub removed_by: Option<String>,
 }
 
 /// What a command waits for before it can allocate (the agent parks it).
@@ -307,6 +319,12 @@ pub struct Allocator {
     progress: bool,
     /// Restored endpoints not yet published again.
     republish_pending: bool,
+    /// Removal records (`node rm`), by removed `name@instance`.
+    removals: BTreeMap<String, NodeRemoval>,
+    /// This instance was removed, by whom: it allocates nothing more.
+    removed: Option<String>,
+    /// When removal records are looked at next (ms).
+    removal_check_at: u64,
     pub stats: AllocStats,
 }
 
@@ -360,6 +378,9 @@ impl Allocator {
             warned: BTreeSet::new(),
             progress: false,
             republish_pending: false,
+            removals: BTreeMap::new(),
+            removed: None,
+            removal_check_at: 0,
             stats: AllocStats::default(),
         }
     }
@@ -432,6 +453,9 @@ impl Allocator {
             let e: Endpoint = serde_json::from_slice(v).map_err(|err| format!("{k}: {err}"))?;
             self.endpoints.insert((e.network_id.clone(), e.id.clone()), e);
             self.republish_pending = true;
+        }
+        if let Some(by) = keys.get(REMOVED_KEY) {
+            self.removed = Some(String::from_utf8_lossy(by).into_owned());
         }
         for (k, v) in keys.range(OWN_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(OWN_PREFIX)) {
             let o: Owned = serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))?;
@@ -762,6 +786,9 @@ impl Allocator {
             {
                 self.definition_deleted(&t.key);
             }
+            Event::Table(t) if t.network == CLUSTER_NETWORK && t.table == REMOVED_TABLE => {
+                self.removal_event(gossip, now, t);
+            }
             Event::Message { from, data } => {
                 let Some(body) = data.strip_prefix(MSG_MAGIC) else { return };
                 let Ok(msg) = serde_json::from_slice::<AllocMsg>(body) else {
@@ -811,6 +838,7 @@ impl Allocator {
             return;
         }
         self.republish(gossip, now);
+        self.removal_tick(gossip, now);
         self.resolve_acceptors(gossip);
         self.ensure_cluster_rings(gossip, now);
         let now_ms = self.ms(now);
@@ -835,6 +863,7 @@ impl Allocator {
             // command needs it: one VNI or subnet per network lasts long).
             let low = key.0 != CLUSTER_NETWORK
                 && attached
+                && self.removed.is_none()
                 && r.is_seeded()
                 && r.removed_by().is_none()
                 && r.free_slots() < LOW_WATER
@@ -1078,6 +1107,7 @@ impl Allocator {
         vxlan: bool,
         no_ipam: bool,
     ) -> Try<NetworkAlloc> {
+        self.check_not_removed().map_err(Err)?;
         let mut subnets = subnets.to_vec();
         let mut pool_slots = Vec::new();
         let from_pool = subnets.is_empty() && !no_ipam;
@@ -1276,6 +1306,9 @@ impl Allocator {
     fn ask_share(&mut self, gossip: &GossipNode, now: Instant, key: &RingKey, low: u128) {
         let alive = Self::alive_members(gossip);
         let now_ms = self.ms(now);
+        if self.removed.is_some() {
+            return;
+        }
         let Some(r) = self.rings.get_mut(key) else { return };
         if !r.is_seeded()
             || r.removed_by().is_some()
@@ -1336,6 +1369,7 @@ impl Allocator {
         mac: Option<&str>,
         id: String,
     ) -> Try<Endpoint> {
+        self.check_not_removed().map_err(Err)?;
         let nets: Vec<Ipv4Net> = def
             .subnets
             .iter()
@@ -1553,6 +1587,7 @@ impl Allocator {
                         .get(key)
                         .cloned()
                         .or_else(|| r.removed_by().map(|b| format!("removed from this ring by {b}"))),
+                    fenced: r.fenced_from().iter().map(|f| f.to_string()).collect(),
                 }
             })
             .collect();
@@ -1563,6 +1598,7 @@ impl Allocator {
             learner_only: self.seeders.values().any(Seeder::is_learner_only),
             rings,
             stats: self.stats.clone(),
+            removed_by: self.removed.clone(),
         }
     }
 

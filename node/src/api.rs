@@ -415,6 +415,18 @@ async fn remove_endpoint(
     endpoint_reply(s.command(Command::EndpointRm { network, endpoint }).await?)
 }
 
+/// `DELETE /nodes/{name[@instance]}?force=`: `weft node rm`.
+async fn remove_node(
+    State(s): State<Shell>,
+    UrlPath(node): UrlPath<String>,
+    Query(f): Query<Flags>,
+) -> ApiResult<Json<crate::alloc::NodeRmReply>> {
+    match s.command(Command::NodeRm { node, force: f.force }).await? {
+        Reply::NodeRemoved(r) => Ok(Json(r)),
+        other => Err(ApiError(500, format!("unexpected reply {other:?}"))),
+    }
+}
+
 pub fn router(shell: Shell) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -428,6 +440,7 @@ pub fn router(shell: Shell) -> Router {
         .route("/networks/{net}/endpoints", post(create_endpoint))
         .route("/networks/{net}/endpoints/{ep}", get(inspect_endpoint).delete(remove_endpoint))
         .route("/endpoints", get(list_endpoints))
+        .route("/nodes/{node}", axum::routing::delete(remove_node))
         .route("/dump", get(dump))
         .route("/tables/{net}/{table}", post(table_load))
         .route("/tables/{net}/{table}/{key}", get(table_get).put(table_put).delete(table_rm))

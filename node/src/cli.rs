@@ -62,6 +62,9 @@ pub enum Cmd {
     /// Diagnostic writes and reads of table entries
     #[command(subcommand)]
     Table(TableCmd),
+    /// Remove dead nodes: their shares of every pool come to this node
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Start a local cluster of real agents on 127.0.0.1 and show its replicated tables
     Demo {
         /// Number of agents
@@ -196,6 +199,23 @@ pub enum EndpointCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Remove the instances of NAME that are down (or NAME@INSTANCE, the instance id or a
+    /// prefix of it, as `weft members` and `network inspect --verbose` show them): their shares
+    /// come to this node, their entries are deleted everywhere, and an instance that comes
+    /// back deletes its endpoints and allocates nothing more
+    Rm {
+        node: String,
+        /// Also remove an instance membership still sees alive (its blocks are held until it is
+        /// down or confirms its teardown)
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TableCmd {
     /// Create or update an entry
     Put {
@@ -304,6 +324,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Table(cmd) => table(host()?, cmd).await,
         Cmd::Endpoint(cmd) => endpoint(host()?, cmd).await,
+        Cmd::Node(NodeCmd::Rm { node, force, json }) => {
+            let r: crate::alloc::NodeRmReply = host()?
+                .send_json(Method::DELETE, &format!("/nodes/{}?force={force}", enc(&node)), &())
+                .await?;
+            if json {
+                outln(&serde_json::to_string_pretty(&r)?);
+            } else {
+                out(&format::node_rm(&r));
+            }
+            Ok(())
+        }
         Cmd::Demo { nodes, exit } => {
             init_logs("warn");
             crate::demo::run(nodes as usize, exit).await

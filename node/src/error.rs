@@ -46,6 +46,12 @@ pub enum AgentError {
     HasEndpoints { network: String, names: Vec<String>, hint: &'static str },
     #[error("timed out waiting for {0}")]
     WaitedTooLong(String),
+    #[error("{0}")]
+    Removed(String),
+    #[error("no such node: {0} (no instance of that name is a member or owns anything this node knows of)")]
+    NoSuchNode(String),
+    #[error("nothing removed: {0}")]
+    NodeAlive(String),
 }
 
 impl AgentError {
@@ -54,7 +60,9 @@ impl AgentError {
         match self {
             AgentError::NoSuchNetwork(_) => 404,
             AgentError::Gossip(weft_gossip::Error::EntryNotFound { .. }) => 404,
-            AgentError::NoSuchEndpoint(_) => 404,
+            AgentError::NoSuchEndpoint(_) | AgentError::NoSuchNode(_) => 404,
+            AgentError::NodeAlive(_) => 409,
+            AgentError::Removed(_) => 403,
             AgentError::NetworkExists(_) | AgentError::NetworkInUse { .. } => 409,
             AgentError::PoolOverlap { .. }
             | AgentError::EndpointExists { .. }

@@ -186,7 +186,7 @@ pub fn shares(shares: &[crate::api::Share], local: &[crate::alloc::RingReport]) 
     for r in local {
         let _ = writeln!(
             out,
-            "\nThis node in {}: owns {} ({} free, {} used, {} held back after release){}{}{}",
+            "\nThis node in {}: owns {} ({} free, {} used, {} held back after release or inheritance){}{}{}{}",
             r.ring,
             if r.owned.is_empty() { "nothing".to_string() } else { r.owned.join(", ") },
             r.free_slots,
@@ -199,6 +199,11 @@ pub fn shares(shares: &[crate::api::Share], local: &[crate::alloc::RingReport]) 
                 format!("; last time no owner had space (asked {})", r.last_no_space.join(", "))
             },
             r.problem.as_ref().map(|p| format!("; {p}")).unwrap_or_default(),
+            if r.fenced.is_empty() {
+                String::new()
+            } else {
+                format!("; blocks of {} held until down or torn down", r.fenced.join(", "))
+            },
         );
     }
     out
@@ -280,6 +285,37 @@ pub fn dump(d: &Dump, verbose: bool) -> String {
             };
             out.push_str(&table(header, &rows));
         }
+    }
+    out
+}
+
+/// `weft node rm`: a line per removed instance, its inheritances, and what was left alone.
+pub fn node_rm(r: &crate::alloc::NodeRmReply) -> String {
+    let mut out = String::new();
+    for n in &r.removed {
+        let blocks: u64 = n.rings.iter().map(|x| x.blocks).sum();
+        let _ = writeln!(
+            out,
+            "removed {} (was {}): {} block(s) of {} ring(s) now this node's{}{}",
+            n.node,
+            n.state,
+            blocks,
+            n.rings.len(),
+            if n.entries_deleted { ", its entries deleted cluster-wide" } else { "" },
+            if n.fenced { ", held until it is down or tears down" } else { "" },
+        );
+        for x in &n.rings {
+            let _ = writeln!(
+                out,
+                "  {} {}: {} block(s)",
+                x.network.get(..12).unwrap_or(&x.network),
+                x.ring,
+                x.blocks
+            );
+        }
+    }
+    for s in &r.skipped {
+        let _ = writeln!(out, "skipped {s}");
     }
     out
 }

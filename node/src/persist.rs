@@ -66,7 +66,13 @@ pub struct NodeState {
 
 /// Whether a key belongs to the allocator.
 pub fn is_alloc_key(k: &str) -> bool {
-    [crate::alloc::IPAM_PREFIX, crate::alloc::PAXOS_PREFIX, crate::alloc::EP_PREFIX, crate::alloc::OWN_PREFIX]
+    k == crate::alloc::REMOVED_KEY
+        || [
+            crate::alloc::IPAM_PREFIX,
+            crate::alloc::PAXOS_PREFIX,
+            crate::alloc::EP_PREFIX,
+            crate::alloc::OWN_PREFIX,
+        ]
         .iter()
         .any(|p| k.starts_with(p))
 }

@@ -409,6 +409,19 @@ fn alloc_metrics(out: &mut String, r: &ViewRead<'_>) {
         "Whether a ring is seeded (1), and usable (no seed conflict, not removed).",
         &|g| format!(",usable=\"{}\"}} {}", g.problem.is_none(), u8::from(g.seeded)),
     );
+    per_ring(
+        out,
+        "weft_ipam_held_back",
+        "Slots held back after a release or an inheritance, per ring.",
+        &|g| format!("}} {}", g.quarantined),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP weft_node_removed Whether this node's instance was removed from the cluster (weft node rm).
+# TYPE weft_node_removed gauge
+weft_node_removed {}",
+        u8::from(a.removed_by.is_some())
+    );
     let overlaps = crate::read::networks(r).iter().filter(|n| !n.subnet_overlap.is_empty()).count();
     let _ = writeln!(
         out,

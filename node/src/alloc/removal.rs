@@ -1,0 +1,427 @@
+//! `weft node rm`: removing a dead node's instance for good.
+//!
+//! A dead node's shares stay its own until an operator removes it. The node that runs
+//! `node rm NAME[@INSTANCE]` writes a removal record in the cluster table
+//! [`REMOVED_TABLE`] (`name@instance` -> [`NodeRemoval`]) and becomes the heir of every ring it
+//! holds in which the removed instance owns blocks (the ring's removal record wins over anything
+//! the removed node writes later); for rings of networks the remover is not attached to, the
+//! lowest-named live node attached there inherits, on seeing the record. The gossip core
+//! deletes the removed life's node-owned entries everywhere
+//! ([`GossipNode::remove_node`]).
+//!
+//! An heir hands out nothing from what it inherited for `reuse_after` (the removed host's
+//! containers may still hold those addresses). `--force` removes an instance membership still
+//! sees alive: its heirs hold the inherited blocks until it is down or confirms its teardown.
+//! A removed instance that comes back (or is still running) deletes its endpoints, allocates
+//! nothing more, says so at error level, and confirms in its removal record.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use weft_gossip::{CLUSTER_NETWORK, GossipNode, MemberState, TableEvent};
+use weft_ipam::ring::{Name, member_name};
+
+use super::{Allocator, ENDPOINT_TABLE, EP_PREFIX, RingKey, json, member_name_instance, member_of};
+use crate::error::AgentError;
+
+/// The cluster table of removed node instances: key `name@instance`.
+pub const REMOVED_TABLE: &str = "removed_nodes";
+/// The store key saying this node's instance was removed (by whom).
+pub const REMOVED_KEY: &str = "removed";
+/// How often heirs look at removal records (inheritances to take, fences to lift).
+const REMOVAL_CHECK_MS: u64 = 1_000;
+
+/// A removal record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRemoval {
+    /// The removed instance, `name@instance`.
+    pub node: String,
+    /// Who removed it, `name@instance`.
+    pub by: String,
+    /// Removed while membership saw it alive (`--force`): heirs hold what it owned until it is
+    /// down or has torn down.
+    pub force: bool,
+    /// The removed instance saw the record, deleted its endpoints and stopped allocating.
+    #[serde(default)]
+    pub torn_down: bool,
+}
+
+/// Removal records order by teardown first: a confirmation is never undone by a later removal
+/// of the same instance.
+#[derive(Debug)]
+pub struct RemovalMerge;
+
+impl weft_gossip::MergeRule for RemovalMerge {
+    fn compare(
+        &self,
+        a: &weft_gossip::VersionRef<'_>,
+        b: &weft_gossip::VersionRef<'_>,
+    ) -> std::cmp::Ordering {
+        let torn = |v: &weft_gossip::VersionRef<'_>| {
+            serde_json::from_slice::<NodeRemoval>(v.value).is_ok_and(|r| r.torn_down)
+        };
+        torn(a).cmp(&torn(b))
+    }
+}
+
+/// What `node rm` did to one instance (the reply).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedNode {
+    /// `name@instance`.
+    pub node: String,
+    /// Its state as membership saw it (`failed`, `left`, `unknown`, ... or `alive` with --force).
+    pub state: String,
+    /// Rings whose blocks came to this node.
+    pub rings: Vec<InheritedRing>,
+    /// Its entries were deleted cluster-wide now (not when its record is another instance's,
+    /// or it left already, or it may still run).
+    pub entries_deleted: bool,
+    /// Its blocks are held until it is down or has torn down (`--force` on a live instance).
+    pub fenced: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InheritedRing {
+    pub network: String,
+    pub ring: String,
+    pub blocks: u64,
+}
+
+/// The reply to `node rm`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRmReply {
+    pub removed: Vec<RemovedNode>,
+    /// Instances left alone, each with why.
+    pub skipped: Vec<String>,
+}
+
+fn state_word(s: Option<MemberState>) -> &'static str {
+    match s {
+        Some(MemberState::Alive) => "alive",
+        Some(MemberState::Suspect) => "suspect",
+        Some(MemberState::Restarting) => "restarting",
+        Some(MemberState::Failed) => "failed",
+        Some(MemberState::Left) => "left",
+        None => "unknown",
+    }
+}
+
+/// Membership's state of exactly this instance (`None`: not the instance membership knows
+/// under its name, or no member of that name).
+fn member_state(gossip: &GossipNode, m: &str) -> Option<MemberState> {
+    let name = member_name(m);
+    gossip.members().into_iter().find(|x| &*x.id.name == name && *member_of(&x.id) == *m).map(|x| x.state)
+}
+
+fn is_live(s: Option<MemberState>) -> bool {
+    matches!(s, Some(MemberState::Alive | MemberState::Suspect))
+}
+
+impl Allocator {
+    /// Why this node allocates nothing, if it was removed.
+    pub fn removed_by(&self) -> Option<&str> {
+        self.removed.as_deref()
+    }
+
+    pub(super) fn check_not_removed(&self) -> Result<(), AgentError> {
+        match &self.removed {
+            Some(by) => Err(AgentError::Removed(format!(
+                "this node's instance {} was removed from the cluster by {by} (weft node rm): it allocates \
+                 nothing more; to rejoin, start it with an empty data dir (a new instance)",
+                self.me
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// `weft node rm NAME[@INSTANCE] [--force]`: see the module docs.
+    pub fn remove_node(
+        &mut self,
+        gossip: &mut GossipNode,
+        now: Instant,
+        target: &str,
+        force: bool,
+    ) -> Result<NodeRmReply, AgentError> {
+        self.check_not_removed()?;
+        let (name, prefix) = match target.split_once('@') {
+            Some((n, i)) => (n, Some(i.to_ascii_lowercase())),
+            None => (target, None),
+        };
+        if name.is_empty()
+            || prefix.as_ref().is_some_and(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_hexdigit()))
+        {
+            return Err(AgentError::BadName(format!(
+                "node {target:?}: expected NAME or NAME@INSTANCE (hex)"
+            )));
+        }
+        // Every instance of the name this node knows: ring owners, seed owners, membership.
+        let mut known: BTreeSet<Name> = BTreeSet::new();
+        for r in self.rings.values() {
+            let st = r.state();
+            known.extend(st.ownership().into_iter().map(|(_, _, o)| o).filter(|o| member_name(o) == name));
+            if let Some(seed) = &st.seed {
+                known.extend(seed.owners.iter().filter(|o| member_name(o) == name).cloned());
+            }
+        }
+        if let Some(m) = gossip.members().into_iter().find(|m| &*m.id.name == name) {
+            known.insert(member_of(&m.id));
+        }
+        let candidates: Vec<Name> = known
+            .into_iter()
+            .filter(|k| prefix.as_ref().is_none_or(|p| member_name_instance(k).starts_with(p.as_str())))
+            .collect();
+        if candidates.is_empty() {
+            return Err(AgentError::NoSuchNode(target.to_string()));
+        }
+        if prefix.is_some() && candidates.len() > 1 {
+            let all: Vec<String> = candidates.iter().map(|c| c.to_string()).collect();
+            return Err(AgentError::BadName(format!(
+                "node {target:?} is ambiguous ({}): give more of the instance",
+                all.join(", ")
+            )));
+        }
+        let mut reply = NodeRmReply::default();
+        for m in candidates {
+            if m == self.me {
+                if prefix.is_some() {
+                    return Err(AgentError::BadName(format!(
+                        "{m} is this node itself (weft leave takes a node out of the cluster)"
+                    )));
+                }
+                reply.skipped.push(format!("{m}: this node itself"));
+                continue;
+            }
+            let state = member_state(gossip, &m);
+            let live = is_live(state);
+            if live && !force {
+                reply.skipped.push(format!(
+                    "{m}: it is {}; node rm removes only instances that are down (--force removes one that may \
+                     still be running)",
+                    state_word(state)
+                ));
+                continue;
+            }
+            let rec =
+                NodeRemoval { node: m.to_string(), by: self.me.to_string(), force: live, torn_down: false };
+            if let Err(e) = gossip.put_entry(now, CLUSTER_NETWORK, REMOVED_TABLE, &m, Bytes::from(json(&rec)))
+            {
+                tracing::warn!(node = %m, error = %e, "removal record not written");
+            }
+            self.removals.insert(m.to_string(), rec);
+            let rings = self.inherit(gossip, now, &m);
+            let entries_deleted = !live && self.delete_entries_of(gossip, now, &m);
+            tracing::warn!(node = %m, state = state_word(state), rings = rings.len(), "node removed");
+            reply.removed.push(RemovedNode {
+                node: m.to_string(),
+                state: state_word(state).into(),
+                rings,
+                entries_deleted,
+                fenced: live,
+            });
+        }
+        if reply.removed.is_empty() {
+            return Err(AgentError::NodeAlive(reply.skipped.join("; ")));
+        }
+        self.progress = true;
+        Ok(reply)
+    }
+
+    /// Deletes a removed life's node-owned entries cluster-wide (the gossip core's tombstone of
+    /// its node record). Whether it did.
+    fn delete_entries_of(&mut self, gossip: &mut GossipNode, now: Instant, m: &str) -> bool {
+        let Ok(instance) = u64::from_str_radix(member_name_instance(m), 16) else { return false };
+        match gossip.remove_node(now, member_name(m), instance) {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::debug!(node = %m, error = %e, "entries of the removed node not deleted");
+                false
+            }
+        }
+    }
+
+    /// Takes over the blocks `m` owns in the rings this node should inherit: every ring it
+    /// holds when it removed `m` itself; otherwise only rings of networks the remover is not
+    /// attached to, where the lowest-named live attached node inherits.
+    fn inherit(
+        &mut self,
+        gossip: &GossipNode,
+        now: Instant,
+        m: &Name,
+    ) -> Vec<crate::alloc::removal::InheritedRing> {
+        let Some(rec) = self.removals.get(&**m).cloned() else { return Vec::new() };
+        let mine = *rec.by == *self.me;
+        let state = member_state(gossip, m);
+        let fence = is_live(state) && !rec.torn_down;
+        let now_ms = self.ms(now);
+        let mut out = Vec::new();
+        let keys: Vec<RingKey> = self.rings.keys().cloned().collect();
+        for key in keys {
+            let r = &self.rings[&key];
+            if r.state().removed.contains_key(m)
+                || !r.state().ownership().iter().any(|(_, _, o)| o == m)
+                || r.removed_by().is_some()
+            {
+                continue;
+            }
+            if !mine {
+                if key.0 == CLUSTER_NETWORK {
+                    continue; // the remover holds every cluster ring
+                }
+                let peers = gossip.network_peers(&key.0);
+                let remover = member_name(&rec.by);
+                if peers.iter().any(|p| &*p.name == remover) {
+                    continue;
+                }
+                let lowest = peers
+                    .iter()
+                    .map(|p| &*p.name)
+                    .filter(|n| *n != member_name(m))
+                    .chain(std::iter::once(&*self.name))
+                    .min();
+                if lowest != Some(&*self.name) {
+                    continue;
+                }
+            }
+            let r = self.rings.get_mut(&key).expect("listed");
+            r.advance(now_ms);
+            match r.transfer_dead(m, fence, true) {
+                Ok(blocks) => {
+                    if fence {
+                        r.fence(m);
+                    }
+                    tracing::info!(network = %key.0, ring = %key.1, node = %m, blocks, "inherited the blocks of a removed node");
+                    out.push(InheritedRing { network: key.0.clone(), ring: key.1.clone(), blocks });
+                }
+                Err(e) => {
+                    tracing::warn!(network = %key.0, ring = %key.1, node = %m, error = %e, "cannot inherit")
+                }
+            }
+        }
+        out
+    }
+
+    /// A removal record arrived (or changed).
+    pub(super) fn removal_event(&mut self, gossip: &mut GossipNode, now: Instant, t: &TableEvent) {
+        let Some(v) = &t.value else {
+            self.removals.remove(&t.key);
+            return;
+        };
+        let Ok(rec) = serde_json::from_slice::<NodeRemoval>(v) else {
+            self.stats.bad_messages += 1;
+            return;
+        };
+        if rec.node != t.key {
+            self.stats.bad_messages += 1;
+            return;
+        }
+        self.removals.insert(t.key.clone(), rec.clone());
+        self.removal_check_at = 0;
+        if *t.key == *self.me {
+            self.tear_down(gossip, now, &rec);
+        }
+    }
+
+    /// This instance was removed: its endpoints go, nothing more is allocated, the record says
+    /// it tore down.
+    fn tear_down(&mut self, gossip: &mut GossipNode, now: Instant, rec: &NodeRemoval) {
+        let first = self.removed.is_none();
+        if first {
+            self.removed = Some(rec.by.clone());
+            self.ops.push((REMOVED_KEY.into(), Some(rec.by.clone().into_bytes())));
+            let eps: Vec<(String, String)> = self.endpoints.keys().cloned().collect();
+            for (nid, id) in &eps {
+                self.ops.push((format!("{EP_PREFIX}{nid}/{id}"), None));
+                if gossip.is_attached(nid)
+                    && let Err(e) = gossip.delete_entry(now, nid, ENDPOINT_TABLE, id)
+                {
+                    tracing::debug!(endpoint = %id, error = %e, "endpoint of a removed node not deleted");
+                }
+            }
+            self.endpoints.clear();
+            tracing::error!(
+                by = %rec.by,
+                endpoints = eps.len(),
+                "THIS NODE WAS REMOVED from the cluster (weft node rm {}): its endpoints are deleted and it \
+                 allocates nothing more; to rejoin, stop it and start it with an empty data dir (a new instance)",
+                self.me
+            );
+            self.progress = true;
+        }
+        if !rec.torn_down {
+            let done = NodeRemoval { torn_down: true, ..rec.clone() };
+            self.removals.insert(done.node.clone(), done.clone());
+            if let Err(e) =
+                gossip.put_entry(now, CLUSTER_NETWORK, REMOVED_TABLE, &done.node, Bytes::from(json(&done)))
+            {
+                tracing::debug!(error = %e, "teardown not confirmed");
+            }
+        }
+    }
+
+    /// Timers of removals: inheritances this node should take (rings of networks the remover
+    /// is not attached to, rings attached since), fences to lift, a removal of this very
+    /// instance learned while booting.
+    pub(super) fn removal_tick(&mut self, gossip: &mut GossipNode, now: Instant) {
+        if self.removals.is_empty() && !self.rings.values().any(|r| !r.fenced_from().is_empty()) {
+            return;
+        }
+        let now_ms = self.ms(now);
+        if now_ms < self.removal_check_at {
+            return;
+        }
+        self.removal_check_at = now_ms + REMOVAL_CHECK_MS;
+        if let Some(rec) = self.removals.get(&*self.me).cloned() {
+            self.tear_down(gossip, now, &rec);
+        }
+        if self.removed.is_some() {
+            return;
+        }
+        let removed: Vec<String> = self.removals.keys().cloned().collect();
+        for m in removed {
+            self.inherit(gossip, now, &Name::from(m.as_str()));
+        }
+        // Fences end when the instance is down (a reuse_after hold follows) or tore down.
+        let mut lift: BTreeMap<Name, u64> = BTreeMap::new();
+        for r in self.rings.values() {
+            for f in r.fenced_from() {
+                if lift.contains_key(&f) {
+                    continue;
+                }
+                if self.removals.get(&*f).is_some_and(|x| x.torn_down) {
+                    lift.insert(f, now_ms);
+                } else if !is_live(member_state(gossip, &f)) {
+                    lift.insert(f, now_ms.saturating_add(self.cfg.reuse_after.as_millis() as u64));
+                }
+            }
+        }
+        for (f, until) in lift {
+            tracing::info!(node = %f, "a removed node is down or tore down: the blocks it owned are no longer fenced");
+            for r in self.rings.values_mut() {
+                r.lift_hold(&f, until);
+            }
+            if !self.removals.get(&*f).is_some_and(|x| x.torn_down) {
+                self.delete_entries_of(gossip, now, &f);
+            }
+        }
+    }
+}
+
+/// Decodes removal records for dumps.
+#[derive(Debug)]
+pub struct Removals;
+
+impl weft_gossip::TableWatcher for Removals {
+    fn event_notify(&mut self, _: &str, _: &str, _: &str, _: Option<&[u8]>, _: Option<&[u8]>) {}
+
+    fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
+        let mut m = BTreeMap::new();
+        if let Ok(r) = serde_json::from_slice::<NodeRemoval>(value) {
+            m.insert("removed by".into(), r.by);
+            m.insert("forced".into(), r.force.to_string());
+            m.insert("torn down".into(), r.torn_down.to_string());
+        }
+        (key.to_string(), m)
+    }
+}
