@@ -131,3 +131,34 @@ fn a_restart_announced_within_the_grace_keeps_entries_live_and_one_past_it_hides
     }
     c.check().unwrap();
 }
+
+#[test]
+fn a_reinstalled_host_whose_clock_stepped_back_drops_its_earlier_instances_networks_it_did_not_rejoin() {
+    let mut c = AgentCluster::new(5, 13, Config::lan(5), NetModel::default());
+    let seeds: Vec<_> = (0..2).map(|i| c.nodes[i].addr).collect();
+    for i in 0..5 {
+        c.join(i, &seeds);
+    }
+    c.run_for(Duration::from_secs(3));
+    let net = c.define_network(0, "net1");
+    for i in 1..5 {
+        c.attach(i, &net);
+    }
+    c.write(3, &net, "endpoints", "old", Some(b("from the old disk"))).unwrap();
+    c.run_for(Duration::from_secs(5));
+    // Node 3's host is reinstalled, its wall clock an hour behind, and it does not attach net1
+    // again: its earlier instance's attachment and entries there must go all the same.
+    c.wipe(3);
+    c.nodes[3].wall_offset_ms = -3_600_000;
+    c.restart(3, &[0, 1]);
+    c.run_for(Duration::from_secs(30));
+    assert_eq!(c.node(3).stats().identity_moves, 1, "it moved above its earlier life");
+    for i in 0..5 {
+        assert!(c.live(i, &net, "endpoints").is_empty(), "node {i} still holds the earlier instance's entry");
+        assert!(
+            !c.node(i).network_peers(&net).iter().any(|p| &*p.name == "node-0003") || i == 3,
+            "node {i} still counts node 3 attached"
+        );
+    }
+    c.check().unwrap();
+}

@@ -262,6 +262,25 @@ impl GossipNode {
         detached.max(left)
     }
 
+    /// Every attachment under this node's name of an earlier life to a network this life is
+    /// not on: to be detached after the grace.
+    pub(super) fn mark_stale_self_attachments(&mut self, now: Instant) {
+        let me = self.id.name.clone();
+        let stale: Vec<String> = self
+            .attach
+            .index
+            .iter()
+            .filter(|(net, by)| {
+                by.get(&*me).is_some_and(|a| a.attached && a.generation < self.id.generation)
+                    && !self.networks.contains_key(*net)
+            })
+            .map(|(net, _)| net.clone())
+            .collect();
+        for network in stale {
+            self.attach.stale_self.entry(network).or_insert(now + SELF_DETACH_GRACE);
+        }
+    }
+
     pub(super) fn detach_stale_self_attachments(&mut self, now: Instant) {
         if self.attach.stale_self.is_empty() || self.membership.left {
             return;

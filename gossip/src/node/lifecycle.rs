@@ -377,6 +377,9 @@ impl GossipNode {
         }
         self.id = next;
         self.write_node_record(now, NodeStatus::Up);
+        // Attachments of the earlier life to networks this one is not on were not stale while
+        // that life was above this one; now they are (or its entries there would stay forever).
+        self.mark_stale_self_attachments(now);
         let nets: Vec<String> = self.networks.keys().filter(|n| *n != CLUSTER_NETWORK).cloned().collect();
         for n in nets {
             self.write_attachment(now, &n, true);
