@@ -399,10 +399,11 @@ pub struct RingDurable {
     /// after the cursor went round the share.
     #[serde(default)]
     pub cursor: u128,
-    /// Inherited slot ranges held back until the agent lifts the fence (a `node rm --force` of
-    /// an instance that may still run): `(first slot, end, removed node)`.
+    /// Inherited slot ranges held back: `(first slot, end, removed node, fenced)`. Read back
+    /// after a restart, a fenced range (`node rm --force` of an instance that may still run)
+    /// stays held until the agent lifts the fence, any other for a whole `reuse_after` again.
     #[serde(default)]
-    pub fenced: Vec<(u128, u128, Name)>,
+    pub held: Vec<(u128, u128, Name, bool)>,
 }
 
 /// A donor's memory of its last answer to one requester.
@@ -493,7 +494,7 @@ impl Ring {
             served: BTreeMap::new(),
             served_count: 0,
             cursor: 0,
-            fenced: Vec::new(),
+            held: Vec::new(),
         };
         Ring::from_durable(d)
     }
@@ -557,7 +558,14 @@ impl Ring {
             dirty_pages: BTreeSet::new(),
         };
         ring.dirty_pages = ring.d.alloc.iter().map(|s| s / PAGE_SLOTS).collect();
-        ring.held = ring.d.fenced.iter().map(|(s, e, from)| (*s, *e, from.clone(), u64::MAX)).collect();
+        ring.held = ring
+            .d
+            .held
+            .iter()
+            .map(|(s, e, from, fenced)| {
+                (*s, *e, from.clone(), if *fenced { u64::MAX } else { REUSE_AFTER_MS })
+            })
+            .collect();
         ring.rebuild_owned();
         ring
     }
@@ -662,7 +670,7 @@ impl Ring {
             served: d.served.clone(),
             served_count: d.served_count,
             cursor: 0,
-            fenced: d.fenced.clone(),
+            held: d.held.clone(),
         }
     }
 
@@ -717,13 +725,13 @@ impl Ring {
         if self.d.removed_by.is_some() {
             return 0;
         }
-        self.owned
-            .iter()
-            .map(|&(s, e)| {
-                let reserved = self.d.reserved.range(s..e).count() as u128;
-                (e - s) - self.d.alloc.count_in(s, e) - reserved
-            })
-            .sum()
+        let free_in = |s: u128, e: u128| {
+            let reserved = self.d.reserved.range(s..e).count() as u128;
+            (e - s) - self.d.alloc.count_in(s, e) - reserved
+        };
+        let all: u128 = self.owned.iter().map(|&(s, e)| free_in(s, e)).sum();
+        // Inherited slots held back are not free to hand out (nor to give away).
+        all.saturating_sub(self.held())
     }
 
     /// This node's allocations.
@@ -1039,7 +1047,13 @@ impl Ring {
         let until = self.now_ms.saturating_add(self.reuse_after_ms);
         for (s, e, from) in takes {
             let (lo, hi) = (self.d.space.slots(s).0, self.d.space.slots(e - 1).1);
-            self.held.push((lo, hi, from, until));
+            match self.held.iter_mut().find(|h| (h.0, h.1) == (lo, hi) && h.2 == from) {
+                Some(h) => h.3 = h.3.max(until),
+                None => {
+                    self.d.held.push((lo, hi, from.clone(), false));
+                    self.held.push((lo, hi, from, until));
+                }
+            }
             self.d.state.blocks.rewrite(s, e, |old| Record {
                 epoch: old.epoch + 1,
                 lineage: me.clone(),
@@ -1259,7 +1273,10 @@ impl Ring {
             self.quarantine.retain(|_, t| *t > now);
         }
         self.quarantine_ranges.retain(|q| q.2 > now);
-        self.held.retain(|q| q.3 > now);
+        if self.held.iter().any(|q| q.3 <= now) {
+            self.held.retain(|q| q.3 > now);
+            self.sync_held();
+        }
         if self.restart_hold.is_some_and(|t| t <= now) {
             self.restart_hold = None;
         }
@@ -1531,38 +1548,64 @@ impl Ring {
             any = true;
         }
         if any {
-            self.d.fenced =
-                self.held.iter().filter(|h| h.3 == u64::MAX).map(|h| (h.0, h.1, h.2.clone())).collect();
-            self.touch();
+            self.sync_held();
         }
+    }
+
+    /// The persisted form of the holds, after they changed.
+    fn sync_held(&mut self) {
+        self.d.held = self.held.iter().map(|h| (h.0, h.1, h.2.clone(), h.3 == u64::MAX)).collect();
+        self.touch();
+    }
+
+    /// Whether blocks inherited from some node are fenced.
+    pub fn has_fence(&self) -> bool {
+        self.d.held.iter().any(|h| h.3)
     }
 
     /// The nodes whose inherited blocks are fenced.
     pub fn fenced_from(&self) -> BTreeSet<Name> {
-        self.d.fenced.iter().map(|f| f.2.clone()).collect()
+        self.d.held.iter().filter(|h| h.3).map(|h| h.2.clone()).collect()
     }
 
     /// Ends the fence on blocks inherited from `from`: they are held until `until_ms` (now +
     /// `reuse_after` once that instance is down; now once it confirmed its teardown).
     pub fn lift_hold(&mut self, from: &Name, until_ms: u64) {
-        for h in self.held.iter_mut().filter(|h| h.2 == *from) {
-            h.3 = h.3.min(until_ms);
-        }
-        let before = self.d.fenced.len();
-        self.d.fenced.retain(|f| f.2 != *from);
-        if self.d.fenced.len() != before {
-            self.touch();
-        }
         let now = self.now_ms;
+        let before = self.held.len();
+        let mut changed = false;
+        for h in self.held.iter_mut().filter(|h| h.2 == *from && h.3 > until_ms) {
+            h.3 = until_ms;
+            changed = true;
+        }
         self.held.retain(|q| q.3 > now);
+        if changed || self.held.len() != before {
+            self.sync_held();
+        }
     }
 
-    /// Inherited slots held back now (not handed out whatever else is free).
+    /// Inherited slots held back now: owned, neither allocated nor reserved, and not handed
+    /// out whatever else is free ([`Ring::free_slots`] leaves them out).
     pub fn held(&self) -> u128 {
-        self.held
+        if self.d.removed_by.is_some() {
+            return 0;
+        }
+        // The union of the ranges held now (one block may be inherited twice).
+        let mut ranges: Vec<(u128, u128)> =
+            self.held.iter().filter(|h| h.3 > self.now_ms).map(|h| (h.0, h.1)).collect();
+        ranges.sort_unstable();
+        let mut union: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
+        for (s, e) in ranges {
+            match union.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => union.push((s, e)),
+            }
+        }
+        union
             .iter()
-            .filter(|q| q.3 > self.now_ms)
-            .map(|&(s, e, _, _)| (e - s) - self.d.alloc.count_in(s, e))
+            .flat_map(|h| self.owned.iter().map(move |&(s, e)| (s.max(h.0), e.min(h.1))))
+            .filter(|(s, e)| s < e)
+            .map(|(s, e)| (e - s) - self.d.alloc.count_in(s, e) - self.d.reserved.range(s..e).count() as u128)
             .sum()
     }
 }

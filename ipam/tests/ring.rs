@@ -760,9 +760,15 @@ fn an_heir_hands_out_nothing_it_inherited_until_the_hold_ends_and_a_fence_surviv
     assert!(matches!(a.allocate(Some(200)), Err(RingError::Held { .. })), "not even asked for by name");
     a.advance(REUSE_AFTER_MS - 1);
     assert!(a.allocate(None).is_err());
+    // A restart does not shorten the hold: it starts over.
+    write_changes(a, &mut disk, &mut meta);
+    let mut a = from_disk(&disk, &meta);
+    a.advance(REUSE_AFTER_MS - 1);
+    assert!(a.allocate(None).is_err(), "held again after the restart");
     a.advance(REUSE_AFTER_MS);
     let slot = a.allocate(None).unwrap();
     assert!(slot >= 128, "after reuse_after the inherited blocks are a's: {slot}");
+    assert_eq!(a.held(), 0);
 
     // Forced: fenced, whatever the clock says, across a restart, until lifted.
     let mut rings = seeded(&["a@1", "b@1"], &["a@1", "b@1"]);
