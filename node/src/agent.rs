@@ -379,6 +379,9 @@ pub struct Agent {
     defs_changed: bool,
     /// Attached networks whose definition the cluster held no trace of at the last check.
     defs_missing: std::collections::BTreeSet<String>,
+    /// Networks this node created whose definition the synced cluster holds no trace of, and
+    /// that nobody is attached to, since when.
+    created_absent: BTreeMap<String, Instant>,
     persist: Persist,
     /// Attached networks as last staged for the store, sorted.
     staged_networks: Vec<String>,
@@ -471,6 +474,7 @@ impl Agent {
             restored: BTreeMap::new(),
             defs_changed: false,
             defs_missing: Default::default(),
+            created_absent: BTreeMap::new(),
             persist: Persist::new(state),
             staged_networks: state
                 .networks
@@ -661,10 +665,13 @@ impl Agent {
             self.defs_checked_at = Some(now);
             self.detach_removed_networks(now);
             self.republish_lost_definitions(now);
+            self.note_absent_creations(now);
             let g = &self.gossip;
+            let (absent, reap) = (&self.created_absent, self.gossip.config().reap_after);
             self.alloc.reconcile(&|nid| {
                 g.entry(CLUSTER_NETWORK, NETWORKS_TABLE, nid)
                     .is_some_and(|e| matches!(e.state, EntryState::Tombstone { .. }))
+                    || absent.get(nid).is_some_and(|t| now.saturating_duration_since(*t) >= reap)
             });
         }
         let (expired, waiting): (Vec<AllocParked>, Vec<AllocParked>) =
@@ -1105,6 +1112,31 @@ impl Agent {
             if let Err(e) = self.gossip.create_entry(now, CLUSTER_NETWORK, NETWORKS_TABLE, &id, value) {
                 tracing::debug!(network = %id, error = %e, "definition not written back");
             }
+        }
+    }
+
+    /// A network this node created whose definition went while it was down, and whose
+    /// tombstone was reaped before it came back, leaves no delete to see. It counts as removed
+    /// (its VNIs and pool subnet are released) once the synced cluster has held no trace of
+    /// it, and no node has been attached to it, for `reap_after`: a network in use has
+    /// attached nodes, and they write its definition back if the cluster lost it.
+    fn note_absent_creations(&mut self, now: Instant) {
+        if !self.gossip.has_synced(CLUSTER_NETWORK) {
+            return;
+        }
+        let absent: Vec<String> = self
+            .alloc
+            .created_networks()
+            .filter(|nid| {
+                self.gossip.entry(CLUSTER_NETWORK, NETWORKS_TABLE, nid).is_none()
+                    && !self.gossip.is_attached(nid)
+                    && self.gossip.network_peer_count(nid) == 0
+            })
+            .map(str::to_string)
+            .collect();
+        self.created_absent.retain(|k, _| absent.contains(k));
+        for nid in absent {
+            self.created_absent.entry(nid).or_insert(now);
         }
     }
 
@@ -1793,6 +1825,7 @@ pub(crate) mod tests {
         pub disks: Vec<BTreeMap<String, Vec<u8>>>,
         /// Agents that are down: no timers, nothing in or out.
         pub down: std::collections::BTreeSet<usize>,
+        cfg: GossipConfig,
         next_id: CommandId,
     }
 
@@ -1801,7 +1834,7 @@ pub(crate) mod tests {
             Net::with_cfg(n, GossipConfig::lan(8))
         }
 
-        fn with_cfg(n: u8, cfg: GossipConfig) -> Net {
+        pub fn with_cfg(n: u8, cfg: GossipConfig) -> Net {
             let now = Instant::now();
             let agents = (1..=n)
                 .map(|i| {
@@ -1817,6 +1850,7 @@ pub(crate) mod tests {
                 replies: Vec::new(),
                 disks,
                 down: Default::default(),
+                cfg: cfg.clone(),
                 next_id: 1,
             };
             // The first founds the cluster (no seeds), the others join it.
@@ -1914,8 +1948,8 @@ pub(crate) mod tests {
             let mut state = NodeState::from_image(&image).unwrap().unwrap();
             state.generation = self.agents[i].id().generation + 1;
             state.ltime_hwm = state.ltime_hwm.max(self.agents[i].gossip().ltime());
-            let mut a = Agent::boot(GossipConfig::lan(8), &state, addr(i as u8 + 1), 50 + i as u64, self.now)
-                .unwrap();
+            let mut a =
+                Agent::boot(self.cfg.clone(), &state, addr(i as u8 + 1), 50 + i as u64, self.now).unwrap();
             let seeds: Vec<SocketAddr> =
                 (1..=self.agents.len() as u8).filter(|&j| j != i as u8 + 1).map(addr).collect();
             a.join(self.now, &seeds).unwrap();
@@ -3040,6 +3074,57 @@ mod removal_tests {
         assert!(net.agents[2].allocator().removed_by().is_some());
         assert!(endpoints_of(&net.agents[0], "a3").is_empty());
         assert!(subnet_ring(&net.agents[0], &web.id).fenced.is_empty(), "torn down: the fence is lifted");
+    }
+}
+
+#[cfg(test)]
+mod reconcile_tests {
+    //! What a creator gives back for a network removed while it was away.
+
+    use super::tests::Net;
+    use super::*;
+
+    fn allocated(a: &Agent, ring: &str) -> u128 {
+        let rings = a.allocator().report().rings;
+        rings.iter().find(|r| r.network == CLUSTER_NETWORK && r.ring == ring).map_or(0, |r| r.allocated)
+    }
+
+    #[test]
+    fn a_creator_back_after_its_networks_tombstone_was_reaped_gives_back_its_vni_and_subnet() {
+        let cfg = GossipConfig { reap_after: Duration::from_secs(10), ..GossipConfig::lan(8) };
+        let mut net = Net::with_cfg(3, cfg);
+        let create = Command::CreateNetwork {
+            name: "web".into(),
+            driver: "overlay".into(),
+            subnets: vec![],
+            gateway: None,
+        };
+        let def = match net.cmd(1, create) {
+            Ok(Reply::Network(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((allocated(&net.agents[1], "vni"), allocated(&net.agents[1], "pool")), (1, 1));
+        // The creator goes down; the network is removed and its tombstone reaped meanwhile.
+        net.down.insert(1);
+        net.run(Duration::from_secs(15));
+        let now = net.now;
+        net.agents[0].remove_network(now, &def.id, true).unwrap();
+        net.run(Duration::from_secs(30));
+        assert!(net.agents[0].gossip().entry(CLUSTER_NETWORK, NETWORKS_TABLE, &def.id).is_none(), "reaped");
+        // Back from its disk: nothing says the network went. It stays attached and flagged (the
+        // cluster may only have lost the definition) until the operator detaches it; then
+        // nobody holds it or is on it.
+        net.reboot(1);
+        net.run(Duration::from_secs(15));
+        assert_eq!(net.agents[1].without_def(), vec![def.id.clone()]);
+        assert_eq!(allocated(&net.agents[1], "vni"), 1, "kept while attached");
+        let now = net.now;
+        net.agents[1].detach(now, &def.id).unwrap();
+        net.run(Duration::from_secs(5));
+        assert_eq!(allocated(&net.agents[1], "vni"), 1, "not at once: the cluster may only have lost it");
+        net.run(Duration::from_secs(10));
+        assert_eq!((allocated(&net.agents[1], "vni"), allocated(&net.agents[1], "pool")), (0, 0));
+        assert!(net.disks[1].keys().all(|k| !k.starts_with(crate::alloc::OWN_PREFIX)));
     }
 }
 

@@ -41,7 +41,7 @@ use crate::agent::NetworkDef;
 use crate::error::AgentError;
 
 pub mod removal;
-pub use removal::{NodeRemoval, NodeRmReply, REMOVED_KEY, REMOVED_TABLE, RemovalMerge};
+pub use removal::{NodeRemoval, NodeRmReply, REMOVALS_PREFIX, REMOVED_KEY, REMOVED_TABLE, RemovalMerge};
 
 /// The reserved cluster table holding ring state (seeds, claims, removals), keyed by
 /// [`RingEntry::key`]; in `cluster` for the cluster rings, in each network for its subnets.
@@ -325,6 +325,8 @@ pub struct Allocator {
     removed: Option<String>,
     /// When removal records are looked at next (ms).
     removal_check_at: u64,
+    /// Removal records read back from the store, not yet checked against the cluster table.
+    removals_unpublished: bool,
     pub stats: AllocStats,
 }
 
@@ -381,6 +383,7 @@ impl Allocator {
             removals: BTreeMap::new(),
             removed: None,
             removal_check_at: 0,
+            removals_unpublished: false,
             stats: AllocStats::default(),
         }
     }
@@ -456,6 +459,13 @@ impl Allocator {
         }
         if let Some(by) = keys.get(REMOVED_KEY) {
             self.removed = Some(String::from_utf8_lossy(by).into_owned());
+        }
+        for (k, v) in
+            keys.range(REMOVALS_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(REMOVALS_PREFIX))
+        {
+            let r: NodeRemoval = serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))?;
+            self.removals.insert(r.node.clone(), r);
+            self.removals_unpublished = true;
         }
         for (k, v) in keys.range(OWN_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(OWN_PREFIX)) {
             let o: Owned = serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))?;
@@ -968,10 +978,13 @@ impl Allocator {
                     network = %key.0, ring = %key.1, blocks, to = %to, allocated,
                     "blocks this node owned went to another node"
                 ),
-                RingEvent::Removed { by } => tracing::error!(
-                    network = %key.0, ring = %key.1, by = %by,
-                    "this node was removed from the ring: it allocates nothing more from it"
-                ),
+                RingEvent::Removed { by } => {
+                    tracing::error!(
+                        network = %key.0, ring = %key.1, by = %by,
+                        "this node was removed from the ring: it allocates nothing more from it"
+                    );
+                    self.removed_from_ring(gossip, now, &by);
+                }
                 RingEvent::NoSpace { asked } => {
                     self.stats.no_space += 1;
                     self.progress = true;
@@ -1170,9 +1183,11 @@ impl Allocator {
                 Err(RingError::Exhausted { .. }) => {
                     let r = self.rings.get(&key).expect("ready");
                     return Err(Err(AgentError::Exhausted(format!(
-                        "no free subnet in the default address pool: this node's share ({} subnets) is used \
-                         up; node rm of departed nodes or a network rm frees some",
-                        r.owned().iter().map(|(s, e)| e - s).sum::<u128>()
+                        "no free subnet in the default address pool: this node's share ({} subnets, {} of them \
+                         held back after a release or an inheritance) is used up; node rm of departed nodes \
+                         or a network rm frees some",
+                        r.owned().iter().map(|(s, e)| e - s).sum::<u128>(),
+                        r.quarantined()
                     ))));
                 }
                 Err(e) => {
@@ -1283,6 +1298,11 @@ impl Allocator {
         for nid in gone {
             self.definition_deleted(&nid);
         }
+    }
+
+    /// Networks this node created (it holds what they took from the cluster rings).
+    pub fn created_networks(&self) -> impl Iterator<Item = &str> {
+        self.owned.keys().map(String::as_str)
     }
 
     /// This node attaches to a network: it makes the network's subnet rings (learning their

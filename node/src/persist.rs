@@ -72,6 +72,7 @@ pub fn is_alloc_key(k: &str) -> bool {
             crate::alloc::PAXOS_PREFIX,
             crate::alloc::EP_PREFIX,
             crate::alloc::OWN_PREFIX,
+            crate::alloc::REMOVALS_PREFIX,
         ]
         .iter()
         .any(|p| k.starts_with(p))

@@ -601,8 +601,10 @@ impl<H: Host> Sim<H> {
     }
 
     /// A graceful stop waits for the store (as the shell's `settle`): what was in flight lands
-    /// and what waited for it goes out, then the process is gone.
-    fn settle(&mut self, i: usize) {
+    /// and what waited for it goes out, then the process is gone. Also what a command run with
+    /// `apply` waits for before its caller counts it acknowledged (the shell replies only once
+    /// the batch carrying the change is durable).
+    pub fn settle(&mut self, i: usize) {
         // Landing a batch may release outputs that stage another: until nothing is in flight.
         for _ in 0..16 {
             let Some(last) = self.nodes[i].in_flight.last().map(|b| b.seq) else { return };

@@ -21,17 +21,27 @@
 //!   second none of its earlier instance's; once the crashed node is back, its entries are
 //!   live again everywhere.
 //!
-//! (No address or VNI checker yet: the IPAM ring is not wired into the agent.)
+//! * **allocation** (all along, and at the end): endpoints are created and removed in an
+//!   addressed network, networks taking their subnet and VNI from the cluster rings are
+//!   created and removed, and now and then a node that crashed stays down and is removed
+//!   (`node rm`) by another. No address is held by two endpoints (a down node's endpoints, as
+//!   its disk holds them, count while it is down; a removed one's for `reuse_after` after its
+//!   removal), every endpoint a node acknowledged and did not remove is still its (unless its
+//!   data dir was wiped or it was removed), and no VNI or subnet is held by two networks. At
+//!   the end every node holds the acknowledged endpoints, and a removed node that came back
+//!   holds none and allocates nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 use weft_gossip::Config;
+use weft_node::alloc::Endpoint;
+use weft_node::{Agent, AgentError, Command, Reply};
 
-use crate::cluster::{NetModel, Sim, mix};
+use crate::cluster::{AgentCluster, NetModel, Sim, mix};
 use crate::host::Host;
 use crate::scenarios::T;
 
@@ -60,6 +70,14 @@ pub struct SoakReport {
     pub restarts: usize,
     /// Reinstalls: the data dir wiped, the host back as a new instance.
     pub wipes: usize,
+    /// Endpoints created (acknowledged) and removed.
+    pub endpoints: usize,
+    pub endpoints_removed: usize,
+    /// Networks created from the cluster rings (subnet and VNI), and removed.
+    pub networks_created: usize,
+    pub networks_removed: usize,
+    /// Crashed nodes removed with `node rm` while they stayed down.
+    pub node_rms: usize,
     /// Whether the lifecycle epilogue ran (5 nodes or more).
     pub lifecycle_checked: bool,
     pub partitions: usize,
@@ -71,7 +89,7 @@ pub struct SoakReport {
 impl SoakReport {
     /// What the soak did, as (count, what) pairs in a fixed order (the line `weft-sim soak`
     /// prints and the columns of its CSV).
-    pub fn counts(&self) -> [(usize, &'static str); 9] {
+    pub fn counts(&self) -> [(usize, &'static str); 14] {
         [
             (self.writes, "writes"),
             (self.deletes, "deletes"),
@@ -82,6 +100,11 @@ impl SoakReport {
             (self.leaves, "leaves"),
             (self.wipes, "reinstalls"),
             (self.partitions, "partitions"),
+            (self.endpoints, "endpoints"),
+            (self.endpoints_removed, "endpoints removed"),
+            (self.networks_created, "pool networks"),
+            (self.networks_removed, "pool networks removed"),
+            (self.node_rms, "node rms"),
         ]
     }
 }
@@ -96,8 +119,185 @@ pub fn bound(cfg: &Config) -> Duration {
     m.suspect_to_down_after + m.probe_period * 2 + cfg.rejoin_interval + down_announce + cfg.sync_interval * 4
 }
 
+/// The allocation load's ledger.
+#[derive(Default)]
+struct Alloc {
+    /// The addressed network.
+    net: String,
+    /// Acknowledged endpoints not removed: id -> (node, address).
+    acked: BTreeMap<String, (usize, String)>,
+    /// Networks created from the cluster rings.
+    pool_nets: Vec<String>,
+    /// A crashed node that stays down until it is removed, and the nodes removed, with when.
+    stay_down: Option<usize>,
+    removed: BTreeMap<usize, Duration>,
+    seq: u64,
+}
+
+/// Runs a command on node `i`; a success counts once the batch carrying it is durable (as the
+/// shell's reply waits for it).
+fn apply(c: &mut AgentCluster, i: usize, cmd: Command) -> Result<Reply, AgentError> {
+    let r = c.with(i, |n, now| n.apply(now, cmd));
+    if r.is_ok() {
+        c.settle(i);
+    }
+    r
+}
+
+/// Endpoints node `i` holds as its own: the running agent's, or its disk's while it is down.
+fn own_endpoints(c: &AgentCluster, i: usize, nid: &str) -> Vec<Endpoint> {
+    match c.nodes[i].node.as_ref() {
+        Some(a) => a.allocator().local_endpoints(nid).into_iter().cloned().collect(),
+        None => {
+            let prefix = format!("{}{nid}/", weft_node::alloc::EP_PREFIX);
+            c.nodes[i]
+                .disk
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .filter_map(|(_, v)| serde_json::from_slice(v).ok())
+                .collect()
+        }
+    }
+}
+
+/// The allocation checker (see the module doc).
+fn check_alloc(c: &AgentCluster, a: &Alloc) -> Result<(), String> {
+    let reuse = weft_node::alloc::AllocConfig::default().reuse_after;
+    let now = c.elapsed();
+    let mut by_ip: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut held: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    for i in 0..c.nodes.len() {
+        // A removed node's addresses are the heir's to hand out once `reuse_after` is over.
+        if c.nodes[i].node.is_none() && a.removed.get(&i).is_some_and(|t| now >= *t + reuse) {
+            continue;
+        }
+        for e in own_endpoints(c, i, &a.net) {
+            by_ip.entry(e.ipv4.clone()).or_default().push(format!("{} on node {i}", e.name));
+            held.insert(e.id.clone(), (i, e.ipv4.clone()));
+        }
+    }
+    if let Some((ip, who)) = by_ip.iter().find(|(_, w)| w.len() > 1) {
+        return Err(format!("allocation: address {ip} held by {who:?}"));
+    }
+    for (id, (i, ip)) in &a.acked {
+        if held.get(id) != Some(&(*i, ip.clone())) {
+            return Err(format!("allocation: acknowledged endpoint {id} ({ip} on node {i}) lost"));
+        }
+    }
+    // No VNI and no pool subnet in two networks, as any up node sees the definitions.
+    let mut vnis: BTreeMap<String, String> = BTreeMap::new();
+    let mut subnets: BTreeMap<String, String> = BTreeMap::new();
+    for i in (0..c.nodes.len()).filter(|&i| c.nodes[i].node.is_some()) {
+        for n in weft_node::read::networks(c.host(i)) {
+            if !a.pool_nets.contains(&n.def.id) {
+                continue;
+            }
+            let list = n.def.options.get(weft_node::alloc::VXLANID_OPTION).cloned().unwrap_or_default();
+            for v in list.split(',').filter(|v| !v.is_empty()) {
+                if let Some(other) = vnis.insert(v.to_string(), n.def.id.clone())
+                    && other != n.def.id
+                {
+                    return Err(format!("allocation: VNI {v} in networks {other} and {}", n.def.id));
+                }
+            }
+            for sn in &n.def.subnets {
+                if let Some(other) = subnets.insert(sn.clone(), n.def.id.clone())
+                    && other != n.def.id
+                {
+                    return Err(format!("allocation: subnet {sn} in networks {other} and {}", n.def.id));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One step of the allocation load on node `i` (up): create or remove an endpoint, create or
+/// remove a network from the cluster rings.
+fn alloc_step(
+    c: &mut AgentCluster,
+    a: &mut Alloc,
+    r: &mut SoakReport,
+    rng: &mut Xoshiro256PlusPlus,
+    i: usize,
+) -> Result<(), String> {
+    a.seq += 1;
+    match rng.random_range(0..10) {
+        0..6 => {
+            let cmd = Command::EndpointCreate {
+                network: a.net.clone(),
+                name: format!("e{}", a.seq),
+                ip: None,
+                mac: None,
+            };
+            match apply(c, i, cmd) {
+                Ok(Reply::Endpoint(e)) => {
+                    a.acked.insert(e.id.clone(), (i, e.ipv4.clone()));
+                    r.endpoints += 1;
+                }
+                // A share on its way, the definition not back after a restart, nobody reachable
+                // with space, this node removed: nothing acknowledged.
+                Err(
+                    AgentError::WaitedTooLong(_)
+                    | AgentError::NoSuchNetwork(_)
+                    | AgentError::NoAddress(_)
+                    | AgentError::Exhausted(_)
+                    | AgentError::Removed(_),
+                ) => {}
+                other => return Err(format!("endpoint create on node {i}: {other:?}")),
+            }
+        }
+        6..9 => {
+            let mine: Vec<String> =
+                a.acked.iter().filter(|(_, (m, _))| *m == i).map(|(k, _)| k.clone()).collect();
+            if let Some(id) = mine.get(rng.random_range(0..mine.len().max(1))).cloned() {
+                match apply(c, i, Command::EndpointRm { network: a.net.clone(), endpoint: id.clone() }) {
+                    Ok(_) => {
+                        a.acked.remove(&id);
+                        r.endpoints_removed += 1;
+                    }
+                    Err(AgentError::NoSuchNetwork(_)) => {}
+                    other => return Err(format!("endpoint rm on node {i}: {other:?}")),
+                }
+            }
+        }
+        _ => {
+            if a.pool_nets.len() < 3 || rng.random_bool(0.4) {
+                let cmd = Command::CreateNetwork {
+                    name: format!("pool{}", a.seq),
+                    driver: "overlay".into(),
+                    subnets: Vec::new(),
+                    gateway: None,
+                };
+                match apply(c, i, cmd) {
+                    Ok(Reply::Network(d)) => {
+                        a.pool_nets.push(d.id);
+                        r.networks_created += 1;
+                    }
+                    // The rings not seeded yet (acceptors down or cut off), a share on its way,
+                    // nothing free within reach, this node removed.
+                    Err(AgentError::WaitedTooLong(_) | AgentError::Exhausted(_) | AgentError::Removed(_)) => {
+                    }
+                    other => return Err(format!("network create on node {i}: {other:?}")),
+                }
+            } else {
+                let k = rng.random_range(0..a.pool_nets.len());
+                match apply(c, i, Command::RemoveNetwork { network: a.pool_nets[k].clone(), force: true }) {
+                    Ok(_) => {
+                        // (Kept in the checker's list: a removed definition is not listed.)
+                        r.networks_removed += 1;
+                    }
+                    Err(AgentError::NoSuchNetwork(_)) => {}
+                    other => return Err(format!("network rm on node {i}: {other:?}")),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs one soak; the error names the seed and the first checker that failed.
-pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
+pub fn soak(o: &SoakOptions) -> Result<SoakReport, String> {
     let n = o.nodes;
     let seed = o.seed;
     let fail = |what: String| format!("soak seed {seed}, {n} nodes: {what}");
@@ -106,7 +306,7 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
     }
     let cfg = Config::lan(n as u32);
     let limit = bound(&cfg);
-    let mut c = Sim::<H>::new(n, seed, cfg, NetModel::default());
+    let mut c = AgentCluster::new(n, seed, cfg, NetModel::default());
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(mix(seed, 0x50a4));
     let seeds: Vec<usize> = (0..n.min(3)).collect();
     let seed_addrs: Vec<_> = seeds.iter().map(|&i| c.nodes[i].addr).collect();
@@ -116,6 +316,17 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
     c.run_for(Duration::from_secs(3));
     let nets: Vec<String> = (0..o.networks).map(|k| c.define_network(0, &format!("net{k}"))).collect();
     let mut report = SoakReport { seed, ..SoakReport::default() };
+    // The addressed network: a /22 owned by node 0 at first, shared out by donation.
+    let addressed = Command::CreateNetwork {
+        name: "addressed".into(),
+        driver: "soak".into(),
+        subnets: vec!["10.250.0.0/22".into()],
+        gateway: None,
+    };
+    let mut alloc = match apply(&mut c, 0, addressed) {
+        Ok(Reply::Network(d)) => Alloc { net: d.id, ..Alloc::default() },
+        other => return Err(fail(format!("the addressed network: {other:?}"))),
+    };
     // Nodes down (crashed or left) and when they come back.
     let mut down: BTreeMap<usize, Duration> = BTreeMap::new();
     // When the current partition or network fault ends.
@@ -139,10 +350,28 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
             down.remove(&i);
             c.restart(i, &seeds);
         }
+        // The node that stays down is removed by an up node once that one sees it down.
+        if let Some(j) = alloc.stay_down
+            && let Some(by) = (0..n).find(|&k| c.is_up(k))
+        {
+            let member = format!("{}@{:016x}", c.nodes[j].name, c.nodes[j].instance);
+            match apply(&mut c, by, Command::NodeRm { node: member.clone(), force: false }) {
+                Ok(_) => {
+                    alloc.stay_down = None;
+                    alloc.removed.insert(j, now);
+                    alloc.acked.retain(|_, (owner, _)| *owner != j);
+                    report.node_rms += 1;
+                }
+                // Not seen down yet, or this node was removed itself.
+                Err(AgentError::NodeAlive(_) | AgentError::Removed(_) | AgentError::NoSuchNode(_)) => {}
+                Err(e) => return Err(fail(format!("node rm {member} on node {by}: {e}"))),
+            }
+        }
         let i = rng.random_range(0..n);
         if !c.is_up(i) {
             continue;
         }
+        let stay = usize::from(alloc.stay_down.is_some());
         match rng.random_range(0..100) {
             0..45 => {
                 // Write, update or delete one of the node's own keys on a network it is on.
@@ -172,7 +401,7 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
                     report.attaches += 1;
                 }
             }
-            60..68 if down.len() + 1 < n / 2 + 1 => {
+            60..68 if down.len() + stay + 1 < n / 2 + 1 => {
                 // A crash (seeds included), a stop for a restart, a clean leave or a reinstall;
                 // back after 1-20 s under a new generation.
                 match rng.random_range(0..20) {
@@ -188,8 +417,16 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
                         c.leave(i);
                         report.leaves += 1;
                     }
+                    17..20 if alloc.stay_down.is_none() && !alloc.removed.contains_key(&i) && n >= 4 => {
+                        // Crashed for good: it stays down until another node removes it.
+                        c.crash(i);
+                        report.crashes += 1;
+                        alloc.stay_down = Some(i);
+                        continue;
+                    }
                     _ => {
                         c.wipe(i);
+                        alloc.acked.retain(|_, (owner, _)| *owner != i);
                         // Sometimes the reinstalled host's wall clock is behind.
                         if rng.random_bool(0.5) {
                             c.nodes[i].wall_offset_ms = -rng.random_range(0..3_600_000);
@@ -227,13 +464,22 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
             84..88 => c.set_clock_rate(i, rng.random_range(0.95..1.05)),
             _ => {}
         }
+        // The allocation load, on an up node.
+        let j = rng.random_range(0..n);
+        if c.is_up(j) && rng.random_bool(0.6) {
+            alloc_step(&mut c, &mut alloc, &mut report, &mut rng, j).map_err(&fail)?;
+        }
         // The watcher contract and durability, all along.
         c.check().map_err(fail)?;
+        check_alloc(&c, &alloc).map_err(fail)?;
     }
     // The faults stop: heal, calm the network, bring every node back.
     c.heal();
     c.net = NetModel::default();
-    for i in std::mem::take(&mut down).into_keys() {
+    let removed_down = alloc.removed.keys().copied().filter(|&i| c.nodes[i].node.is_none());
+    let back: BTreeSet<usize> =
+        std::mem::take(&mut down).into_keys().chain(alloc.stay_down.take()).chain(removed_down).collect();
+    for i in back {
         c.restart(i, &seeds);
     }
     let stop = c.elapsed();
@@ -250,12 +496,64 @@ pub fn soak<H: Host>(o: &SoakOptions) -> Result<SoakReport, String> {
     }
     c.check().map_err(fail)?;
     report.converged_after = c.elapsed() - stop;
+    alloc_end(&mut c, &alloc, limit).map_err(fail)?;
     if n >= 5 {
         lifecycle(&mut c, &nets[0], &seeds, limit).map_err(fail)?;
         report.lifecycle_checked = true;
     }
     report.trace = c.trace_hash();
     Ok(report)
+}
+
+/// The end of the allocation load: every node attached to the addressed network holds exactly
+/// the acknowledged endpoints, and removed nodes hold none and allocate nothing.
+fn alloc_end(c: &mut AgentCluster, a: &Alloc, limit: Duration) -> Result<(), String> {
+    let want: BTreeSet<&String> = a.acked.keys().collect();
+    let torn_down = |c: &AgentCluster, i: usize| {
+        let agent: &Agent = c.host(i);
+        agent.allocator().removed_by().is_some() && agent.allocator().local_endpoints(&a.net).is_empty()
+    };
+    let agreed = c.run_until(c.now() + limit, |c| {
+        a.removed.keys().all(|&i| torn_down(c, i))
+            && (0..c.nodes.len()).all(|i| {
+                !c.node(i).is_attached(&a.net)
+                    || weft_node::read::endpoints(c.host(i), Some(&a.net))
+                        .is_ok_and(|seen| seen.iter().map(|e| &e.id).collect::<BTreeSet<_>>() == want)
+            })
+    });
+    check_alloc(c, a)?;
+    if let Some(&i) = a.removed.keys().find(|&&i| !torn_down(c, i)) {
+        return Err(format!("allocation: removed node {i} came back and did not tear down within {limit:?}"));
+    }
+    if !agreed {
+        let bad = (0..c.nodes.len())
+            .find(|&i| {
+                c.node(i).is_attached(&a.net)
+                    && !weft_node::read::endpoints(c.host(i), Some(&a.net))
+                        .is_ok_and(|seen| seen.iter().map(|e| &e.id).collect::<BTreeSet<_>>() == want)
+            })
+            .unwrap_or(0);
+        let seen = weft_node::read::endpoints(c.host(bad), Some(&a.net)).unwrap_or_default();
+        let extra: Vec<String> = seen
+            .iter()
+            .filter(|e| !want.contains(&e.id))
+            .map(|e| format!("{} of {}@{}", e.name, e.node, e.instance))
+            .collect();
+        let ids: BTreeSet<&String> = seen.iter().map(|e| &e.id).collect();
+        let missing: Vec<String> = a
+            .acked
+            .iter()
+            .filter(|(id, _)| !ids.contains(id))
+            .map(|(id, (i, ip))| format!("{id:.8} ({ip} on node {i})"))
+            .collect();
+        return Err(format!(
+            "allocation: node {bad} lists {} endpoints of the addressed network, {} acknowledged; not acknowledged: {extra:?}; missing: {missing:?}",
+            seen.len(),
+            want.len()
+        ));
+    }
+
+    Ok(())
 }
 
 /// Live entries `key` at every up node attached to `net` (`want`: live at all of them, or at

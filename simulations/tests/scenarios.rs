@@ -106,6 +106,7 @@ fn a_cluster_forms_and_publishes_in_the_scale_run() {
 fn fifty_soak_seeds_pass_every_checker() {
     use weft_sim::soak::{SoakOptions, soak};
     let (mut faults, mut lives, mut lifecycle) = (0, 0, 0);
+    let (mut endpoints, mut pool_networks, mut node_rms) = (0, 0, 0);
     for seed in 1..=50 {
         let o = SoakOptions {
             nodes: 4 + (seed as usize % 5),
@@ -113,12 +114,18 @@ fn fifty_soak_seeds_pass_every_checker() {
             duration: Duration::from_secs(40),
             networks: 2,
         };
-        let r = soak::<Agent>(&o).unwrap_or_else(|e| panic!("{e}"));
+        let r = soak(&o).unwrap_or_else(|e| panic!("{e}"));
         assert!(r.writes > 0, "seed {seed} wrote nothing");
         faults += r.crashes + r.leaves + r.partitions;
         lives += r.restarts + r.wipes;
         lifecycle += usize::from(r.lifecycle_checked);
+        endpoints += r.endpoints;
+        pool_networks += r.networks_created;
+        node_rms += r.node_rms;
     }
+    assert!(endpoints > 200, "endpoints created under the faults: {endpoints}");
+    assert!(pool_networks > 20, "networks given a subnet and a VNI by the cluster rings: {pool_networks}");
+    assert!(node_rms > 10, "crashed nodes removed while down: {node_rms}");
     assert!(faults > 100, "the soak injected faults: {faults}");
     assert!(lives > 20, "announced restarts and reinstalls: {lives}");
     assert_eq!(lifecycle, 40, "the lifecycle epilogue ran on every cluster of 5 nodes or more");

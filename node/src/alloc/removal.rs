@@ -21,6 +21,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use weft_gossip::{CLUSTER_NETWORK, GossipNode, MemberState, TableEvent};
+use weft_ipam::Ring;
 use weft_ipam::ring::{Name, member_name};
 
 use super::{Allocator, ENDPOINT_TABLE, EP_PREFIX, RingKey, json, member_name_instance, member_of};
@@ -30,6 +31,9 @@ use crate::error::AgentError;
 pub const REMOVED_TABLE: &str = "removed_nodes";
 /// The store key saying this node's instance was removed (by whom).
 pub const REMOVED_KEY: &str = "removed";
+/// Store keys of the removal records this node knows (`removals/<name@instance>`): cluster
+/// tables live in memory, so every node keeps them and writes back those the cluster lost.
+pub const REMOVALS_PREFIX: &str = "removals/";
 /// How often heirs look at removal records (inheritances to take, fences to lift).
 const REMOVAL_CHECK_MS: u64 = 1_000;
 
@@ -209,6 +213,7 @@ impl Allocator {
             {
                 tracing::warn!(node = %m, error = %e, "removal record not written");
             }
+            self.ops.push((format!("{REMOVALS_PREFIX}{m}"), Some(json(&rec))));
             self.removals.insert(m.to_string(), rec);
             let rings = self.inherit(gossip, now, &m);
             let entries_deleted = !live && self.delete_entries_of(gossip, now, &m);
@@ -316,11 +321,27 @@ impl Allocator {
             self.stats.bad_messages += 1;
             return;
         }
+        if self.removals.get(&t.key) != Some(&rec) {
+            self.ops.push((format!("{REMOVALS_PREFIX}{}", t.key), Some(json(&rec))));
+        }
         self.removals.insert(t.key.clone(), rec.clone());
         self.removal_check_at = 0;
         if *t.key == *self.me {
             self.tear_down(gossip, now, &rec);
         }
+    }
+
+    /// A ring says this instance was removed from it (its removal record in the cluster table
+    /// may be lost): the same as the record.
+    pub(super) fn removed_from_ring(&mut self, gossip: &mut GossipNode, now: Instant, by: &str) {
+        let rec = self.removals.get(&*self.me).cloned().unwrap_or_else(|| NodeRemoval {
+            node: self.me.to_string(),
+            by: by.to_string(),
+            force: false,
+            torn_down: false,
+        });
+        self.removals.insert(rec.node.clone(), rec.clone());
+        self.tear_down(gossip, now, &rec);
     }
 
     /// This instance was removed: its endpoints go, nothing more is allocated, the record says
@@ -351,6 +372,7 @@ impl Allocator {
         }
         if !rec.torn_down {
             let done = NodeRemoval { torn_down: true, ..rec.clone() };
+            self.ops.push((format!("{REMOVALS_PREFIX}{}", done.node), Some(json(&done))));
             self.removals.insert(done.node.clone(), done.clone());
             if let Err(e) =
                 gossip.put_entry(now, CLUSTER_NETWORK, REMOVED_TABLE, &done.node, Bytes::from(json(&done)))
@@ -364,7 +386,7 @@ impl Allocator {
     /// is not attached to, rings attached since), fences to lift, a removal of this very
     /// instance learned while booting.
     pub(super) fn removal_tick(&mut self, gossip: &mut GossipNode, now: Instant) {
-        if self.removals.is_empty() && !self.rings.values().any(|r| !r.fenced_from().is_empty()) {
+        if self.removals.is_empty() && !self.rings.values().any(Ring::has_fence) {
             return;
         }
         let now_ms = self.ms(now);
@@ -372,6 +394,19 @@ impl Allocator {
             return;
         }
         self.removal_check_at = now_ms + REMOVAL_CHECK_MS;
+        // Records the cluster lost (every holder restarted): written back from the store, once
+        // the cluster table has synced.
+        if self.removals_unpublished && gossip.has_synced(CLUSTER_NETWORK) {
+            self.removals_unpublished = false;
+            for (m, rec) in &self.removals {
+                if gossip.entry(CLUSTER_NETWORK, REMOVED_TABLE, m).is_none()
+                    && let Err(e) =
+                        gossip.put_entry(now, CLUSTER_NETWORK, REMOVED_TABLE, m, Bytes::from(json(rec)))
+                {
+                    tracing::debug!(node = %m, error = %e, "removal record not written back");
+                }
+            }
+        }
         if let Some(rec) = self.removals.get(&*self.me).cloned() {
             self.tear_down(gossip, now, &rec);
         }

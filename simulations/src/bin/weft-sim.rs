@@ -573,11 +573,11 @@ fn run(cmd: Cmd) -> Result<(), Failure> {
             let (mut failed, mut rows) = (Vec::new(), Vec::new());
             for s in seed..seed + seeds {
                 let o = SoakOptions { nodes, seed: s, duration: Duration::from_secs(duration_s), networks };
-                let run = soak::<Agent>(&o).and_then(|r| {
+                let run = soak(&o).and_then(|r| {
                     if !check_determinism {
                         return Ok(r);
                     }
-                    let again = soak::<Agent>(&o)?;
+                    let again = soak(&o)?;
                     if again.trace != r.trace {
                         return Err(format!(
                             "two runs of the same seed differ (trace {:016x} vs {:016x})",
