@@ -3046,6 +3046,52 @@ mod removal_tests {
     }
 
     #[test]
+    fn a_reinstalled_host_takes_back_its_earlier_instances_share_with_node_rm_name_at_old() {
+        let mut net = Net::new(3);
+        let web = match net.cmd(
+            0,
+            Command::CreateNetwork {
+                name: "web".into(),
+                driver: "test".into(),
+                subnets: vec!["10.9.2.0/26".into()],
+                gateway: None,
+            },
+        ) {
+            Ok(Reply::Network(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        let old: Vec<Endpoint> = (0..3).map(|k| endpoint(net.cmd(2, ep("web", &format!("o{k}"))))).collect();
+        net.run(Duration::from_secs(1));
+        let old_member = net.agents[2].allocator().report().member;
+        // a3's host is reinstalled: same name and address, a new instance with an empty disk.
+        let generation = net.agents[2].id().generation + 1;
+        let id = NodeId::new("a3", SocketAddr::from(([127, 0, 0, 3], 7946)), generation).with_instance(7);
+        let mut fresh = Agent::new(GossipConfig::lan(8), id, 77, 0, net.now).unwrap();
+        fresh.join(net.now, &[SocketAddr::from(([127, 0, 0, 1], 7946))]).unwrap();
+        net.agents[2] = fresh;
+        net.disks[2].clear();
+        net.run(Duration::from_secs(5));
+        endpoint(net.cmd(2, ep("web", "n0")));
+        let before = subnet_ring(&net.agents[2], &web.id).owned_blocks;
+        // Only the earlier instance can be meant: the live one is this node itself.
+        let e = rm(&mut net, 2, "a3@0000000000000007", false).unwrap_err();
+        assert!(e.to_string().contains("this node itself"), "{e}");
+        let r = rm(&mut net, 2, &old_member, false).unwrap();
+        assert_eq!(r.removed.len(), 1, "{r:?}");
+        let blocks: u64 = r.removed[0].rings.iter().filter(|x| x.network == web.id).map(|x| x.blocks).sum();
+        assert!(blocks > 0, "{r:?}");
+        assert_eq!(subnet_ring(&net.agents[2], &web.id).owned_blocks, before + blocks);
+        // The earlier instance's addresses are held back: the new one does not hand them out.
+        let mut k = 1;
+        while let Ok(Reply::Endpoint(e)) = net.cmd(2, ep("web", &format!("n{k}"))) {
+            assert!(old.iter().all(|o| o.ipv4 != e.ipv4), "{} handed out again at once", e.ipv4);
+            k += 1;
+            assert!(k < 64, "more endpoints than addresses");
+        }
+        assert!(k > 3, "the new instance allocated {k}");
+    }
+
+    #[test]
     fn a_forced_removal_of_a_running_instance_holds_its_blocks_until_it_tears_down() {
         let mut net = Net::new(3);
         let web = match net.cmd(

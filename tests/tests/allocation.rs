@@ -1,7 +1,8 @@
 //! Allocation across real agents: endpoints created concurrently on three agents while one of
 //! them is killed with SIGKILL at random moments and restarted, several rounds; afterwards no
-//! address is held by two endpoints and every acknowledged endpoint exists. And two networks
-//! created at once on two nodes without `--subnet` get different subnets and VNIs.
+//! address is held by two endpoints and every acknowledged endpoint exists. Two networks
+//! created at once on two nodes without `--subnet` get different subnets and VNIs. A node
+//! killed for good is removed with `weft node rm` and tears down when it comes back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -222,6 +223,10 @@ fn endpoints_created_through_sigkills_are_never_duplicated_and_never_lost() {
             );
         }
     }
+    // The network's definition survived the rolling kills (written back if the cluster lost it).
+    wait_until("every agent resolves the network by name", LONG, || {
+        agents.iter().all(|a| a.cli(&["network", "inspect", "web"]).status.success())
+    });
 }
 
 #[test]
@@ -261,4 +266,65 @@ fn two_networks_created_at_once_on_two_nodes_get_different_subnets_and_vnis() {
     assert_ne!(vni(&defs[0]), vni(&defs[1]), "{defs:?}");
     assert!(!vni(&defs[0]).is_empty() && !subnet(&defs[0]).is_empty(), "{defs:?}");
     assert!(defs.iter().all(|d| d["subnet_overlap"].is_null()), "flagged as overlapping: {defs:?}");
+}
+
+#[test]
+fn a_node_killed_for_good_is_removed_with_the_cli_and_tears_down_when_it_comes_back() {
+    let _serial = serial();
+    let root = TempDir::new("alloc-noderm");
+    let mut agents = three(&root, 33);
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(agents[0].cli(&["network", "create", "web", "--subnet", "10.33.0.0/24"]));
+    wait_until("n2 knows web", LONG, || agents[1].cli(&["network", "inspect", "web"]).status.success());
+    ok(agents[1].cli(&["network", "attach", "web"]));
+    let mine = agents[2].json(&["endpoint", "create", "web", "c1", "--json"]);
+    assert_eq!(mine["node"], "n3", "{mine}");
+    // A live node is never removed: one line says why.
+    let out = agents[0].cli(&["node", "rm", "n3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("alive") && err.trim().lines().count() == 1, "{err}");
+    let out = agents[0].cli(&["node", "rm", "nobody"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such node"), "{out:?}");
+
+    agents[2].kill9();
+    wait_until("n1 sees n3 down", LONG, || {
+        agents[0].state_of("n3").is_some_and(|s| s != "alive" && s != "suspect")
+    });
+    let said = ok(agents[0].cli(&["node", "rm", "n3"]));
+    assert!(said.starts_with("removed n3@") && said.contains("entries deleted cluster-wide"), "{said}");
+    // Its endpoint is gone everywhere, not hidden until it returns.
+    let nid = mine["network_id"].as_str().expect("network id").to_string();
+    wait_until("n2 holds n3's endpoint as a tombstone", LONG, || {
+        let theirs: Vec<String> = agents[1]
+            .entries(&nid, "endpoint_table")
+            .into_iter()
+            .filter(|(_, owner, _, _)| owner == "n3")
+            .map(|(_, _, state, _)| state)
+            .collect();
+        !theirs.is_empty() && theirs.iter().all(|s| s == "tombstone")
+    });
+
+    // n3 comes back from its data dir: it tears down, says so, and allocates nothing.
+    agents[2].start_again();
+    wait_until("n3 knows it was removed", LONG, || agents[2].metric("weft_node_removed") == Some(1.0));
+    let out = agents[2].cli(&["endpoint", "create", "web", "c2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("was removed from the cluster by n1@"), "{err}");
+    assert!(agents[2].log().contains("THIS NODE WAS REMOVED"), "not said loudly");
+    let left = agents[2].json(&["endpoint", "ls", "--json"]);
+    assert!(left.as_array().is_some_and(|a| a.iter().all(|e| e["node"] != "n3")), "{left}");
+
+    // Reinstalled (an empty data dir): a new instance that allocates again.
+    agents[2].kill9();
+    agents[2].wipe_data_dir();
+    agents[2].start_again();
+    wait_until("the new n3 is up and knows web", LONG, || {
+        alive_count(&agents[0]) == 3 && agents[2].cli(&["network", "inspect", "web"]).status.success()
+    });
+    let again = agents[2].json(&["endpoint", "create", "web", "c3", "--json"]);
+    assert_eq!(again["node"], "n3", "{again}");
+    assert_ne!(again["ipv4"], mine["ipv4"], "the removed instance's address is held back");
 }
