@@ -327,6 +327,8 @@ pub struct Allocator {
     removal_check_at: u64,
     /// Removal records read back from the store, not yet checked against the cluster table.
     removals_unpublished: bool,
+    /// (removed member, ring) pairs with nothing left to inherit.
+    inherit_checked: BTreeSet<(String, RingKey)>,
     pub stats: AllocStats,
 }
 
@@ -384,6 +386,7 @@ impl Allocator {
             removed: None,
             removal_check_at: 0,
             removals_unpublished: false,
+            inherit_checked: BTreeSet::new(),
             stats: AllocStats::default(),
         }
     }
@@ -1354,6 +1357,7 @@ impl Allocator {
     pub fn network_removed(&mut self, nid: &str, stored: Vec<String>) {
         self.rings.retain(|k, _| k.0 != nid);
         self.endpoints.retain(|k, _| k.0 != nid);
+        self.inherit_checked.retain(|(_, k)| k.0 != nid);
         // Changes staged later for what was just dropped must not bring keys back.
         let prefixes = Self::network_prefixes(nid);
         self.ops.retain(|(k, _)| !prefixes.iter().any(|p| k.starts_with(p.as_str())));

@@ -257,17 +257,25 @@ impl Allocator {
     ) -> Vec<crate::alloc::removal::InheritedRing> {
         let Some(rec) = self.removals.get(&**m).cloned() else { return Vec::new() };
         let mine = *rec.by == *self.me;
-        let state = member_state(gossip, m);
-        let fence = is_live(state) && !rec.torn_down;
+        let fence = std::cell::OnceCell::new();
         let now_ms = self.ms(now);
         let mut out = Vec::new();
         let keys: Vec<RingKey> = self.rings.keys().cloned().collect();
         for key in keys {
+            // A ring is looked at until the removal is on its record or `m` owns nothing in
+            // it (a removed instance never gains blocks): not every second for ever.
+            let done = (m.to_string(), key.clone());
+            if self.inherit_checked.contains(&done) {
+                continue;
+            }
             let r = &self.rings[&key];
             if r.state().removed.contains_key(m)
                 || !r.state().ownership().iter().any(|(_, _, o)| o == m)
                 || r.removed_by().is_some()
             {
+                if r.is_seeded() {
+                    self.inherit_checked.insert(done);
+                }
                 continue;
             }
             if !mine {
@@ -289,6 +297,7 @@ impl Allocator {
                     continue;
                 }
             }
+            let fence = *fence.get_or_init(|| is_live(member_state(gossip, m)) && !rec.torn_down);
             let r = self.rings.get_mut(&key).expect("listed");
             r.advance(now_ms);
             match r.transfer_dead(m, fence, true) {
