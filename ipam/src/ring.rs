@@ -1099,7 +1099,17 @@ impl Ring {
     /// worth nothing to a requester, so it is never counted free or donated).
     fn block_is_free(&self, b: u32) -> bool {
         let (s, e) = self.d.space.slots(b);
-        self.d.alloc.count_in(s, e) == 0 && (e - s) > self.d.reserved.range(s..e).count() as u128
+        self.d.alloc.count_in(s, e) == 0
+            && (e - s) > self.d.reserved.range(s..e).count() as u128
+            && !self.held.iter().any(|h| h.0 < e && s < h.1 && h.3 > self.now_ms)
+    }
+
+    /// Counts the free blocks again (after holds began or ended).
+    fn recount_free_blocks(&mut self) {
+        let sp = &self.d.space;
+        let blocks: Vec<u32> =
+            self.owned.iter().flat_map(|&(lo, hi)| sp.block_of(lo)..=sp.block_of(hi - 1)).collect();
+        self.free_blocks = blocks.into_iter().filter(|&b| self.block_is_free(b)).count() as u64;
     }
 
     /// Publishes this node's claims: the records it wrote or owns that still win, and its free
@@ -1556,6 +1566,36 @@ impl Ring {
     fn sync_held(&mut self) {
         self.d.held = self.held.iter().map(|h| (h.0, h.1, h.2.clone(), h.3 == u64::MAX)).collect();
         self.touch();
+        self.recount_free_blocks();
+        self.maybe_publish_free();
+    }
+
+    /// Whether any inherited range is still held back (its slots' users are being adopted).
+    pub fn has_holds(&self) -> bool {
+        self.held.iter().any(|h| h.3 > self.now_ms)
+    }
+
+    /// Marks `slot` allocated when it lies in an inherited range this node owns and is free:
+    /// something that outlives its allocator (a live network's VNI or subnet, a gateway) still
+    /// uses it. Whether it did.
+    pub fn adopt(&mut self, slot: u128) -> bool {
+        if slot >= self.d.space.size
+            || !self.owns_slot(slot)
+            || self.d.alloc.is_set(slot)
+            || self.d.reserved.contains(&slot)
+            || !self.held.iter().any(|h| h.0 <= slot && slot < h.1)
+        {
+            return false;
+        }
+        let b = self.d.space.block_of(slot);
+        let was_free = self.block_is_free(b);
+        self.d.alloc.set(slot);
+        self.touch_slot(slot);
+        if was_free {
+            self.free_blocks = self.free_blocks.saturating_sub(1);
+            self.maybe_publish_free();
+        }
+        true
     }
 
     /// Whether blocks inherited from some node are fenced.

@@ -1093,6 +1093,7 @@ impl Agent {
             .into_iter()
             .filter(|id| {
                 self.restored.contains_key(id)
+                    && !self.alloc.is_gone(id)
                     && self.gossip.entry(CLUSTER_NETWORK, NETWORKS_TABLE, id).is_none()
                     && self.gossip.network_peer_count(id) > 0
             })
@@ -2840,8 +2841,13 @@ mod alloc_tests {
         network(net.cmd(1, Command::RemoveNetwork { network: "n".into(), force: true }));
         net.run(Duration::from_secs(2));
         for (i, disk) in net.disks.iter().enumerate() {
-            let left: Vec<&String> = disk.keys().filter(|k| k.contains(&def.id)).collect();
+            // Only the note that the id is gone (so nobody brings the definition back).
+            let left: Vec<&String> = disk
+                .keys()
+                .filter(|k| k.contains(&def.id) && !k.starts_with(crate::alloc::GONE_PREFIX))
+                .collect();
             assert!(left.is_empty(), "node {i} kept {left:?}");
+            assert!(disk.contains_key(&format!("{}{}", crate::alloc::GONE_PREFIX, def.id)), "node {i}");
             let mut state =
                 NodeState::from_image(&with_identity(disk, &format!("a{}", i + 1))).unwrap().unwrap();
             state.generation += 1;
@@ -2986,7 +2992,8 @@ mod removal_tests {
         let e = rm(&mut net, 0, "a2", false).unwrap_err();
         assert!(matches!(e, AgentError::NodeAlive(_)), "{e}");
         assert!(e.to_string().contains("a2@") && e.to_string().contains("alive"), "{e}");
-        assert!(matches!(rm(&mut net, 0, "a1", false), Err(AgentError::NodeAlive(_))));
+        let e = rm(&mut net, 0, "a1", false).unwrap_err();
+        assert!(matches!(e, AgentError::BadName(_)) && e.to_string().contains("this node itself"), "{e}");
         assert!(matches!(rm(&mut net, 0, "zz", false), Err(AgentError::NoSuchNode(_))));
         assert!(matches!(rm(&mut net, 0, "a3@xyz", false), Err(AgentError::BadName(_))));
 
@@ -3092,6 +3099,59 @@ mod removal_tests {
     }
 
     #[test]
+    fn the_heir_adopts_a_removed_creators_vni_and_gateway_and_releases_the_vni_with_the_network() {
+        let mut net = Net::new(3);
+        let overlay = Command::CreateNetwork {
+            name: "old".into(),
+            driver: "overlay".into(),
+            subnets: vec![],
+            gateway: None,
+        };
+        let old = match net.cmd(1, overlay) {
+            Ok(Reply::Network(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        let web = match net.cmd(
+            1,
+            Command::CreateNetwork {
+                name: "web".into(),
+                driver: "test".into(),
+                subnets: vec!["10.9.3.0/24".into()],
+                gateway: None,
+            },
+        ) {
+            Ok(Reply::Network(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        net.run(Duration::from_secs(1));
+        let now = net.now;
+        net.agents[0].attach(now, "web").unwrap();
+        net.run(Duration::from_secs(2));
+        let vni_allocated = |a: &Agent| {
+            let rings = a.allocator().report().rings;
+            rings.iter().find(|r| r.network == CLUSTER_NETWORK && r.ring == "vni").map_or(0, |r| r.allocated)
+        };
+        let before = (vni_allocated(&net.agents[0]), subnet_ring(&net.agents[0], &web.id).allocated);
+        // a2 (creator of both) dies and a1 removes it: a1 inherits the VNI block holding old's
+        // VNI and web's whole subnet, gateway included.
+        net.down.insert(1);
+        net.run(Duration::from_secs(20));
+        rm(&mut net, 0, "a2", false).unwrap();
+        net.run(Duration::from_secs(2));
+        let after = (vni_allocated(&net.agents[0]), subnet_ring(&net.agents[0], &web.id).allocated);
+        assert_eq!(
+            after,
+            (before.0 + 1, before.1 + 1),
+            "old's VNI and web's gateway are a1's allocations now"
+        );
+        // a1 now releases old's VNI when old is removed.
+        let now = net.now;
+        net.agents[0].remove_network(now, &old.id, true).unwrap();
+        net.run(Duration::from_secs(1));
+        assert_eq!(vni_allocated(&net.agents[0]), before.0, "released with the network");
+    }
+
+    #[test]
     fn a_forced_removal_of_a_running_instance_holds_its_blocks_until_it_tears_down() {
         let mut net = Net::new(3);
         let web = match net.cmd(
@@ -3180,6 +3240,39 @@ mod definition_tests {
 
     use super::tests::Net;
     use super::*;
+
+    #[test]
+    fn two_nodes_away_past_a_networks_reaping_do_not_bring_it_back() {
+        let cfg = GossipConfig { reap_after: Duration::from_secs(10), ..GossipConfig::lan(8) };
+        let mut net = Net::with_cfg(3, cfg);
+        let now = net.now;
+        let def = net.agents[1].create_net(now, "web", "test", &["172.29.2.0/24".into()], None).unwrap();
+        net.run(Duration::from_secs(1));
+        for i in [0, 2] {
+            let now = net.now;
+            net.agents[i].attach(now, "web").unwrap();
+        }
+        net.run(Duration::from_secs(2));
+        // a1 and a3 are down while the network is removed and its tombstone reaped.
+        net.down.extend([0, 2]);
+        net.run(Duration::from_secs(20));
+        let now = net.now;
+        net.agents[1].remove_network(now, "web", true).unwrap();
+        net.run(Duration::from_secs(30));
+        assert!(net.agents[1].gossip().entry(CLUSTER_NETWORK, NETWORKS_TABLE, &def.id).is_none(), "reaped");
+        // Back, each sees the other attached and writes the definition back; a2 remembers the
+        // id is gone and deletes it again, and they detach.
+        // a2 restarts too: it keeps only the note that the id is gone (not even a queued event).
+        net.reboot(1);
+        net.run(Duration::from_secs(3));
+        net.reboot(0);
+        net.reboot(2);
+        net.run(Duration::from_secs(10));
+        for i in 0..3 {
+            assert!(read::resolve(&net.agents[i], "web").is_err(), "agent {i} sees the removed network");
+            assert!(net.agents[i].attached_networks().is_empty(), "agent {i} still attached");
+        }
+    }
 
     #[test]
     fn a_definition_every_holder_lost_in_a_restart_is_written_back_and_a_removal_still_wins() {

@@ -70,6 +70,9 @@ pub const IPAM_PREFIX: &str = "ipam/";
 pub const PAXOS_PREFIX: &str = "paxos/";
 pub const EP_PREFIX: &str = "ep/";
 pub const OWN_PREFIX: &str = "own/";
+/// Store keys of network ids seen removed (`gone/<id>`): a definition written back under one
+/// (by nodes that were away past its tombstone's reaping) is deleted again.
+pub const GONE_PREFIX: &str = "gone/";
 
 const MSG_MAGIC: &[u8] = b"weft-ipam\x01";
 
@@ -329,6 +332,8 @@ pub struct Allocator {
     removals_unpublished: bool,
     /// (removed member, ring) pairs with nothing left to inherit.
     inherit_checked: BTreeSet<(String, RingKey)>,
+    /// Network ids seen removed (persisted under [`GONE_PREFIX`]).
+    gone: BTreeSet<String>,
     pub stats: AllocStats,
 }
 
@@ -387,6 +392,7 @@ impl Allocator {
             removal_check_at: 0,
             removals_unpublished: false,
             inherit_checked: BTreeSet::new(),
+            gone: BTreeSet::new(),
             stats: AllocStats::default(),
         }
     }
@@ -469,6 +475,9 @@ impl Allocator {
             let r: NodeRemoval = serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))?;
             self.removals.insert(r.node.clone(), r);
             self.removals_unpublished = true;
+        }
+        for (k, _) in keys.range(GONE_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(GONE_PREFIX)) {
+            self.gone.insert(k[GONE_PREFIX.len()..].to_string());
         }
         for (k, v) in keys.range(OWN_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(OWN_PREFIX)) {
             let o: Owned = serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))?;
@@ -798,6 +807,21 @@ impl Allocator {
                     && t.kind == TableEventKind::Delete =>
             {
                 self.definition_deleted(&t.key);
+            }
+            // A definition written back under an id this node saw removed (by nodes that were
+            // away past its tombstone's reaping): deleted again; the tombstone wins.
+            Event::Table(t)
+                if t.network == CLUSTER_NETWORK
+                    && t.table == crate::agent::NETWORKS_TABLE
+                    && t.value.is_some()
+                    && self.gone.contains(&t.key) =>
+            {
+                tracing::warn!(network = %t.key, "a removed network's definition came back; deleting it again");
+                if let Err(e) =
+                    gossip.delete_entry(now, CLUSTER_NETWORK, crate::agent::NETWORKS_TABLE, &t.key)
+                {
+                    tracing::debug!(error = %e, "definition not deleted again");
+                }
             }
             Event::Table(t) if t.network == CLUSTER_NETWORK && t.table == REMOVED_TABLE => {
                 self.removal_event(gossip, now, t);
@@ -1218,14 +1242,103 @@ impl Allocator {
     }
 
     /// A function from pool slots to subnets, detached from `self` (for filters).
-    fn clone_pool_mapper(&self) -> impl Fn(u128) -> Option<Ipv4Net> + use<> {
-        let (base, prefix) = self
-            .rings
+    /// The default pool as seeded (or as configured, before the seed).
+    fn pool_as_seeded(&self) -> (Ipv4Net, u8) {
+        self.rings
             .get(&Self::cluster_key(POOL_RING))
             .and_then(|r| r.state().seed.as_ref())
             .filter(|s| !s.params.is_empty())
             .and_then(|s| parse_pool(&s.params).ok())
-            .unwrap_or((self.cfg.default_pool, self.cfg.pool_prefix));
+            .unwrap_or((self.cfg.default_pool, self.cfg.pool_prefix))
+    }
+
+    /// The default-pool slot of a subnet, if it is one of the pool's.
+    fn pool_slot(&self, net: &Ipv4Net) -> Option<u128> {
+        let (base, prefix) = self.pool_as_seeded();
+        if net.prefix_len() != prefix || !base.contains(&net.network()) {
+            return None;
+        }
+        let off = u32::from(net.network()) - u32::from(base.network());
+        Some(u128::from(off >> (32 - u32::from(prefix))))
+    }
+
+    /// Live users of inherited slots: every VNI and pool subnet of a live network definition,
+    /// and every subnet's gateway, that fall in blocks this node inherited (while they are held
+    /// back) are marked allocated: the removed node allocated them and they outlive it. A
+    /// network whose VNIs or pool subnet came this way is this node's to release when deleted.
+    pub(crate) fn adopt_inherited(&mut self, gossip: &GossipNode) {
+        let (vni_key, pool_key) =
+            (Self::cluster_key(weft_ipam::ring::VNI_RING), Self::cluster_key(POOL_RING));
+        let cluster = [&vni_key, &pool_key].iter().any(|k| self.rings.get(*k).is_some_and(Ring::has_holds));
+        let subnets: BTreeSet<RingKey> = self
+            .rings
+            .iter()
+            .filter(|(k, r)| k.0 != CLUSTER_NETWORK && r.has_holds())
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !cluster && subnets.is_empty() {
+            return;
+        }
+        let mut defs: Vec<NetworkDef> = Vec::new();
+        gossip.walk(CLUSTER_NETWORK, crate::agent::NETWORKS_TABLE, |_, v, _| {
+            if let Ok(d) = serde_json::from_slice::<NetworkDef>(v) {
+                defs.push(d);
+            }
+            true
+        });
+        for d in &defs {
+            let nets: Vec<Ipv4Net> = d
+                .subnets
+                .iter()
+                .filter_map(|s| match s.parse::<IpNet>() {
+                    Ok(IpNet::V4(n)) => Some(n),
+                    _ => None,
+                })
+                .collect();
+            if cluster {
+                let mut got = Owned::default();
+                let vnis = d.options.get(VXLANID_OPTION).map(String::as_str).unwrap_or("");
+                for v in vnis.split(',').filter_map(|v| v.trim().parse::<u32>().ok()) {
+                    if let (Some(slot), Some(r)) = (Space::vni_slot(v), self.rings.get_mut(&vni_key))
+                        && r.adopt(slot)
+                    {
+                        got.vnis.push(v);
+                    }
+                }
+                for n in &nets {
+                    if let Some(slot) = self.pool_slot(n)
+                        && self.rings.get_mut(&pool_key).is_some_and(|r| r.adopt(slot))
+                    {
+                        got.pool_slots.push(slot);
+                    }
+                }
+                if !got.vnis.is_empty() || !got.pool_slots.is_empty() {
+                    tracing::info!(network = %d.id, vnis = ?got.vnis, "adopted what a removed node allocated for a live network");
+                    let own = self.owned.entry(d.id.clone()).or_default();
+                    own.vnis.extend(got.vnis);
+                    own.pool_slots.extend(got.pool_slots);
+                    let value = json(&*own);
+                    self.ops.push((format!("{OWN_PREFIX}{}", d.id), Some(value)));
+                }
+            }
+            for n in &nets {
+                let key = (d.id.clone(), n.to_string());
+                if !subnets.contains(&key) {
+                    continue;
+                }
+                if let Some(gw) = gateway_of(d, n)
+                    && let Some(slot) = offset_of(&IpNet::V4(*n), IpAddr::V4(gw))
+                    && let Some(r) = self.rings.get_mut(&key)
+                    && r.adopt(slot)
+                {
+                    tracing::info!(network = %d.id, gateway = %gw, "adopted the gateway from a removed node's block");
+                }
+            }
+        }
+    }
+
+    fn clone_pool_mapper(&self) -> impl Fn(u128) -> Option<Ipv4Net> + use<> {
+        let (base, prefix) = self.pool_as_seeded();
         move |slot| {
             let step = 1u64 << (32 - prefix);
             let addr = u64::from(u32::from(base.network())) + u64::try_from(slot).ok()? * step;
@@ -1288,6 +1401,9 @@ impl Allocator {
     /// The creator of a network sees its definition deleted: it releases the subnet and VNIs
     /// it allocated for it.
     fn definition_deleted(&mut self, nid: &str) {
+        if self.gone.insert(nid.to_string()) {
+            self.ops.push((format!("{GONE_PREFIX}{nid}"), Some(Vec::new())));
+        }
         let Some(own) = self.owned.remove(nid) else { return };
         self.ops.push((format!("{OWN_PREFIX}{nid}"), None));
         self.stats.releases += self.release_cluster(&own.vnis, &own.pool_slots);
@@ -1301,6 +1417,11 @@ impl Allocator {
         for nid in gone {
             self.definition_deleted(&nid);
         }
+    }
+
+    /// Whether this node saw the network with this id removed.
+    pub fn is_gone(&self, nid: &str) -> bool {
+        self.gone.contains(nid)
     }
 
     /// Networks this node created (it holds what they took from the cluster rings).

@@ -62,7 +62,8 @@ pub enum Cmd {
     /// Diagnostic writes and reads of table entries
     #[command(subcommand)]
     Table(TableCmd),
-    /// Remove dead nodes: their shares of every pool come to this node
+    /// Remove dead nodes: this node inherits their shares (of networks it is not on, the
+    /// lowest-named live node attached there does)
     #[command(subcommand)]
     Node(NodeCmd),
     /// Start a local cluster of real agents on 127.0.0.1 and show its replicated tables
@@ -325,6 +326,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Table(cmd) => table(host()?, cmd).await,
         Cmd::Endpoint(cmd) => endpoint(host()?, cmd).await,
         Cmd::Node(NodeCmd::Rm { node, force, json }) => {
+            if node.is_empty() || node.chars().any(char::is_control) {
+                anyhow::bail!("node rm: expected NAME or NAME@INSTANCE, got {node:?}");
+            }
             let r: crate::alloc::NodeRmReply = host()?
                 .send_json(Method::DELETE, &format!("/nodes/{}?force={force}", enc(&node)), &())
                 .await?;

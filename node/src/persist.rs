@@ -73,6 +73,7 @@ pub fn is_alloc_key(k: &str) -> bool {
             crate::alloc::EP_PREFIX,
             crate::alloc::OWN_PREFIX,
             crate::alloc::REMOVALS_PREFIX,
+            crate::alloc::GONE_PREFIX,
         ]
         .iter()
         .any(|p| k.starts_with(p))

@@ -112,15 +112,51 @@ fn state_word(s: Option<MemberState>) -> &'static str {
     }
 }
 
-/// Membership's state of exactly this instance (`None`: not the instance membership knows
-/// under its name, or no member of that name).
-fn member_state(gossip: &GossipNode, m: &str) -> Option<MemberState> {
-    let name = member_name(m);
-    gossip.members().into_iter().find(|x| &*x.id.name == name && *member_of(&x.id) == *m).map(|x| x.state)
+/// What this node knows of one instance `name@instance`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Membership's state of it.
+    Member(MemberState),
+    /// Another instance of its name is the one membership or the node records know: this one
+    /// was reinstalled over.
+    Superseded,
+    /// Its node record says it left, or none is left (gone longer than `reap_after`).
+    Gone,
+    /// A live node record of it that membership does not know (yet).
+    Unknown,
 }
 
-fn is_live(s: Option<MemberState>) -> bool {
-    matches!(s, Some(MemberState::Alive | MemberState::Suspect))
+impl Seen {
+    fn word(self) -> &'static str {
+        match self {
+            Seen::Member(s) => state_word(Some(s)),
+            Seen::Superseded => "superseded by a newer instance",
+            Seen::Gone => "gone",
+            Seen::Unknown => "unknown",
+        }
+    }
+
+    /// It may be running: never removed without --force, its fence never lifted.
+    fn maybe_running(self) -> bool {
+        matches!(
+            self,
+            Seen::Member(MemberState::Alive | MemberState::Suspect | MemberState::Restarting) | Seen::Unknown
+        )
+    }
+}
+
+fn seen(gossip: &GossipNode, m: &str) -> Seen {
+    let name = member_name(m);
+    if let Some(x) = gossip.members().into_iter().find(|x| &*x.id.name == name) {
+        return if *member_of(&x.id) == *m { Seen::Member(x.state) } else { Seen::Superseded };
+    }
+    let Some(e) = gossip.entry(CLUSTER_NETWORK, weft_gossip::NODES_TABLE, name) else { return Seen::Gone };
+    match weft_gossip::NodeRecord::decode(&e.value) {
+        Ok(r) if format!("{:016x}", r.instance) != member_name_instance(m) => Seen::Superseded,
+        Ok(r) if r.status == weft_gossip::NodeStatus::Left => Seen::Gone,
+        _ if matches!(e.state, weft_gossip::EntryState::Tombstone { .. }) => Seen::Gone,
+        _ => Seen::Unknown,
+    }
 }
 
 impl Allocator {
@@ -149,7 +185,14 @@ impl Allocator {
         force: bool,
     ) -> Result<NodeRmReply, AgentError> {
         self.check_not_removed()?;
-        let (name, prefix) = match target.split_once('@') {
+        if !gossip.has_synced(CLUSTER_NETWORK) {
+            return Err(AgentError::NodeAlive(
+                "this node has not synced the cluster's tables yet: it cannot tell which instances are down; \
+                 retry in a few seconds"
+                    .into(),
+            ));
+        }
+        let (name, prefix) = match target.rsplit_once('@') {
             Some((n, i)) => (n, Some(i.to_ascii_lowercase())),
             None => (target, None),
         };
@@ -172,12 +215,19 @@ impl Allocator {
         if let Some(m) = gossip.members().into_iter().find(|m| &*m.id.name == name) {
             known.insert(member_of(&m.id));
         }
-        let candidates: Vec<Name> = known
+        let mut candidates: Vec<Name> = known
             .into_iter()
             .filter(|k| prefix.as_ref().is_none_or(|p| member_name_instance(k).starts_with(p.as_str())))
             .collect();
+        // A whole instance id this node has no trace of: its shares may be in rings this node
+        // does not hold (the record makes the nodes attached there inherit them).
+        if candidates.is_empty()
+            && let Some(p) = prefix.as_ref().filter(|p| p.len() == 16)
+        {
+            candidates.push(Name::from(format!("{name}@{p}")));
+        }
         if candidates.is_empty() {
-            return Err(AgentError::NoSuchNode(target.to_string()));
+            return Err(AgentError::NoSuchNode(format!("{target:?}")));
         }
         if prefix.is_some() && candidates.len() > 1 {
             let all: Vec<String> = candidates.iter().map(|c| c.to_string()).collect();
@@ -197,13 +247,13 @@ impl Allocator {
                 reply.skipped.push(format!("{m}: this node itself"));
                 continue;
             }
-            let state = member_state(gossip, &m);
-            let live = is_live(state);
+            let state = seen(gossip, &m);
+            let live = state.maybe_running();
             if live && !force {
                 reply.skipped.push(format!(
                     "{m}: it is {}; node rm removes only instances that are down (--force removes one that may \
                      still be running)",
-                    state_word(state)
+                    state.word()
                 ));
                 continue;
             }
@@ -217,16 +267,23 @@ impl Allocator {
             self.removals.insert(m.to_string(), rec);
             let rings = self.inherit(gossip, now, &m);
             let entries_deleted = !live && self.delete_entries_of(gossip, now, &m);
-            tracing::warn!(node = %m, state = state_word(state), rings = rings.len(), "node removed");
+            tracing::warn!(node = %m, state = state.word(), rings = rings.len(), "node removed");
             reply.removed.push(RemovedNode {
                 node: m.to_string(),
-                state: state_word(state).into(),
+                state: state.word().into(),
                 rings,
                 entries_deleted,
                 fenced: live,
             });
         }
+        self.adopt_inherited(gossip);
         if reply.removed.is_empty() {
+            if reply.skipped.len() == 1 && reply.skipped[0].ends_with("this node itself") {
+                return Err(AgentError::BadName(format!(
+                    "{} is this node itself (weft leave takes a node out of the cluster)",
+                    self.me
+                )));
+            }
             return Err(AgentError::NodeAlive(reply.skipped.join("; ")));
         }
         self.progress = true;
@@ -287,17 +344,18 @@ impl Allocator {
                 if peers.iter().any(|p| &*p.name == remover) {
                     continue;
                 }
+                // Not a node removed itself (one removed with --force may still run).
                 let lowest = peers
                     .iter()
+                    .filter(|p| *p.name != *member_name(m) && !self.removals.contains_key(&*member_of(p)))
                     .map(|p| &*p.name)
-                    .filter(|n| *n != member_name(m))
                     .chain(std::iter::once(&*self.name))
                     .min();
                 if lowest != Some(&*self.name) {
                     continue;
                 }
             }
-            let fence = *fence.get_or_init(|| is_live(member_state(gossip, m)) && !rec.torn_down);
+            let fence = *fence.get_or_init(|| rec.force && !rec.torn_down && seen(gossip, m).maybe_running());
             let r = self.rings.get_mut(&key).expect("listed");
             r.advance(now_ms);
             match r.transfer_dead(m, fence, true) {
@@ -419,28 +477,31 @@ impl Allocator {
         if let Some(rec) = self.removals.get(&*self.me).cloned() {
             self.tear_down(gossip, now, &rec);
         }
-        if self.removed.is_some() {
+        // Who is down, and who inherits, are membership's judgements: not before this life
+        // has joined and synced the cluster's tables (right after a restart it knows nobody).
+        if self.removed.is_some() || !gossip.is_connected() || !gossip.has_synced(CLUSTER_NETWORK) {
             return;
         }
         let removed: Vec<String> = self.removals.keys().cloned().collect();
         for m in removed {
             self.inherit(gossip, now, &Name::from(m.as_str()));
         }
-        // Fences end when the instance is down (a reuse_after hold follows) or tore down.
-        let mut lift: BTreeMap<Name, u64> = BTreeMap::new();
-        for r in self.rings.values() {
+        self.adopt_inherited(gossip);
+        // A fence ends when the instance is down or tore down; a `reuse_after` hold follows
+        // either way (a teardown confirmed is not the data plane everywhere forgetting it).
+        let until = now_ms.saturating_add(self.cfg.reuse_after.as_millis() as u64);
+        let mut lift: BTreeSet<Name> = BTreeSet::new();
+        for r in self.rings.values().filter(|r| r.has_fence()) {
             for f in r.fenced_from() {
-                if lift.contains_key(&f) {
-                    continue;
-                }
-                if self.removals.get(&*f).is_some_and(|x| x.torn_down) {
-                    lift.insert(f, now_ms);
-                } else if !is_live(member_state(gossip, &f)) {
-                    lift.insert(f, now_ms.saturating_add(self.cfg.reuse_after.as_millis() as u64));
+                if !lift.contains(&f)
+                    && (self.removals.get(&*f).is_some_and(|x| x.torn_down)
+                        || !seen(gossip, &f).maybe_running())
+                {
+                    lift.insert(f);
                 }
             }
         }
-        for (f, until) in lift {
+        for f in lift {
             tracing::info!(node = %f, "a removed node is down or tore down: the blocks it owned are no longer fenced");
             for r in self.rings.values_mut() {
                 r.lift_hold(&f, until);
