@@ -1400,6 +1400,7 @@ impl Agent {
         subnets: &[String],
         gateway: Option<&str>,
     ) -> crate::alloc::Try<NetworkDef> {
+        self.alloc.check_not_removed().map_err(Err)?;
         self.check_new_network(name, driver, subnets, gateway).map_err(Err)?;
         let parsed: Vec<ipnet::IpNet> = subnets.iter().map(|s| s.parse().expect("checked")).collect();
         let known = self.networks();
@@ -1585,6 +1586,7 @@ impl Agent {
         ip: Option<std::net::IpAddr>,
         mac: Option<&str>,
     ) -> crate::alloc::Try<Endpoint> {
+        self.alloc.check_not_removed().map_err(Err)?;
         validate_network_name(name)
             .map_err(|_| Err(AgentError::BadName(format!("endpoint name {name:?}"))))?;
         let n = self.resolve(network).map_err(Err)?;

@@ -61,6 +61,8 @@ pub const LOW_WATER: u128 = 4;
 const REFILL_EVERY_MS: u64 = 2_000;
 /// Delay before acceptor `rank` proposes a seed (so the first in the set usually wins alone).
 const PROPOSE_STAGGER_MS: u64 = 300;
+/// How long a restarted node that finds no other member waits before it allocates alone.
+const CATCH_UP_ALONE_MS: u64 = 3_000;
 /// Endpoints one network may hold on one node.
 pub const MAX_ENDPOINTS: usize = 1 << 16;
 
@@ -334,6 +336,10 @@ pub struct Allocator {
     inherit_checked: BTreeSet<(String, RingKey)>,
     /// Network ids seen removed (persisted under [`GONE_PREFIX`]).
     gone: BTreeSet<String>,
+    /// Restored from a store and not yet caught up with the cluster (a removal of this node,
+    /// ring records that moved on): nothing is published or allocated until it has synced the
+    /// cluster's tables (or found itself alone).
+    catching_up: bool,
     pub stats: AllocStats,
 }
 
@@ -393,6 +399,7 @@ impl Allocator {
             removals_unpublished: false,
             inherit_checked: BTreeSet::new(),
             gone: BTreeSet::new(),
+            catching_up: false,
             stats: AllocStats::default(),
         }
     }
@@ -475,6 +482,15 @@ impl Allocator {
             let r: NodeRemoval = serde_json::from_slice(v).map_err(|e| format!("{k}: {e}"))?;
             self.removals.insert(r.node.clone(), r);
             self.removals_unpublished = true;
+        }
+        self.catching_up = !self.rings.is_empty() || !self.endpoints.is_empty();
+        if let Some(by) = &self.removed {
+            tracing::error!(
+                by = %by,
+                "THIS NODE WAS REMOVED from the cluster (weft node rm {}): it allocates nothing; to rejoin, stop it \
+                 and start it with an empty data dir (a new instance)",
+                self.me
+            );
         }
         for (k, _) in keys.range(GONE_PREFIX.to_string()..).take_while(|(k, _)| k.starts_with(GONE_PREFIX)) {
             self.gone.insert(k[GONE_PREFIX.len()..].to_string());
@@ -874,8 +890,18 @@ impl Allocator {
         if gossip.has_left() {
             return;
         }
-        self.republish(gossip, now);
         self.removal_tick(gossip, now);
+        if self.catching_up {
+            let alone =
+                !gossip.members().iter().any(|m| m.id.name != self.name && m.state == MemberState::Alive);
+            if gossip.has_synced(CLUSTER_NETWORK) || (alone && self.ms(now) >= CATCH_UP_ALONE_MS) {
+                self.catching_up = false;
+                self.progress = true;
+            }
+        }
+        if !self.catching_up {
+            self.republish(gossip, now);
+        }
         self.resolve_acceptors(gossip);
         self.ensure_cluster_rings(gossip, now);
         let now_ms = self.ms(now);
@@ -1148,6 +1174,7 @@ impl Allocator {
         no_ipam: bool,
     ) -> Try<NetworkAlloc> {
         self.check_not_removed().map_err(Err)?;
+        self.check_caught_up().map_err(Ok)?;
         let mut subnets = subnets.to_vec();
         let mut pool_slots = Vec::new();
         let from_pool = subnets.is_empty() && !no_ipam;
@@ -1419,6 +1446,15 @@ impl Allocator {
         }
     }
 
+    fn check_caught_up(&self) -> Result<(), Pending> {
+        if self.catching_up {
+            return Err(Pending(
+                "this node restarted and is catching up with the cluster's tables before it allocates".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether this node saw the network with this id removed.
     pub fn is_gone(&self, nid: &str) -> bool {
         self.gone.contains(nid)
@@ -1515,6 +1551,7 @@ impl Allocator {
         id: String,
     ) -> Try<Endpoint> {
         self.check_not_removed().map_err(Err)?;
+        self.check_caught_up().map_err(Ok)?;
         let nets: Vec<Ipv4Net> = def
             .subnets
             .iter()

@@ -165,7 +165,7 @@ impl Allocator {
         self.removed.as_deref()
     }
 
-    pub(super) fn check_not_removed(&self) -> Result<(), AgentError> {
+    pub(crate) fn check_not_removed(&self) -> Result<(), AgentError> {
         match &self.removed {
             Some(by) => Err(AgentError::Removed(format!(
                 "this node's instance {} was removed from the cluster by {by} (weft node rm): it allocates \
