@@ -333,7 +333,7 @@ pub struct Allocator {
     /// Removal records read back from the store, not yet checked against the cluster table.
     removals_unpublished: bool,
     /// (removed member, ring) pairs with nothing left to inherit.
-    inherit_checked: BTreeSet<(String, RingKey)>,
+    inherit_checked: BTreeMap<RingKey, BTreeSet<String>>,
     /// Network ids seen removed (persisted under [`GONE_PREFIX`]).
     gone: BTreeSet<String>,
     /// Restored from a store and not yet caught up with the cluster (a removal of this node,
@@ -397,7 +397,7 @@ impl Allocator {
             removed: None,
             removal_check_at: 0,
             removals_unpublished: false,
-            inherit_checked: BTreeSet::new(),
+            inherit_checked: BTreeMap::new(),
             gone: BTreeSet::new(),
             catching_up: false,
             stats: AllocStats::default(),
@@ -1514,7 +1514,7 @@ impl Allocator {
     pub fn network_removed(&mut self, nid: &str, stored: Vec<String>) {
         self.rings.retain(|k, _| k.0 != nid);
         self.endpoints.retain(|k, _| k.0 != nid);
-        self.inherit_checked.retain(|(_, k)| k.0 != nid);
+        self.inherit_checked.retain(|k, _| k.0 != nid);
         // Changes staged later for what was just dropped must not bring keys back.
         let prefixes = Self::network_prefixes(nid);
         self.ops.retain(|(k, _)| !prefixes.iter().any(|p| k.starts_with(p.as_str())));

@@ -321,8 +321,7 @@ impl Allocator {
         for key in keys {
             // A ring is looked at until the removal is on its record or `m` owns nothing in
             // it (a removed instance never gains blocks): not every second for ever.
-            let done = (m.to_string(), key.clone());
-            if self.inherit_checked.contains(&done) {
+            if self.inherit_checked.get(&key).is_some_and(|done| done.contains(&**m)) {
                 continue;
             }
             let r = &self.rings[&key];
@@ -330,8 +329,9 @@ impl Allocator {
                 || !r.state().ownership().iter().any(|(_, _, o)| o == m)
                 || r.removed_by().is_some()
             {
-                if r.is_seeded() {
-                    self.inherit_checked.insert(done);
+                // Only once the ring's table has synced: before, `m`'s claims may be on their way.
+                if r.is_seeded() && gossip.has_synced(&key.0) {
+                    self.inherit_checked.entry(key.clone()).or_default().insert(m.to_string());
                 }
                 continue;
             }
