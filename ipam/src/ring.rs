@@ -636,6 +636,7 @@ impl Ring {
             shift(t);
         }
         self.reuse_after_ms = ms;
+        self.recount_free_blocks();
     }
 
     /// Takes what changed in the durable state since the last call, to write as keys. Call
@@ -984,11 +985,14 @@ impl Ring {
             self.want = None;
             self.event(RingEvent::Removed { by });
         }
-        if self.d.removed_by.is_none() {
-            wrote |= self.claim_inherited();
-        }
+        let claimed = self.d.removed_by.is_none() && self.claim_inherited();
+        wrote |= claimed;
         let (before_blocks, before) = (self.owned_blocks, self.owned.clone());
         self.rebuild_owned();
+        if claimed {
+            // New holds: the blocks they cover are no longer free, whether or not ownership moved.
+            self.recount_free_blocks();
+        }
         if (self.owned_blocks, &self.owned) != (before_blocks, &before) {
             // Blocks lost to another node's newer write, with the allocations left in them.
             let lost: Vec<(u128, u128)> =
@@ -1216,7 +1220,7 @@ impl Ring {
         }
         self.quarantine.remove(&slot);
         if was_free {
-            self.free_blocks -= 1;
+            self.free_blocks = self.free_blocks.saturating_sub(1);
             self.maybe_publish_free();
         }
         Ok(slot)

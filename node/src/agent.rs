@@ -668,11 +668,13 @@ impl Agent {
             self.note_absent_creations(now);
             let g = &self.gossip;
             let (absent, reap) = (&self.created_absent, self.gossip.config().reap_after);
-            self.alloc.reconcile(&|nid| {
-                g.entry(CLUSTER_NETWORK, NETWORKS_TABLE, nid)
-                    .is_some_and(|e| matches!(e.state, EntryState::Tombstone { .. }))
-                    || absent.get(nid).is_some_and(|t| now.saturating_duration_since(*t) >= reap)
-            });
+            self.alloc.reconcile(
+                &|nid| {
+                    g.entry(CLUSTER_NETWORK, NETWORKS_TABLE, nid)
+                        .is_some_and(|e| matches!(e.state, EntryState::Tombstone { .. }))
+                },
+                &|nid| absent.get(nid).is_some_and(|t| now.saturating_duration_since(*t) >= reap),
+            );
         }
         let (expired, waiting): (Vec<AllocParked>, Vec<AllocParked>) =
             std::mem::take(&mut self.alloc_parked).into_iter().partition(|p| p.deadline <= now);

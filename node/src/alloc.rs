@@ -340,6 +340,9 @@ pub struct Allocator {
     /// ring records that moved on): nothing is published or allocated until it has synced the
     /// cluster's tables (or found itself alone).
     catching_up: bool,
+    /// Inherited holds began (or came back from the store), or a definition arrived while some
+    /// hold lasts: live users of inherited slots are to be adopted.
+    adopt_due: bool,
     pub stats: AllocStats,
 }
 
@@ -400,6 +403,7 @@ impl Allocator {
             inherit_checked: BTreeMap::new(),
             gone: BTreeSet::new(),
             catching_up: false,
+            adopt_due: false,
             stats: AllocStats::default(),
         }
     }
@@ -484,6 +488,7 @@ impl Allocator {
             self.removals_unpublished = true;
         }
         self.catching_up = !self.rings.is_empty() || !self.endpoints.is_empty();
+        self.adopt_due = self.rings.values().any(Ring::has_holds);
         if let Some(by) = &self.removed {
             tracing::error!(
                 by = %by,
@@ -777,6 +782,10 @@ impl Allocator {
         if let RingEntry::Seed(s) = entry {
             return self.install(key, s);
         }
+        // Ownership may change: what was left to inherit there is looked at again.
+        if !self.inherit_checked.is_empty() {
+            self.inherit_checked.remove(key);
+        }
         let Some(r) = self.rings.get_mut(key) else { return };
         let before = r.free_slots();
         if let Err(e) = r.merge(entry) {
@@ -822,7 +831,16 @@ impl Allocator {
                     && t.table == crate::agent::NETWORKS_TABLE
                     && t.kind == TableEventKind::Delete =>
             {
-                self.definition_deleted(&t.key);
+                self.definition_deleted(&t.key, true);
+            }
+            Event::Table(t)
+                if t.network == CLUSTER_NETWORK
+                    && t.table == crate::agent::NETWORKS_TABLE
+                    && t.value.is_some()
+                    && !self.gone.contains(&t.key)
+                    && self.rings.values().any(Ring::has_holds) =>
+            {
+                self.adopt_due = true;
             }
             // A definition written back under an id this node saw removed (by nodes that were
             // away past its tombstone's reaping): deleted again; the tombstone wins.
@@ -891,13 +909,9 @@ impl Allocator {
             return;
         }
         self.removal_tick(gossip, now);
-        if self.catching_up {
-            let alone =
-                !gossip.members().iter().any(|m| m.id.name != self.name && m.state == MemberState::Alive);
-            if gossip.has_synced(CLUSTER_NETWORK) || (alone && self.ms(now) >= CATCH_UP_ALONE_MS) {
-                self.catching_up = false;
-                self.progress = true;
-            }
+        if self.catching_up && self.caught_up(gossip, now) {
+            self.catching_up = false;
+            self.progress = true;
         }
         if !self.catching_up {
             self.republish(gossip, now);
@@ -1427,8 +1441,8 @@ impl Allocator {
 
     /// The creator of a network sees its definition deleted: it releases the subnet and VNIs
     /// it allocated for it.
-    fn definition_deleted(&mut self, nid: &str) {
-        if self.gone.insert(nid.to_string()) {
+    fn definition_deleted(&mut self, nid: &str, seen_deleted: bool) {
+        if seen_deleted && self.gone.insert(nid.to_string()) {
             self.ops.push((format!("{GONE_PREFIX}{nid}"), Some(Vec::new())));
         }
         let Some(own) = self.owned.remove(nid) else { return };
@@ -1439,20 +1453,41 @@ impl Allocator {
 
     /// Networks created here whose definition is a tombstone, or gone, while this node is
     /// connected: released (a delete seen before a restart, or missed while down).
-    pub fn reconcile(&mut self, deleted: &dyn Fn(&str) -> bool) {
+    pub fn reconcile(&mut self, deleted: &dyn Fn(&str) -> bool, absent: &dyn Fn(&str) -> bool) {
         let gone: Vec<String> = self.owned.keys().filter(|n| deleted(n)).cloned().collect();
         for nid in gone {
-            self.definition_deleted(&nid);
+            self.definition_deleted(&nid, true);
+        }
+        // Absent without a trace: released, but not remembered as removed (the cluster may only
+        // have lost the definition; if it comes back it is not deleted again).
+        let absent: Vec<String> = self.owned.keys().filter(|n| absent(n)).cloned().collect();
+        for nid in absent {
+            self.definition_deleted(&nid, false);
         }
     }
 
     fn check_caught_up(&self) -> Result<(), Pending> {
         if self.catching_up {
             return Err(Pending(
-                "this node restarted and is catching up with the cluster's tables before it allocates".into(),
+                "this node restarted and has not synced the cluster's tables yet (a removal of it, or blocks \
+                 it lost, would be learned there); it allocates once a seed answers"
+                    .into(),
             ));
         }
         Ok(())
+    }
+
+    /// No other member is up, and none is expected: started with no seed but itself.
+    pub(crate) fn alone(&self, gossip: &GossipNode) -> bool {
+        self.seeds_known
+            && self.seeds.iter().all(|s| *s == self.addr)
+            && !gossip.members().iter().any(|m| m.id.name != self.name && m.state == MemberState::Alive)
+    }
+
+    /// This life knows what the cluster holds: it synced the cluster's tables, or it is alone by
+    /// design (no seed but itself) and has been up a moment.
+    pub(crate) fn caught_up(&self, gossip: &GossipNode, now: Instant) -> bool {
+        gossip.has_synced(CLUSTER_NETWORK) || (self.alone(gossip) && self.ms(now) >= CATCH_UP_ALONE_MS)
     }
 
     /// Whether this node saw the network with this id removed.

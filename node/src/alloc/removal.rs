@@ -147,12 +147,23 @@ impl Seen {
 
 fn seen(gossip: &GossipNode, m: &str) -> Seen {
     let name = member_name(m);
-    if let Some(x) = gossip.members().into_iter().find(|x| &*x.id.name == name) {
-        return if *member_of(&x.id) == *m { Seen::Member(x.state) } else { Seen::Superseded };
+    let member = gossip.members().into_iter().find(|x| &*x.id.name == name);
+    if let Some(x) = &member {
+        if *member_of(&x.id) == *m {
+            return Seen::Member(x.state);
+        }
+        // Another instance of the name runs: this one was reinstalled over.
+        if matches!(x.state, MemberState::Alive | MemberState::Suspect | MemberState::Restarting) {
+            return Seen::Superseded;
+        }
     }
-    let Some(e) = gossip.entry(CLUSTER_NETWORK, weft_gossip::NODES_TABLE, name) else { return Seen::Gone };
+    let Some(e) = gossip.entry(CLUSTER_NETWORK, weft_gossip::NODES_TABLE, name) else {
+        // No record left (gone longer than reap_after); a dead other instance in membership
+        // does not say whether this one runs.
+        return if member.is_some() { Seen::Unknown } else { Seen::Gone };
+    };
     match weft_gossip::NodeRecord::decode(&e.value) {
-        Ok(r) if format!("{:016x}", r.instance) != member_name_instance(m) => Seen::Superseded,
+        Ok(r) if format!("{:016x}", r.instance) != member_name_instance(m) => Seen::Unknown,
         Ok(r) if r.status == weft_gossip::NodeStatus::Left => Seen::Gone,
         _ if matches!(e.state, weft_gossip::EntryState::Tombstone { .. }) => Seen::Gone,
         _ => Seen::Unknown,
@@ -185,10 +196,10 @@ impl Allocator {
         force: bool,
     ) -> Result<NodeRmReply, AgentError> {
         self.check_not_removed()?;
-        if !gossip.has_synced(CLUSTER_NETWORK) {
+        if !(gossip.has_synced(CLUSTER_NETWORK) || force && self.alone(gossip)) {
             return Err(AgentError::NodeAlive(
                 "this node has not synced the cluster's tables yet: it cannot tell which instances are down; \
-                 retry in a few seconds"
+                 retry in a few seconds (--force if it is alone by design)"
                     .into(),
             ));
         }
@@ -330,7 +341,7 @@ impl Allocator {
                 || r.removed_by().is_some()
             {
                 // Only once the ring's table has synced: before, `m`'s claims may be on their way.
-                if r.is_seeded() && gossip.has_synced(&key.0) {
+                if r.is_seeded() && (gossip.has_synced(&key.0) || gossip.network_peer_count(&key.0) == 0) {
                     self.inherit_checked.entry(key.clone()).or_default().insert(m.to_string());
                 }
                 continue;
@@ -479,14 +490,18 @@ impl Allocator {
         }
         // Who is down, and who inherits, are membership's judgements: not before this life
         // has joined and synced the cluster's tables (right after a restart it knows nobody).
-        if self.removed.is_some() || !gossip.is_connected() || !gossip.has_synced(CLUSTER_NETWORK) {
+        if self.removed.is_some() || !self.caught_up(gossip, now) {
             return;
         }
         let removed: Vec<String> = self.removals.keys().cloned().collect();
         for m in removed {
-            self.inherit(gossip, now, &Name::from(m.as_str()));
+            if !self.inherit(gossip, now, &Name::from(m.as_str())).is_empty() {
+                self.adopt_due = true;
+            }
         }
-        self.adopt_inherited(gossip);
+        if std::mem::take(&mut self.adopt_due) {
+            self.adopt_inherited(gossip);
+        }
         // A fence ends when the instance is down or tore down; a `reuse_after` hold follows
         // either way (a teardown confirmed is not the data plane everywhere forgetting it).
         let until = now_ms.saturating_add(self.cfg.reuse_after.as_millis() as u64);
