@@ -1834,6 +1834,25 @@ pub(crate) mod tests {
         next_id: CommandId,
     }
 
+    /// A node's disk with the identity keys the store wrote when the data dir was made.
+    pub fn with_identity(disk: &BTreeMap<String, Vec<u8>>, name: &str) -> BTreeMap<String, Vec<u8>> {
+        let mut image = disk.clone();
+        let made = NodeState {
+            name: name.into(),
+            instance: 0,
+            generation: 1,
+            ltime_hwm: 0,
+            networks: vec![],
+            sweep_pending: false,
+            definitions: vec![],
+            alloc: BTreeMap::new(),
+        };
+        for (k, v) in made.to_image() {
+            image.entry(k).or_insert(v);
+        }
+        image
+    }
+
     impl Net {
         pub fn new(n: u8) -> Net {
             Net::with_cfg(n, GossipConfig::lan(8))
@@ -1935,21 +1954,7 @@ pub(crate) mod tests {
         /// Agent `i` crashes and comes back from its disk: cluster tables, which live in memory,
         /// are gone with it.
         pub fn reboot(&mut self, i: usize) {
-            let name = self.agents[i].id().name.to_string();
-            let mut image = self.disks[i].clone();
-            let made = NodeState {
-                name: name.clone(),
-                instance: 0,
-                generation: 1,
-                ltime_hwm: 0,
-                networks: vec![],
-                sweep_pending: false,
-                definitions: vec![],
-                alloc: BTreeMap::new(),
-            };
-            for (k, v) in made.to_image() {
-                image.entry(k).or_insert(v);
-            }
+            let image = with_identity(&self.disks[i], &self.agents[i].id().name);
             let mut state = NodeState::from_image(&image).unwrap().unwrap();
             state.generation = self.agents[i].id().generation + 1;
             state.ltime_hwm = state.ltime_hwm.max(self.agents[i].gossip().ltime());
@@ -2890,24 +2895,7 @@ mod alloc_tests {
         );
     }
 
-    /// A node's disk with the identity keys the store wrote when the data dir was made.
-    fn with_identity(disk: &BTreeMap<String, Vec<u8>>, name: &str) -> BTreeMap<String, Vec<u8>> {
-        let mut image = disk.clone();
-        let made = NodeState {
-            name: name.into(),
-            instance: 0,
-            generation: 1,
-            ltime_hwm: 0,
-            networks: vec![],
-            sweep_pending: false,
-            definitions: vec![],
-            alloc: BTreeMap::new(),
-        };
-        for (k, v) in made.to_image() {
-            image.entry(k).or_insert(v);
-        }
-        image
-    }
+    use super::tests::with_identity;
 
     #[test]
     fn a_restarted_node_keeps_its_endpoints_and_never_hands_out_an_address_twice() {
@@ -2963,6 +2951,20 @@ mod removal_tests {
         })
     }
 
+    /// Agent `i` creates network `name` on an explicit subnet (no cluster ring needed).
+    fn subnet_network(net: &mut Net, i: usize, name: &str, subnet: &str) -> NetworkDef {
+        let create = Command::CreateNetwork {
+            name: name.into(),
+            driver: "test".into(),
+            subnets: vec![subnet.into()],
+            gateway: None,
+        };
+        match net.cmd(i, create) {
+            Ok(Reply::Network(d)) => d,
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn subnet_ring(a: &Agent, nid: &str) -> crate::alloc::RingReport {
         a.allocator().report().rings.into_iter().find(|r| r.network == nid).expect("the subnet ring")
     }
@@ -2974,18 +2976,7 @@ mod removal_tests {
     #[test]
     fn node_rm_takes_a_dead_nodes_share_deletes_its_entries_and_a_returning_instance_tears_down() {
         let mut net = Net::new(3);
-        let web = match net.cmd(
-            0,
-            Command::CreateNetwork {
-                name: "web".into(),
-                driver: "test".into(),
-                subnets: vec!["10.9.0.0/26".into()],
-                gateway: None,
-            },
-        ) {
-            Ok(Reply::Network(d)) => d,
-            other => panic!("{other:?}"),
-        };
+        let web = subnet_network(&mut net, 0, "web", "10.9.0.0/26");
         let theirs: Vec<Endpoint> =
             (0..3).map(|k| endpoint(net.cmd(2, ep("web", &format!("e{k}"))))).collect();
         endpoint(net.cmd(1, ep("web", "b0")));
@@ -3059,18 +3050,7 @@ mod removal_tests {
     #[test]
     fn a_reinstalled_host_takes_back_its_earlier_instances_share_with_node_rm_name_at_old() {
         let mut net = Net::new(3);
-        let web = match net.cmd(
-            0,
-            Command::CreateNetwork {
-                name: "web".into(),
-                driver: "test".into(),
-                subnets: vec!["10.9.2.0/26".into()],
-                gateway: None,
-            },
-        ) {
-            Ok(Reply::Network(d)) => d,
-            other => panic!("{other:?}"),
-        };
+        let web = subnet_network(&mut net, 0, "web", "10.9.2.0/26");
         let old: Vec<Endpoint> = (0..3).map(|k| endpoint(net.cmd(2, ep("web", &format!("o{k}"))))).collect();
         net.run(Duration::from_secs(1));
         let old_member = net.agents[2].allocator().report().member;
@@ -3115,18 +3095,7 @@ mod removal_tests {
             Ok(Reply::Network(d)) => d,
             other => panic!("{other:?}"),
         };
-        let web = match net.cmd(
-            1,
-            Command::CreateNetwork {
-                name: "web".into(),
-                driver: "test".into(),
-                subnets: vec!["10.9.3.0/24".into()],
-                gateway: None,
-            },
-        ) {
-            Ok(Reply::Network(d)) => d,
-            other => panic!("{other:?}"),
-        };
+        let web = subnet_network(&mut net, 1, "web", "10.9.3.0/24");
         net.run(Duration::from_secs(1));
         let now = net.now;
         net.agents[0].attach(now, "web").unwrap();
@@ -3158,18 +3127,7 @@ mod removal_tests {
     #[test]
     fn a_forced_removal_of_a_running_instance_holds_its_blocks_until_it_tears_down() {
         let mut net = Net::new(3);
-        let web = match net.cmd(
-            0,
-            Command::CreateNetwork {
-                name: "web".into(),
-                driver: "test".into(),
-                subnets: vec!["10.9.1.0/24".into()],
-                gateway: None,
-            },
-        ) {
-            Ok(Reply::Network(d)) => d,
-            other => panic!("{other:?}"),
-        };
+        let web = subnet_network(&mut net, 0, "web", "10.9.1.0/24");
         endpoint(net.cmd(2, ep("web", "c0")));
         net.run(Duration::from_secs(2));
         // a3 runs: only --force removes an instance membership lists alive.

@@ -1328,14 +1328,7 @@ impl Allocator {
             true
         });
         for d in &defs {
-            let nets: Vec<Ipv4Net> = d
-                .subnets
-                .iter()
-                .filter_map(|s| match s.parse::<IpNet>() {
-                    Ok(IpNet::V4(n)) => Some(n),
-                    _ => None,
-                })
-                .collect();
+            let nets = v4_subnets(d);
             if cluster {
                 let mut got = Owned::default();
                 let vnis = d.options.get(VXLANID_OPTION).map(String::as_str).unwrap_or("");
@@ -1587,14 +1580,7 @@ impl Allocator {
     ) -> Try<Endpoint> {
         self.check_not_removed().map_err(Err)?;
         self.check_caught_up().map_err(Ok)?;
-        let nets: Vec<Ipv4Net> = def
-            .subnets
-            .iter()
-            .filter_map(|s| match s.parse::<IpNet>() {
-                Ok(IpNet::V4(n)) => Some(n),
-                _ => None,
-            })
-            .collect();
+        let nets = v4_subnets(def);
         if nets.is_empty() {
             return Err(Err(AgentError::NoAddress(format!("network {:?} has no IPv4 subnet", def.name))));
         }
@@ -1840,6 +1826,17 @@ impl Allocator {
 /// The instance part of `name@instance`.
 fn member_name_instance(m: &str) -> &str {
     m.split_once('@').map_or("", |(_, i)| i)
+}
+
+/// A network's IPv4 subnets (each is a ring).
+fn v4_subnets(def: &NetworkDef) -> Vec<Ipv4Net> {
+    def.subnets
+        .iter()
+        .filter_map(|s| match s.parse::<IpNet>() {
+            Ok(IpNet::V4(n)) => Some(n),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The gateway of subnet `i` of a network: `--gateway` when it lies in that subnet, else the
