@@ -11,9 +11,9 @@ fn b(s: &'static str) -> Bytes {
     Bytes::from_static(s.as_bytes())
 }
 
-#[test]
-fn a_reinstalled_host_whose_clock_stepped_back_moves_above_its_earlier_life() {
-    let mut c = AgentCluster::new(5, 7, Config::lan(5), NetModel::default());
+/// Five agents (seeds 0 and 1) all on `net1`, where node 3 wrote `old`, spread everywhere.
+fn five_on_net1_with_an_entry_of_node_3(seed: u64) -> (AgentCluster, String) {
+    let mut c = AgentCluster::new(5, seed, Config::lan(5), NetModel::default());
     let seeds: Vec<_> = (0..2).map(|i| c.nodes[i].addr).collect();
     for i in 0..5 {
         c.join(i, &seeds);
@@ -25,6 +25,12 @@ fn a_reinstalled_host_whose_clock_stepped_back_moves_above_its_earlier_life() {
     }
     c.write(3, &net, "endpoints", "old", Some(b("from the old disk"))).unwrap();
     c.run_for(Duration::from_secs(5));
+    (c, net)
+}
+
+#[test]
+fn a_reinstalled_host_whose_clock_stepped_back_moves_above_its_earlier_life() {
+    let (mut c, net) = five_on_net1_with_an_entry_of_node_3(7);
     let old = c.node(0).members().into_iter().find(|m| m.id.name.as_ref() == "node-0003").unwrap().id;
     // Node 3's host is reinstalled and its wall clock is an hour behind.
     c.wipe(3);
@@ -134,18 +140,7 @@ fn a_restart_announced_within_the_grace_keeps_entries_live_and_one_past_it_hides
 
 #[test]
 fn a_reinstalled_host_whose_clock_stepped_back_drops_its_earlier_instances_networks_it_did_not_rejoin() {
-    let mut c = AgentCluster::new(5, 13, Config::lan(5), NetModel::default());
-    let seeds: Vec<_> = (0..2).map(|i| c.nodes[i].addr).collect();
-    for i in 0..5 {
-        c.join(i, &seeds);
-    }
-    c.run_for(Duration::from_secs(3));
-    let net = c.define_network(0, "net1");
-    for i in 1..5 {
-        c.attach(i, &net);
-    }
-    c.write(3, &net, "endpoints", "old", Some(b("from the old disk"))).unwrap();
-    c.run_for(Duration::from_secs(5));
+    let (mut c, net) = five_on_net1_with_an_entry_of_node_3(13);
     // Node 3's host is reinstalled, its wall clock an hour behind, and it does not attach net1
     // again: its earlier instance's attachment and entries there must go all the same.
     c.wipe(3);
