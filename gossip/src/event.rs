@@ -15,6 +15,9 @@ pub struct TableEvent {
     pub key: String,
     /// Node that wrote the version now in force (for a delete: the deleted version's owner).
     pub owner: String,
+    /// That version's Lamport time: with `owner`, a total order on versions every node
+    /// computes alike (drivers order a handover of one address by it).
+    pub ltime: u64,
     /// The value the watcher saw last (`None` for a create).
     pub prev: Option<Bytes>,
     /// The value now (`None` for a delete).

@@ -31,7 +31,7 @@ pub use node::{
 pub use store::{
     DIGEST_BUCKETS, MergeRule, TableKind, TableSpec, VersionRef, compare_versions, diff_buckets,
 };
-pub use watcher::{ObjectType, TableWatcher, Watchers};
+pub use watcher::{ObjectType, TableWatcher, Version, Watchers};
 pub use wire::WireError;
 
 /// Re-exported so callers can tune membership without naming foca's version themselves.

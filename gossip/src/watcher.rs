@@ -38,15 +38,33 @@ impl ObjectType {
     }
 }
 
+/// The version a table event is about: its Lamport time and owner. `(ltime, owner)` is a total
+/// order on versions that every node computes alike, so drivers resolve a handover (two
+/// records for one address) the same way everywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version<'a> {
+    pub ltime: u64,
+    pub owner: &'a str,
+}
+
 /// A driver's view of the tables it registered.
 ///
 /// `event_notify` is called for every applied change of a registered table, in order: a create
 /// (`prev` is `None`), updates, a delete (`value` is `None`); `prev` is always the value this
-/// watcher saw last for that key. `decode_table_entry` turns a raw value into something a person
+/// watcher saw last for that key. `version` is the version now in force: for a delete, the
+/// tombstone's (for a hide or a detach, the hidden version's). `decode_table_entry` turns a raw value into something a person
 /// can read: the object id it belongs to and a map of fields (the overlay driver returns the
 /// endpoint id and `{"Host IP": <VTEP>}`).
 pub trait TableWatcher {
-    fn event_notify(&mut self, nid: &str, table: &str, key: &str, prev: Option<&[u8]>, value: Option<&[u8]>);
+    fn event_notify(
+        &mut self,
+        nid: &str,
+        table: &str,
+        key: &str,
+        prev: Option<&[u8]>,
+        value: Option<&[u8]>,
+        version: Version<'_>,
+    );
 
     fn decode_table_entry(&self, table: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>);
 }
@@ -81,7 +99,15 @@ impl Watchers {
     pub fn dispatch(&mut self, ev: &TableEvent) -> bool {
         match self.by_table.get_mut(&ev.table) {
             Some((_, w)) => {
-                w.event_notify(&ev.network, &ev.table, &ev.key, ev.prev.as_deref(), ev.value.as_deref());
+                let version = Version { ltime: ev.ltime, owner: &ev.owner };
+                w.event_notify(
+                    &ev.network,
+                    &ev.table,
+                    &ev.key,
+                    ev.prev.as_deref(),
+                    ev.value.as_deref(),
+                    version,
+                );
                 true
             }
             None => false,

@@ -161,7 +161,16 @@ impl weft_gossip::MergeRule for NetworkDefRule {
 struct NetworkDefs;
 
 impl TableWatcher for NetworkDefs {
-    fn event_notify(&mut self, _: &str, _: &str, _: &str, _: Option<&[u8]>, _: Option<&[u8]>) {}
+    fn event_notify(
+        &mut self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: Option<&[u8]>,
+        _: Option<&[u8]>,
+        _: weft_gossip::Version<'_>,
+    ) {
+    }
 
     fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
         let mut m = BTreeMap::new();
@@ -2203,7 +2212,15 @@ pub(crate) mod tests {
     struct Record(Arc<std::sync::Mutex<Vec<String>>>);
 
     impl TableWatcher for Record {
-        fn event_notify(&mut self, _: &str, _: &str, key: &str, _: Option<&[u8]>, value: Option<&[u8]>) {
+        fn event_notify(
+            &mut self,
+            _: &str,
+            _: &str,
+            key: &str,
+            _: Option<&[u8]>,
+            value: Option<&[u8]>,
+            _: weft_gossip::Version<'_>,
+        ) {
             let what = if value.is_some() { "set" } else { "gone" };
             self.0.lock().unwrap().push(format!("{what} {key}"));
         }
@@ -2259,7 +2276,16 @@ pub(crate) mod tests {
     struct Lengths;
 
     impl TableWatcher for Lengths {
-        fn event_notify(&mut self, _: &str, _: &str, _: &str, _: Option<&[u8]>, _: Option<&[u8]>) {}
+        fn event_notify(
+            &mut self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: Option<&[u8]>,
+            _: Option<&[u8]>,
+            _: weft_gossip::Version<'_>,
+        ) {
+        }
 
         fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
             (key.to_string(), BTreeMap::from([("len".to_string(), value.len().to_string())]))
@@ -2399,7 +2425,16 @@ pub(crate) mod tests {
     struct Ignore;
 
     impl TableWatcher for Ignore {
-        fn event_notify(&mut self, _: &str, _: &str, _: &str, _: Option<&[u8]>, _: Option<&[u8]>) {}
+        fn event_notify(
+            &mut self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: Option<&[u8]>,
+            _: Option<&[u8]>,
+            _: weft_gossip::Version<'_>,
+        ) {
+        }
 
         fn decode_table_entry(&self, _: &str, key: &str, _: &[u8]) -> (String, BTreeMap<String, String>) {
             (key.to_string(), BTreeMap::new())

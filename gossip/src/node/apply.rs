@@ -54,6 +54,7 @@ impl GossipNode {
                             table: table.to_string(),
                             key: key.clone(),
                             owner: e.owner.to_string(),
+                            ltime: e.ltime,
                             prev: None,
                             value: Some(v.clone()),
                         });
@@ -429,6 +430,7 @@ impl GossipNode {
                 network: network.to_string(),
                 table: w.table,
                 key: w.key,
+                ltime: w.ltime,
                 owner: w.owner,
                 prev: old_visible,
                 value: new_visible,

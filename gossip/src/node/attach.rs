@@ -97,6 +97,7 @@ impl GossipNode {
                         table: table.clone(),
                         key,
                         owner: e.owner.to_string(),
+                        ltime: e.ltime,
                         prev: Some(v.clone()),
                         value: None,
                     };
@@ -212,6 +213,7 @@ impl GossipNode {
                     table,
                     key,
                     owner: owner.to_string(),
+                    ltime: old.ltime,
                     prev: Some(v.clone()),
                     value: None,
                 };

@@ -410,6 +410,7 @@ impl GossipNode {
                             table: table.clone(),
                             key: key.clone(),
                             owner: owner.to_string(),
+                            ltime: e.ltime,
                             prev,
                             value,
                         }));

@@ -274,9 +274,23 @@ fn a_clock_near_overflow_from_a_peer_is_refused() {
 struct Recorder(Arc<Mutex<Vec<String>>>);
 
 impl TableWatcher for Recorder {
-    fn event_notify(&mut self, nid: &str, table: &str, key: &str, prev: Option<&[u8]>, value: Option<&[u8]>) {
+    fn event_notify(
+        &mut self,
+        nid: &str,
+        table: &str,
+        key: &str,
+        prev: Option<&[u8]>,
+        value: Option<&[u8]>,
+        v: crate::Version<'_>,
+    ) {
         let s = |v: Option<&[u8]>| v.map(|b| String::from_utf8_lossy(b).into_owned());
-        self.0.lock().unwrap().push(format!("{nid}/{table}/{key} {:?}->{:?}", s(prev), s(value)));
+        self.0.lock().unwrap().push(format!(
+            "{nid}/{table}/{key} {:?}->{:?} @{}/{}",
+            s(prev),
+            s(value),
+            v.ltime,
+            v.owner
+        ));
     }
 
     fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
@@ -291,6 +305,7 @@ fn watchers_see_registered_tables_only_with_prev_values() {
     let now = Instant::now();
     let mut n = node(1, Config::default(), now);
     n.create_entry(now, "cluster", "peers", "ep0", Bytes::from_static(b"10.0.0.0")).unwrap();
+    let t0 = n.entry("cluster", "peers", "ep0").unwrap().ltime;
     n.create_entry(now, "cluster", "other", "x", Bytes::from_static(b"y")).unwrap();
     assert!(std::iter::from_fn(|| n.poll_event()).all(|e| !matches!(e, Event::Table(_))), "unregistered");
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -308,9 +323,9 @@ fn watchers_see_registered_tables_only_with_prev_values() {
     assert_eq!(
         *log.lock().unwrap(),
         vec![
-            "cluster/peers/ep0 None->Some(\"10.0.0.0\")".to_string(),
-            "cluster/peers/ep0 Some(\"10.0.0.0\")->Some(\"10.0.0.1\")".to_string(),
-            "cluster/peers/ep0 Some(\"10.0.0.1\")->None".to_string(),
+            format!("cluster/peers/ep0 None->Some(\"10.0.0.0\") @{t0}/n1"),
+            format!("cluster/peers/ep0 Some(\"10.0.0.0\")->Some(\"10.0.0.1\") @{}/n1", t0 + 2),
+            format!("cluster/peers/ep0 Some(\"10.0.0.1\")->None @{}/n1", t0 + 3),
         ]
     );
     let (id, fields) = w.decode("peers", "ep7", b"192.0.2.1").unwrap();
