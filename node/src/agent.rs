@@ -28,6 +28,11 @@ use crate::persist::{KEY_GENERATION, KEY_SWEEP, NET_PREFIX, NodeState, Persist, 
 use crate::read::{self, TableRead};
 use crate::view::{Snapshot, View, ViewEntry};
 
+mod dataplane;
+
+pub use dataplane::OverlayReport;
+use dataplane::{DpWait, PendingEp};
+
 pub use crate::read::is_network_id;
 
 /// The cluster table of network definitions, in [`CLUSTER_NETWORK`], keyed by network id.
@@ -207,6 +212,9 @@ pub enum Command {
         driver: String,
         subnets: Vec<String>,
         gateway: Option<String>,
+        /// Driver options (`-o KEY=VALUE`): the overlay's `com.docker.network.driver.mtu` and
+        /// VXLAN port.
+        options: BTreeMap<String, String>,
     },
     RemoveNetwork {
         network: String,
@@ -252,6 +260,9 @@ pub enum Command {
         name: String,
         ip: Option<std::net::IpAddr>,
         mac: Option<String>,
+        /// The network namespace to put the endpoint's interface in (`--sandbox`); none: the
+        /// endpoint gets its address and records, no interface.
+        sandbox: Option<String>,
     },
     /// Removes one of this node's endpoints (by name, id or unique id prefix).
     EndpointRm {
@@ -427,6 +438,15 @@ pub struct Agent {
     changes: Vec<Change>,
     snapshot_dirty: bool,
     snapshot_at: Option<Instant>,
+    /// The overlay driver, owned directly: the agent collects its data-plane operations and
+    /// hands their results back.
+    overlay: weft_overlay::OverlayDriver,
+    /// Whether the caller applies data-plane operations.
+    dataplane: bool,
+    /// Attached networks the overlay driver does not handle (another driver, or refused).
+    not_overlay: std::collections::BTreeSet<String>,
+    ep_pending: Vec<PendingEp>,
+    dp_waits: Vec<DpWait>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -462,6 +482,8 @@ impl Agent {
             TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(RingMerge)),
         )?;
         gossip.register_table(ENDPOINT_TABLE, TableSpec::node_owned(ObjectType::Endpoint))?;
+        gossip
+            .register_table(weft_overlay::OVERLAY_PEER_TABLE, TableSpec::node_owned(ObjectType::Endpoint))?;
         gossip.register_table(
             REMOVED_TABLE,
             TableSpec::cluster(ObjectType::Opaque).with_merge(Arc::new(RemovalMerge)),
@@ -514,6 +536,11 @@ impl Agent {
             changes: Vec::new(),
             snapshot_dirty: true,
             snapshot_at: None,
+            overlay: weft_overlay::OverlayDriver::new(&state.name, addr.ip()),
+            dataplane: false,
+            not_overlay: Default::default(),
+            ep_pending: Vec::new(),
+            dp_waits: Vec::new(),
         };
         for id in &state.networks {
             agent.gossip.join_network(now, id)?;
@@ -625,6 +652,7 @@ impl Agent {
     /// The data-plane (VTEP) address this node publishes in its node record.
     pub fn set_data_addr(&mut self, now: Instant, addr: std::net::IpAddr) {
         self.gossip.set_data_addr(now, addr);
+        self.overlay.set_vtep(addr);
         self.finish(now);
     }
 
@@ -675,6 +703,7 @@ impl Agent {
             self.detach_removed_networks(now);
             self.republish_lost_definitions(now);
             self.note_absent_creations(now);
+            self.overlay_tick(now);
             let g = &self.gossip;
             let (absent, reap) = (&self.created_absent, self.gossip.config().reap_after);
             self.alloc.reconcile(
@@ -836,6 +865,8 @@ impl Agent {
             if defs_seen && !self.parked.is_empty() {
                 self.retry_parked(now);
             }
+            self.resolve_owners();
+            self.sync_overlay_networks();
             // (Not while booting: an observer attached after `boot` must see every event.)
             if !self.booting {
                 any |= self.alloc.pump(&mut self.gossip, now);
@@ -854,6 +885,7 @@ impl Agent {
         if let Some(seq) = structural {
             self.last_structural = seq;
         }
+        self.advance_pending_eps(now);
         // What staging found durable already goes out now, not at the next input.
         if !self.booting {
             self.alloc.pump(&mut self.gossip, now);
@@ -977,6 +1009,12 @@ impl Agent {
     }
 
     fn decode(&self, table: &str, e: &weft_gossip::EntryView) -> Option<Decoded> {
+        if table == weft_overlay::OVERLAY_PEER_TABLE
+            && (e.state == EntryState::Live || matches!(e.state, EntryState::Hidden { .. }))
+        {
+            let (object_id, fields) = self.overlay_decode(&e.key, &e.value);
+            return Some(Decoded { object_id, fields });
+        }
         if e.state == EntryState::Live || matches!(e.state, EntryState::Hidden { .. }) {
             self.watchers
                 .decode(table, &e.key, &e.value)
@@ -1057,6 +1095,7 @@ impl Agent {
             held_drops: self.held_drops,
             refused: self.refused.clone(),
             alloc: self.alloc.report(),
+            overlay: self.overlay_report(),
         }
     }
 
@@ -1156,9 +1195,16 @@ impl Agent {
         self.alloc.handle_event(&mut self.gossip, now, ev);
         match ev {
             Event::Table(t) => {
-                self.watchers.dispatch(t);
+                if t.table == weft_overlay::OVERLAY_PEER_TABLE {
+                    self.overlay_event(t);
+                } else {
+                    self.watchers.dispatch(t);
+                }
                 if t.network == CLUSTER_NETWORK && t.table == NETWORKS_TABLE {
                     self.defs_changed = true;
+                    if t.kind != TableEventKind::Delete {
+                        self.overlay_definition_changed(&t.key);
+                    }
                 }
                 if t.network == CLUSTER_NETWORK
                     && t.table == NETWORKS_TABLE
@@ -1254,9 +1300,14 @@ impl Agent {
             Command::CreateNetwork { .. } | Command::EndpointCreate { .. } => {
                 return self.run_alloc(now, id, cmd, may_wait, None);
             }
-            Command::EndpointRm { network, endpoint } => {
-                self.endpoint_rm(now, &network, &endpoint).map(Reply::Endpoint)
-            }
+            Command::EndpointRm { network, endpoint } => match self.endpoint_rm(now, &network, &endpoint) {
+                // The reply waits for the interface to be gone.
+                Ok((e, Some(end))) if id != APPLY_ID => {
+                    self.dp_waits.push(DpWait { id, end, reply: Reply::Endpoint(e) });
+                    return None;
+                }
+                r => r.map(|(e, _)| Reply::Endpoint(e)),
+            },
             Command::NodeRm { node, force } => {
                 self.alloc.remove_node(&mut self.gossip, now, &node, force).map(Reply::NodeRemoved)
             }
@@ -1298,11 +1349,23 @@ impl Agent {
         deadline: Option<Instant>,
     ) -> Option<CommandResult> {
         let r = match &cmd {
-            Command::CreateNetwork { name, driver, subnets, gateway } => {
-                self.create_network(now, name, driver, subnets, gateway.as_deref()).map(Reply::Network)
-            }
-            Command::EndpointCreate { network, name, ip, mac } => {
-                self.endpoint_create(now, network, name, *ip, mac.as_deref()).map(Reply::Endpoint)
+            Command::CreateNetwork { name, driver, subnets, gateway, options } => self
+                .create_network(now, name, driver, subnets, gateway.as_deref(), options)
+                .map(Reply::Network),
+            Command::EndpointCreate { sandbox: Some(_), .. } if id == APPLY_ID => Err(Err(AgentError::Dataplane(
+                "an endpoint with a sandbox is created through handle_command (its reply waits for the data plane)"
+                    .into(),
+            ))),
+            Command::EndpointCreate { network, name, ip, mac, sandbox } => {
+                match self.endpoint_create(now, network, name, *ip, mac.as_deref(), sandbox.clone()) {
+                    // Its interface comes first: the reply waits for the address to be durable,
+                    // then for the data plane.
+                    Ok(ep) if ep.sandbox.is_some() => {
+                        self.ep_pending.push(PendingEp { id, ep, seq: 0, ops: None });
+                        return None;
+                    }
+                    r => r.map(Reply::Endpoint),
+                }
             }
             _ => unreachable!("only allocating commands"),
         };
@@ -1410,8 +1473,15 @@ impl Agent {
         driver: &str,
         subnets: &[String],
         gateway: Option<&str>,
+        user_options: &BTreeMap<String, String>,
     ) -> crate::alloc::Try<NetworkDef> {
         self.alloc.check_not_removed().map_err(Err)?;
+        if user_options.contains_key(crate::alloc::VXLANID_OPTION) {
+            return Err(Err(AgentError::BadOption(format!(
+                "{}: VNIs are allocated by weft, from the cluster's VNI ring",
+                crate::alloc::VXLANID_OPTION
+            ))));
+        }
         self.check_new_network(name, driver, subnets, gateway).map_err(Err)?;
         let parsed: Vec<ipnet::IpNet> = subnets.iter().map(|s| s.parse().expect("checked")).collect();
         let known = self.networks();
@@ -1441,12 +1511,30 @@ impl Agent {
             driver == NULL_DRIVER,
         )?;
         let id = format!("{:016x}{:016x}", self.rng.random::<u64>(), self.rng.random::<u64>());
-        let mut options = BTreeMap::new();
+        let mut options = user_options.clone();
         if !vnis.is_empty() {
             options.insert(
                 crate::alloc::VXLANID_OPTION.to_string(),
                 vnis.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
             );
+        }
+        if driver == "overlay" {
+            // The driver checks what it was given and fixes its port in the definition.
+            use weft_overlay::driverapi::NetworkAllocator;
+            let v4: Vec<_> = nets
+                .iter()
+                .filter_map(|n| match n {
+                    ipnet::IpNet::V4(n) => Some(weft_overlay::driverapi::ipam_v4(*n, None)),
+                    _ => None,
+                })
+                .collect();
+            match self.overlay.network_allocate(&id, &options, &v4, &[]) {
+                Ok(o) => options = o,
+                Err(e) => {
+                    self.alloc.abandon_network(&id, &vnis, &pool_slots);
+                    return Err(Err(AgentError::BadOption(e.to_string())));
+                }
+            }
         }
         let mut def = NetworkDef {
             id: id.clone(),
@@ -1596,11 +1684,22 @@ impl Agent {
         name: &str,
         ip: Option<std::net::IpAddr>,
         mac: Option<&str>,
+        sandbox: Option<String>,
     ) -> crate::alloc::Try<Endpoint> {
         self.alloc.check_not_removed().map_err(Err)?;
         validate_network_name(name)
             .map_err(|_| Err(AgentError::BadName(format!("endpoint name {name:?}"))))?;
         let n = self.resolve(network).map_err(Err)?;
+        if let Some(s) = &sandbox {
+            self.check_sandbox(&n.def, s).map_err(Err)?;
+        }
+        if self.alloc.local_endpoints(&n.def.id).iter().any(|e| e.name == name) {
+            return Err(Err(AgentError::EndpointExists {
+                name: name.into(),
+                network: n.def.name,
+                node: self.node_name(),
+            }));
+        }
         if !n.attached {
             self.gossip.join_network(now, &n.def.id).map_err(|e| Err(e.into()))?;
         }
@@ -1616,10 +1715,27 @@ impl Agent {
             }));
         }
         let id: String = (0..4).map(|_| format!("{:016x}", self.rng.random::<u64>())).collect();
-        self.alloc.create_endpoint(&mut self.gossip, now, &n.def, name, ip, mac, id)
+        // The driver learns the network now if this command attached it.
+        self.sync_overlay_networks();
+        let publish = sandbox.is_none();
+        let ep =
+            self.alloc.create_endpoint(&mut self.gossip, now, &n.def, name, ip, mac, id, sandbox, publish)?;
+        if publish && let Err(e) = self.overlay_endpoint_created(now, &ep) {
+            // Nothing of it stays: its entry and address go again.
+            let _ = self.alloc.remove_endpoint(&mut self.gossip, now, &ep);
+            return Err(Err(e));
+        }
+        Ok(ep)
     }
 
-    fn endpoint_rm(&mut self, now: Instant, network: &str, r: &str) -> Result<Endpoint, AgentError> {
+    /// Removes a local endpoint; also returns the end of the data-plane operations removing its
+    /// interface, if any.
+    fn endpoint_rm(
+        &mut self,
+        now: Instant,
+        network: &str,
+        r: &str,
+    ) -> Result<(Endpoint, Option<weft_overlay::OpId>), AgentError> {
         let n = self.resolve(network)?;
         let mut all = read::endpoints(self, Some(&n.def.id))?;
         for e in self.alloc.local_endpoints(&n.def.id) {
@@ -1628,8 +1744,15 @@ impl Agent {
             }
         }
         let e = read::find_endpoint(&all, r, &n.def.name)?;
+        if self.ep_pending.iter().any(|p| p.ep.id == e.id) {
+            return Err(AgentError::Dataplane(format!(
+                "endpoint {} is still being created (its interface is being built): try again",
+                e.name
+            )));
+        }
         self.alloc.remove_endpoint(&mut self.gossip, now, &e)?;
-        Ok(e)
+        let end = self.overlay_endpoint_removed(now, &e);
+        Ok((e, end))
     }
 
     /// Detaches this node from a network, by reference; a network attached by id whose
@@ -2005,7 +2128,7 @@ pub(crate) mod tests {
             subnets: &[String],
             gateway: Option<&str>,
         ) -> Result<NetworkDef, AgentError> {
-            self.create_network(now, name, driver, subnets, gateway).map_err(|e| match e {
+            self.create_network(now, name, driver, subnets, gateway, &BTreeMap::new()).map_err(|e| match e {
                 Ok(p) => AgentError::WaitedTooLong(p.0),
                 Err(e) => e,
             })
@@ -2055,6 +2178,7 @@ pub(crate) mod tests {
             driver: "test".into(),
             subnets: vec![subnet],
             gateway: None,
+            options: Default::default(),
         }
     }
 
@@ -2706,11 +2830,23 @@ mod alloc_tests {
     }
 
     fn ep(network: &str, name: &str) -> Command {
-        Command::EndpointCreate { network: network.into(), name: name.into(), ip: None, mac: None }
+        Command::EndpointCreate {
+            network: network.into(),
+            name: name.into(),
+            ip: None,
+            mac: None,
+            sandbox: None,
+        }
     }
 
     fn overlay(name: &str) -> Command {
-        Command::CreateNetwork { name: name.into(), driver: "overlay".into(), subnets: vec![], gateway: None }
+        Command::CreateNetwork {
+            name: name.into(),
+            driver: "overlay".into(),
+            subnets: vec![],
+            gateway: None,
+            options: Default::default(),
+        }
     }
 
     fn network(r: CommandResult) -> NetworkDef {
@@ -2759,6 +2895,7 @@ mod alloc_tests {
                     driver: "overlay".into(),
                     subnets: vec![red.subnets[0].clone()],
                     gateway: None,
+                    options: Default::default(),
                 },
             )
             .unwrap_err();
@@ -2829,7 +2966,13 @@ mod alloc_tests {
         let e = net
             .cmd(
                 0,
-                Command::EndpointCreate { network: "n".into(), name: "y".into(), ip: Some(ip), mac: None },
+                Command::EndpointCreate {
+                    network: "n".into(),
+                    name: "y".into(),
+                    ip: Some(ip),
+                    mac: None,
+                    sandbox: None,
+                },
             )
             .unwrap_err();
         assert!(e.to_string().contains("a2@"), "{e}");
@@ -2842,6 +2985,7 @@ mod alloc_tests {
                 name: "z".into(),
                 ip: Some(mine),
                 mac: Some("02:00:00:00:00:09".into()),
+                sandbox: None,
             },
         ));
         assert_eq!(got.ipv4, format!("{mine}/24"));
@@ -2914,6 +3058,7 @@ mod alloc_tests {
                     driver: "overlay".into(),
                     subnets: vec!["10.1.0.0/24".into()],
                     gateway: Some("10.1.0.255".into()),
+                    options: Default::default(),
                 },
             )
             .unwrap_err();
@@ -2969,7 +3114,13 @@ mod removal_tests {
     use crate::alloc::NodeRmReply;
 
     fn ep(network: &str, name: &str) -> Command {
-        Command::EndpointCreate { network: network.into(), name: name.into(), ip: None, mac: None }
+        Command::EndpointCreate {
+            network: network.into(),
+            name: name.into(),
+            ip: None,
+            mac: None,
+            sandbox: None,
+        }
     }
 
     fn endpoint(r: CommandResult) -> Endpoint {
@@ -2993,6 +3144,7 @@ mod removal_tests {
             driver: "test".into(),
             subnets: vec![subnet.into()],
             gateway: None,
+            options: Default::default(),
         };
         match net.cmd(i, create) {
             Ok(Reply::Network(d)) => d,
@@ -3125,6 +3277,7 @@ mod removal_tests {
             driver: "overlay".into(),
             subnets: vec![],
             gateway: None,
+            options: Default::default(),
         };
         let old = match net.cmd(1, overlay) {
             Ok(Reply::Network(d)) => d,
@@ -3201,6 +3354,7 @@ mod reconcile_tests {
             driver: "overlay".into(),
             subnets: vec![],
             gateway: None,
+            options: Default::default(),
         };
         let def = match net.cmd(1, create) {
             Ok(Reply::Network(d)) => d,

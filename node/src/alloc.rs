@@ -151,6 +151,9 @@ pub struct Endpoint {
     pub mac: String,
     #[serde(default)]
     pub gateway: Option<String>,
+    /// The sandbox (network namespace) its interface is in; none: records only, no interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
 }
 
 impl Endpoint {
@@ -1554,6 +1557,17 @@ impl Allocator {
         [format!("{IPAM_PREFIX}{nid}/"), format!("{EP_PREFIX}{nid}/")]
     }
 
+    /// Every local endpoint.
+    pub fn all_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values()
+    }
+
+    /// A restarted node that has not caught up with the cluster yet (it publishes and
+    /// allocates nothing meanwhile).
+    pub fn is_catching_up(&self) -> bool {
+        self.catching_up
+    }
+
     /// Local endpoints in a network.
     pub fn local_endpoints(&self, nid: &str) -> Vec<&Endpoint> {
         self.endpoints
@@ -1577,6 +1591,8 @@ impl Allocator {
         ip: Option<IpAddr>,
         mac: Option<&str>,
         id: String,
+        sandbox: Option<String>,
+        publish: bool,
     ) -> Try<Endpoint> {
         self.check_not_removed().map_err(Err)?;
         self.check_caught_up().map_err(Ok)?;
@@ -1705,15 +1721,26 @@ impl Allocator {
             ipv4: format!("{v4}/{}", net.prefix_len()),
             mac,
             gateway: gateway_of(def, &net).map(|g| g.to_string()),
+            sandbox,
         };
-        let value = Bytes::from(json(&ep));
-        if let Err(e) = gossip.put_entry(now, &def.id, ENDPOINT_TABLE, &ep.id, value) {
+        if publish && let Err(e) = self.publish_endpoint(gossip, now, &ep) {
             let _ = self.rings.get_mut(&(def.id.clone(), net.to_string())).map(|r| r.release(slot));
-            return Err(Err(e.into()));
+            return Err(Err(e));
         }
         self.ops.push((format!("{EP_PREFIX}{}/{}", def.id, ep.id), Some(json(&ep))));
         self.endpoints.insert((def.id.clone(), ep.id.clone()), ep.clone());
         Ok(ep)
+    }
+
+    /// Publishes a local endpoint's entry in its network's `endpoint_table`.
+    pub fn publish_endpoint(
+        &self,
+        gossip: &mut GossipNode,
+        now: Instant,
+        ep: &Endpoint,
+    ) -> Result<(), AgentError> {
+        gossip.put_entry(now, &ep.network_id, ENDPOINT_TABLE, &ep.id, Bytes::from(json(ep)))?;
+        Ok(())
     }
 
     /// Removes a local endpoint: its entry, its record, and its address (held back for
@@ -1829,7 +1856,7 @@ fn member_name_instance(m: &str) -> &str {
 }
 
 /// A network's IPv4 subnets (each is a ring).
-fn v4_subnets(def: &NetworkDef) -> Vec<Ipv4Net> {
+pub(crate) fn v4_subnets(def: &NetworkDef) -> Vec<Ipv4Net> {
     def.subnets
         .iter()
         .filter_map(|s| match s.parse::<IpNet>() {

@@ -29,6 +29,7 @@
 //! on it leaves the node meanwhile, and `/health` says `degraded` with the error. Reads never
 //! wait for writes and see them as soon as they are applied.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -81,6 +82,9 @@ pub struct CreateNetwork {
     pub subnets: Vec<String>,
     #[serde(default)]
     pub gateway: Option<String>,
+    /// Driver options (`-o KEY=VALUE`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
 }
 
 fn default_driver() -> String {
@@ -99,6 +103,24 @@ pub struct Inspect {
     /// held back, a donation it waits for, the owners asked last time none had space).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub local: Vec<RingReport>,
+    /// With `?verbose=true`, for an overlay network: the driver's peer records and what it
+    /// asked the data plane for, what the kernel holds, and how they differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<OverlayInspect>,
+}
+
+/// An overlay network on this host, as the driver and the kernel see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayInspect {
+    pub driver: weft_overlay::driver::NetReport,
+    /// Read back from the kernel (absent without a data plane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<weft_overlay::KernelView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_error: Option<String>,
+    /// Where the kernel differs from what the driver asked for.
+    #[serde(default)]
+    pub differences: Vec<String>,
 }
 
 /// One node's share of a ring, as the replicated claims say.
@@ -122,6 +144,9 @@ pub struct CreateEndpoint {
     pub ip: Option<std::net::IpAddr>,
     #[serde(default)]
     pub mac: Option<String>,
+    /// A network namespace path: the endpoint gets an interface there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
 }
 
 /// The shares of a network's subnet rings.
@@ -260,6 +285,7 @@ async fn create_network(State(s): State<Shell>, body: Bytes) -> ApiResult<Json<N
         driver: req.driver,
         subnets: req.subnets,
         gateway: req.gateway,
+        options: req.options,
     };
     network_reply(s.command(cmd).await?)
 }
@@ -270,8 +296,9 @@ async fn inspect_network(
     Query(f): Query<Flags>,
 ) -> ApiResult<Json<Inspect>> {
     // A verbose inspect walks whole tables: off the runtime's workers.
-    let out = blocking(move || -> Result<Inspect, AgentError> {
-        let view = s.read();
+    let shell = s.clone();
+    let out = blocking(move || -> Result<(Inspect, Option<weft_overlay::driver::NetReport>), AgentError> {
+        let view = shell.read();
         let network = read::resolve(&view, &r)?;
         let dump = if f.verbose { Some(read::dump(&view, Some(&network.def.id), None)?) } else { None };
         let (shares, local) = if f.verbose {
@@ -281,9 +308,23 @@ async fn inspect_network(
         } else {
             (Vec::new(), Vec::new())
         };
-        Ok(Inspect { network, dump, shares, local })
+        let overlay = if f.verbose { view.snap.overlay.networks.get(&network.def.id).cloned() } else { None };
+        Ok((Inspect { network, dump, shares, local, overlay: None }, overlay))
     })
     .await??;
+    let (mut out, driver) = out;
+    if let Some(driver) = driver {
+        let (kernel, kernel_error) = match s.kernel_view(&out.network.def.id).await {
+            None => (None, None),
+            Some(Ok(k)) => (Some(k), None),
+            Some(Err(e)) => (None, Some(e.to_string())),
+        };
+        let differences = kernel
+            .as_ref()
+            .map(|k| k.differences(driver.sandbox, &driver.neighbours, &driver.fdb))
+            .unwrap_or_default();
+        out.overlay = Some(OverlayInspect { driver, kernel, kernel_error, differences });
+    }
     Ok(Json(out))
 }
 
@@ -385,7 +426,14 @@ async fn create_endpoint(
     let req: CreateEndpoint =
         serde_json::from_slice(&body).map_err(|e| ApiError(400, format!("bad request body: {e}")))?;
     endpoint_reply(
-        s.command(Command::EndpointCreate { network, name: req.name, ip: req.ip, mac: req.mac }).await?,
+        s.command(Command::EndpointCreate {
+            network,
+            name: req.name,
+            ip: req.ip,
+            mac: req.mac,
+            sandbox: req.sandbox,
+        })
+        .await?,
     )
 }
 

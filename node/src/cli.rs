@@ -121,8 +121,17 @@ pub struct AgentArgs {
     /// WEFT_REUSE_AFTER; default: 60]
     #[arg(long, value_name = "SECONDS")]
     pub reuse_after: Option<u64>,
+    /// The data plane: linux (network namespaces, VXLAN, through netlink; needs root) or none
+    /// (records only: endpoints get no interface) [env: WEFT_DATAPLANE; default: linux if this
+    /// process may program it, else none with a warning]
+    #[arg(long, value_name = "linux|none")]
+    pub dataplane: Option<String>,
+    /// Where network sandboxes are bind-mounted, under netns/ (give each agent on one machine
+    /// its own) [env: WEFT_RUN_DIR; default: /run/weft]
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
     /// TOML config file (keys: name, bind, advertise, join, data_dir, data_addr, restart_grace,
-    /// leave_on_stop, acceptors, default_pool, reuse_after) [env: WEFT_CONFIG]
+    /// leave_on_stop, acceptors, default_pool, reuse_after, dataplane, run_dir) [env: WEFT_CONFIG]
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
@@ -139,6 +148,10 @@ pub enum NetworkCmd {
         subnet: Vec<String>,
         #[arg(long)]
         gateway: Option<String>,
+        /// Driver option KEY=VALUE; repeat for several (overlay: com.docker.network.driver.mtu,
+        /// com.docker.network.driver.overlay.vxlan_port [default 4789])
+        #[arg(long = "opt", short = 'o', value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        opt: Vec<(String, String)>,
     },
     /// List networks
     Ls {
@@ -179,6 +192,11 @@ pub enum EndpointCmd {
         /// MAC address [default: 02:42 and the IPv4 address's bytes, as Docker]
         #[arg(long)]
         mac: Option<String>,
+        /// Network namespace to give the endpoint an interface in (eth0, with its address, MAC
+        /// and the network's MTU), e.g. /run/netns/NAME; the reply comes once it is up.
+        /// Without it the endpoint gets its address and records but no interface
+        #[arg(long, value_name = "NETNS_PATH")]
+        sandbox: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -350,10 +368,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `KEY=VALUE`, for `-o`.
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
 async fn network(c: Client, cmd: NetworkCmd) -> anyhow::Result<()> {
     match cmd {
-        NetworkCmd::Create { name, driver, subnet, gateway } => {
-            let req = CreateNetwork { name, driver, subnets: subnet, gateway };
+        NetworkCmd::Create { name, driver, subnet, gateway, opt } => {
+            let req =
+                CreateNetwork { name, driver, subnets: subnet, gateway, options: opt.into_iter().collect() };
             let def: NetworkDef = c.send_json(Method::POST, "/networks", &req).await?;
             outln(&def.id);
         }
@@ -373,6 +400,9 @@ async fn network(c: Client, cmd: NetworkCmd) -> anyhow::Result<()> {
                 out(&format::inspect(&i.network));
                 if verbose {
                     out(&format::shares(&i.shares, &i.local));
+                }
+                if let Some(o) = &i.overlay {
+                    out(&format::overlay(o));
                 }
                 if let Some(d) = &i.dump {
                     out(&format::dump(d, true));
@@ -401,8 +431,13 @@ async fn network(c: Client, cmd: NetworkCmd) -> anyhow::Result<()> {
 
 async fn endpoint(c: Client, cmd: EndpointCmd) -> anyhow::Result<()> {
     match cmd {
-        EndpointCmd::Create { network, name, ip, mac, json } => {
-            let req = CreateEndpoint { name, ip, mac };
+        EndpointCmd::Create { network, name, ip, mac, sandbox, json } => {
+            // The agent opens the namespace: a relative path would mean its directory, not ours.
+            let sandbox = match sandbox {
+                Some(p) if p.is_relative() => Some(std::env::current_dir()?.join(p)),
+                s => s,
+            };
+            let req = CreateEndpoint { name, ip, mac, sandbox: sandbox.map(|p| p.display().to_string()) };
             let e: Endpoint =
                 c.send_json(Method::POST, &format!("/networks/{}/endpoints", enc(&network)), &req).await?;
             if json {
@@ -500,6 +535,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         acceptors: args.acceptors,
         default_pool: args.default_pool,
         reuse_after: args.reuse_after,
+        dataplane: args.dataplane,
+        run_dir: args.run_dir,
     };
     let cfg = config::resolve(flags, args.config, std::env::vars().collect())?;
     let sock = cfg.data_dir.join("weft.sock");

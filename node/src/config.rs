@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 pub const DEFAULT_PORT: u16 = 7946;
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/weft";
+pub const DEFAULT_RUN_DIR: &str = "/run/weft";
 /// How long peers keep a restarting node's entries live (see `GossipConfig::restart_grace`).
 pub const DEFAULT_RESTART_GRACE_S: u64 = 60;
 
@@ -32,6 +33,10 @@ pub struct Layer {
     pub default_pool: Option<String>,
     /// Seconds a released address or VNI stays out of use.
     pub reuse_after: Option<u64>,
+    /// `linux` or `none`.
+    pub dataplane: Option<String>,
+    /// Where network sandboxes are bind-mounted (`<run_dir>/netns/`).
+    pub run_dir: Option<PathBuf>,
 }
 
 impl Layer {
@@ -48,6 +53,8 @@ impl Layer {
             acceptors: self.acceptors.or(lower.acceptors),
             default_pool: self.default_pool.or(lower.default_pool),
             reuse_after: self.reuse_after.or(lower.reuse_after),
+            dataplane: self.dataplane.or(lower.dataplane),
+            run_dir: self.run_dir.or(lower.run_dir),
         }
     }
 }
@@ -72,11 +79,18 @@ pub struct AgentConfig {
     pub leave_on_stop: bool,
     /// Allocation: acceptors, default pool, reuse delay.
     pub alloc: crate::alloc::AllocConfig,
+    /// The data plane: `Some(true)` Linux (required), `Some(false)` none, `None` Linux if this
+    /// process may program it, else none with a warning.
+    pub dataplane: Option<bool>,
+    /// Where network sandboxes are bind-mounted.
+    pub run_dir: PathBuf,
 }
 
 /// Environment variables the agent reads (`WEFT_HOST` is the clients').
-pub const ENV_KEYS: [&str; 13] = [
+pub const ENV_KEYS: [&str; 15] = [
     "WEFT_ACCEPTORS",
+    "WEFT_DATAPLANE",
+    "WEFT_RUN_DIR",
     "WEFT_DEFAULT_POOL",
     "WEFT_REUSE_AFTER",
     "WEFT_NAME",
@@ -144,6 +158,8 @@ pub fn parse_env(
                     v.parse().map_err(|_| anyhow!("WEFT_REUSE_AFTER: {v:?} is not a number of seconds"))?,
                 )
             }
+            "WEFT_DATAPLANE" => l.dataplane = Some(v),
+            "WEFT_RUN_DIR" => l.run_dir = Some(v.into()),
             "WEFT_CONFIG" => config = Some(PathBuf::from(v)),
             "WEFT_HOST" => {}
             // Test hooks (see `store::Persister::spawn`); not a setting.
@@ -240,7 +256,19 @@ pub fn resolve(
     if grace > 24 * 3600 {
         bail!("restart_grace: {grace} s is more than a day");
     }
+    let dataplane = match l.dataplane.as_deref() {
+        None => None,
+        Some("linux") => Some(true),
+        Some("none") => Some(false),
+        Some(o) => bail!("dataplane: {o:?} is not linux or none"),
+    };
+    let run_dir = l.run_dir.unwrap_or(DEFAULT_RUN_DIR.into());
+    if !run_dir.is_absolute() {
+        bail!("run_dir: {} is not an absolute path", run_dir.display());
+    }
     Ok(AgentConfig {
+        dataplane,
+        run_dir,
         name: l.name,
         bind,
         advertise,

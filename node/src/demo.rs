@@ -38,6 +38,9 @@ async fn start_one(
         // The OS picks the ports, so the first agent cannot list itself in a seed list: the
         // acceptors are named instead, alike on every agent.
         alloc: crate::alloc::AllocConfig { acceptors: Some(acceptors.to_vec()), ..Default::default() },
+        // The demo runs anywhere, privileges or not: records only, no interfaces.
+        dataplane: Some(false),
+        run_dir: std::env::temp_dir().join("weft-demo-run"),
     };
     // The OS picks a free UDP port; TCP must get the same one, so retry on the rare clash.
     let mut last = None;
@@ -117,6 +120,7 @@ async fn demo(base: &std::path::Path, nodes: usize, exit: bool) -> anyhow::Resul
         driver: "overlay".into(),
         subnets: vec![],
         gateway: None,
+        options: Default::default(),
     };
     let Reply::Network(def) = shells[0].command(create).await? else {
         bail!("network create: unexpected reply")
@@ -148,6 +152,7 @@ async fn demo(base: &std::path::Path, nodes: usize, exit: bool) -> anyhow::Resul
                     name: format!("web-{i}-{j}"),
                     ip: None,
                     mac: None,
+                    sandbox: None,
                 };
                 out.push(s.command(cmd).await);
             }

@@ -8,6 +8,11 @@ pub enum AgentError {
     Gossip(#[from] weft_gossip::Error),
     #[error("no such network: {0}")]
     NoSuchNetwork(String),
+    #[error("bad network option: {0}")]
+    BadOption(String),
+    /// The data plane refused (or cannot run) an operation: the object and the call.
+    #[error("data plane: {0}")]
+    Dataplane(String),
     #[error("network name {name:?} is ambiguous (ids {}): use the id", ids.join(", "))]
     AmbiguousNetwork { name: String, ids: Vec<String> },
     #[error("a network named {0:?} already exists")]
@@ -68,6 +73,7 @@ impl AgentError {
             | AgentError::EndpointExists { .. }
             | AgentError::HasEndpoints { .. } => 409,
             AgentError::Exhausted(_) | AgentError::NoAddress(_) | AgentError::WaitedTooLong(_) => 503,
+            AgentError::Dataplane(_) => 422,
             AgentError::Gossip(weft_gossip::Error::EntryExists { .. }) => 409,
             AgentError::Protected(_) => 403,
             _ => 400,

@@ -319,3 +319,102 @@ pub fn node_rm(r: &crate::alloc::NodeRmReply) -> String {
     }
     out
 }
+
+/// `network inspect --verbose` of an overlay network: the driver's peer records, what it asked
+/// the data plane for, and the kernel's view next to it.
+pub fn overlay(o: &crate::api::OverlayInspect) -> String {
+    let d = &o.driver;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nOverlay on this host: VNI {}, UDP port {}, MTU {}; sandbox: {}",
+        d.vni,
+        d.port,
+        d.mtu.map_or("underlay - 50".to_string(), |m| m.to_string()),
+        if d.sandbox {
+            format!("yes ({} endpoint(s) with an interface)", d.sandboxed_endpoints.len())
+        } else {
+            "none (no local endpoint with an interface)".to_string()
+        }
+    );
+    if let Some(e) = &d.last_error {
+        let _ = writeln!(out, "Last data-plane error: {e}");
+    }
+    let rows: Vec<Vec<String>> = d
+        .peers
+        .iter()
+        .map(|p| {
+            let state = if p.local {
+                "local"
+            } else if !p.valid {
+                "not programmed: VTEP is not its owner's data address"
+            } else if !p.active {
+                "standby: a newer record holds the address"
+            } else if d.sandbox {
+                "programmed"
+            } else {
+                "known (no sandbox here)"
+            };
+            vec![
+                p.endpoint.get(..12).unwrap_or(&p.endpoint).to_string(),
+                p.ip.clone(),
+                p.mac.to_string(),
+                p.vtep.to_string(),
+                p.owner.clone(),
+                p.ltime.to_string(),
+                state.to_string(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        out.push_str(&table(&["PEER", "IP", "MAC", "VTEP", "OWNER", "LTIME", "STATE"], &rows));
+    }
+    match (&o.kernel, &o.kernel_error) {
+        (_, Some(e)) => {
+            let _ = writeln!(out, "Kernel: cannot read it: {e}");
+        }
+        (None, None) => {
+            let _ = writeln!(out, "Kernel: this agent has no data plane");
+        }
+        (Some(k), None) => {
+            let _ = writeln!(
+                out,
+                "Kernel (read back): {}",
+                if k.sandbox {
+                    format!(
+                        "vxlan0 VNI {} port {} MTU {}, {} neighbour(s), {} fdb entr{}",
+                        k.vni.map_or("?".into(), |v| v.to_string()),
+                        k.port.map_or("?".into(), |v| v.to_string()),
+                        k.mtu.map_or("?".into(), |v| v.to_string()),
+                        k.neighbours.len(),
+                        k.fdb.len(),
+                        if k.fdb.len() == 1 { "y" } else { "ies" }
+                    )
+                } else {
+                    "no sandbox".to_string()
+                }
+            );
+            let rows: Vec<Vec<String>> = k
+                .neighbours
+                .iter()
+                .map(|(ip, mac)| {
+                    let dst =
+                        k.fdb.iter().find(|(m, _)| m == mac).map_or("-".to_string(), |(_, v)| v.to_string());
+                    vec![ip.to_string(), mac.to_string(), dst]
+                })
+                .collect();
+            if !rows.is_empty() {
+                out.push_str(&table(&["NEIGHBOUR", "LLADDR", "FDB DST"], &rows));
+            }
+            if o.differences.is_empty() {
+                let _ = writeln!(out, "The kernel matches the tables.");
+            } else {
+                let _ = writeln!(out, "The kernel DIFFERS from the tables ({}):", o.differences.len());
+                for d in &o.differences {
+                    let _ = writeln!(out, "  {d}");
+                }
+            }
+        }
+    }
+    out
+}

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod dpthread;
 pub mod error;
 pub mod format;
 pub mod persist;

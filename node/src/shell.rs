@@ -30,6 +30,7 @@ use weft_gossip::{Config as GossipConfig, TransmitKind, wire};
 
 use crate::agent::{Agent, Command, CommandId, CommandResult, Output, Reply};
 use crate::config::{AgentConfig, DEFAULT_PORT};
+use crate::dpthread::{DpDone, DpThread};
 use crate::error::AgentError;
 use crate::store::{Durable, PersistStats, Persister, Store, StoreFile};
 use crate::view::{View, ViewRead, write_counter};
@@ -185,6 +186,8 @@ struct Inner {
     refused: watch::Sender<Option<String>>,
     /// `weft leave` asked the agent to leave the cluster and exit.
     leave: watch::Sender<bool>,
+    /// The data plane's thread, if this agent has a data plane.
+    dp: Option<DpThread>,
 }
 
 /// A running agent: cheap to clone, shared by the API, the demo and the signal handler.
@@ -307,8 +310,22 @@ impl Shell {
         let now = Instant::now();
         let max_frame = gossip_cfg.max_stream_frame;
         let mut agent = Agent::boot(gossip_cfg, &st, advertise, seed, now)?;
-        agent.set_data_addr(now, cfg.data_addr.unwrap_or(advertise.ip()));
+        let vtep = cfg.data_addr.unwrap_or(advertise.ip());
+        agent.set_data_addr(now, vtep);
         agent.configure_alloc(cfg.alloc.clone(), Some(all_seeds), unresolved.clone());
+        let (dp_tx, dp_rx) = mpsc::unbounded_channel::<DpDone>();
+        let dp = match cfg.dataplane {
+            Some(false) => None,
+            required => match DpThread::spawn_linux(&cfg.run_dir, vtep, dp_tx) {
+                Ok(dp) => Some(dp),
+                Err(e) if required.is_none() => {
+                    tracing::warn!(error = %e, "no data plane: endpoints get no interface (--dataplane none says so without this warning)");
+                    None
+                }
+                Err(e) => bail!("cannot start the Linux data plane: {e}"),
+            },
+        };
+        agent.set_dataplane(dp.is_some());
         let view = agent.attach_view(now);
         agent.apply(now, Command::Join { seeds })?;
 
@@ -333,6 +350,7 @@ impl Shell {
             unresolved: Mutex::new(unresolved.clone()),
             refused: watch::channel(None).0,
             leave: watch::channel(false).0,
+            dp: dp.clone(),
         });
         let shell = Shell { inner: inner.clone(), addr: bound, data_dir: cfg.data_dir.clone() };
         let udp = Arc::new(udp);
@@ -344,6 +362,7 @@ impl Shell {
             persister,
             replies: HashMap::new(),
             writers: HashMap::new(),
+            dp,
         };
         // The owner runs on a thread of its own: however long an input keeps it busy, the
         // runtime's workers (sockets, the control API, stream writers) never wait behind it.
@@ -359,7 +378,7 @@ impl Shell {
                         std::process::exit(70);
                     }
                 };
-                rt.block_on(owner.run(control_rx, swim_rx, datagram_rx, frame_rx, durable_rx));
+                rt.block_on(owner.run(control_rx, swim_rx, datagram_rx, frame_rx, durable_rx, dp_rx));
             })
             .context("cannot start the agent's thread")?;
         tokio::spawn(udp_loop(inner.clone(), udp, swim_tx, datagram_tx));
@@ -451,6 +470,14 @@ impl Shell {
 
     pub fn unresolved_seeds(&self) -> Vec<String> {
         self.inner.unresolved.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// What the kernel holds for a network's sandbox here; `None` without a data plane.
+    pub async fn kernel_view(
+        &self,
+        nid: &str,
+    ) -> Option<Result<weft_overlay::KernelView, weft_overlay::DpError>> {
+        Some(self.inner.dp.as_ref()?.read(nid).await)
     }
 
     /// Metrics of the agent plus the shell's own counters.
@@ -612,6 +639,7 @@ struct Owner {
     persister: Persister,
     replies: HashMap<CommandId, oneshot::Sender<CommandResult>>,
     writers: HashMap<SocketAddr, Writer>,
+    dp: Option<DpThread>,
 }
 
 /// A peer's outbound stream writer and the bytes queued for it.
@@ -628,6 +656,7 @@ impl Owner {
         mut datagrams: mpsc::Receiver<Datagram>,
         mut frames: mpsc::UnboundedReceiver<Frame>,
         mut durable: mpsc::UnboundedReceiver<Durable>,
+        mut dp_done: mpsc::UnboundedReceiver<DpDone>,
     ) {
         self.drain();
         loop {
@@ -652,6 +681,7 @@ impl Owner {
             let (kind, t0) = tokio::select! {
                 Some(d) = swim.recv() => { let t = Instant::now(); self.datagram(Class::Membership, d); ("swim datagram", t) }
                 Some(d) = durable.recv() => { let t = Instant::now(); self.durable(d); ("persist report", t) }
+                Some((id, r)) = dp_done.recv() => { let t = Instant::now(); self.agent.handle_dataplane_done(t, id, r); ("data plane report", t) }
                 Some(d) = datagrams.recv() => { let t = Instant::now(); self.datagram(Class::Table, d); ("gossip datagram", t) }
                 Some(f) = frames.recv() => {
                     let now = Instant::now();
@@ -713,6 +743,16 @@ impl Owner {
     fn drain(&mut self) {
         while let Some(b) = self.agent.poll_persist() {
             self.persister.submit(b);
+        }
+        while let Some((id, op)) = self.agent.poll_dataplane() {
+            match &self.dp {
+                Some(dp) => dp.apply(id, op),
+                None => self.agent.handle_dataplane_done(
+                    Instant::now(),
+                    id,
+                    Err(weft_overlay::DpError::new("data plane", "this agent has none")),
+                ),
+            }
         }
         while let Some(out) = self.agent.poll_output() {
             match out {

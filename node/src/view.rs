@@ -97,6 +97,8 @@ pub struct Snapshot {
     pub refused: Option<String>,
     /// The allocator: acceptors, rings, counters.
     pub alloc: crate::alloc::AllocReport,
+    /// The overlay driver: its networks, peer records and data-plane counters.
+    pub overlay: crate::agent::OverlayReport,
 }
 
 type TableMap = Arc<DashMap<String, ViewEntry>>;
@@ -355,10 +357,58 @@ pub fn metrics(view: &View) -> String {
         snap.held_drops,
     );
     alloc_metrics(&mut out, &r);
+    overlay_metrics(&mut out, &snap.overlay);
     out
 }
 
 /// The allocator's part of `/metrics`.
+fn overlay_metrics(out: &mut String, o: &crate::agent::OverlayReport) {
+    use std::fmt::Write;
+    let sandboxes = o.networks.values().filter(|n| n.sandbox).count();
+    for (name, kind, help, v) in [
+        (
+            "weft_overlay_peer_records",
+            "gauge",
+            "Peer records held, in overlay networks attached here.",
+            o.records as u64,
+        ),
+        (
+            "weft_overlay_peer_records_unprogrammed",
+            "gauge",
+            "Peer records not programmed because their VTEP is not their owner's published data address.",
+            o.unprogrammed as u64,
+        ),
+        (
+            "weft_overlay_contested_addresses",
+            "gauge",
+            "Addresses held by two peer records (a handover in progress).",
+            o.contested as u64,
+        ),
+        ("weft_overlay_sandboxes", "gauge", "Network sandboxes this host has.", sandboxes as u64),
+        ("weft_dataplane_ops_total", "counter", "Data-plane operations handed out.", o.stats.ops),
+        ("weft_dataplane_errors_total", "counter", "Data-plane operations that failed.", o.stats.op_errors),
+        (
+            "weft_overlay_malformed_records_total",
+            "counter",
+            "Peer records dropped as malformed.",
+            o.stats.malformed_records,
+        ),
+        (
+            "weft_overlay_resyncs_total",
+            "counter",
+            "Full re-assertions of a sandbox's peers.",
+            o.stats.resyncs,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP weft_dataplane_enabled Whether this agent programs a data plane.\n# TYPE weft_dataplane_enabled gauge\nweft_dataplane_enabled {}",
+        u8::from(o.dataplane)
+    );
+}
+
 fn alloc_metrics(out: &mut String, r: &ViewRead<'_>) {
     use std::fmt::Write;
     let a = &r.snap.alloc;

@@ -27,6 +27,8 @@ async fn streams_claiming_huge_frames_hold_no_more_than_the_budget() {
         restart_grace: Duration::from_secs(60),
         leave_on_stop: false,
         alloc: Default::default(),
+        dataplane: Some(false),
+        run_dir: dir.join("run"),
     };
     let gossip = GossipConfig::lan(8);
     let frame = gossip.max_stream_frame;

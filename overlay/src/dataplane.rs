@@ -142,7 +142,7 @@ impl DpError {
 }
 
 /// What a network's sandbox holds, as read back from the data plane.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct KernelView {
     pub sandbox: bool,
     pub vni: Option<u32>,
@@ -152,6 +152,48 @@ pub struct KernelView {
     pub endpoints: Vec<String>,
     pub neighbours: Vec<(Ipv4Addr, Mac)>,
     pub fdb: Vec<(Mac, IpAddr)>,
+}
+
+impl KernelView {
+    /// How this differs from what the driver asked for, one line each (moby #49908: a correct
+    /// table and a wrong kernel FDB).
+    pub fn differences(
+        &self,
+        sandbox: bool,
+        neighbours: &[(Ipv4Addr, Mac)],
+        fdb: &[(Mac, IpAddr)],
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        match (sandbox, self.sandbox) {
+            (true, false) => out.push("the sandbox is missing from the kernel".to_string()),
+            (false, true) => out.push("the kernel holds a sandbox the driver does not expect".to_string()),
+            _ => {}
+        }
+        if !self.sandbox {
+            return out;
+        }
+        for (ip, mac) in neighbours {
+            if !self.neighbours.contains(&(*ip, *mac)) {
+                out.push(format!("missing in the kernel: neighbour {ip} lladdr {mac}"));
+            }
+        }
+        for (ip, mac) in &self.neighbours {
+            if !neighbours.contains(&(*ip, *mac)) {
+                out.push(format!("stale in the kernel: neighbour {ip} lladdr {mac}"));
+            }
+        }
+        for (mac, vtep) in fdb {
+            if !self.fdb.contains(&(*mac, *vtep)) {
+                out.push(format!("missing in the kernel: fdb {mac} dst {vtep}"));
+            }
+        }
+        for (mac, vtep) in &self.fdb {
+            if !fdb.contains(&(*mac, *vtep)) {
+                out.push(format!("stale in the kernel: fdb {mac} dst {vtep}"));
+            }
+        }
+        out
+    }
 }
 
 /// Applies data-plane operations, in the order given.

@@ -118,7 +118,7 @@ struct Net {
 }
 
 /// What one network looks like to the driver (`network inspect --verbose`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetReport {
     pub vni: u32,
     pub port: u16,
@@ -132,7 +132,7 @@ pub struct NetReport {
     pub last_error: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRow {
     pub endpoint: String,
     pub ip: String,
@@ -181,6 +181,11 @@ impl OverlayDriver {
 
     pub fn vtep(&self) -> IpAddr {
         self.vtep
+    }
+
+    /// This node's VTEP changed (`--data-addr`): records published from now on carry it.
+    pub fn set_vtep(&mut self, vtep: IpAddr) {
+        self.vtep = vtep;
     }
 
     pub fn has_network(&self, nid: &str) -> bool {

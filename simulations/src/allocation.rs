@@ -111,6 +111,7 @@ pub fn allocation(n: usize, seed: u64, steps: usize) -> Result<AllocationReport,
             driver: "overlay".into(),
             subnets: vec![],
             gateway: None,
+            options: Default::default(),
         };
         match apply(&mut c, 0, create) {
             Ok(Reply::Network(d)) => {
@@ -143,6 +144,7 @@ pub fn allocation(n: usize, seed: u64, steps: usize) -> Result<AllocationReport,
                         name: format!("e{step}"),
                         ip: None,
                         mac: None,
+                        sandbox: None,
                     };
                     match apply(&mut c, i, cmd) {
                         Ok(Reply::Endpoint(e)) => {

@@ -298,6 +298,7 @@ impl Host for Agent {
             driver: weft_node::agent::NULL_DRIVER.into(),
             subnets: Vec::new(),
             gateway: None,
+            options: Default::default(),
         };
         match self.apply(now, create) {
             Ok(Reply::Network(def)) => Ok(def.id),

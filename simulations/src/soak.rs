@@ -229,6 +229,7 @@ fn alloc_step(
                 name: format!("e{}", a.seq),
                 ip: None,
                 mac: None,
+                sandbox: None,
             };
             match apply(c, i, cmd) {
                 Ok(Reply::Endpoint(e)) => {
@@ -268,6 +269,7 @@ fn alloc_step(
                     driver: "overlay".into(),
                     subnets: Vec::new(),
                     gateway: None,
+                    options: Default::default(),
                 };
                 match apply(c, i, cmd) {
                     Ok(Reply::Network(d)) => {
@@ -322,6 +324,7 @@ pub fn soak(o: &SoakOptions) -> Result<SoakReport, String> {
         driver: "soak".into(),
         subnets: vec!["10.250.0.0/22".into()],
         gateway: None,
+        options: Default::default(),
     };
     let mut alloc = match apply(&mut c, 0, addressed) {
         Ok(Reply::Network(d)) => Alloc { net: d.id, ..Alloc::default() },

@@ -81,6 +81,19 @@ impl GossipNode {
         self.networks.get(network).is_some_and(|n| n.synced)
     }
 
+    /// The data-plane (VTEP) address `name` publishes in its node record (this node's own for
+    /// its name); `None` while no record of it is known, or after it left.
+    pub fn node_data_addr(&self, name: &str) -> Option<std::net::IpAddr> {
+        if name == &*self.id.name {
+            return Some(self.life.data_addr);
+        }
+        self.life
+            .records
+            .get(name)
+            .filter(|r| r.status != crate::discovery::NodeStatus::Left)
+            .map(|r| r.rec.data_addr)
+    }
+
     /// The live value of an entry, if this node holds one (tombstones and hidden entries are
     /// not live).
     pub fn get_entry(&self, network: &str, table: &str, key: &str) -> Option<Bytes> {
