@@ -269,7 +269,7 @@ impl LinuxDataplane {
         let dp = LinuxDataplane { rt, netns_dir, host_ns, host, vtep, sandboxes: BTreeMap::new() };
         // Creating a namespace needs CAP_SYS_ADMIN: find out now rather than at the first
         // endpoint.
-        let probe = dp.netns_dir.join(".probe");
+        let probe = dp.netns_dir.join(format!(".probe-{}", std::process::id()));
         let r = dp.create_ns(&probe);
         let _ = nix::mount::umount2(&probe, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_file(&probe);

@@ -59,6 +59,10 @@ pub struct Agent {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     pub seeds: Vec<SocketAddr>,
+    /// The network namespace the agent runs in (`nsenter --net=`), if not this process's.
+    pub netns: Option<PathBuf>,
+    /// More `weft agent` arguments.
+    pub extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -67,7 +71,41 @@ impl Agent {
     pub fn start(root: &Path, name: &str, addr: SocketAddr, seeds: &[SocketAddr]) -> Agent {
         let data_dir = root.join(name);
         std::fs::create_dir_all(&data_dir).expect("data dir");
-        let mut a = Agent { name: name.into(), addr, data_dir, seeds: seeds.to_vec(), child: None };
+        let mut a = Agent {
+            name: name.into(),
+            addr,
+            data_dir,
+            seeds: seeds.to_vec(),
+            netns: None,
+            // Loopback agents program no data plane.
+            extra: vec!["--dataplane".into(), "none".into()],
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    /// Starts an agent inside the network namespace `netns` (entered with `nsenter --net=`,
+    /// which keeps the host's mount namespace) with more arguments.
+    pub fn start_in(
+        root: &Path,
+        name: &str,
+        addr: SocketAddr,
+        seeds: &[SocketAddr],
+        netns: &Path,
+        extra: &[&str],
+    ) -> Agent {
+        let data_dir = root.join(name);
+        std::fs::create_dir_all(&data_dir).expect("data dir");
+        let mut a = Agent {
+            name: name.into(),
+            addr,
+            data_dir,
+            seeds: seeds.to_vec(),
+            netns: Some(netns.to_path_buf()),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
         a.spawn();
         a
     }
@@ -78,8 +116,16 @@ impl Agent {
             .append(true)
             .open(self.data_dir.join("agent.log"))
             .expect("log file");
-        let mut cmd = Command::new(weft_bin());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg(weft_bin());
+                c
+            }
+            None => Command::new(weft_bin()),
+        };
         cmd.args(["agent", "--name", &self.name, "--bind", &self.addr.to_string()])
+            .args(&self.extra)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("RUST_LOG", "info")
