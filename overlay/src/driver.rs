@@ -302,6 +302,11 @@ impl OverlayDriver {
         self.push_ops(vec![DpOp::PruneSandboxes { keep }]);
     }
 
+    /// The local endpoints the driver knows in a network.
+    pub fn local_endpoints(&self, nid: &str) -> Vec<String> {
+        self.nets.get(nid).map(|n| n.endpoints.keys().cloned().collect()).unwrap_or_default()
+    }
+
     /// Networks that should have a sandbox on this host now.
     pub fn sandboxed_networks(&self) -> Vec<String> {
         self.nets

@@ -231,6 +231,9 @@ pub struct SimNode<H> {
     pub in_flight: Vec<PersistBatch>,
     /// The host crashed (or was wiped) since its last boot: its disk writes in flight are lost.
     pub crashed: bool,
+    /// The host's data plane (its kernel's state): it outlives the agent, as namespaces and
+    /// devices do; a reinstall clears it.
+    pub dataplane: weft_overlay::MemDataplane,
     /// Global virtual time of the timer armed on the queue.
     armed: Option<Instant>,
     /// What this node's watcher has seen.
@@ -378,6 +381,7 @@ impl<H: Host> Sim<H> {
                 persisted_ltime: 0,
                 persisted_sweep: true,
                 disk: BTreeMap::new(),
+                dataplane: weft_overlay::MemDataplane::new(),
                 in_flight: Vec::new(),
                 crashed: false,
                 armed: None,
@@ -534,6 +538,11 @@ impl<H: Host> Sim<H> {
     /// Drains node `i`'s outputs: transmits onto the network, events into its watcher model,
     /// and re-arms its timer.
     fn flush(&mut self, i: usize) {
+        let now = self.local(i);
+        let s = &mut self.nodes[i];
+        if let Some(n) = s.node.as_mut() {
+            n.apply_dataplane(now, &mut s.dataplane);
+        }
         loop {
             let Some(node) = self.nodes[i].node.as_mut() else { return };
             let Some(t) = node.poll_transmit() else { break };
@@ -955,6 +964,7 @@ impl<H: Host> Sim<H> {
         s.persisted_sweep = true;
         s.disk.clear();
         s.networks.clear();
+        s.dataplane = weft_overlay::MemDataplane::new();
     }
 
     /// Restarts node `i` under its name with a new generation and its persisted clock, joins

@@ -57,6 +57,9 @@ pub trait Host: Sized {
     fn poll_persist(&mut self) -> Option<PersistBatch> {
         None
     }
+    /// Applies the host's pending data-plane operations to its data plane (which belongs to
+    /// the simulated host and outlives the agent), handing each result back.
+    fn apply_dataplane(&mut self, _now: Instant, _dp: &mut weft_overlay::MemDataplane) {}
     /// Every batch up to `seq` is durable.
     fn handle_persisted(&mut self, _now: Instant, _seq: u64) {}
     /// Defines a network cluster-wide (and attaches this host); returns its id.
@@ -225,6 +228,7 @@ impl Host for Agent {
                 .collect(),
         };
         let mut agent = Agent::boot(cfg.clone(), &state, id.addr, seed, now).expect("a valid config");
+        agent.set_dataplane(true);
         agent.record_events(true);
         for t in TABLES {
             agent.register_table(now, t, spec(t), Box::new(Quiet)).expect("register");
@@ -272,6 +276,14 @@ impl Host for Agent {
 
     fn handle_persisted(&mut self, now: Instant, seq: u64) {
         Agent::handle_persisted(self, now, seq);
+    }
+
+    fn apply_dataplane(&mut self, now: Instant, dp: &mut weft_overlay::MemDataplane) {
+        use weft_overlay::Dataplane;
+        while let Some((id, op)) = self.poll_dataplane() {
+            let r = dp.apply(&op);
+            self.handle_dataplane_done(now, id, r);
+        }
     }
 
     fn join(&mut self, now: Instant, seeds: &[SocketAddr]) -> Result<(), String> {

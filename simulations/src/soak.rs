@@ -73,6 +73,8 @@ pub struct SoakReport {
     /// Endpoints created (acknowledged) and removed.
     pub endpoints: usize,
     pub endpoints_removed: usize,
+    /// Endpoint creates with an interface (a sandbox) issued.
+    pub sandboxed: usize,
     /// Networks created from the cluster rings (subnet and VNI), and removed.
     pub networks_created: usize,
     pub networks_removed: usize,
@@ -89,7 +91,7 @@ pub struct SoakReport {
 impl SoakReport {
     /// What the soak did, as (count, what) pairs in a fixed order (the line `weft-sim soak`
     /// prints and the columns of its CSV).
-    pub fn counts(&self) -> [(usize, &'static str); 14] {
+    pub fn counts(&self) -> [(usize, &'static str); 15] {
         [
             (self.writes, "writes"),
             (self.deletes, "deletes"),
@@ -102,6 +104,7 @@ impl SoakReport {
             (self.partitions, "partitions"),
             (self.endpoints, "endpoints"),
             (self.endpoints_removed, "endpoints removed"),
+            (self.sandboxed, "with interfaces"),
             (self.networks_created, "pool networks"),
             (self.networks_removed, "pool networks removed"),
             (self.node_rms, "node rms"),
@@ -132,6 +135,82 @@ struct Alloc {
     stay_down: Option<usize>,
     removed: BTreeMap<usize, Duration>,
     seq: u64,
+}
+
+/// Endpoints with an interface node `i` created (their replies are not kept) count as
+/// acknowledged once published: their reply follows at once.
+fn adopt_sandboxed(c: &AgentCluster, a: &mut Alloc, i: usize) {
+    if !c.is_up(i) || a.removed.contains_key(&i) {
+        return;
+    }
+    let agent: &Agent = c.host(i);
+    for e in agent.allocator().local_endpoints(&a.net) {
+        if e.sandbox.is_some()
+            && !a.acked.contains_key(&e.id)
+            && agent.gossip().get_entry(&a.net, weft_node::alloc::ENDPOINT_TABLE, &e.id).is_some()
+        {
+            a.acked.insert(e.id.clone(), (i, e.ipv4.clone()));
+        }
+    }
+}
+
+/// The data-plane checker: every up node's data plane holds a sandbox exactly for the
+/// networks it has local endpoints with an interface in, those interfaces, and the neighbour
+/// and FDB entries its peer table says (no stale entry, nothing missing).
+pub fn check_dataplane(c: &AgentCluster) -> Result<(), String> {
+    for i in 0..c.nodes.len() {
+        if !c.is_up(i) {
+            continue;
+        }
+        let agent: &Agent = c.host(i);
+        let g = agent.gossip();
+        let dp = &c.nodes[i].dataplane;
+        let me = c.nodes[i].name.as_str();
+        let mut want = BTreeSet::new();
+        for nid in g.networks().filter(|n| *n != weft_gossip::CLUSTER_NETWORK) {
+            let eps: BTreeSet<String> = agent
+                .allocator()
+                .local_endpoints(nid)
+                .into_iter()
+                .filter(|e| e.sandbox.is_some())
+                .map(|e| e.id.clone())
+                .collect();
+            if eps.is_empty() {
+                continue;
+            }
+            want.insert(nid.to_string());
+            let Some(sb) = dp.sandboxes.get(nid) else {
+                return Err(format!(
+                    "data plane: node {i} has endpoints with interfaces in {nid} but no sandbox"
+                ));
+            };
+            let have: BTreeSet<String> = sb.endpoints.keys().cloned().collect();
+            if have != eps {
+                return Err(format!(
+                    "data plane: node {i}'s sandbox of {nid} holds interfaces {have:?}, its endpoints are {eps:?}"
+                ));
+            }
+            let entries = g.table(nid, weft_overlay::OVERLAY_PEER_TABLE);
+            let live = entries
+                .iter()
+                .filter(|e| e.state == weft_gossip::EntryState::Live)
+                .map(|e| (e.key.as_str(), &e.value[..], e.ltime, e.owner.as_str()));
+            let (neigh, fdb) = weft_overlay::driver::expected_peers(nid, live, me, |o| g.node_data_addr(o));
+            let got_n: Vec<_> = sb.neighbours.iter().map(|(ip, m)| (*ip, *m)).collect();
+            let got_f: Vec<_> = sb.fdb.iter().copied().collect();
+            if got_n != neigh || got_f != fdb {
+                return Err(format!(
+                    "data plane: node {i}'s sandbox of {nid} differs from its peer table: neighbours {got_n:?} want {neigh:?}; fdb {got_f:?} want {fdb:?}"
+                ));
+            }
+        }
+        if let Some(stale) = dp.sandboxes.keys().find(|k| !want.contains(*k)) {
+            return Err(format!(
+                "data plane: node {i} keeps a sandbox of {stale}, where it has no endpoint with an interface"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Runs a command on node `i`; a success counts once the batch carrying it is durable (as the
@@ -222,8 +301,24 @@ fn alloc_step(
     i: usize,
 ) -> Result<(), String> {
     a.seq += 1;
+    adopt_sandboxed(c, a, i);
     match rng.random_range(0..10) {
-        0..6 => {
+        // Half the endpoints get an interface: their reply comes after the data plane's.
+        0..3 => {
+            let sandbox = format!("/sim/{}/e{}", c.nodes[i].name, a.seq);
+            c.nodes[i].dataplane.add_sandbox_path(&sandbox);
+            let cmd = Command::EndpointCreate {
+                network: a.net.clone(),
+                name: format!("e{}", a.seq),
+                ip: None,
+                mac: None,
+                sandbox: Some(sandbox),
+            };
+            let id = a.seq;
+            c.with(i, |n, now| n.handle_command(now, id, cmd));
+            r.sandboxed += 1;
+        }
+        3..6 => {
             let cmd = Command::EndpointCreate {
                 network: a.net.clone(),
                 name: format!("e{}", a.seq),
@@ -318,15 +413,24 @@ pub fn soak(o: &SoakOptions) -> Result<SoakReport, String> {
     c.run_for(Duration::from_secs(3));
     let nets: Vec<String> = (0..o.networks).map(|k| c.define_network(0, &format!("net{k}"))).collect();
     let mut report = SoakReport { seed, ..SoakReport::default() };
-    // The addressed network: a /22 owned by node 0 at first, shared out by donation.
+    // The addressed network: an overlay /22 owned by node 0 at first, shared out by donation
+    // (its VNI comes from the cluster's ring: created once the rings are seeded).
     let addressed = Command::CreateNetwork {
         name: "addressed".into(),
-        driver: "soak".into(),
+        driver: "overlay".into(),
         subnets: vec!["10.250.0.0/22".into()],
         gateway: None,
         options: Default::default(),
     };
-    let mut alloc = match apply(&mut c, 0, addressed) {
+    let mut made = Err(AgentError::WaitedTooLong("not tried".into()));
+    for _ in 0..30 {
+        made = apply(&mut c, 0, addressed.clone());
+        if made.is_ok() {
+            break;
+        }
+        c.run_for(Duration::from_secs(1));
+    }
+    let mut alloc = match made {
         Ok(Reply::Network(d)) => Alloc { net: d.id, ..Alloc::default() },
         other => return Err(fail(format!("the addressed network: {other:?}"))),
     };
@@ -499,7 +603,15 @@ pub fn soak(o: &SoakOptions) -> Result<SoakReport, String> {
     }
     c.check().map_err(fail)?;
     report.converged_after = c.elapsed() - stop;
+    // Creates with an interface still in flight finish, and count as acknowledged.
+    c.run_for(Duration::from_secs(2));
+    for i in 0..n {
+        adopt_sandboxed(&c, &mut alloc, i);
+    }
     alloc_end(&mut c, &alloc, limit).map_err(fail)?;
+    if !c.run_until(c.now() + limit, |c| check_dataplane(c).is_ok()) {
+        check_dataplane(&c).map_err(fail)?;
+    }
     if n >= 5 {
         lifecycle(&mut c, &nets[0], &seeds, limit).map_err(fail)?;
         report.lifecycle_checked = true;

@@ -106,7 +106,7 @@ fn a_cluster_forms_and_publishes_in_the_scale_run() {
 fn fifty_soak_seeds_pass_every_checker() {
     use weft_sim::soak::{SoakOptions, soak};
     let (mut faults, mut lives, mut lifecycle) = (0, 0, 0);
-    let (mut endpoints, mut pool_networks, mut node_rms) = (0, 0, 0);
+    let (mut endpoints, mut pool_networks, mut node_rms, mut sandboxed) = (0, 0, 0, 0);
     for seed in 1..=50 {
         let o = SoakOptions {
             nodes: 4 + (seed as usize % 5),
@@ -120,10 +120,12 @@ fn fifty_soak_seeds_pass_every_checker() {
         lives += r.restarts + r.wipes;
         lifecycle += usize::from(r.lifecycle_checked);
         endpoints += r.endpoints;
+        sandboxed += r.sandboxed;
         pool_networks += r.networks_created;
         node_rms += r.node_rms;
     }
-    assert!(endpoints > 200, "endpoints created under the faults: {endpoints}");
+    assert!(endpoints > 100, "endpoints created under the faults: {endpoints}");
+    assert!(sandboxed > 100, "endpoints with an interface (their data plane checked): {sandboxed}");
     assert!(pool_networks > 20, "networks given a subnet and a VNI by the cluster rings: {pool_networks}");
     assert!(node_rms > 10, "crashed nodes removed while down: {node_rms}");
     assert!(faults > 100, "the soak injected faults: {faults}");

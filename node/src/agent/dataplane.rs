@@ -71,7 +71,7 @@ impl Agent {
             let keep: Vec<String> = self
                 .alloc
                 .all_endpoints()
-                .filter(|e| e.sandbox.is_some())
+                .filter(|e| e.sandbox.is_some() && self.gossip.is_attached(&e.network_id))
                 .map(|e| e.network_id.clone())
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
@@ -343,6 +343,7 @@ impl Agent {
             }
         }
         self.overlay.tick();
+        self.reconcile_local_endpoints();
         if self.alloc.is_catching_up() {
             return;
         }
@@ -359,6 +360,35 @@ impl Agent {
                 && let Err(e) = self.gossip.put_entry(now, &ep.network_id, OVERLAY_PEER_TABLE, &ep.id, want)
             {
                 tracing::warn!(endpoint = %ep.name, error = %e, "cannot publish the peer record");
+            }
+        }
+    }
+
+    /// The driver's local endpoints follow the allocator's: one the allocator dropped without a
+    /// command (a removal by `node rm`, a network removed elsewhere) loses its interface; one
+    /// it holds that the driver lost is joined again.
+    fn reconcile_local_endpoints(&mut self) {
+        for nid in self.overlay.networks().map(str::to_string).collect::<Vec<_>>() {
+            let have = self.overlay.local_endpoints(&nid);
+            let want: Vec<Endpoint> = self
+                .alloc
+                .local_endpoints(&nid)
+                .into_iter()
+                .filter(|e| !self.ep_pending.iter().any(|p| p.ep.id == e.id))
+                .cloned()
+                .collect();
+            for eid in &have {
+                if !want.iter().any(|e| e.id == *eid) && !self.ep_pending.iter().any(|p| p.ep.id == *eid) {
+                    tracing::info!(endpoint = %eid, "endpoint gone without a command; removing its interface");
+                    let _ = self.overlay.delete_endpoint(&nid, eid);
+                }
+            }
+            for ep in want {
+                if !have.contains(&ep.id)
+                    && let Err(e) = self.overlay_join(&ep)
+                {
+                    tracing::warn!(endpoint = %ep.name, error = %e, "cannot restore the endpoint's interface");
+                }
             }
         }
     }
