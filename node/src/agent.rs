@@ -447,6 +447,11 @@ pub struct Agent {
     not_overlay: std::collections::BTreeSet<String>,
     ep_pending: Vec<PendingEp>,
     dp_waits: Vec<DpWait>,
+    /// A reply's own persist batch, where it does not follow from the input that sends it
+    /// (a removal answered once the data plane is done).
+    reply_seq: std::collections::HashMap<CommandId, u64>,
+    /// When the overlay's periodic work first ran.
+    overlay_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -541,6 +546,8 @@ impl Agent {
             not_overlay: Default::default(),
             ep_pending: Vec::new(),
             dp_waits: Vec::new(),
+            reply_seq: Default::default(),
+            overlay_since: None,
         };
         for id in &state.networks {
             agent.gossip.join_network(now, id)?;
@@ -828,6 +835,15 @@ impl Agent {
         if let Some(p) = self.alloc_parked.iter().find(|p| p.id == id) {
             return Some(p.why.clone());
         }
+        if self.ep_pending.iter().any(|p| p.id == id && p.ops.is_some()) {
+            return Some("the data plane to build the endpoint's interface".into());
+        }
+        if self.ep_pending.iter().any(|p| p.id == id) {
+            return Some("the data dir to make the endpoint's address durable".into());
+        }
+        if self.dp_waits.iter().any(|w| w.id == id) {
+            return Some("the data plane to remove what it built".into());
+        }
         if let Some(l) = self.loads.iter().find(|l| l.id == id) {
             return Some(format!("the load to be applied ({} of {} keys so far)", l.next, l.pairs.len()));
         }
@@ -886,6 +902,7 @@ impl Agent {
             self.last_structural = seq;
         }
         self.advance_pending_eps(now);
+        self.stage_dp_waits();
         // What staging found durable already goes out now, not at the next input.
         if !self.booting {
             self.alloc.pump(&mut self.gossip, now);
@@ -924,7 +941,8 @@ impl Agent {
                 .and_then(|nid| self.net_seq.get(&nid).copied())
                 .filter(|s| *s > durable)
                 .unwrap_or(0);
-            self.queue(dep.max(net_dep), Output::Reply { id, result });
+            let own = self.reply_seq.remove(&id).unwrap_or(0);
+            self.queue(dep.max(net_dep).max(own), Output::Reply { id, result });
         }
         self.net_seq.retain(|_, s| *s > durable);
         self.update_view(now);
@@ -1283,7 +1301,16 @@ impl Agent {
             Command::Join { seeds } => done(self.join(now, &seeds)),
             Command::Leave => {
                 self.hold_swim = true;
-                done(self.gossip.leave(now).map_err(AgentError::from))
+                let r = self.gossip.leave(now).map_err(AgentError::from);
+                // This host's sandboxes go with it; the reply waits for them.
+                if r.is_ok()
+                    && let Some(end) = self.overlay_leave()
+                    && id != APPLY_ID
+                {
+                    self.dp_waits.push(DpWait { id, end, seq: 0, reply: Reply::Done });
+                    return None;
+                }
+                done(r)
             }
             Command::StopRestarting => {
                 self.hold_swim = true;
@@ -1303,7 +1330,7 @@ impl Agent {
             Command::EndpointRm { network, endpoint } => match self.endpoint_rm(now, &network, &endpoint) {
                 // The reply waits for the interface to be gone.
                 Ok((e, Some(end))) if id != APPLY_ID => {
-                    self.dp_waits.push(DpWait { id, end, reply: Reply::Endpoint(e) });
+                    self.dp_waits.push(DpWait { id, end, seq: 0, reply: Reply::Endpoint(e) });
                     return None;
                 }
                 r => r.map(|(e, _)| Reply::Endpoint(e)),
@@ -1962,6 +1989,9 @@ pub(crate) mod tests {
         pub disks: Vec<BTreeMap<String, Vec<u8>>>,
         /// Agents that are down: no timers, nothing in or out.
         pub down: std::collections::BTreeSet<usize>,
+        /// Each agent's data plane, if it has one (see `with_dataplanes`): the host's, it
+        /// outlives the agent.
+        pub dataplanes: Vec<Option<weft_overlay::MemDataplane>>,
         cfg: GossipConfig,
         next_id: CommandId,
     }
@@ -2006,6 +2036,7 @@ pub(crate) mod tests {
                 replies: Vec::new(),
                 disks,
                 down: Default::default(),
+                dataplanes: vec![None; n as usize],
                 cfg: cfg.clone(),
                 next_id: 1,
             };
@@ -2034,6 +2065,14 @@ pub(crate) mod tests {
                             };
                         }
                         self.agents[i].handle_persisted(self.now, b.seq);
+                    }
+                    if let Some(dp) = self.dataplanes[i].as_mut() {
+                        use weft_overlay::Dataplane;
+                        while let Some((id, op)) = self.agents[i].poll_dataplane() {
+                            let r = dp.apply(&op);
+                            self.agents[i].handle_dataplane_done(self.now, id, r);
+                            moved = true;
+                        }
                     }
                     while let Some(out) = self.agents[i].poll_output() {
                         let t = match out {
@@ -2068,6 +2107,16 @@ pub(crate) mod tests {
             }
         }
 
+        /// Gives every agent an in-memory data plane.
+        pub fn with_dataplanes(mut self) -> Net {
+            for i in 0..self.agents.len() {
+                self.dataplanes[i] = Some(weft_overlay::MemDataplane::new());
+                self.agents[i].set_dataplane(true);
+            }
+            self.pump();
+            self
+        }
+
         /// Runs a command on agent `i` through the event loop's interface, until it answers.
         pub fn cmd(&mut self, i: usize, c: Command) -> CommandResult {
             let id = self.next_id;
@@ -2095,6 +2144,9 @@ pub(crate) mod tests {
             let seeds: Vec<SocketAddr> =
                 (1..=self.agents.len() as u8).filter(|&j| j != i as u8 + 1).map(addr).collect();
             a.join(self.now, &seeds).unwrap();
+            if self.dataplanes[i].is_some() {
+                a.set_dataplane(true);
+            }
             self.agents[i] = a;
             self.down.remove(&i);
         }

@@ -297,7 +297,7 @@ async fn inspect_network(
 ) -> ApiResult<Json<Inspect>> {
     // A verbose inspect walks whole tables: off the runtime's workers.
     let shell = s.clone();
-    let out = blocking(move || -> Result<(Inspect, Option<weft_overlay::driver::NetReport>), AgentError> {
+    let out = blocking(move || -> Result<(Inspect, bool), AgentError> {
         let view = shell.read();
         let network = read::resolve(&view, &r)?;
         let dump = if f.verbose { Some(read::dump(&view, Some(&network.def.id), None)?) } else { None };
@@ -308,11 +308,12 @@ async fn inspect_network(
         } else {
             (Vec::new(), Vec::new())
         };
-        let overlay = if f.verbose { view.snap.overlay.networks.get(&network.def.id).cloned() } else { None };
+        let overlay = f.verbose && view.snap.overlay.networks.contains(&network.def.id);
         Ok((Inspect { network, dump, shares, local, overlay: None }, overlay))
     })
     .await??;
-    let (mut out, driver) = out;
+    let (mut out, overlay) = out;
+    let driver = if overlay { s.overlay_network(&out.network.def.id).await } else { None };
     if let Some(driver) = driver {
         let (kernel, kernel_error) = match s.kernel_view(&out.network.def.id).await {
             None => (None, None),

@@ -10,6 +10,17 @@ use std::path::Path;
 use tokio::sync::{mpsc, oneshot};
 use weft_overlay::{Dataplane, DpError, DpOp, KernelView, OpId};
 
+struct ExitOnPanic;
+
+impl Drop for ExitOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the data plane's thread panicked; exiting");
+            std::process::exit(70);
+        }
+    }
+}
+
 /// An operation's result, for the agent.
 pub type DpDone = (OpId, Result<(), DpError>);
 
@@ -64,6 +75,9 @@ impl DpThread {
         std::thread::Builder::new()
             .name("weft-dataplane".into())
             .spawn(move || {
+                // A data plane that panicked (stranded in another namespace, say) must not
+                // leave an agent whose operations never complete: the process stops.
+                let _guard = ExitOnPanic;
                 let mut dp = match make() {
                     Ok(dp) => {
                         let _ = ready_tx.send(Ok(()));
@@ -99,9 +113,10 @@ impl DpThread {
         }
     }
 
-    /// Queues an operation; its result comes back on the `done` channel.
-    pub fn apply(&self, id: OpId, op: DpOp) {
-        let _ = self.tx.send(DpReq::Apply(id, op));
+    /// Queues an operation; its result comes back on the `done` channel. False if the
+    /// thread is gone (the caller reports the operation failed).
+    pub fn apply(&self, id: OpId, op: DpOp) -> bool {
+        self.tx.send(DpReq::Apply(id, op)).is_ok()
     }
 
     /// What the kernel holds for a network's sandbox (after the operations queued before).

@@ -166,8 +166,21 @@ impl Drop for Budget {
 }
 
 enum Control {
-    Command { id: CommandId, cmd: Command, reply: oneshot::Sender<CommandResult>, at: Instant },
-    Describe { id: CommandId, reply: oneshot::Sender<Option<String>> },
+    Command {
+        id: CommandId,
+        cmd: Command,
+        reply: oneshot::Sender<CommandResult>,
+        at: Instant,
+    },
+    Describe {
+        id: CommandId,
+        reply: oneshot::Sender<Option<String>>,
+    },
+    /// The overlay driver's report of one network (`network inspect --verbose`).
+    Overlay {
+        nid: String,
+        reply: oneshot::Sender<Option<weft_overlay::driver::NetReport>>,
+    },
     Join(Vec<SocketAddr>),
 }
 
@@ -472,6 +485,14 @@ impl Shell {
         self.inner.unresolved.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The overlay driver's view of a network here (its peer records, what it asked the data
+    /// plane for); `None` if the driver does not handle it.
+    pub async fn overlay_network(&self, nid: &str) -> Option<weft_overlay::driver::NetReport> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.control.send(Control::Overlay { nid: nid.to_string(), reply: tx }).await.ok()?;
+        rx.await.ok().flatten()
+    }
+
     /// What the kernel holds for a network's sandbox here; `None` without a data plane.
     pub async fn kernel_view(
         &self,
@@ -734,6 +755,9 @@ impl Owner {
             Control::Describe { id, reply } => {
                 let _ = reply.send(self.agent.waiting_for(id));
             }
+            Control::Overlay { nid, reply } => {
+                let _ = reply.send(self.agent.overlay_network(&nid));
+            }
             Control::Join(seeds) => self.agent.handle_command(now, 0, Command::Join { seeds }),
         }
     }
@@ -745,13 +769,12 @@ impl Owner {
             self.persister.submit(b);
         }
         while let Some((id, op)) = self.agent.poll_dataplane() {
-            match &self.dp {
-                Some(dp) => dp.apply(id, op),
-                None => self.agent.handle_dataplane_done(
+            if !self.dp.as_ref().is_some_and(|dp| dp.apply(id, op)) {
+                self.agent.handle_dataplane_done(
                     Instant::now(),
                     id,
-                    Err(weft_overlay::DpError::new("data plane", "this agent has none")),
-                ),
+                    Err(weft_overlay::DpError::new("data plane", "its thread is gone")),
+                );
             }
         }
         while let Some(out) = self.agent.poll_output() {

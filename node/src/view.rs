@@ -97,7 +97,8 @@ pub struct Snapshot {
     pub refused: Option<String>,
     /// The allocator: acceptors, rings, counters.
     pub alloc: crate::alloc::AllocReport,
-    /// The overlay driver: its networks, peer records and data-plane counters.
+    /// The overlay driver: its networks and counters (a network's peer records come from the
+    /// agent on demand).
     pub overlay: crate::agent::OverlayReport,
 }
 
@@ -364,7 +365,7 @@ pub fn metrics(view: &View) -> String {
 /// The allocator's part of `/metrics`.
 fn overlay_metrics(out: &mut String, o: &crate::agent::OverlayReport) {
     use std::fmt::Write;
-    let sandboxes = o.networks.values().filter(|n| n.sandbox).count();
+    let sandboxes = o.sandboxes;
     for (name, kind, help, v) in [
         (
             "weft_overlay_peer_records",

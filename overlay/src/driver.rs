@@ -44,6 +44,18 @@ pub const MAX_VNI: u32 = (1 << 24) - 1;
 pub const IFNAME_PREFIX: &str = "eth";
 /// How often the peers of a sandbox are compared with the data plane and repaired.
 pub const RESYNC_EVERY_TICKS: u32 = 60;
+/// How often a sandbox that failed is asked for again while endpoints need it.
+pub const RETRY_EVERY_TICKS: u32 = 10;
+
+/// What an operation was for: whether its failure fails the endpoint create it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// The network's sandbox, or an endpoint's interface: an `endpoint create --sandbox` fails
+    /// with it.
+    Essential,
+    /// A peer's entries, a removal, a prune: logged and repaired by the next resync.
+    Other,
+}
 
 /// libnetwork's overlay `PeerRecord`, with its Go field names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +121,9 @@ struct Net {
     endpoints: BTreeMap<String, LocalEp>,
     /// The sandbox was asked for (and has not failed).
     sandbox: bool,
+    /// A sandbox was asked for since the last removal (failed or not): what is left of it
+    /// goes with the last endpoint.
+    made: bool,
     peers: PeerDb,
     /// The network's tables have synced since this agent started: the sandbox's peers were
     /// (or will be, once it exists) made exactly what the tables say.
@@ -158,8 +173,9 @@ pub struct OverlayDriver {
     unresolved: BTreeSet<String>,
     ops: VecDeque<(OpId, DpOp)>,
     next_op: OpId,
-    /// Operations handed out and not yet done: the network and whether it made the sandbox.
-    inflight: BTreeMap<OpId, (String, bool)>,
+    /// Operations handed out and not yet done: the network (empty: all), whether it made the
+    /// sandbox, and what it was for.
+    inflight: BTreeMap<OpId, (String, bool, OpKind)>,
     pub stats: OverlayStats,
 }
 
@@ -211,9 +227,10 @@ impl OverlayDriver {
         !self.ops.is_empty()
     }
 
-    /// An operation's result. A failed sandbox is asked for again by the next join.
-    pub fn handle_done(&mut self, id: OpId, result: Result<(), DpError>) {
-        let Some((nid, made_sandbox)) = self.inflight.remove(&id) else { return };
+    /// An operation's result; what it was for. A failed sandbox is asked for again by the next
+    /// join, and every [`RETRY_EVERY_TICKS`] while endpoints need it.
+    pub fn handle_done(&mut self, id: OpId, result: Result<(), DpError>) -> OpKind {
+        let Some((nid, made_sandbox, kind)) = self.inflight.remove(&id) else { return OpKind::Other };
         if let Err(e) = result {
             self.stats.op_errors += 1;
             tracing::warn!(network = %short(&nid), error = %e, "data plane operation failed");
@@ -226,6 +243,7 @@ impl OverlayDriver {
                 }
             }
         }
+        kind
     }
 
     /// Owners of records whose data address is not known yet (resolve them and call
@@ -285,6 +303,7 @@ impl OverlayDriver {
     /// kernel entry removed behind the agent's back comes back).
     pub fn tick(&mut self) {
         let mut out = Vec::new();
+        let mut retry = Vec::new();
         for (nid, n) in &mut self.nets {
             n.ticks += 1;
             if n.sandbox && n.synced && n.ticks >= RESYNC_EVERY_TICKS {
@@ -292,8 +311,38 @@ impl OverlayDriver {
                 out.push(sync_peers(nid, &n.peers));
                 self.stats.resyncs += 1;
             }
+            if !n.sandbox && n.ticks >= RETRY_EVERY_TICKS && n.endpoints.values().any(|e| e.sandbox.is_some())
+            {
+                n.ticks = 0;
+                retry.push(nid.clone());
+            }
         }
         self.push_ops(out);
+        for nid in retry {
+            tracing::info!(network = %short(&nid), "asking for the network's sandbox again");
+            self.ensure_sandbox(&nid);
+            let eps: Vec<DpOp> = self.nets[&nid]
+                .endpoints
+                .iter()
+                .filter_map(|(eid, e)| {
+                    e.sandbox.as_ref().map(|s| DpOp::AddEndpoint(ep_spec(&nid, eid, e, s)))
+                })
+                .collect();
+            self.push_ops(eps);
+        }
+    }
+
+    /// This node leaves the cluster for good: every sandbox goes (the records are gone
+    /// everywhere); the driver forgets its networks.
+    pub fn leave_all(&mut self) {
+        let made: Vec<DpOp> = self
+            .nets
+            .iter()
+            .filter(|(_, n)| n.made)
+            .map(|(nid, _)| DpOp::RemoveSandbox { nid: nid.clone() })
+            .collect();
+        self.nets.clear();
+        self.push_ops(made);
     }
 
     /// At start: every sandbox but those of these networks goes (a previous life's, for
@@ -365,9 +414,11 @@ impl OverlayDriver {
             let id = self.next_op;
             self.next_op += 1;
             let made_sandbox = matches!(op, DpOp::EnsureSandbox(_));
-            if let Some(nid) = op.network() {
-                self.inflight.insert(id, (nid.to_string(), made_sandbox));
-            }
+            let kind = match op {
+                DpOp::EnsureSandbox(_) | DpOp::AddEndpoint(_) => OpKind::Essential,
+                _ => OpKind::Other,
+            };
+            self.inflight.insert(id, (op.network().unwrap_or("").to_string(), made_sandbox, kind));
             self.stats.ops += 1;
             self.ops.push_back((id, op));
         }
@@ -378,6 +429,7 @@ impl OverlayDriver {
         let Some(n) = self.nets.get_mut(nid) else { return };
         let mut out = vec![DpOp::EnsureSandbox(n.spec.clone())];
         n.sandbox = true;
+        n.made = true;
         n.last_error = None;
         n.peers.sync_all(nid, &mut out);
         if n.synced {
@@ -385,6 +437,17 @@ impl OverlayDriver {
             out.push(sync_peers(nid, &n.peers));
         }
         self.push_ops(out);
+    }
+}
+
+fn ep_spec(nid: &str, eid: &str, ep: &LocalEp, sandbox: &Path) -> EpSpec {
+    EpSpec {
+        nid: nid.to_string(),
+        eid: eid.to_string(),
+        sandbox: sandbox.to_path_buf(),
+        ifname_prefix: IFNAME_PREFIX.into(),
+        mac: ep.mac,
+        addr: ep.addr,
     }
 }
 
@@ -503,8 +566,10 @@ impl Driver for OverlayDriver {
                 n.spec = spec;
                 n.subnet = subnet;
                 if n.sandbox {
-                    let op = DpOp::EnsureSandbox(n.spec.clone());
-                    self.push_ops(vec![op]);
+                    // A new VXLAN device holds none of the old one's entries.
+                    let mut out = vec![DpOp::EnsureSandbox(n.spec.clone())];
+                    n.peers.sync_all(nid, &mut out);
+                    self.push_ops(out);
                 }
             }
             Some(_) => {}
@@ -516,6 +581,7 @@ impl Driver for OverlayDriver {
                         subnet,
                         endpoints: BTreeMap::new(),
                         sandbox: false,
+                        made: false,
                         peers: PeerDb::default(),
                         synced: false,
                         ticks: 0,
@@ -530,7 +596,7 @@ impl Driver for OverlayDriver {
     /// Forgets the network; its sandbox goes.
     fn delete_network(&mut self, nid: &str) -> Result<(), DriverError> {
         let Some(n) = self.nets.remove(nid) else { return Ok(()) };
-        if n.sandbox {
+        if n.made {
             self.push_ops(vec![DpOp::RemoveSandbox { nid: nid.to_string() }]);
         }
         Ok(())
@@ -605,14 +671,7 @@ impl Driver for OverlayDriver {
         jinfo.add_table_entry(OVERLAY_PEER_TABLE, eid, rec.encode());
         if let Some(path) = sandbox {
             jinfo.interface_name().set_names(IFNAME_PREFIX);
-            let spec = EpSpec {
-                nid: nid.to_string(),
-                eid: eid.to_string(),
-                sandbox: path.to_path_buf(),
-                ifname_prefix: IFNAME_PREFIX.into(),
-                mac: ep.mac,
-                addr: ep.addr,
-            };
+            let spec = ep_spec(nid, eid, ep, path);
             if !n.sandbox {
                 self.ensure_sandbox(nid);
             }
@@ -632,9 +691,10 @@ impl Driver for OverlayDriver {
         if had_sandbox {
             out.push(DpOp::RemoveEndpoint { nid: nid.to_string(), eid: eid.to_string() });
         }
-        if n.sandbox && !n.endpoints.values().any(|e| e.sandbox.is_some()) {
+        if n.made && !n.endpoints.values().any(|e| e.sandbox.is_some()) {
             out.push(DpOp::RemoveSandbox { nid: nid.to_string() });
             n.sandbox = false;
+            n.made = false;
             n.peers.forget_programmed();
         }
         self.push_ops(out);

@@ -116,6 +116,20 @@ fn mac_of(l: &LinkMessage) -> Option<Mac> {
     })
 }
 
+/// The local (source) address of a VXLAN device.
+fn vxlan_local(l: &LinkMessage) -> Option<Ipv4Addr> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(d)) => d.iter().find_map(|x| match x {
+                InfoVxlan::Local(v) => Some(*v),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
 /// The VNI and port of a VXLAN device.
 fn vxlan_of(l: &LinkMessage) -> Option<(u32, u16)> {
     let infos = l.attributes.iter().find_map(|a| match a {
@@ -355,13 +369,14 @@ impl LinuxDataplane {
         })
     }
 
-    /// Deletes VXLAN devices in the agent's namespace holding `vni` (a previous life's, or
-    /// anyone's: libnetwork's "file exists").
-    fn remove_strays(&self, nid: &str, vni: u32) -> Result<(), DpError> {
+    /// Deletes VXLAN devices in the agent's namespace holding `vni` on `port` (a previous
+    /// life's, or anyone's: the kernel would refuse the network's with "file exists", as in
+    /// libnetwork #1765). A device with the VNI on another port does not conflict and stays.
+    fn remove_strays(&self, nid: &str, vni: u32, port: u16) -> Result<(), DpError> {
         let h = self.host.clone();
         self.rt.block_on(async move {
             for l in links(&h).await.map_err(|e| nl("list the host's links", e))? {
-                if vxlan_of(&l).is_some_and(|(v, _)| v == vni) {
+                if vxlan_of(&l) == Some((vni, port)) {
                     let name = name_of(&l).unwrap_or("?").to_string();
                     tracing::warn!(network = %short(nid), device = %name, vni, "removing a VXLAN device that holds the network's VNI");
                     gone_ok(h.link().del(l.header.index).execute().await)
@@ -439,15 +454,21 @@ impl LinuxDataplane {
         })?;
         // The VXLAN device: kept if it is the network's, else made anew.
         let current = self.rt.block_on(link(&h, VXLAN)).map_err(|e| nl(what("look up vxlan0"), e))?;
-        let keep = current.as_ref().is_some_and(|l| vxlan_of(l) == Some((spec.vni, spec.port)));
+        let want_local = match self.vtep {
+            IpAddr::V4(v) => Some(v),
+            IpAddr::V6(_) => None,
+        };
+        let keep = current
+            .as_ref()
+            .is_some_and(|l| vxlan_of(l) == Some((spec.vni, spec.port)) && vxlan_local(l) == want_local);
         if let Some(l) = current.filter(|_| !keep) {
             self.rt
                 .block_on(async { gone_ok(h.link().del(l.header.index).execute().await) })
                 .map_err(|e| nl(what("delete the old vxlan0"), e))?;
         }
         if !keep {
-            self.remove_strays(nid, spec.vni)?;
-            let name = format!("vx-{:06x}-{}", spec.vni, &nid[..nid.len().min(5)]);
+            self.remove_strays(nid, spec.vni, spec.port)?;
+            let name = format!("vx-{:06x}-{}", spec.vni, nid.get(..5).unwrap_or("net"));
             let create = what(&format!(
                 "create VXLAN device {name} (VNI {}, UDP port {}, MTU {mtu})",
                 spec.vni, spec.port
@@ -742,6 +763,7 @@ impl LinuxDataplane {
         let keep: BTreeSet<&str> = keep.iter().map(|k| short(k)).collect();
         let entries = std::fs::read_dir(&self.netns_dir)
             .map_err(|e| io(format!("list {}", self.netns_dir.display()), e))?;
+        let mut first_error = None;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || keep.contains(name.as_str()) {
@@ -749,9 +771,13 @@ impl LinuxDataplane {
             }
             tracing::info!(sandbox = %name, "removing a sandbox no network here needs (left by a previous life)");
             let full: Option<String> = self.sandboxes.keys().find(|k| short(k) == name).cloned();
-            self.remove_sandbox(full.as_deref().unwrap_or(&name))?;
+            // One that cannot go does not keep the others.
+            if let Err(e) = self.remove_sandbox(full.as_deref().unwrap_or(&name)) {
+                tracing::warn!(sandbox = %name, error = %e, "cannot remove a leftover sandbox");
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 

@@ -400,3 +400,48 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_failed_sandbox_is_asked_for_again_while_endpoints_need_it_and_a_leave_removes_every_sandbox() {
+    let mut d = driver();
+    let mut dp = MemDataplane::new();
+    dp.add_sandbox_path("/s");
+    put(&mut d, "r", &record(20, 2), 3, "h2");
+    dp.fail = Some((
+        |op| matches!(op, DpOp::EnsureSandbox(_)),
+        DpError::new("network x: create bridge br0", "no buffer space"),
+    ));
+    local_join(&mut d, "e1", 10, Some("/s"));
+    run(&mut d, &mut dp);
+    assert!(!d.report(NID).unwrap().sandbox);
+    for _ in 0..weft_overlay::driver::RETRY_EVERY_TICKS {
+        d.tick();
+    }
+    let ops = run(&mut d, &mut dp);
+    assert!(matches!(ops[0], DpOp::EnsureSandbox(_)), "{ops:?}");
+    assert!(d.report(NID).unwrap().sandbox);
+    assert_eq!(dp.sandboxes[NID].endpoints.keys().collect::<Vec<_>>(), vec!["e1"]);
+    assert_eq!(held(&mut dp).0, vec![(ip(20), Mac::from_ipv4(ip(20)))]);
+    d.leave_all();
+    run(&mut d, &mut dp);
+    assert!(dp.sandboxes.is_empty());
+    assert_eq!(d.networks().count(), 0);
+}
+
+#[test]
+fn only_the_sandbox_and_the_interface_are_essential_to_an_endpoint() {
+    let mut d = driver();
+    local_join(&mut d, "e1", 10, None);
+    put(&mut d, "r", &record(20, 2), 3, "h2");
+    let mut j = Joined::default();
+    d.leave(NID, "e1").unwrap();
+    d.join(NID, "e1", Some(Path::new("/s")), &mut j).unwrap();
+    let mut kinds = Vec::new();
+    while let Some((id, op)) = d.poll_op() {
+        kinds.push((std::mem::discriminant(&op), d.handle_done(id, Err(DpError::new("x", "y")))));
+    }
+    use weft_overlay::driver::OpKind;
+    let essential = kinds.iter().filter(|(_, k)| *k == OpKind::Essential).count();
+    assert_eq!(essential, 2, "EnsureSandbox and AddEndpoint: {kinds:?}");
+    assert_eq!(kinds.len(), 4, "with the peer's FDB and neighbour entries: {kinds:?}");
+}

@@ -158,6 +158,9 @@ fn adopt_sandboxed(c: &AgentCluster, a: &mut Alloc, i: usize) {
 /// networks it has local endpoints with an interface in, those interfaces, and the neighbour
 /// and FDB entries its peer table says (no stale entry, nothing missing).
 pub fn check_dataplane(c: &AgentCluster) -> Result<(), String> {
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, Ipv4Addr};
+    use weft_overlay::{Mac, PeerRecord};
     for i in 0..c.nodes.len() {
         if !c.is_up(i) {
             continue;
@@ -168,12 +171,25 @@ pub fn check_dataplane(c: &AgentCluster) -> Result<(), String> {
         let me = c.nodes[i].name.as_str();
         let mut want = BTreeSet::new();
         for nid in g.networks().filter(|n| *n != weft_gossip::CLUSTER_NETWORK) {
-            let eps: BTreeSet<String> = agent
+            // Every peer record stands for an endpoint (no orphan keeps being programmed).
+            let mut peer_keys = Vec::new();
+            g.walk(nid, weft_overlay::OVERLAY_PEER_TABLE, |k, _, _| {
+                peer_keys.push(k.to_string());
+                true
+            });
+            if let Some(k) =
+                peer_keys.iter().find(|k| g.get_entry(nid, weft_node::alloc::ENDPOINT_TABLE, k).is_none())
+            {
+                return Err(format!(
+                    "data plane: node {i} holds a peer record {k} in {nid} with no endpoint"
+                ));
+            }
+            let eps: BTreeMap<String, &weft_node::alloc::Endpoint> = agent
                 .allocator()
                 .local_endpoints(nid)
                 .into_iter()
                 .filter(|e| e.sandbox.is_some())
-                .map(|e| e.id.clone())
+                .map(|e| (e.id.clone(), e))
                 .collect();
             if eps.is_empty() {
                 continue;
@@ -184,23 +200,49 @@ pub fn check_dataplane(c: &AgentCluster) -> Result<(), String> {
                     "data plane: node {i} has endpoints with interfaces in {nid} but no sandbox"
                 ));
             };
-            let have: BTreeSet<String> = sb.endpoints.keys().cloned().collect();
-            if have != eps {
+            let have: BTreeSet<&String> = sb.endpoints.keys().collect();
+            if have != eps.keys().collect() {
                 return Err(format!(
-                    "data plane: node {i}'s sandbox of {nid} holds interfaces {have:?}, its endpoints are {eps:?}"
+                    "data plane: node {i}'s sandbox of {nid} holds interfaces {have:?}, its endpoints are {:?}",
+                    eps.keys()
                 ));
             }
-            let entries = g.table(nid, weft_overlay::OVERLAY_PEER_TABLE);
-            let live = entries
-                .iter()
-                .filter(|e| e.state == weft_gossip::EntryState::Live)
-                .map(|e| (e.key.as_str(), &e.value[..], e.ltime, e.owner.as_str()));
-            let (neigh, fdb) = weft_overlay::driver::expected_peers(nid, live, me, |o| g.node_data_addr(o));
+            for (id, spec) in &sb.endpoints {
+                let e = eps[id];
+                if spec.mac.to_string() != e.mac || spec.addr.to_string() != e.ipv4 {
+                    return Err(format!(
+                        "data plane: node {i}: interface of {id} is {} {}, the endpoint {} {}",
+                        spec.mac, spec.addr, e.mac, e.ipv4
+                    ));
+                }
+            }
+            // What the peer table says, worked out here on its own: per address the record
+            // with the highest (Lamport time, owner); programmed if remote and its VTEP is its
+            // owner's published data address.
+            let mut best: BTreeMap<Ipv4Addr, ((u64, String), Mac, IpAddr)> = BTreeMap::new();
+            for e in g.table(nid, weft_overlay::OVERLAY_PEER_TABLE) {
+                if e.state != weft_gossip::EntryState::Live {
+                    continue;
+                }
+                let Ok((ip, mac, vtep)) = PeerRecord::decode(&e.value) else { continue };
+                let v = (e.ltime, e.owner.clone());
+                if best.get(&ip.addr()).is_none_or(|b| b.0 < v) {
+                    best.insert(ip.addr(), (v, mac, vtep));
+                }
+            }
+            let mut neigh = Vec::new();
+            let mut fdb = BTreeSet::new();
+            for (ip, ((_, owner), mac, vtep)) in best {
+                if owner != me && g.node_data_addr(&owner) == Some(vtep) {
+                    neigh.push((ip, mac));
+                    fdb.insert((mac, vtep));
+                }
+            }
             let got_n: Vec<_> = sb.neighbours.iter().map(|(ip, m)| (*ip, *m)).collect();
-            let got_f: Vec<_> = sb.fdb.iter().copied().collect();
-            if got_n != neigh || got_f != fdb {
+            if got_n != neigh || sb.fdb != fdb {
                 return Err(format!(
-                    "data plane: node {i}'s sandbox of {nid} differs from its peer table: neighbours {got_n:?} want {neigh:?}; fdb {got_f:?} want {fdb:?}"
+                    "data plane: node {i}'s sandbox of {nid} differs from its peer table: neighbours {got_n:?} want {neigh:?}; fdb {:?} want {fdb:?}",
+                    sb.fdb
                 ));
             }
         }

@@ -300,9 +300,12 @@ fn three_hosts_reach_each_other_through_failures_restarts_and_leaves() {
         "the stray VXLAN device was removed"
     );
 
-    // weft leave on h2: its entries go everywhere.
+    // weft leave on h2: its entries go everywhere, and its own sandbox before it exits.
     let (out, code) = agents[1].leave();
     assert!(out.status.success() && code == Some(0), "leave: {}", String::from_utf8_lossy(&out.stderr));
+    let left: Vec<_> =
+        std::fs::read_dir(runs.0[1].join("netns")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "h2's sandbox went with its leave: {left:?}");
     for a in [&agents[0], &agents[2]] {
         wait_until(&format!("{} drops the leaver's entries", a.name), LONG, || {
             !kernel_fdb(a, net).iter().any(|(m, _)| *m == macs[1])
@@ -325,10 +328,16 @@ fn three_hosts_reach_each_other_through_failures_restarts_and_leaves() {
     assert!(detach.status.success(), "{}", String::from_utf8_lossy(&detach.stderr));
     let host_links =
         String::from_utf8_lossy(&run("ip", &["-n", &hosts.host(1), "-o", "link"]).stdout).into_owned();
-    assert!(
-        !host_links.contains("vxlan") && !host_links.contains("vx-"),
-        "no VXLAN device left on h1: {host_links}"
+    assert_eq!(
+        host_links.lines().count(),
+        2,
+        "h1's namespace holds only lo and its underlay link: {host_links}"
     );
+    let left: Vec<_> =
+        std::fs::read_dir(runs.0[0].join("netns")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "no sandbox on h1 after the detach: {left:?}");
+    let v = inspect(&agents[0], net);
+    assert!(v.get("overlay").is_none(), "h1's driver no longer handles the network: {v:#}");
     let v = inspect(&agents[2], net);
     assert!(kernel_fdb(&agents[2], net).iter().all(|(m, _)| *m != macs[0]), "h3 dropped e1: {v:#}");
     drop(agents);

@@ -30,15 +30,19 @@ pub(super) struct PendingEp {
     pub(super) ep: Endpoint,
     /// The persist batch holding its address (0: not staged yet).
     pub(super) seq: u64,
-    /// The data-plane operations building it, `[first, end)`, and the first error.
-    pub(super) ops: Option<(OpId, OpId, Option<DpError>)>,
+    /// The data-plane operations building it, `[first, end)`, and the first error of those
+    /// it rests on (the sandbox, its interface).
+    pub(super) ops: Option<(OpId, OpId, Option<String>)>,
 }
 
-/// A reply waiting for data-plane operations `[first, end)` (an endpoint's removal).
+/// A reply waiting for data-plane operations up to `end` (exclusive) and for the persist
+/// batch `seq` (an endpoint's removal, a leave).
 #[derive(Debug)]
 pub(super) struct DpWait {
     pub(super) id: CommandId,
     pub(super) end: OpId,
+    /// 0 until the command's batch is staged.
+    pub(super) seq: u64,
     pub(super) reply: Reply,
 }
 
@@ -47,7 +51,10 @@ pub(super) struct DpWait {
 pub struct OverlayReport {
     /// Whether an owner applies data-plane operations (`--dataplane` other than `none`).
     pub dataplane: bool,
-    pub networks: BTreeMap<String, NetReport>,
+    /// Networks the driver handles here.
+    pub networks: std::collections::BTreeSet<String>,
+    /// Networks with a sandbox here.
+    pub sandboxes: usize,
     pub stats: OverlayStats,
     /// Peer records held, those not programmed for a VTEP that is not their owner's data
     /// address, and addresses held by two records.
@@ -92,17 +99,19 @@ impl Agent {
 
     /// A data-plane operation's result.
     pub fn handle_dataplane_done(&mut self, now: Instant, id: OpId, result: Result<(), DpError>) {
-        self.overlay.handle_done(id, result.clone());
-        self.snapshot_dirty = true;
+        let kind = self.overlay.handle_done(id, result.clone());
         let mut done = Vec::new();
         for (i, p) in self.ep_pending.iter_mut().enumerate() {
             if let Some((first, end, err)) = &mut p.ops
                 && (*first..*end).contains(&id)
             {
+                // A peer's entry that fails is repaired by the next resync; the create fails
+                // only with its sandbox or its interface.
                 if let Err(e) = &result
+                    && kind == weft_overlay::driver::OpKind::Essential
                     && err.is_none()
                 {
-                    *err = Some(e.clone());
+                    *err = Some(e.to_string());
                 }
                 if id + 1 == *end {
                     done.push(i);
@@ -118,9 +127,24 @@ impl Agent {
             std::mem::take(&mut self.dp_waits).into_iter().partition(|w| id + 1 >= w.end);
         self.dp_waits = waiting;
         for w in ready {
+            // (Also after the batch that removed it, as any reply.)
+            self.reply_seq.insert(w.id, w.seq);
             self.replies.push((w.id, Ok(w.reply)));
         }
         self.finish(now);
+    }
+
+    /// The driver's view of one network (`network inspect --verbose`).
+    pub fn overlay_network(&self, nid: &str) -> Option<NetReport> {
+        self.overlay.report(nid)
+    }
+
+    /// `weft leave`: every sandbox here goes; returns the end of those operations.
+    pub(super) fn overlay_leave(&mut self) -> Option<OpId> {
+        let first = self.overlay.next_op_id();
+        self.overlay.leave_all();
+        let end = self.overlay.next_op_id();
+        (self.dataplane && end > first).then_some(end)
     }
 
     /// The overlay's state for the view.
@@ -128,11 +152,8 @@ impl Agent {
         let (records, unprogrammed, contested) = self.overlay.counts();
         OverlayReport {
             dataplane: self.dataplane,
-            networks: self
-                .overlay
-                .networks()
-                .filter_map(|n| self.overlay.report(n).map(|r| (n.to_string(), r)))
-                .collect(),
+            networks: self.overlay.networks().map(str::to_string).collect(),
+            sandboxes: self.overlay.sandboxed_networks().len(),
             stats: self.overlay.stats.clone(),
             records,
             unprogrammed,
@@ -143,6 +164,18 @@ impl Agent {
     /// Hands the driver every attached overlay network it does not know yet (with this node's
     /// endpoints in it), and takes back those detached.
     pub(super) fn sync_overlay_networks(&mut self) {
+        // (Every input comes here: nothing is allocated unless something changed.) A node that
+        // left keeps no sandbox.
+        if self.gossip.has_left() {
+            return;
+        }
+        let stale =
+            self.gossip.networks().any(|n| {
+                n != CLUSTER_NETWORK && !self.overlay.has_network(n) && !self.not_overlay.contains(n)
+            }) || self.overlay.networks().any(|n| !self.gossip.is_attached(n));
+        if !stale {
+            return;
+        }
         let attached: Vec<&str> = self.gossip.networks().filter(|n| *n != CLUSTER_NETWORK).collect();
         let new: Vec<String> = attached
             .iter()
@@ -171,10 +204,12 @@ impl Agent {
     }
 
     fn definition(&self, nid: &str) -> Option<NetworkDef> {
-        match self.gossip.get_entry(CLUSTER_NETWORK, NETWORKS_TABLE, nid) {
-            Some(v) => serde_json::from_slice(&v).ok(),
-            None => self.restored.get(nid).cloned(),
-        }
+        let def: NetworkDef = match self.gossip.get_entry(CLUSTER_NETWORK, NETWORKS_TABLE, nid) {
+            Some(v) => serde_json::from_slice(&v).ok()?,
+            None => self.restored.get(nid).cloned()?,
+        };
+        // (A definition written under another key is not this network's.)
+        (def.id == nid).then_some(def)
     }
 
     fn create_overlay_network(&mut self, def: &NetworkDef) {
@@ -258,6 +293,17 @@ impl Agent {
         (self.dataplane && end > first).then_some(end)
     }
 
+    /// Fills in the batch a reply waiting for the data plane rests on (its command's, staged
+    /// in the same input).
+    pub(super) fn stage_dp_waits(&mut self) {
+        let issued = self.persist.issued();
+        for w in &mut self.dp_waits {
+            if w.seq == 0 {
+                w.seq = issued;
+            }
+        }
+    }
+
     /// Pending `--sandbox` endpoints whose address is durable get their interface built.
     pub(super) fn advance_pending_eps(&mut self, now: Instant) {
         if self.ep_pending.is_empty() {
@@ -265,7 +311,7 @@ impl Agent {
         }
         let issued = self.persist.issued();
         let durable = self.persist.durable();
-        let mut failed = Vec::new();
+        let mut failed: Vec<(usize, String)> = Vec::new();
         for i in 0..self.ep_pending.len() {
             if self.ep_pending[i].seq == 0 {
                 self.ep_pending[i].seq = issued.max(1);
@@ -280,17 +326,23 @@ impl Agent {
                     let end = self.overlay.next_op_id();
                     self.ep_pending[i].ops = Some((first, end, None));
                     if end == first {
-                        failed.push((i, None));
+                        // The driver made nothing: the network has no data plane here.
+                        failed.push((
+                            i,
+                            format!(
+                                "network {:?}: the overlay driver has no data plane for it on this node (see the log)",
+                                ep.network
+                            ),
+                        ));
                     }
                 }
-                Err(e) => failed.push((i, Some(e))),
+                Err(AgentError::Dataplane(e)) => failed.push((i, format!("endpoint {}: {e}", ep.name))),
+                Err(e) => failed.push((i, format!("endpoint {}: {e}", ep.name))),
             }
         }
         for (i, e) in failed.into_iter().rev() {
             let mut p = self.ep_pending.remove(i);
-            if let Some(e) = e {
-                p.ops = Some((0, 0, Some(DpError::new(format!("endpoint {}", p.ep.name), e.to_string()))));
-            }
+            p.ops = Some((0, 0, Some(e)));
             let r = self.finish_sandboxed(now, p);
             self.replies.push(r);
         }
@@ -298,23 +350,30 @@ impl Agent {
 
     /// The data plane has built (or refused) a pending endpoint: publish it, or release it.
     fn finish_sandboxed(&mut self, now: Instant, p: PendingEp) -> (CommandId, Result<Reply, AgentError>) {
-        let err = p.ops.and_then(|(_, _, e)| e);
-        if let Some(e) = err {
-            self.overlay_endpoint_removed(now, &p.ep);
-            if let Err(r) = self.alloc.remove_endpoint(&mut self.gossip, now, &p.ep) {
-                tracing::warn!(endpoint = %p.ep.name, error = %r, "cannot release the endpoint");
+        let mut err = p.ops.and_then(|(_, _, e)| e);
+        // Dropped meanwhile (its network removed, this node removed): nothing is published.
+        if err.is_none() && !self.alloc.local_endpoints(&p.ep.network_id).iter().any(|e| e.id == p.ep.id) {
+            err = Some(format!("endpoint {}: removed while its interface was being built", p.ep.name));
+        }
+        if err.is_none() {
+            let published = self.alloc.publish_endpoint(&mut self.gossip, now, &p.ep).and_then(|()| {
+                let rec =
+                    self.peer_record(&p.ep).ok_or_else(|| AgentError::Dataplane("no peer record".into()))?;
+                Ok(self.gossip.put_entry(now, &p.ep.network_id, OVERLAY_PEER_TABLE, &p.ep.id, rec)?)
+            });
+            match published {
+                Ok(()) => return (p.id, Ok(Reply::Endpoint(p.ep))),
+                Err(e) => err = Some(format!("endpoint {}: publishing it: {e}", p.ep.name)),
             }
-            return (p.id, Err(AgentError::Dataplane(e.to_string())));
         }
-        let published = self.alloc.publish_endpoint(&mut self.gossip, now, &p.ep).and_then(|()| {
-            let rec =
-                self.peer_record(&p.ep).ok_or_else(|| AgentError::Dataplane("no peer record".into()))?;
-            Ok(self.gossip.put_entry(now, &p.ep.network_id, OVERLAY_PEER_TABLE, &p.ep.id, rec)?)
-        });
-        match published {
-            Ok(()) => (p.id, Ok(Reply::Endpoint(p.ep))),
-            Err(e) => (p.id, Err(e)),
+        // Nothing of it stays: its interface, its records, its address (held back).
+        self.overlay_endpoint_removed(now, &p.ep);
+        if self.alloc.local_endpoints(&p.ep.network_id).iter().any(|e| e.id == p.ep.id)
+            && let Err(r) = self.alloc.remove_endpoint(&mut self.gossip, now, &p.ep)
+        {
+            tracing::warn!(endpoint = %p.ep.name, error = %r, "cannot release the endpoint");
         }
+        (p.id, Err(AgentError::Dataplane(err.unwrap_or_default())))
     }
 
     /// The peer record of a local endpoint, as this node publishes it now.
@@ -333,20 +392,28 @@ impl Agent {
     /// endpoints published where missing or stale (after a restart, a new `--data-addr`),
     /// networks whose tables synced reconciled in the data plane.
     pub(super) fn overlay_tick(&mut self, now: Instant) {
+        if self.gossip.has_left() {
+            return;
+        }
         for owner in self.overlay.owners() {
             let a = self.gossip.node_data_addr(&owner);
             self.overlay.set_owner_vtep(&owner, a);
         }
+        let since = *self.overlay_since.get_or_insert(now);
         for nid in self.overlay.networks().map(str::to_string).collect::<Vec<_>>() {
-            if self.gossip.has_synced(&nid) {
+            // Synced with a peer; or, with no peer attached for a while, nothing to sync from.
+            let alone = self.gossip.network_peer_count(&nid) == 0
+                && now.saturating_duration_since(since) >= self.gossip.config().unknown_owner_grace();
+            if self.gossip.has_synced(&nid) || alone {
                 self.overlay.network_synced(&nid);
             }
         }
         self.overlay.tick();
-        self.reconcile_local_endpoints();
+        self.reconcile_local_endpoints(now);
         if self.alloc.is_catching_up() {
             return;
         }
+        self.prune_own_peer_records(now);
         let eps: Vec<Endpoint> = self
             .overlay
             .networks()
@@ -364,10 +431,34 @@ impl Agent {
         }
     }
 
+    /// Peer records under this node's name with no endpoint behind them (one torn down by
+    /// `node rm`, a delete lost in a crash) are deleted: others would keep programming them.
+    fn prune_own_peer_records(&mut self, now: Instant) {
+        let me = self.gossip.id().name.to_string();
+        for nid in self.overlay.networks().map(str::to_string).collect::<Vec<_>>() {
+            let mut orphans = Vec::new();
+            self.gossip.walk(&nid, OVERLAY_PEER_TABLE, |key, _, owner| {
+                if owner == me
+                    && !self.alloc.local_endpoints(&nid).iter().any(|e| e.id == key)
+                    && !self.ep_pending.iter().any(|p| p.ep.id == key)
+                {
+                    orphans.push(key.to_string());
+                }
+                true
+            });
+            for key in orphans {
+                tracing::info!(network = %nid, endpoint = %key, "deleting a peer record with no endpoint behind it");
+                if let Err(e) = self.gossip.delete_entry(now, &nid, OVERLAY_PEER_TABLE, &key) {
+                    tracing::warn!(endpoint = %key, error = %e, "cannot delete the peer record");
+                }
+            }
+        }
+    }
+
     /// The driver's local endpoints follow the allocator's: one the allocator dropped without a
     /// command (a removal by `node rm`, a network removed elsewhere) loses its interface; one
     /// it holds that the driver lost is joined again.
-    fn reconcile_local_endpoints(&mut self) {
+    fn reconcile_local_endpoints(&mut self, now: Instant) {
         for nid in self.overlay.networks().map(str::to_string).collect::<Vec<_>>() {
             let have = self.overlay.local_endpoints(&nid);
             let want: Vec<Endpoint> = self
@@ -379,8 +470,13 @@ impl Agent {
                 .collect();
             for eid in &have {
                 if !want.iter().any(|e| e.id == *eid) && !self.ep_pending.iter().any(|p| p.ep.id == *eid) {
-                    tracing::info!(endpoint = %eid, "endpoint gone without a command; removing its interface");
+                    tracing::info!(endpoint = %eid, "endpoint gone without a command; removing its interface and record");
                     let _ = self.overlay.delete_endpoint(&nid, eid);
+                    if self.gossip.get_entry(&nid, OVERLAY_PEER_TABLE, eid).is_some()
+                        && let Err(e) = self.gossip.delete_entry(now, &nid, OVERLAY_PEER_TABLE, eid)
+                    {
+                        tracing::warn!(endpoint = %eid, error = %e, "cannot delete the peer record");
+                    }
                 }
             }
             for ep in want {
@@ -433,12 +529,119 @@ impl Agent {
             t.value.as_deref(),
             version,
         );
-        if self.overlay.has_ops() {
-            self.snapshot_dirty = true;
-        }
     }
 
     pub(super) fn overlay_decode(&self, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
         self.overlay.decode_table_entry(OVERLAY_PEER_TABLE, key, value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::Net;
+    use super::*;
+    use crate::agent::Command;
+
+    fn ep(network: &str, name: &str, sandbox: Option<&str>) -> Command {
+        Command::EndpointCreate {
+            network: network.into(),
+            name: name.into(),
+            ip: None,
+            mac: None,
+            sandbox: sandbox.map(str::to_string),
+        }
+    }
+
+    /// Two agents with data planes and an overlay network; sandbox `/c<i>` exists on host i.
+    fn two() -> (Net, NetworkDef) {
+        let mut net = Net::new(2).with_dataplanes();
+        for i in 0..2 {
+            net.dataplanes[i].as_mut().unwrap().add_sandbox_path(format!("/c{i}"));
+        }
+        let create = Command::CreateNetwork {
+            name: "ov".into(),
+            driver: "overlay".into(),
+            subnets: vec![],
+            gateway: None,
+            options: Default::default(),
+        };
+        let Ok(Reply::Network(def)) = net.cmd(0, create) else { panic!("network create") };
+        net.run(std::time::Duration::from_secs(1));
+        (net, def)
+    }
+
+    fn sandbox<'a>(net: &'a Net, i: usize, nid: &str) -> Option<&'a weft_overlay::dataplane::MemSandbox> {
+        net.dataplanes[i].as_ref().unwrap().sandboxes.get(nid)
+    }
+
+    #[test]
+    fn an_interface_comes_before_the_records_and_a_refused_one_leaves_nothing() {
+        let (mut net, def) = two();
+        let Ok(Reply::Endpoint(e0)) = net.cmd(0, ep("ov", "e0", Some("/c0"))) else { panic!("e0") };
+        let Ok(Reply::Endpoint(e1)) = net.cmd(1, ep("ov", "e1", Some("/c1"))) else { panic!("e1") };
+        net.run(std::time::Duration::from_secs(1));
+        // Each host: its interface, and the other's entries.
+        for (i, (mine, theirs)) in [(&e0, &e1), (&e1, &e0)].into_iter().enumerate() {
+            let sb = sandbox(&net, i, &def.id).expect("a sandbox");
+            assert_eq!(sb.endpoints.keys().collect::<Vec<_>>(), vec![&mine.id]);
+            assert_eq!(sb.endpoints[&mine.id].mac.to_string(), mine.mac);
+            let ip: ipnet::Ipv4Net = theirs.ipv4.parse().unwrap();
+            assert_eq!(sb.neighbours.get(&ip.addr()).map(ToString::to_string), Some(theirs.mac.clone()));
+            assert_eq!(sb.fdb.len(), 1);
+        }
+        // A sandbox that does not exist: one line naming it; no address kept, nothing published.
+        let r = net.cmd(0, ep("ov", "bad", Some("/nope")));
+        let err = r.expect_err("refused").to_string();
+        assert!(err.starts_with("data plane: ") && err.contains("/nope") && !err.contains('\n'), "{err}");
+        assert!(!err["data plane: ".len()..].contains("data plane: "), "one prefix: {err}");
+        net.run(std::time::Duration::from_secs(1));
+        for i in 0..2 {
+            let a = &net.agents[i];
+            assert!(
+                a.gossip()
+                    .table(&def.id, crate::alloc::ENDPOINT_TABLE)
+                    .iter()
+                    .all(|e| e.state != weft_gossip::EntryState::Live || e.key == e0.id || e.key == e1.id)
+            );
+            assert_eq!(
+                a.gossip()
+                    .table(&def.id, OVERLAY_PEER_TABLE)
+                    .iter()
+                    .filter(|e| e.state == weft_gossip::EntryState::Live)
+                    .count(),
+                2
+            );
+        }
+        assert_eq!(
+            net.agents[0].allocator().local_endpoints(&def.id).len(),
+            1,
+            "the refused endpoint's address went back"
+        );
+        assert_eq!(sandbox(&net, 0, &def.id).unwrap().endpoints.len(), 1);
+    }
+
+    #[test]
+    fn rm_answers_once_the_interface_is_gone_and_a_leave_takes_the_sandboxes() {
+        let (mut net, def) = two();
+        let Ok(Reply::Endpoint(_)) = net.cmd(0, ep("ov", "e0", Some("/c0"))) else { panic!("e0") };
+        let Ok(Reply::Endpoint(_)) = net.cmd(1, ep("ov", "e1", Some("/c1"))) else { panic!("e1") };
+        // A removal's reply waits for the data plane.
+        let id = 9_000;
+        net.agents[0].handle_command(
+            net.now,
+            id,
+            Command::EndpointRm { network: "ov".into(), endpoint: "e0".into() },
+        );
+        assert!(net.agents[0].waiting_for(id).is_some_and(|w| w.contains("data plane")));
+        net.pump();
+        assert!(net.take_reply(0, id).is_ok());
+        assert!(sandbox(&net, 0, &def.id).is_none(), "the last endpoint took the sandbox");
+        net.run(std::time::Duration::from_secs(1));
+        assert!(sandbox(&net, 1, &def.id).unwrap().neighbours.is_empty(), "host 1 dropped e0");
+        // A leave takes this host's sandboxes before it answers.
+        assert!(net.cmd(1, Command::Leave).is_ok());
+        assert!(sandbox(&net, 1, &def.id).is_none());
+        net.run(std::time::Duration::from_secs(2));
+        assert!(sandbox(&net, 1, &def.id).is_none(), "a node that left makes no sandbox again");
     }
 }
