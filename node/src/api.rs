@@ -308,8 +308,7 @@ async fn inspect_network(
         } else {
             (Vec::new(), Vec::new())
         };
-        let overlay = f.verbose && view.snap.overlay.networks.contains(&network.def.id);
-        Ok((Inspect { network, dump, shares, local, overlay: None }, overlay))
+        Ok((Inspect { network, dump, shares, local, overlay: None }, f.verbose))
     })
     .await??;
     let (mut out, overlay) = out;

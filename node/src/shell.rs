@@ -773,7 +773,7 @@ impl Owner {
                 self.agent.handle_dataplane_done(
                     Instant::now(),
                     id,
-                    Err(weft_overlay::DpError::new("data plane", "its thread is gone")),
+                    Err(weft_overlay::DpError::new("operation", "the data plane's thread is gone")),
                 );
             }
         }

@@ -240,6 +240,8 @@ impl OverlayDriver {
                 if made_sandbox {
                     n.sandbox = false;
                     n.peers.forget_programmed();
+                    // Asked for again in RETRY_EVERY_TICKS.
+                    n.ticks = 0;
                 }
             }
         }
@@ -354,6 +356,11 @@ impl OverlayDriver {
     /// The local endpoints the driver knows in a network.
     pub fn local_endpoints(&self, nid: &str) -> Vec<String> {
         self.nets.get(nid).map(|n| n.endpoints.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Networks whose sandbox is up (asked for, not refused).
+    pub fn sandboxes_up(&self) -> usize {
+        self.nets.values().filter(|n| n.sandbox).count()
     }
 
     /// Networks that should have a sandbox on this host now.

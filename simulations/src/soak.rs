@@ -171,6 +171,31 @@ pub fn check_dataplane(c: &AgentCluster) -> Result<(), String> {
         let me = c.nodes[i].name.as_str();
         let mut want = BTreeSet::new();
         for nid in g.networks().filter(|n| *n != weft_gossip::CLUSTER_NETWORK) {
+            // In an overlay network, every endpoint has its peer record, with its address, MAC
+            // and its owner's VTEP (else it is unreachable).
+            if agent.overlay_network(nid).is_some() {
+                let mut eps = Vec::new();
+                g.walk(nid, weft_node::alloc::ENDPOINT_TABLE, |k, v, owner| {
+                    eps.push((k.to_string(), v.clone(), owner.to_string()));
+                    true
+                });
+                for (k, v, owner) in eps {
+                    let Ok(e) = serde_json::from_slice::<weft_node::alloc::Endpoint>(&v) else { continue };
+                    let rec = g.get_entry(nid, weft_overlay::OVERLAY_PEER_TABLE, &k);
+                    let ok = rec.as_deref().and_then(|r| PeerRecord::decode(r).ok()).is_some_and(
+                        |(ip, mac, vtep)| {
+                            ip.to_string() == e.ipv4
+                                && mac.to_string() == e.mac
+                                && g.node_data_addr(&owner) == Some(vtep)
+                        },
+                    );
+                    if !ok {
+                        return Err(format!(
+                            "data plane: node {i} sees endpoint {k} of {owner} in {nid} without a matching peer record: {rec:?}"
+                        ));
+                    }
+                }
+            }
             // Every peer record stands for an endpoint (no orphan keeps being programmed).
             let mut peer_keys = Vec::new();
             g.walk(nid, weft_overlay::OVERLAY_PEER_TABLE, |k, _, _| {
@@ -694,7 +719,15 @@ fn alloc_end(c: &mut AgentCluster, a: &Alloc, limit: Duration) -> Result<(), Str
         let extra: Vec<String> = seen
             .iter()
             .filter(|e| !want.contains(&e.id))
-            .map(|e| format!("{} of {}@{}", e.name, e.node, e.instance))
+            .map(|e| {
+                format!(
+                    "{} of {}@{}{}",
+                    e.name,
+                    e.node,
+                    e.instance,
+                    if e.sandbox.is_some() { " (with an interface)" } else { "" }
+                )
+            })
             .collect();
         let ids: BTreeSet<&String> = seen.iter().map(|e| &e.id).collect();
         let missing: Vec<String> = a
@@ -703,8 +736,9 @@ fn alloc_end(c: &mut AgentCluster, a: &Alloc, limit: Duration) -> Result<(), Str
             .filter(|(id, _)| !ids.contains(id))
             .map(|(id, (i, ip))| format!("{id:.8} ({ip} on node {i})"))
             .collect();
+        let removed: Vec<String> = a.removed.keys().map(|i| c.nodes[*i].name.clone()).collect();
         return Err(format!(
-            "allocation: node {bad} lists {} endpoints of the addressed network, {} acknowledged; not acknowledged: {extra:?}; missing: {missing:?}",
+            "allocation: node {bad} lists {} endpoints of the addressed network, {} acknowledged (nodes removed: {removed:?}); not acknowledged: {extra:?}; missing: {missing:?}",
             seen.len(),
             want.len()
         ));

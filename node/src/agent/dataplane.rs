@@ -153,7 +153,7 @@ impl Agent {
         OverlayReport {
             dataplane: self.dataplane,
             networks: self.overlay.networks().map(str::to_string).collect(),
-            sandboxes: self.overlay.sandboxed_networks().len(),
+            sandboxes: self.overlay.sandboxes_up(),
             stats: self.overlay.stats.clone(),
             records,
             unprogrammed,
@@ -188,7 +188,11 @@ impl Agent {
             let _ = self.overlay.delete_network(&nid);
         }
         for nid in new {
-            let Some(def) = self.definition(&nid) else { continue };
+            // (One whose definition has not arrived waits for it: see `overlay_definition_changed`.)
+            let Some(def) = self.definition(&nid) else {
+                self.not_overlay.insert(nid);
+                continue;
+            };
             self.create_overlay_network(&def);
         }
     }
@@ -213,6 +217,9 @@ impl Agent {
     }
 
     fn create_overlay_network(&mut self, def: &NetworkDef) {
+        if self.gossip.has_left() {
+            return;
+        }
         if def.driver != "overlay" {
             self.not_overlay.insert(def.id.clone());
             return;
@@ -320,6 +327,10 @@ impl Agent {
                 continue;
             }
             let ep = self.ep_pending[i].ep.clone();
+            if !self.alloc.local_endpoints(&ep.network_id).iter().any(|e| e.id == ep.id) {
+                failed.push((i, format!("endpoint {}: removed (with its network, or this node) before its interface was built", ep.name)));
+                continue;
+            }
             let first = self.overlay.next_op_id();
             match self.overlay_join(&ep) {
                 Ok(_) => {
@@ -401,8 +412,11 @@ impl Agent {
         }
         let since = *self.overlay_since.get_or_insert(now);
         for nid in self.overlay.networks().map(str::to_string).collect::<Vec<_>>() {
-            // Synced with a peer; or, with no peer attached for a while, nothing to sync from.
-            let alone = self.gossip.network_peer_count(&nid) == 0
+            // Synced with a peer; or nothing to sync from: no peer attached while membership is
+            // known (the cluster's tables synced, or alone by design), for a while.
+            let known = self.gossip.has_synced(CLUSTER_NETWORK) || self.alloc.alone(&self.gossip);
+            let alone = known
+                && self.gossip.network_peer_count(&nid) == 0
                 && now.saturating_duration_since(since) >= self.gossip.config().unknown_owner_grace();
             if self.gossip.has_synced(&nid) || alone {
                 self.overlay.network_synced(&nid);
@@ -437,11 +451,15 @@ impl Agent {
         let me = self.gossip.id().name.to_string();
         for nid in self.overlay.networks().map(str::to_string).collect::<Vec<_>>() {
             let mut orphans = Vec::new();
+            let mine: std::collections::BTreeSet<&str> = self
+                .alloc
+                .local_endpoints(&nid)
+                .into_iter()
+                .map(|e| e.id.as_str())
+                .chain(self.ep_pending.iter().map(|p| p.ep.id.as_str()))
+                .collect();
             self.gossip.walk(&nid, OVERLAY_PEER_TABLE, |key, _, owner| {
-                if owner == me
-                    && !self.alloc.local_endpoints(&nid).iter().any(|e| e.id == key)
-                    && !self.ep_pending.iter().any(|p| p.ep.id == key)
-                {
+                if owner == me && !mine.contains(key) {
                     orphans.push(key.to_string());
                 }
                 true
