@@ -54,17 +54,19 @@ pub struct Version<'a> {
 /// watcher saw last for that key. `version` is the version now in force: for a delete, the
 /// tombstone's (for a hide or a detach, the hidden version's). `decode_table_entry` turns a raw value into something a person
 /// can read: the object id it belongs to and a map of fields (the overlay driver returns the
-/// endpoint id and `{"Host IP": <VTEP>}`).
+/// endpoint id and `{"Host IP": <VTEP>}`). A watcher that only decodes keeps the default
+/// `event_notify`, which ignores the event.
 pub trait TableWatcher {
     fn event_notify(
         &mut self,
-        nid: &str,
-        table: &str,
-        key: &str,
-        prev: Option<&[u8]>,
-        value: Option<&[u8]>,
-        version: Version<'_>,
-    );
+        _nid: &str,
+        _table: &str,
+        _key: &str,
+        _prev: Option<&[u8]>,
+        _value: Option<&[u8]>,
+        _version: Version<'_>,
+    ) {
+    }
 
     fn decode_table_entry(&self, table: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>);
 }

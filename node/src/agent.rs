@@ -166,17 +166,6 @@ impl weft_gossip::MergeRule for NetworkDefRule {
 struct NetworkDefs;
 
 impl TableWatcher for NetworkDefs {
-    fn event_notify(
-        &mut self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: Option<&[u8]>,
-        _: Option<&[u8]>,
-        _: weft_gossip::Version<'_>,
-    ) {
-    }
-
     fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
         let mut m = BTreeMap::new();
         if let Ok(d) = serde_json::from_slice::<NetworkDef>(value) {
@@ -2452,17 +2441,6 @@ pub(crate) mod tests {
     struct Lengths;
 
     impl TableWatcher for Lengths {
-        fn event_notify(
-            &mut self,
-            _: &str,
-            _: &str,
-            _: &str,
-            _: Option<&[u8]>,
-            _: Option<&[u8]>,
-            _: weft_gossip::Version<'_>,
-        ) {
-        }
-
         fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
             (key.to_string(), BTreeMap::from([("len".to_string(), value.len().to_string())]))
         }
@@ -2601,17 +2579,6 @@ pub(crate) mod tests {
     struct Ignore;
 
     impl TableWatcher for Ignore {
-        fn event_notify(
-            &mut self,
-            _: &str,
-            _: &str,
-            _: &str,
-            _: Option<&[u8]>,
-            _: Option<&[u8]>,
-            _: weft_gossip::Version<'_>,
-        ) {
-        }
-
         fn decode_table_entry(&self, _: &str, key: &str, _: &[u8]) -> (String, BTreeMap<String, String>) {
             (key.to_string(), BTreeMap::new())
         }

@@ -1939,17 +1939,6 @@ pub fn shares(entries: &[RingEntry], ring: &str) -> Vec<OwnerShare> {
 pub struct RingEntries;
 
 impl weft_gossip::TableWatcher for RingEntries {
-    fn event_notify(
-        &mut self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: Option<&[u8]>,
-        _: Option<&[u8]>,
-        _: weft_gossip::Version<'_>,
-    ) {
-    }
-
     fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
         let mut m = BTreeMap::new();
         match decode_entry(value) {
@@ -1987,17 +1976,6 @@ impl weft_gossip::TableWatcher for RingEntries {
 pub struct Endpoints;
 
 impl weft_gossip::TableWatcher for Endpoints {
-    fn event_notify(
-        &mut self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: Option<&[u8]>,
-        _: Option<&[u8]>,
-        _: weft_gossip::Version<'_>,
-    ) {
-    }
-
     fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
         let mut m = BTreeMap::new();
         if let Ok(e) = serde_json::from_slice::<Endpoint>(value) {

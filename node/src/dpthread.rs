@@ -10,17 +10,6 @@ use std::path::Path;
 use tokio::sync::{mpsc, oneshot};
 use weft_overlay::{Dataplane, DpError, DpOp, KernelView, OpId};
 
-struct ExitOnPanic;
-
-impl Drop for ExitOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            tracing::error!("the data plane's thread panicked; exiting");
-            std::process::exit(70);
-        }
-    }
-}
-
 /// An operation's result, for the agent.
 pub type DpDone = (OpId, Result<(), DpError>);
 
@@ -77,7 +66,7 @@ impl DpThread {
             .spawn(move || {
                 // A data plane that panicked (stranded in another namespace, say) must not
                 // leave an agent whose operations never complete: the process stops.
-                let _guard = ExitOnPanic;
+                let _guard = crate::shell::ExitOnPanic("the data plane's thread");
                 let mut dp = match make() {
                     Ok(dp) => {
                         let _ = ready_tx.send(Ok(()));

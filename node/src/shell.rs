@@ -383,7 +383,7 @@ impl Shell {
             .name("weft-agent".into())
             .spawn(move || {
                 // A panic here would leave a process whose agent is gone: stop it instead.
-                let _guard = ExitOnPanic;
+                let _guard = ExitOnPanic("the agent's event loop");
                 let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
                     Err(e) => {
@@ -638,13 +638,14 @@ impl Shell {
     }
 }
 
-/// Ends the process if the agent's thread panics.
-struct ExitOnPanic;
+/// Ends the process if the thread holding it panics (the thread is named in the log line): a
+/// process whose agent, or data plane, is gone must not go on answering.
+pub(crate) struct ExitOnPanic(pub(crate) &'static str);
 
 impl Drop for ExitOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            tracing::error!("the agent's event loop panicked; exiting");
+            tracing::error!("{} panicked; exiting", self.0);
             std::process::exit(70);
         }
     }

@@ -171,17 +171,6 @@ impl Host for GossipNode {
 struct Quiet;
 
 impl TableWatcher for Quiet {
-    fn event_notify(
-        &mut self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: Option<&[u8]>,
-        _: Option<&[u8]>,
-        _: weft_gossip::Version<'_>,
-    ) {
-    }
-
     fn decode_table_entry(
         &self,
         _: &str,

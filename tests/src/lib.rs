@@ -67,22 +67,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `weft agent` as `name` on `addr` with its own data dir under `root`.
+    /// Starts `weft agent` as `name` on `addr` with its own data dir under `root` (no data
+    /// plane: loopback agents program none).
     pub fn start(root: &Path, name: &str, addr: SocketAddr, seeds: &[SocketAddr]) -> Agent {
-        let data_dir = root.join(name);
-        std::fs::create_dir_all(&data_dir).expect("data dir");
-        let mut a = Agent {
-            name: name.into(),
-            addr,
-            data_dir,
-            seeds: seeds.to_vec(),
-            netns: None,
-            // Loopback agents program no data plane.
-            extra: vec!["--dataplane".into(), "none".into()],
-            child: None,
-        };
-        a.spawn();
-        a
+        Self::launch(root, name, addr, seeds, None, &["--dataplane", "none"])
     }
 
     /// Starts an agent inside the network namespace `netns` (entered with `nsenter --net=`,
@@ -95,6 +83,17 @@ impl Agent {
         netns: &Path,
         extra: &[&str],
     ) -> Agent {
+        Self::launch(root, name, addr, seeds, Some(netns), extra)
+    }
+
+    fn launch(
+        root: &Path,
+        name: &str,
+        addr: SocketAddr,
+        seeds: &[SocketAddr],
+        netns: Option<&Path>,
+        extra: &[&str],
+    ) -> Agent {
         let data_dir = root.join(name);
         std::fs::create_dir_all(&data_dir).expect("data dir");
         let mut a = Agent {
@@ -102,7 +101,7 @@ impl Agent {
             addr,
             data_dir,
             seeds: seeds.to_vec(),
-            netns: Some(netns.to_path_buf()),
+            netns: netns.map(Path::to_path_buf),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };

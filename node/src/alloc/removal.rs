@@ -533,17 +533,6 @@ impl Allocator {
 pub struct Removals;
 
 impl weft_gossip::TableWatcher for Removals {
-    fn event_notify(
-        &mut self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: Option<&[u8]>,
-        _: Option<&[u8]>,
-        _: weft_gossip::Version<'_>,
-    ) {
-    }
-
     fn decode_table_entry(&self, _: &str, key: &str, value: &[u8]) -> (String, BTreeMap<String, String>) {
         let mut m = BTreeMap::new();
         if let Ok(r) = serde_json::from_slice::<NodeRemoval>(value) {
