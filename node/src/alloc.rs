@@ -50,8 +50,9 @@ pub const IPAM_TABLE: &str = "ipam";
 pub const ENDPOINT_TABLE: &str = "endpoint_table";
 /// The default global pool's ring.
 pub const POOL_RING: &str = "pool";
-/// Docker's option naming a network's VNIs, one per IPv4 subnet, comma-separated.
-pub const VXLANID_OPTION: &str = "com.docker.network.driver.overlay.vxlanid_list";
+/// Docker's option naming a network's VNIs, one per IPv4 subnet, comma-separated (the
+/// overlay driver's).
+pub use weft_overlay::driver::VXLANID_OPTION;
 /// How long a command waits for allocation to become possible (a seed being chosen, a
 /// donation answered) before it fails with what it waited for.
 pub const ALLOC_WAIT: Duration = Duration::from_secs(5);
@@ -1707,10 +1708,7 @@ impl Allocator {
         self.stats.allocations += 1;
         let addr = addr_at(&IpNet::V4(net), slot);
         let IpAddr::V4(v4) = addr else { unreachable!("an IPv4 subnet") };
-        let mac = mac.unwrap_or_else(|| {
-            let o = v4.octets();
-            format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
-        });
+        let mac = mac.unwrap_or_else(|| weft_overlay::Mac::from_ipv4(v4).to_string());
         let ep = Endpoint {
             id,
             name: name.to_string(),
@@ -1882,14 +1880,10 @@ pub fn gateway_of(def: &NetworkDef, net: &Ipv4Net) -> Option<Ipv4Addr> {
 
 /// A MAC address `aa:bb:cc:dd:ee:ff`, unicast.
 pub fn parse_mac(s: &str) -> Result<String, String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let bytes: Option<Vec<u8>> = (parts.len() == 6)
-        .then(|| parts.iter().map(|p| u8::from_str_radix(p, 16).ok().filter(|_| p.len() == 2)).collect())
-        .flatten();
-    match bytes {
-        Some(b) if b[0] & 1 == 0 => Ok(b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")),
-        Some(_) => Err(format!("MAC {s}: a multicast address cannot be an endpoint's")),
-        None => Err(format!("MAC {s}: expected six hex bytes like 02:42:0a:00:01:05")),
+    match s.parse::<weft_overlay::Mac>() {
+        Ok(m) if m.is_unicast() => Ok(m.to_string()),
+        Ok(_) => Err(format!("MAC {s}: a multicast address cannot be an endpoint's")),
+        Err(_) => Err(format!("MAC {s}: expected six hex bytes like 02:42:0a:00:01:05")),
     }
 }
 
@@ -1985,5 +1979,23 @@ impl weft_gossip::TableWatcher for Endpoints {
             m.insert("node".into(), e.node);
         }
         (key.to_string(), m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mac;
+
+    #[test]
+    fn an_endpoint_mac_is_unicast_and_shown_in_lower_case_colon_form() {
+        assert_eq!(parse_mac("02:42:0A:00:00:05").as_deref(), Ok("02:42:0a:00:00:05"));
+        assert_eq!(
+            parse_mac("01:00:5e:00:00:01"),
+            Err("MAC 01:00:5e:00:00:01: a multicast address cannot be an endpoint's".into())
+        );
+        assert_eq!(
+            parse_mac("02:42:0a:00:05"),
+            Err("MAC 02:42:0a:00:05: expected six hex bytes like 02:42:0a:00:01:05".into())
+        );
     }
 }

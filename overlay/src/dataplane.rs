@@ -172,25 +172,20 @@ impl KernelView {
         if !self.sandbox {
             return out;
         }
-        for (ip, mac) in neighbours {
-            if !self.neighbours.contains(&(*ip, *mac)) {
-                out.push(format!("missing in the kernel: neighbour {ip} lladdr {mac}"));
-            }
+        let (want_n, have_n): (BTreeSet<_>, BTreeSet<_>) =
+            (neighbours.iter().collect(), self.neighbours.iter().collect());
+        let (want_f, have_f): (BTreeSet<_>, BTreeSet<_>) = (fdb.iter().collect(), self.fdb.iter().collect());
+        for (ip, mac) in want_n.difference(&have_n) {
+            out.push(format!("missing in the kernel: neighbour {ip} lladdr {mac}"));
         }
-        for (ip, mac) in &self.neighbours {
-            if !neighbours.contains(&(*ip, *mac)) {
-                out.push(format!("stale in the kernel: neighbour {ip} lladdr {mac}"));
-            }
+        for (ip, mac) in have_n.difference(&want_n) {
+            out.push(format!("stale in the kernel: neighbour {ip} lladdr {mac}"));
         }
-        for (mac, vtep) in fdb {
-            if !self.fdb.contains(&(*mac, *vtep)) {
-                out.push(format!("missing in the kernel: fdb {mac} dst {vtep}"));
-            }
+        for (mac, vtep) in want_f.difference(&have_f) {
+            out.push(format!("missing in the kernel: fdb {mac} dst {vtep}"));
         }
-        for (mac, vtep) in &self.fdb {
-            if !fdb.contains(&(*mac, *vtep)) {
-                out.push(format!("stale in the kernel: fdb {mac} dst {vtep}"));
-            }
+        for (mac, vtep) in have_f.difference(&want_f) {
+            out.push(format!("stale in the kernel: fdb {mac} dst {vtep}"));
         }
         out
     }

@@ -223,10 +223,6 @@ impl OverlayDriver {
         self.ops.pop_front()
     }
 
-    pub fn has_ops(&self) -> bool {
-        !self.ops.is_empty()
-    }
-
     /// An operation's result; what it was for. A failed sandbox is asked for again by the next
     /// join, and every [`RETRY_EVERY_TICKS`] while endpoints need it.
     pub fn handle_done(&mut self, id: OpId, result: Result<(), DpError>) -> OpKind {
@@ -361,15 +357,6 @@ impl OverlayDriver {
     /// Networks whose sandbox is up (asked for, not refused).
     pub fn sandboxes_up(&self) -> usize {
         self.nets.values().filter(|n| n.sandbox).count()
-    }
-
-    /// Networks that should have a sandbox on this host now.
-    pub fn sandboxed_networks(&self) -> Vec<String> {
-        self.nets
-            .iter()
-            .filter(|(_, n)| n.endpoints.values().any(|e| e.sandbox.is_some()))
-            .map(|(k, _)| k.clone())
-            .collect()
     }
 
     pub fn report(&self, nid: &str) -> Option<NetReport> {

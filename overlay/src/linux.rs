@@ -727,8 +727,13 @@ impl LinuxDataplane {
     ) -> Result<(), DpError> {
         let (h, vx) = self.vxlan_index(nid, "sync peers")?;
         let what = format!("network {}: sync peers", short(nid));
+        // (Sets: a sandbox may hold thousands of peers.)
+        let want_n: BTreeSet<(Ipv4Addr, Mac)> = want_n.iter().copied().collect();
+        let want_f: BTreeSet<(Mac, IpAddr)> = want_f.iter().copied().collect();
         self.rt.block_on(async {
             let (have_n, have_f) = read_peers(&h, vx).await.map_err(|e| nl(&what, e))?;
+            let have_n: BTreeSet<(Ipv4Addr, Mac)> = have_n.into_iter().collect();
+            let have_f: BTreeSet<(Mac, IpAddr)> = have_f.into_iter().collect();
             for (ip, mac) in &have_n {
                 if !want_n.contains(&(*ip, *mac)) {
                     gone_ok(h.neighbours().del(neigh_msg(vx, *ip)).execute().await)
@@ -741,14 +746,14 @@ impl LinuxDataplane {
                         .map_err(|e| nl(format!("{what}: delete fdb {mac} dst {vtep}"), e))?;
                 }
             }
-            for (mac, vtep) in want_f {
+            for (mac, vtep) in &want_f {
                 if !have_f.contains(&(*mac, *vtep)) {
                     set_fdb(&h, vx, *mac, *vtep)
                         .await
                         .map_err(|e| nl(format!("{what}: fdb {mac} dst {vtep}"), e))?;
                 }
             }
-            for (ip, mac) in want_n {
+            for (ip, mac) in &want_n {
                 if !have_n.contains(&(*ip, *mac)) {
                     set_neigh(&h, vx, *ip, *mac)
                         .await

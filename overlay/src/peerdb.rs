@@ -69,12 +69,7 @@ impl PeerDb {
         Some(ip)
     }
 
-    pub fn get(&self, key: &str) -> Option<&Peer> {
-        let ip = self.by_key.get(key)?;
-        self.by_ip.get(ip)?.get(key)
-    }
-
-    /// Records held, and addresses with more than one record.
+    /// Records held.
     pub fn len(&self) -> usize {
         self.by_key.len()
     }
@@ -83,6 +78,7 @@ impl PeerDb {
         self.by_key.is_empty()
     }
 
+    /// Addresses with more than one record.
     pub fn contested(&self) -> usize {
         self.by_ip.values().filter(|s| s.len() > 1).count()
     }
@@ -159,10 +155,6 @@ impl PeerDb {
     /// What the data plane was asked to hold.
     pub fn programmed(&self) -> PeerEntries {
         (self.programmed.iter().map(|(ip, (m, _))| (*ip, *m)).collect(), self.fdb.keys().copied().collect())
-    }
-
-    pub fn fdb_refs(&self, mac: Mac, vtep: IpAddr) -> u32 {
-        self.fdb.get(&(mac, vtep)).copied().unwrap_or(0)
     }
 
     /// Takes a reference; true if it is the first.

@@ -445,3 +445,22 @@ fn only_the_sandbox_and_the_interface_are_essential_to_an_endpoint() {
     assert_eq!(essential, 2, "EnsureSandbox and AddEndpoint: {kinds:?}");
     assert_eq!(kinds.len(), 4, "with the peer's FDB and neighbour entries: {kinds:?}");
 }
+
+#[test]
+fn a_definition_that_changes_under_a_sandbox_rebuilds_it_with_every_peer() {
+    let mut d = driver();
+    let mut dp = MemDataplane::new();
+    dp.add_sandbox_path("/s");
+    local_join(&mut d, "e1", 10, Some("/s"));
+    put(&mut d, "r", &record(20, 2), 3, "h2");
+    run(&mut d, &mut dp);
+    let mut opts = BTreeMap::new();
+    opts.insert(VXLANID_OPTION.to_string(), "5000".to_string());
+    let v4 = [ipam_v4("10.1.0.0/24".parse().unwrap(), Some(IpAddr::V4(ip(1))))];
+    d.create_network(NID, &opts, &v4, &[]).unwrap();
+    let ops = run(&mut d, &mut dp);
+    assert!(matches!(ops[0], DpOp::EnsureSandbox(ref s) if s.vni == 5000), "{ops:?}");
+    // A new VXLAN device holds nothing: the peer is programmed on it again.
+    assert!(ops.iter().any(|o| matches!(o, DpOp::SetFdb { .. })), "{ops:?}");
+    assert!(ops.iter().any(|o| matches!(o, DpOp::SetNeighbour { .. })), "{ops:?}");
+}

@@ -236,6 +236,11 @@ fn three_hosts_reach_each_other_through_failures_restarts_and_leaves() {
         !ping(&hosts.container(1), &ips[1], &["-M", "do", "-s", "1423"]),
         "1423 bytes with DF exceed MTU 1450"
     );
+    // The metrics say the same: a sandbox here, three peer records, all programmed.
+    assert_eq!(agents[0].metric("weft_dataplane_enabled"), Some(1.0));
+    assert_eq!(agents[0].metric("weft_overlay_sandboxes"), Some(1.0));
+    assert_eq!(agents[0].metric("weft_overlay_peer_records"), Some(3.0));
+    assert_eq!(agents[0].metric("weft_overlay_peer_records_unprogrammed"), Some(0.0));
     // What inspect shows: the peers programmed, and a kernel equal to the tables.
     let v = inspect(&agents[0], net);
     assert_eq!(v["overlay"]["differences"], Value::Array(vec![]), "{v:#}");
