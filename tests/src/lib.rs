@@ -128,12 +128,18 @@ impl Agent {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .env("RUST_LOG", "info")
-            // Lets a test stall the agent's disk (see `stall_disk`).
-            .env("WEFT_TEST_HOOKS", "1")
-            .env_remove("WEFT_HOST")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
+        // The agent refuses unknown `WEFT_*` variables and would take the caller's settings:
+        // it gets none of the test run's (`WEFT_TEST_SEED`, `WEFT_HOST`...), only the hooks.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("WEFT_") {
+                cmd.env_remove(k);
+            }
+        }
+        // Lets a test stall the agent's disk (see `stall_disk`).
+        cmd.env("WEFT_TEST_HOOKS", "1");
         if !self.seeds.is_empty() {
             let seeds: Vec<String> = self.seeds.iter().map(ToString::to_string).collect();
             cmd.args(["--join", &seeds.join(",")]);

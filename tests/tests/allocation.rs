@@ -13,6 +13,8 @@ use serde_json::Value;
 use weft_tests::{Agent, TempDir, wait_until};
 
 const LONG: Duration = Duration::from_secs(30);
+/// How long a restarted agent may take to be seen alive by all three.
+const REJOIN: Duration = Duration::from_secs(120);
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -124,14 +126,38 @@ fn endpoints_created_through_sigkills_are_never_duplicated_and_never_lost() {
             .collect();
         std::thread::sleep(kill_after);
         agents[victim].kill9();
+        let killed_at = std::time::Instant::now();
         for w in workers {
             w.join().expect("worker");
         }
+        let creates_done = killed_at.elapsed();
         agents[victim].start_again();
-        let back = wait_until("the restarted agent is back in the cluster", LONG, || {
-            agents.iter().all(|a| alive_count(a) == 3)
-        });
-        eprintln!("round {round}: killed {} after {kill_after:?}; back in {back:?}", agents[victim].name);
+        let t0 = std::time::Instant::now();
+        // A liveness bound, not a speed target: a loaded machine (one CI run took 250 s for
+        // what takes 12 s here) may need more than LONG; the figure is printed below.
+        if !poll_until(REJOIN, || agents.iter().all(|a| alive_count(a) == 3)) {
+            for a in &agents {
+                let o = a.cli(&["members"]);
+                eprintln!(
+                    "{} members: {}{}",
+                    a.name,
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                eprintln!("{} log (last 60 lines):", a.name);
+                let log = a.log();
+                let lines: Vec<&str> = log.lines().collect();
+                for l in &lines[lines.len().saturating_sub(60)..] {
+                    eprintln!("  {l}");
+                }
+            }
+            panic!("round {round}: {} is not back in the cluster after {REJOIN:?}", agents[victim].name);
+        }
+        let back = t0.elapsed();
+        eprintln!(
+            "round {round}: killed {} after {kill_after:?}; creates done {creates_done:?} after the kill; back in {back:?}",
+            agents[victim].name
+        );
     }
     let acked = acked.lock().unwrap().clone();
     eprintln!("{} endpoints acknowledged over 3 rounds with a SIGKILL each", acked.len());
