@@ -58,6 +58,9 @@ pub struct Config {
     pub membership: foca::Config,
 }
 
+/// memberlist's and foca's LAN suspicion multiplier (see [`Config::suspicion`]).
+const SUSPICION_MULT: f64 = 4.0;
+
 impl Config {
     /// Defaults for a LAN cluster of about `cluster_size` nodes.
     pub fn lan(cluster_size: u32) -> Self {
@@ -108,6 +111,17 @@ impl Config {
     pub fn retransmits(&self, n: usize) -> u32 {
         let digits = ((n + 1) as f64).log10().ceil() as u32;
         self.retransmit_mult * digits.max(1)
+    }
+
+    /// SWIM's suspicion timeout in a cluster of `members` active members (this node included):
+    /// memberlist's rule (Docker's networkdb), `4 × max(1, log10 members) × probe_period`, never
+    /// above `membership.suspect_to_down_after`, which is the timeout for the size this config
+    /// was made for. A three-host cluster declares a dead host down 4 s after suspecting it,
+    /// not after the 6 s meant for 32 hosts; a large cluster keeps the configured bound.
+    pub fn suspicion(&self, members: usize) -> Duration {
+        let scale = (members.max(1) as f64).log10().max(1.0);
+        let secs = self.membership.probe_period.as_secs_f64() * SUSPICION_MULT * scale;
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX).min(self.membership.suspect_to_down_after)
     }
 
     /// How long entries of an owner that membership does not know at all stay live, counted

@@ -28,6 +28,9 @@ pub(super) type Swim = Foca<NodeId, wire::FocaCodec, Xoshiro256PlusPlus, NoCusto
 /// The cluster membership state: foca, and the node's own record of the members it reported.
 pub(super) struct Membership {
     pub(super) foca: Swim,
+    /// The configuration foca runs with; its suspicion timeout follows the cluster's size
+    /// ([`Config::suspicion`](crate::Config::suspicion)).
+    pub(super) foca_cfg: foca::Config,
     pub(super) members: BTreeMap<Arc<str>, Member>,
     pub(super) seeds: Vec<SocketAddr>,
     /// Members named in the attachment table that membership has not seen yet.
@@ -170,14 +173,38 @@ impl GossipNode {
     }
 
     pub(super) fn process_notes(&mut self, now: Instant) {
+        let mut resized = false;
         while !self.notes.is_empty() || !self.foca_downs.is_empty() {
             let notes = std::mem::take(&mut self.notes);
             for n in notes {
+                resized |= matches!(n, OwnedNotification::MemberUp(_) | OwnedNotification::MemberDown(_));
                 self.process_note(now, n);
             }
             for id in std::mem::take(&mut self.foca_downs) {
                 self.recorded_down(now, id);
             }
+        }
+        if resized {
+            self.scale_suspicion();
+        }
+    }
+
+    /// Gives foca the suspicion timeout for the number of members it holds active now: a
+    /// suspicion raised from here on runs that long (one already running keeps its deadline).
+    pub(super) fn scale_suspicion(&mut self) {
+        let members = self.membership.foca.iter_members().count() + 1;
+        let want = self.cfg.suspicion(members);
+        if want == self.membership.foca_cfg.suspect_to_down_after {
+            return;
+        }
+        let mut cfg = self.membership.foca_cfg.clone();
+        cfg.suspect_to_down_after = want;
+        match self.membership.foca.set_config(cfg.clone()) {
+            Ok(()) => {
+                tracing::debug!(members, suspicion = ?want, "suspicion timeout follows the cluster's size");
+                self.membership.foca_cfg = cfg;
+            }
+            Err(e) => tracing::warn!(error = %e, "foca refused a new suspicion timeout"),
         }
     }
 

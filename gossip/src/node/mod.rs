@@ -190,12 +190,15 @@ impl GossipNode {
         membership.max_packet_size = std::num::NonZeroUsize::new(cfg.max_packet_size - wire::ENVELOPE_LEN)
             .ok_or_else(|| Error::InvalidConfig("max_packet_size".into()))?;
         let foca_rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x5eed_f0ca_5eed_f0ca);
-        let foca = Foca::new(id.clone(), membership, foca_rng, wire::FocaCodec);
+        // Alone so far: the suspicion timeout of a small cluster until members arrive.
+        membership.suspect_to_down_after = cfg.suspicion(1);
+        let foca = Foca::new(id.clone(), membership.clone(), foca_rng, wire::FocaCodec);
         let (data_addr, started) = (id.addr.ip(), id.generation);
         let mut node = GossipNode {
             id,
             membership: Membership {
                 foca,
+                foca_cfg: membership,
                 members: BTreeMap::new(),
                 seeds: Vec::new(),
                 discovery: Discovery::default(),

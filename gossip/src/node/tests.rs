@@ -458,6 +458,47 @@ fn a_failed_member_that_turns_out_to_have_left_is_not_reported_down_twice() {
     assert_eq!(m.state, MemberState::Left);
 }
 
+/// Virtual time from the moment b stops answering until a reports it down.
+fn time_to_down(cfg: Config) -> Duration {
+    let mut p = Pair::new(cfg);
+    while p.a.poll_event().is_some() {}
+    let start = p.now;
+    let mut now = p.now;
+    while now - start < Duration::from_secs(120) {
+        now += Duration::from_millis(10);
+        p.a.handle_timeout(now);
+        while p.a.poll_transmit().is_some() {}
+        while let Some(e) = p.a.poll_event() {
+            if let Event::MemberDown { reason: DownReason::Failed, .. } = e {
+                return now - start;
+            }
+        }
+    }
+    panic!("b never reported down");
+}
+
+#[test]
+fn the_suspicion_timeout_follows_the_cluster_size_within_the_configured_bound() {
+    // Made for 1,000 hosts: 12 s of suspicion. Two members get memberlist's 4 s.
+    let big = Config::lan(1000);
+    assert_eq!(big.membership.suspect_to_down_after, Duration::from_secs(12));
+    assert_eq!(big.suspicion(2), Duration::from_secs(4));
+    assert_eq!(big.suspicion(100), Duration::from_secs(8));
+    assert_eq!(big.suspicion(10_000), Duration::from_secs(12), "never above the configured bound");
+    let detection = big.membership.probe_period * 2 + big.membership.probe_rtt;
+    let took = time_to_down(big.clone());
+    assert!(
+        took >= big.suspicion(2) && took <= big.suspicion(2) + detection,
+        "a two-node cluster declared its dead member down after {took:?}"
+    );
+    // A configured timeout below the scaled one is kept.
+    let mut short = Config::lan(1000);
+    short.membership.suspect_to_down_after = Duration::from_secs(2);
+    assert_eq!(short.suspicion(2), Duration::from_secs(2));
+    let took = time_to_down(short);
+    assert!(took <= Duration::from_secs(2) + detection, "down after {took:?}");
+}
+
 #[test]
 fn a_clash_is_a_live_node_answering_a_probe_and_ends_when_it_goes() {
     let mut p = Pair::new(Config::default());
