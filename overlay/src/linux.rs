@@ -30,6 +30,7 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan};
 use crate::dataplane::{
     DEFAULT_UNDERLAY_MTU, Dataplane, DpError, DpOp, EpSpec, KernelView, NetSpec, VXLAN_OVERHEAD, short,
 };
+use crate::driver::VXLAN_PORT_OPTION;
 use crate::mac::Mac;
 
 const BRIDGE: &str = "br0";
@@ -369,19 +370,34 @@ impl LinuxDataplane {
         })
     }
 
-    /// Deletes VXLAN devices in the agent's namespace holding `vni` on `port` (a previous
-    /// life's, or anyone's: the kernel would refuse the network's with "file exists", as in
-    /// libnetwork #1765). A device with the VNI on another port does not conflict and stays.
+    /// Makes room for the network's VXLAN device in the agent's namespace, where the kernel
+    /// refuses a second device holding `vni` on `port` ("file exists", libnetwork #1765). A
+    /// device named as weft and libnetwork name one before moving it into a sandbox
+    /// (`vx-<VNI, 6 hex digits>-...`) is a previous life's, left by a crash between making and
+    /// moving it, and is deleted. Anyone else's (Calico's `vxlan.calico` holds VNI 4096 on
+    /// 4789, the first VNI weft hands out) is left alone and the sandbox refused, naming it. A
+    /// device with the VNI on another port does not conflict and stays.
     fn remove_strays(&self, nid: &str, vni: u32, port: u16) -> Result<(), DpError> {
         let h = self.host.clone();
+        let ours = format!("vx-{vni:06x}-");
         self.rt.block_on(async move {
             for l in links(&h).await.map_err(|e| nl("list the host's links", e))? {
-                if vxlan_of(&l) == Some((vni, port)) {
-                    let name = name_of(&l).unwrap_or("?").to_string();
-                    tracing::warn!(network = %short(nid), device = %name, vni, "removing a VXLAN device that holds the network's VNI");
-                    gone_ok(h.link().del(l.header.index).execute().await)
-                        .map_err(|e| nl(format!("delete stray VXLAN device {name} (VNI {vni})"), e))?;
+                if vxlan_of(&l) != Some((vni, port)) {
+                    continue;
                 }
+                let name = name_of(&l).unwrap_or("?").to_string();
+                if !name.starts_with(&ours) {
+                    return Err(DpError::new(
+                        format!("network {}: create its VXLAN device", short(nid)),
+                        format!(
+                            "device {name} (not weft's) already holds VNI {vni} on UDP port {port}; \
+                             remove it, or give the network another port ({VXLAN_PORT_OPTION})"
+                        ),
+                    ));
+                }
+                tracing::warn!(network = %short(nid), device = %name, vni, "removing a VXLAN device a previous life left holding the network's VNI");
+                gone_ok(h.link().del(l.header.index).execute().await)
+                    .map_err(|e| nl(format!("delete stray VXLAN device {name} (VNI {vni})"), e))?;
             }
             Ok(())
         })

@@ -294,14 +294,17 @@ fn three_hosts_reach_each_other_through_failures_restarts_and_leaves() {
     let sandbox =
         std::fs::read_dir(runs.0[2].join("netns")).unwrap().flatten().next().expect("h3's sandbox").path();
     sh(&["nsenter", &format!("--net={}", sandbox.display()), "ip", "link", "del", "vxlan0"]);
+    // (Named as weft names a device before moving it into the sandbox.)
+    let nid = sandbox.file_name().unwrap().to_string_lossy().into_owned();
+    let stray_name = format!("vx-{:06x}-{}", vni.parse::<u32>().unwrap(), &nid[..5]);
     let stray =
-        ["-n", &h3, "link", "add", "stray0", "type", "vxlan", "id", &vni, "dstport", "4789", "nolearning"];
+        ["-n", &h3, "link", "add", &stray_name, "type", "vxlan", "id", &vni, "dstport", "4789", "nolearning"];
     sh(&[&["ip"][..], &stray[..]].concat());
-    sh(&["ip", "-n", &h3, "link", "set", "stray0", "up"]);
+    sh(&["ip", "-n", &h3, "link", "set", &stray_name, "up"]);
     agents[2].start_again();
     all_reach(&ips, &[0, 1, 2]);
     assert!(
-        !run("ip", &["-n", &h3, "link", "show", "stray0"]).status.success(),
+        !run("ip", &["-n", &h3, "link", "show", &stray_name]).status.success(),
         "the stray VXLAN device was removed"
     );
 
@@ -342,6 +345,32 @@ fn three_hosts_reach_each_other_through_failures_restarts_and_leaves() {
     assert!(v.get("overlay").is_none(), "h1's driver no longer handles the network: {v:#}");
     let v = inspect(&agents[2], net);
     assert!(kernel_fdb(&agents[2], net).iter().all(|(m, _)| *m != macs[0]), "h3 dropped e1: {v:#}");
+
+    // Another system's VXLAN device holding a network's VNI and port (Calico's holds 4096 on
+    // 4789) is never deleted: the endpoint is refused in one line naming it, and nothing is
+    // published; once it is gone, the same create works.
+    let created = agents[0].cli(&["network", "create", "ov2"]);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let vni2 = agents[0].json(&["network", "inspect", "ov2", "--json"])["network"]["options"]
+        ["com.docker.network.driver.overlay.vxlanid_list"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let h1 = hosts.host(1);
+    sh(&["ip", "-n", &h1, "link", "add", "foreign0", "type", "vxlan", "id", &vni2, "dstport", "4789"]);
+    let c1 = hosts.container_path(1);
+    let refused = agents[0].cli(&["endpoint", "create", "ov2", "f1", "--sandbox", &c1]);
+    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success(), "a create over a foreign device holding the VNI fails");
+    assert!(err.trim().lines().count() == 1 && err.contains("foreign0") && err.contains(&vni2), "{err}");
+    assert!(run("ip", &["-n", &h1, "link", "show", "foreign0"]).status.success(), "foreign0 is left alone");
+    let listed = agents[0].json(&["endpoint", "ls", "ov2", "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "nothing published: {listed:#}");
+    sh(&["ip", "-n", &h1, "link", "del", "foreign0"]);
+    let e = agents[0].json(&["endpoint", "create", "ov2", "f1", "--sandbox", &c1, "--json"]);
+    let f1 = e["ipv4"].as_str().unwrap().split('/').next().unwrap().to_string();
+    let addrs = run("ip", &["-n", &hosts.container(1), "-o", "addr", "show", "eth0"]);
+    assert!(String::from_utf8_lossy(&addrs.stdout).contains(&f1), "f1's interface is up with {f1}");
     drop(agents);
     drop(runs);
 }
