@@ -308,8 +308,16 @@ fn a_node_killed_for_good_is_removed_with_the_cli_and_tears_down_when_it_comes_b
     ok(agents[1].cli(&["network", "attach", "web"]));
     let mine = agents[2].json(&["endpoint", "create", "web", "c1", "--json"]);
     assert_eq!(mine["node"], "n3", "{mine}");
-    // A live node is never removed: one line says why.
-    let out = agents[0].cli(&["node", "rm", "n3"]);
+    // A live node is never removed: one line says why. (Until n1 has synced the cluster's
+    // tables it refuses any removal, saying to retry: a user would.)
+    let mut last = None;
+    wait_until("n1 has synced the cluster's tables", LONG, || {
+        let out = agents[0].cli(&["node", "rm", "n3"]);
+        let synced = !String::from_utf8_lossy(&out.stderr).contains("not synced");
+        last = Some(out);
+        synced
+    });
+    let out = last.expect("asked at least once");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("alive") && err.trim().lines().count() == 1, "{err}");
     let out = agents[0].cli(&["node", "rm", "nobody"]);
