@@ -59,8 +59,8 @@ pub struct EpSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum DpOp {
     /// Make the network's sandbox exist as `spec` says, keeping what already matches (a
-    /// restarted agent's endpoints stay up) and removing what stands in the way (a device
-    /// left elsewhere holding the VNI).
+    /// restarted agent's endpoints stay up) and removing what stands in the way (a weft-named
+    /// device a crash left holding the VNI; anyone else's refuses the sandbox).
     EnsureSandbox(NetSpec),
     /// Remove the network's sandbox and everything in it.
     RemoveSandbox {

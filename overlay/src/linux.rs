@@ -391,7 +391,7 @@ impl LinuxDataplane {
                         format!("network {}: create its VXLAN device", short(nid)),
                         format!(
                             "device {name} (not weft's) already holds VNI {vni} on UDP port {port}; \
-                             remove it, or give the network another port ({VXLAN_PORT_OPTION})"
+                             remove it, or recreate the network with another port (-o {VXLAN_PORT_OPTION}=N)"
                         ),
                     ));
                 }
