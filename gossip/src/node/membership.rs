@@ -192,7 +192,7 @@ impl GossipNode {
     /// Gives foca the suspicion timeout for the number of members it holds active now: a
     /// suspicion raised from here on runs that long (one already running keeps its deadline).
     pub(super) fn scale_suspicion(&mut self) {
-        let members = self.membership.foca.iter_members().count() + 1;
+        let members = self.membership.foca.num_members() + 1;
         let want = self.cfg.suspicion(members);
         if want == self.membership.foca_cfg.suspect_to_down_after {
             return;

@@ -500,6 +500,70 @@ fn the_suspicion_timeout_follows_the_cluster_size_within_the_configured_bound() 
 }
 
 #[test]
+fn the_suspicion_timeout_is_rescaled_as_members_come_and_go() {
+    // Beyond 10 members the timeout grows with log10 of their number; foca gets it. (`members`
+    // lists this node too.)
+    let cfg = Config::lan(1000);
+    let mut now = Instant::now();
+    let mut nodes: Vec<GossipNode> = (1..=12).map(|i| node(i, cfg.clone(), now)).collect();
+    for n in &mut nodes[1..] {
+        n.join(now, &[addr(1)]).unwrap();
+    }
+    // Steps every node in `live` 10 ms, delivering what they send among themselves.
+    let step = |nodes: &mut [GossipNode], now: Instant, live: usize| {
+        for n in &mut nodes[..live] {
+            n.handle_timeout(now);
+        }
+        loop {
+            let mut sent = Vec::new();
+            for (i, n) in nodes[..live].iter_mut().enumerate() {
+                sent.extend(std::iter::from_fn(|| n.poll_transmit()).map(|t| (addr(i as u8 + 1), t)));
+            }
+            if sent.is_empty() {
+                break;
+            }
+            for (from, t) in sent {
+                let to = t.dst.ip().to_string().rsplit('.').next().unwrap().parse::<usize>().unwrap() - 1;
+                if to < live {
+                    match t.kind {
+                        TransmitKind::Stream => nodes[to].handle_stream(now, from, &t.bytes),
+                        _ => nodes[to].handle_datagram(now, from, &t.bytes),
+                    }
+                }
+            }
+        }
+    };
+    let alive = |n: &GossipNode| n.members().iter().filter(|m| m.state == MemberState::Alive).count();
+    let mut waited = Duration::ZERO;
+    while !nodes.iter().all(|n| alive(n) == 12) {
+        assert!(
+            waited < Duration::from_secs(60),
+            "twelve nodes never all saw each other: {:?}",
+            nodes.iter().map(|n| (alive(n), n.members().len())).collect::<Vec<_>>()
+        );
+        now += Duration::from_millis(10);
+        waited += Duration::from_millis(10);
+        step(&mut nodes, now, 12);
+    }
+    let twelve = cfg.suspicion(12);
+    assert!(twelve > Duration::from_secs(4) && twelve < Duration::from_secs(5), "{twelve:?}");
+    for n in &nodes {
+        assert_eq!(n.membership.foca_cfg.suspect_to_down_after, twelve, "{}", n.id);
+    }
+    // Six stop for good: once the other six declare them down, they are back at 4 s.
+    let mut waited = Duration::ZERO;
+    while !nodes[..6].iter().all(|n| alive(n) == 6) {
+        assert!(waited < Duration::from_secs(60), "the six stopped nodes were never declared down");
+        now += Duration::from_millis(10);
+        waited += Duration::from_millis(10);
+        step(&mut nodes, now, 6);
+    }
+    for n in &nodes[..6] {
+        assert_eq!(n.membership.foca_cfg.suspect_to_down_after, Duration::from_secs(4), "{}", n.id);
+    }
+}
+
+#[test]
 fn a_clash_is_a_live_node_answering_a_probe_and_ends_when_it_goes() {
     let mut p = Pair::new(Config::default());
     // b probes a as if a were another life of b's name: a answers; b reports a clash.
