@@ -81,8 +81,9 @@ impl DpThread {
                     match req {
                         DpReq::Apply(id, op) => {
                             let r = dp.apply(&op);
+                            // The driver logs failures, with their network and once per cause.
                             if let Err(e) = &r {
-                                tracing::warn!(op = id, error = %e, "data plane operation failed");
+                                tracing::debug!(op = id, error = %e, "data plane operation failed");
                             }
                             if done.send((id, r)).is_err() {
                                 return;

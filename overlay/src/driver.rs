@@ -130,6 +130,9 @@ struct Net {
     synced: bool,
     ticks: u32,
     last_error: Option<String>,
+    /// The error last logged at warning level: a retry that fails the same way again (a
+    /// foreign device that stays) is logged at debug level, not every 10 s for ever.
+    reported: Option<String>,
 }
 
 /// What one network looks like to the driver (`network inspect --verbose`).
@@ -227,21 +230,40 @@ impl OverlayDriver {
     /// join, and every [`RETRY_EVERY_TICKS`] while endpoints need it.
     pub fn handle_done(&mut self, id: OpId, result: Result<(), DpError>) -> OpKind {
         let Some((nid, made_sandbox, kind)) = self.inflight.remove(&id) else { return OpKind::Other };
-        if let Err(e) = result {
-            self.stats.op_errors += 1;
-            tracing::warn!(network = %short(&nid), error = %e, "data plane operation failed");
-            if let Some(n) = self.nets.get_mut(&nid) {
-                // The first error since the sandbox was asked for: what follows from it says less.
-                n.last_error.get_or_insert_with(|| e.to_string());
-                if made_sandbox {
-                    n.sandbox = false;
-                    n.peers.forget_programmed();
-                    // Asked for again in RETRY_EVERY_TICKS.
-                    n.ticks = 0;
+        match result {
+            Ok(()) if made_sandbox => {
+                if let Some(n) = self.nets.get_mut(&nid) {
+                    n.reported = None;
                 }
             }
+            Ok(()) => {}
+            Err(e) => self.op_failed(&nid, made_sandbox, e),
         }
         kind
+    }
+
+    fn op_failed(&mut self, nid: &str, made_sandbox: bool, e: DpError) {
+        self.stats.op_errors += 1;
+        let Some(n) = self.nets.get_mut(nid) else {
+            tracing::warn!(network = %short(nid), error = %e, "data plane operation failed");
+            return;
+        };
+        // The first error since the sandbox was asked for is the one that matters (what follows
+        // from it says less), and said once while every retry fails the same way.
+        let msg = e.to_string();
+        if n.last_error.is_none() && n.reported.as_ref() != Some(&msg) {
+            tracing::warn!(network = %short(nid), error = %msg, "data plane operation failed");
+            n.reported = Some(msg.clone());
+        } else {
+            tracing::debug!(network = %short(nid), error = %msg, "data plane operation failed");
+        }
+        n.last_error.get_or_insert(msg);
+        if made_sandbox {
+            n.sandbox = false;
+            n.peers.forget_programmed();
+            // Asked for again in RETRY_EVERY_TICKS.
+            n.ticks = 0;
+        }
     }
 
     /// Owners of records whose data address is not known yet (resolve them and call
@@ -317,7 +339,12 @@ impl OverlayDriver {
         }
         self.push_ops(out);
         for nid in retry {
-            tracing::info!(network = %short(&nid), "asking for the network's sandbox again");
+            // Said once per cause: while it keeps failing the same way, the warning was enough.
+            if self.nets[&nid].reported.is_none() {
+                tracing::info!(network = %short(&nid), "asking for the network's sandbox again");
+            } else {
+                tracing::debug!(network = %short(&nid), "asking for the network's sandbox again");
+            }
             self.ensure_sandbox(&nid);
             let eps: Vec<DpOp> = self.nets[&nid]
                 .endpoints
@@ -580,6 +607,7 @@ impl Driver for OverlayDriver {
                         synced: false,
                         ticks: 0,
                         last_error: None,
+                        reported: None,
                     },
                 );
             }

@@ -34,6 +34,13 @@ use crate::driver::VXLAN_PORT_OPTION;
 use crate::mac::Mac;
 
 const BRIDGE: &str = "br0";
+
+/// The name a network's VXLAN device has in the agent's namespace, between being made and
+/// being moved into the sandbox (libnetwork's naming too): `vx-<VNI, 6 hex digits>-<tag>`. With
+/// an empty tag, the prefix every such device of `vni` starts with.
+fn vxlan_name(vni: u32, tag: &str) -> String {
+    format!("vx-{vni:06x}-{tag}")
+}
 const VXLAN: &str = "vxlan0";
 
 /// A network's sandbox as this data plane holds it.
@@ -379,7 +386,7 @@ impl LinuxDataplane {
     /// device with the VNI on another port does not conflict and stays.
     fn remove_strays(&self, nid: &str, vni: u32, port: u16) -> Result<(), DpError> {
         let h = self.host.clone();
-        let ours = format!("vx-{vni:06x}-");
+        let ours = vxlan_name(vni, "");
         self.rt.block_on(async move {
             for l in links(&h).await.map_err(|e| nl("list the host's links", e))? {
                 if vxlan_of(&l) != Some((vni, port)) {
@@ -484,7 +491,7 @@ impl LinuxDataplane {
         }
         if !keep {
             self.remove_strays(nid, spec.vni, spec.port)?;
-            let name = format!("vx-{:06x}-{}", spec.vni, nid.get(..5).unwrap_or("net"));
+            let name = vxlan_name(spec.vni, nid.get(..5).unwrap_or("net"));
             let create = what(&format!(
                 "create VXLAN device {name} (VNI {}, UDP port {}, MTU {mtu})",
                 spec.vni, spec.port

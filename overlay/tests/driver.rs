@@ -299,6 +299,89 @@ fn a_sandbox_that_fails_is_asked_for_again_and_its_error_is_kept() {
     );
 }
 
+/// Log lines at warning level or above written while `f` runs.
+fn warnings_during(f: impl FnOnce()) -> Vec<String> {
+    #[derive(Clone, Default)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let out = Capture::default();
+    let w = out.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || w.clone())
+        .finish();
+    tracing::subscriber::with_default(sub, f);
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    text.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn a_sandbox_refused_the_same_way_on_every_retry_is_warned_about_once_per_cause() {
+    let mut d = driver();
+    let mut dp = MemDataplane::new();
+    dp.add_sandbox_path("/s");
+    put(&mut d, "e9", &record(9, 2), 1, "h2");
+    // The data plane's rule fails one operation: every attempt below is refused anew.
+    let refuse = |dp: &mut MemDataplane, why: &str| {
+        dp.fail = Some((
+            |op| matches!(op, DpOp::EnsureSandbox(_)),
+            DpError::new("network x: create vxlan device", why),
+        ))
+    };
+    let retries = |d: &mut OverlayDriver, dp: &mut MemDataplane, why: Option<&str>, n: u32| {
+        for _ in 0..n * weft_overlay::driver::RETRY_EVERY_TICKS {
+            if let Some(why) = why {
+                refuse(dp, why);
+            }
+            d.tick();
+            run(d, dp);
+        }
+    };
+    let failed =
+        |lines: &[String]| lines.iter().filter(|l| l.contains("data plane operation failed")).count();
+    let foreign = "device foreign0 (not weft's) holds VNI 4097";
+    let lines = warnings_during(|| {
+        refuse(&mut dp, foreign);
+        local_join(&mut d, "e1", 10, Some("/s"));
+        run(&mut d, &mut dp);
+        // Three retries, each failing the same way (and its peer and endpoint with it).
+        retries(&mut d, &mut dp, Some(foreign), 3);
+    });
+    assert_eq!(
+        d.stats.op_errors,
+        4 * 4,
+        "four attempts, each failing its sandbox, the peer's two entries and the endpoint"
+    );
+    assert_eq!(failed(&lines), 1, "one warning for one cause: {lines:#?}");
+    assert!(!d.report(NID).unwrap().sandbox, "still refused");
+    // Another cause is worth a warning again; a success ends it, and the same cause after it
+    // is news again.
+    let lines = warnings_during(|| {
+        retries(&mut d, &mut dp, Some("address in use"), 2);
+        dp.fail = None;
+        retries(&mut d, &mut dp, None, 1);
+    });
+    assert!(d.report(NID).unwrap().sandbox, "the sandbox is up once nothing refuses it");
+    assert_eq!(failed(&lines), 1, "{lines:#?}");
+    d.leave(NID, "e1").unwrap();
+    run(&mut d, &mut dp);
+    let lines = warnings_during(|| {
+        refuse(&mut dp, "address in use");
+        local_join(&mut d, "e2", 11, Some("/s"));
+        run(&mut d, &mut dp);
+    });
+    assert_eq!(failed(&lines), 1, "{lines:#?}");
+}
+
 #[test]
 fn the_allocator_checks_vnis_port_and_mtu() {
     let mut d = OverlayDriver::new("h1", vtep(1));

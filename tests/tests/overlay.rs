@@ -294,9 +294,10 @@ fn three_hosts_reach_each_other_through_failures_restarts_and_leaves() {
     let sandbox =
         std::fs::read_dir(runs.0[2].join("netns")).unwrap().flatten().next().expect("h3's sandbox").path();
     sh(&["nsenter", &format!("--net={}", sandbox.display()), "ip", "link", "del", "vxlan0"]);
-    // (Named as weft names a device before moving it into the sandbox.)
-    let nid = sandbox.file_name().unwrap().to_string_lossy().into_owned();
-    let stray_name = format!("vx-{:06x}-{}", vni.parse::<u32>().unwrap(), &nid[..5]);
+    // (Named as weft names a device before moving it into the sandbox, but with another tag
+    // than this network's, so only the stray sweep, not the removal of the device weft is about
+    // to make, can take it away.)
+    let stray_name = format!("vx-{:06x}-stray", vni.parse::<u32>().unwrap());
     let stray =
         ["-n", &h3, "link", "add", &stray_name, "type", "vxlan", "id", &vni, "dstport", "4789", "nolearning"];
     sh(&[&["ip"][..], &stray[..]].concat());
